@@ -1,0 +1,1 @@
+//! Cormorant: a vhost-user-blk backend that serves VM disk images from block files.
