@@ -1,1 +1,6 @@
 //! Cormorant: a vhost-user-blk backend that serves VM disk images from block files.
+//!
+//! See ARCHITECTURE.md for the request path; each module below is one layer of it.
+
+pub mod image;
+pub mod size;

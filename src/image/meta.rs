@@ -1,0 +1,300 @@
+//! An image's metadata and its file: JSON, replaced atomically so a crash at any moment
+//! leaves either the old or the new version on disk, never a torn one.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::location::{Location, Tier};
+use super::name::ImageName;
+use super::table::{BlockTable, Extent, TableError, MAX_BLOCKS};
+
+/// Bumped when the file format changes incompatibly; older daemons refuse newer files.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A sector: the unit of virtio-blk addressing. Image sizes are whole sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Block sizes are powers of two in this range: below 4 KiB a block is smaller than a guest
+/// page and the per-block costs dominate; above 1 GiB one block file is a whole small disk.
+pub const MIN_BLOCK_SIZE: u64 = 4 << 10;
+pub const MAX_BLOCK_SIZE: u64 = 1 << 30;
+pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
+
+/// The persisted form of an image. `extents` is the block table, run-length encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaFile {
+    pub version: u32,
+    pub name: ImageName,
+    pub size: u64,
+    pub block_size: u64,
+    /// The tier new blocks are placed on.
+    pub tier: Tier,
+    pub read_only: bool,
+    pub extents: Vec<Extent>,
+}
+
+/// An image's shape and block table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageMeta {
+    pub name: ImageName,
+    pub size: u64,
+    pub block_size: u64,
+    pub tier: Tier,
+    pub read_only: bool,
+    pub table: BlockTable,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("size {0} is not a positive multiple of {SECTOR_SIZE} bytes")]
+    BadSize(u64),
+    #[error("block size {0} is not a power of two between 4K and 1G")]
+    BadBlockSize(u64),
+    #[error("{blocks} blocks of {block_size} bytes is more than the limit of {MAX_BLOCKS} blocks: use a larger --block-size")]
+    TooManyBlocks { blocks: u64, block_size: u64 },
+    #[error("metadata format version {0} is newer than this daemon's ({FORMAT_VERSION})")]
+    FutureVersion(u32),
+    #[error("metadata names image '{found}' but the file is for '{expected}'")]
+    NameMismatch {
+        expected: ImageName,
+        found: ImageName,
+    },
+    #[error("block table: {0}")]
+    Table(#[from] TableError),
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MetaError + 'a {
+    move |source| MetaError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ImageMeta {
+    /// A new image whose blocks all have one copy, on `location`.
+    pub fn new(
+        name: ImageName,
+        size: u64,
+        block_size: u64,
+        read_only: bool,
+        location: Location,
+    ) -> Result<Self, MetaError> {
+        let blocks = check_shape(size, block_size)?;
+        Ok(ImageMeta {
+            name,
+            size,
+            block_size,
+            tier: location.tier,
+            read_only,
+            table: BlockTable::uniform(blocks, vec![location])?,
+        })
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.table.blocks()
+    }
+
+    /// Bytes of block `index` that lie inside the image (the last block may be short).
+    pub fn block_len(&self, index: u64) -> u64 {
+        let start = index * self.block_size;
+        self.block_size.min(self.size.saturating_sub(start))
+    }
+
+    pub fn to_file(&self) -> MetaFile {
+        MetaFile {
+            version: FORMAT_VERSION,
+            name: self.name.clone(),
+            size: self.size,
+            block_size: self.block_size,
+            tier: self.tier,
+            read_only: self.read_only,
+            extents: self.table.extents(),
+        }
+    }
+
+    pub fn from_file(file: MetaFile) -> Result<Self, MetaError> {
+        if file.version > FORMAT_VERSION {
+            return Err(MetaError::FutureVersion(file.version));
+        }
+        let blocks = check_shape(file.size, file.block_size)?;
+        Ok(ImageMeta {
+            table: BlockTable::from_extents(blocks, &file.extents)?,
+            name: file.name,
+            size: file.size,
+            block_size: file.block_size,
+            tier: file.tier,
+            read_only: file.read_only,
+        })
+    }
+
+    /// Reads and validates `<dir>/<name>.json`.
+    pub fn load(dir: &Path, name: &ImageName) -> Result<Self, MetaError> {
+        let path = meta_path(dir, name);
+        let text = fs::read(&path).map_err(io_err("cannot read", &path))?;
+        let file: MetaFile = serde_json::from_slice(&text).map_err(|source| MetaError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        if &file.name != name {
+            return Err(MetaError::NameMismatch {
+                expected: name.clone(),
+                found: file.name,
+            });
+        }
+        ImageMeta::from_file(file)
+    }
+
+    /// Replaces `<dir>/<name>.json` atomically: temp file, fsync, rename, fsync of the
+    /// directory. Returns only once the new version is durable.
+    pub fn save(&self, dir: &Path) -> Result<(), MetaError> {
+        let path = meta_path(dir, &self.name);
+        let tmp = dir.join(format!("{}.json.tmp", self.name));
+        let text = serde_json::to_vec_pretty(&self.to_file()).expect("metadata serialises");
+        let mut file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+        file.write_all(&text)
+            .map_err(io_err("cannot write", &tmp))?;
+        file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("cannot rename to", &path))?;
+        sync_dir(dir)
+    }
+
+    /// Removes the metadata file durably.
+    pub fn remove(dir: &Path, name: &ImageName) -> Result<(), MetaError> {
+        let path = meta_path(dir, name);
+        fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+        sync_dir(dir)
+    }
+}
+
+/// Names of the images whose metadata lives in `dir`, skipping stray files (logged).
+pub fn list(dir: &Path) -> Result<Vec<ImageName>, MetaError> {
+    let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("cannot list", dir))?;
+        let file_name = entry.file_name();
+        let Some(stem) = file_name.to_str().and_then(|f| f.strip_suffix(".json")) else {
+            continue;
+        };
+        match stem.parse::<ImageName>() {
+            Ok(name) => names.push(name),
+            Err(e) => log::warn!("ignoring {}: {e}", entry.path().display()),
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+pub fn meta_path(dir: &Path, name: &ImageName) -> PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+/// fsync of a directory, so a rename or a new file in it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<(), MetaError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync directory", dir))
+}
+
+fn check_shape(size: u64, block_size: u64) -> Result<u64, MetaError> {
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(MetaError::BadSize(size));
+    }
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(MetaError::BadBlockSize(block_size));
+    }
+    let blocks = size.div_ceil(block_size);
+    if blocks > MAX_BLOCKS {
+        return Err(MetaError::TooManyBlocks { blocks, block_size });
+    }
+    Ok(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::location::NodeId;
+
+    fn sample() -> ImageMeta {
+        let location = Location {
+            node: NodeId::local(),
+            tier: Tier::Ram,
+            synced: true,
+        };
+        ImageMeta::new("disk0".parse().unwrap(), 10 << 20, 4 << 20, false, location).unwrap()
+    }
+
+    #[test]
+    fn shape_is_checked() {
+        let l = sample().table.locations(0).unwrap()[0].clone();
+        let n: ImageName = "x".parse().unwrap();
+        assert!(ImageMeta::new(n.clone(), 0, 4 << 20, false, l.clone()).is_err());
+        assert!(ImageMeta::new(n.clone(), 1000, 4 << 20, false, l.clone()).is_err());
+        assert!(ImageMeta::new(n.clone(), 1 << 20, 3 << 20, false, l.clone()).is_err());
+        assert!(ImageMeta::new(n.clone(), 1 << 20, 1024, false, l.clone()).is_err());
+        assert!(ImageMeta::new(n.clone(), 1 << 50, 4096, false, l.clone()).is_err());
+        assert!(ImageMeta::new(n, 1 << 40, 4 << 20, false, l).is_ok());
+    }
+
+    #[test]
+    fn last_block_may_be_short() {
+        let m = sample();
+        assert_eq!(m.blocks(), 3);
+        assert_eq!(m.block_len(0), 4 << 20);
+        assert_eq!(m.block_len(2), 2 << 20);
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.save(dir.path()).unwrap();
+        assert_eq!(ImageMeta::load(dir.path(), &m.name).unwrap(), m);
+        assert_eq!(list(dir.path()).unwrap(), vec![m.name.clone()]);
+        ImageMeta::remove(dir.path(), &m.name).unwrap();
+        assert!(list(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn load_rejects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.save(dir.path()).unwrap();
+        let path = meta_path(dir.path(), &m.name);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("\"0..3\"", "\"0..2\"")).unwrap();
+        assert!(matches!(
+            ImageMeta::load(dir.path(), &m.name),
+            Err(MetaError::Table(_))
+        ));
+        fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            ImageMeta::load(dir.path(), &m.name),
+            Err(MetaError::Parse { .. })
+        ));
+        fs::write(dir.path().join("other.json"), text).unwrap();
+        let other: ImageName = "other".parse().unwrap();
+        assert!(matches!(
+            ImageMeta::load(dir.path(), &other),
+            Err(MetaError::NameMismatch { .. })
+        ));
+    }
+}
