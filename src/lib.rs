@@ -4,3 +4,5 @@
 
 pub mod image;
 pub mod size;
+pub mod store;
+pub mod virtio;

@@ -1,0 +1,3 @@
+//! The virtio-blk device: request parsing, config space, and the vhost-user backend glue.
+
+pub mod request;
