@@ -1,3 +1,4 @@
 //! The virtio-blk device: request parsing, config space, and the vhost-user backend glue.
 
+pub mod config;
 pub mod request;

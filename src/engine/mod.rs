@@ -1,0 +1,227 @@
+//! How pieces reach storage. One interface, a strategy per tier: the RAM tier completes
+//! inline with `preadv`/`pwritev` (a tmpfs read is a memory copy, and io_uring would punt it
+//! to a worker thread: 51 us against 1.4 us at QD1 here), the volume tier goes through
+//! io_uring with many requests in flight.
+//!
+//! Nothing here knows about virtio: an [`Op`] is a file, an offset and host buffers.
+
+mod inline;
+mod uring;
+
+pub use inline::InlineEngine;
+pub use uring::{probe_uring, UringEngine};
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+/// Host buffers of one operation. They point into guest memory that the owner of the
+/// operation keeps mapped (it holds the guest memory's `Arc`) until the operation completes.
+pub struct IoVecs(pub Vec<libc::iovec>);
+
+// SAFETY: the pointers are plain addresses into a shared mapping whose lifetime the request
+// that owns this value guarantees; nothing here is tied to the creating thread.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|v| v.iov_len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The buffers from byte `from` on.
+    pub fn from(&self, from: usize) -> IoVecs {
+        let mut skip = from;
+        let mut rest = Vec::new();
+        for v in &self.0 {
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            rest.push(libc::iovec {
+                // SAFETY: `skip < iov_len`, so the result stays inside the same buffer.
+                iov_base: unsafe { (v.iov_base as *mut u8).add(skip) } as *mut libc::c_void,
+                iov_len: v.iov_len - skip,
+            });
+            skip = 0;
+        }
+        IoVecs(rest)
+    }
+
+    /// Zeroes the buffers from byte `from` on: a read that met the end of a sparse block file
+    /// returns fewer bytes, and the rest of the block reads as zeros.
+    pub fn zero_from(&self, from: usize) {
+        let mut skip = from;
+        for v in &self.0 {
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            // SAFETY: the buffer lies inside guest memory kept mapped by the owner (see the
+            // type's doc) and was checked to be device-writable when the request was parsed.
+            unsafe {
+                std::ptr::write_bytes((v.iov_base as *mut u8).add(skip), 0, v.iov_len - skip);
+            }
+            skip = 0;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+    /// fdatasync of the file; carries no buffers.
+    Sync,
+}
+
+/// One operation on one block file.
+pub struct Op {
+    pub kind: OpKind,
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub iovecs: IoVecs,
+    /// Returned with the completion; the caller's request slot.
+    pub tag: u64,
+}
+
+/// A finished operation: bytes transferred, or the error.
+#[derive(Debug)]
+pub struct Done {
+    pub tag: u64,
+    pub result: io::Result<usize>,
+}
+
+pub trait Engine: Send {
+    /// How many more operations fit before the caller must wait for completions.
+    fn room(&self) -> usize;
+    /// Queues an operation. Its completion comes from [`Engine::reap`], possibly at once.
+    fn push(&mut self, op: Op);
+    /// Hands everything queued since the last call to the kernel, in one system call.
+    fn submit(&mut self) -> io::Result<()>;
+    /// Collects finished operations.
+    fn reap(&mut self, done: &mut Vec<Done>);
+    /// Operations pushed and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Blocks until at least one in-flight operation finishes (used when draining).
+    fn wait(&mut self) -> io::Result<()>;
+}
+
+/// Turns a finished read or write into the caller's result. A short transfer is finished
+/// here synchronously (rare: the kernel may stop early for its own reasons); a read that meets
+/// the end of a sparse block file leaves the rest reading as zeros; a write that cannot make
+/// progress is an error (the disk is full).
+pub fn settle(op: &Op, result: io::Result<usize>) -> io::Result<usize> {
+    let want = op.iovecs.len();
+    let mut done = result?;
+    if op.kind == OpKind::Sync {
+        return Ok(done);
+    }
+    while done < want {
+        let rest = op.iovecs.from(done);
+        let offset = op.offset + done as u64;
+        let n = inline::transfer(op.kind, &op.file, offset, &rest)?;
+        if n == 0 {
+            if op.kind == OpKind::Write {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short write: {done} of {want} bytes"),
+                ));
+            }
+            op.iovecs.zero_from(done);
+            break;
+        }
+        done += n;
+    }
+    Ok(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }
+    }
+
+    fn run_all(engine: &mut dyn Engine, ops: Vec<Op>) -> Vec<Done> {
+        for op in ops {
+            engine.push(op);
+        }
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        while engine.in_flight() > 0 {
+            engine.wait().unwrap();
+            engine.reap(&mut done);
+        }
+        engine.reap(&mut done);
+        done.sort_by_key(|d| d.tag);
+        done
+    }
+
+    fn exercise(engine: &mut dyn Engine) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(File::create_new(dir.path().join("b")).unwrap());
+        let mut a = vec![0xa5u8; 4096];
+        let mut b = vec![0x5au8; 512];
+        let write = Op {
+            kind: OpKind::Write,
+            file: file.clone(),
+            offset: 512,
+            iovecs: IoVecs(vec![iov(&mut a), iov(&mut b)]),
+            tag: 1,
+        };
+        let sync = Op {
+            kind: OpKind::Sync,
+            file: file.clone(),
+            offset: 0,
+            iovecs: IoVecs(Vec::new()),
+            tag: 2,
+        };
+        let done = run_all(engine, vec![write, sync]);
+        assert_eq!(done.len(), 2);
+        assert_eq!(*done[0].result.as_ref().unwrap(), 4608);
+        assert!(done[1].result.is_ok());
+        let mut check = vec![0u8; 4608];
+        file.read_exact_at(&mut check, 512).unwrap();
+        assert!(check[..4096].iter().all(|&x| x == 0xa5));
+
+        // A read running past the end of the file zero-fills the rest of the buffer.
+        let mut out = vec![0xffu8; 8192];
+        let read = Op {
+            kind: OpKind::Read,
+            file,
+            offset: 4096,
+            iovecs: IoVecs(vec![iov(&mut out)]),
+            tag: 3,
+        };
+        let done = run_all(engine, vec![read]);
+        assert_eq!(*done[0].result.as_ref().unwrap(), 8192);
+        assert!(out[..512].iter().all(|&x| x == 0xa5));
+        assert!(out[512..1024].iter().all(|&x| x == 0x5a));
+        assert!(out[1024..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn inline_engine_reads_writes_and_zero_fills() {
+        exercise(&mut InlineEngine::new());
+    }
+
+    #[test]
+    fn uring_engine_reads_writes_and_zero_fills() {
+        if probe_uring().is_err() {
+            eprintln!("io_uring unavailable here; skipping");
+            return;
+        }
+        let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        use std::os::unix::io::AsRawFd;
+        exercise(&mut UringEngine::new(efd.as_raw_fd()).unwrap());
+    }
+}

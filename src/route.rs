@@ -1,0 +1,185 @@
+//! From a guest request to per-block pieces, and from a block to the copy that serves it.
+//!
+//! Nothing here knows about virtio queues or files: a request arrives as a byte offset and a
+//! list of guest buffers, and leaves as pieces that each lie inside one block.
+
+use vm_memory::Address;
+
+use crate::image::{Location, NodeId, Tier};
+use crate::virtio::request::Segment;
+
+/// The part of a request that falls inside one block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub block: u64,
+    /// Byte offset inside the block.
+    pub offset: u64,
+    pub len: u64,
+    /// The guest buffers carrying this piece's bytes, cut at the block boundary.
+    pub segments: Vec<Segment>,
+}
+
+/// Splits `offset..offset + len(data)` at block boundaries, cutting the guest buffers to
+/// match. The caller has checked the range against the image size.
+pub fn split(offset: u64, data: &[Segment], block_size: u64) -> Vec<Piece> {
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut at = offset;
+    for segment in data {
+        let mut addr = segment.addr;
+        let mut left = u64::from(segment.len);
+        while left > 0 {
+            let block = at / block_size;
+            let in_block = at % block_size;
+            let take = left.min(block_size - in_block);
+            match pieces.last_mut() {
+                Some(piece) if piece.block == block => piece.len += take,
+                _ => pieces.push(Piece {
+                    block,
+                    offset: in_block,
+                    len: take,
+                    segments: Vec::new(),
+                }),
+            }
+            let piece = pieces.last_mut().expect("pushed above");
+            piece.segments.push(Segment {
+                addr,
+                len: take as u32,
+            });
+            addr = addr.unchecked_add(take);
+            at += take;
+            left -= take;
+        }
+    }
+    pieces
+}
+
+/// A byte range inside one block, for discard and write-zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpan {
+    pub block: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Splits a disk byte range at block boundaries.
+pub fn spans(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = BlockSpan> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let block = at / block_size;
+        let in_block = at % block_size;
+        let take = (end - at).min(block_size - in_block);
+        at += take;
+        Some(BlockSpan {
+            block,
+            offset: in_block,
+            len: take,
+        })
+    })
+}
+
+/// The local tier holding an in-sync copy, if this node has one. Reads go there first.
+pub fn local_copy(locations: &[Location], me: &NodeId) -> Option<Tier> {
+    locations
+        .iter()
+        .find(|l| l.synced && &l.node == me)
+        .map(|l| l.tier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn request_inside_one_block_is_one_piece() {
+        let p = split(4096, &[seg(0x1000, 4096)], 1 << 20);
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].block, p[0].offset, p[0].len), (0, 4096, 4096));
+    }
+
+    #[test]
+    fn request_across_a_boundary_is_cut_in_the_buffer() {
+        let bs = 64 << 10;
+        let p = split(bs - 1024, &[seg(0x1000, 4096)], bs);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].block, p[0].offset, p[0].len), (0, bs - 1024, 1024));
+        assert_eq!(p[0].segments, vec![seg(0x1000, 1024)]);
+        assert_eq!((p[1].block, p[1].offset, p[1].len), (1, 0, 3072));
+        assert_eq!(p[1].segments, vec![seg(0x1400, 3072)]);
+    }
+
+    #[test]
+    fn spans_cover_a_range() {
+        let s: Vec<_> = spans(1000, 10_000, 4096).collect();
+        assert_eq!(s.len(), 3);
+        assert_eq!(
+            s[0],
+            BlockSpan {
+                block: 0,
+                offset: 1000,
+                len: 3096
+            }
+        );
+        assert_eq!(
+            s[2],
+            BlockSpan {
+                block: 2,
+                offset: 0,
+                len: 2808
+            }
+        );
+    }
+
+    #[test]
+    fn local_copy_skips_out_of_sync_and_remote() {
+        let me = NodeId::local();
+        let other = NodeId("b".into());
+        let l = |node: &NodeId, tier, synced| Location {
+            node: node.clone(),
+            tier,
+            synced,
+        };
+        assert_eq!(local_copy(&[l(&me, Tier::Ram, true)], &me), Some(Tier::Ram));
+        assert_eq!(local_copy(&[l(&me, Tier::Ram, false)], &me), None);
+        assert_eq!(local_copy(&[l(&other, Tier::Ram, true)], &me), None);
+        let both = [l(&other, Tier::Ram, true), l(&me, Tier::Volume, true)];
+        assert_eq!(local_copy(&both, &me), Some(Tier::Volume));
+    }
+
+    proptest! {
+        /// Pieces tile the request exactly: same bytes, same buffers, each inside one block.
+        #[test]
+        fn pieces_tile_the_request(
+            start in 0u64..1 << 24,
+            lens in proptest::collection::vec(1u32..200_000, 1..6),
+            shift in 12u32..22,
+        ) {
+            let bs = 1u64 << shift;
+            let data: Vec<Segment> = lens.iter().enumerate()
+                .map(|(i, &len)| seg((i as u64) << 32, len)).collect();
+            let pieces = split(start, &data, bs);
+            let mut at = start;
+            for p in &pieces {
+                prop_assert_eq!(p.block * bs + p.offset, at);
+                prop_assert!(p.offset + p.len <= bs);
+                let sum: u64 = p.segments.iter().map(|s| u64::from(s.len)).sum();
+                prop_assert_eq!(sum, p.len);
+                at += p.len;
+            }
+            let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+            prop_assert_eq!(at, start + total);
+        }
+    }
+}
