@@ -9,7 +9,7 @@ mod inline;
 mod uring;
 
 pub use inline::InlineEngine;
-pub use uring::{probe_uring, UringEngine};
+pub use uring::{probe_uring, UringEngine, RING_ENTRIES};
 
 use std::fs::File;
 use std::io;

@@ -57,16 +57,39 @@ pub struct BlockFiles {
 }
 
 impl BlockFiles {
-    /// Opens (creating if needed) the image's directory on `tier`.
-    pub fn open(dirs: &TierDirs, tier: Tier, name: &ImageName) -> io::Result<Self> {
+    /// The image's block files on `tier`. The directory is made by [`BlockFiles::create_dir`]
+    /// when the image is created; a missing one later means the tier lost its contents (a
+    /// RAM tier after a reboot) and is made again only by the first write.
+    pub fn open(dirs: &TierDirs, tier: Tier, name: &ImageName) -> Self {
         let dir = dirs.image_dir(tier, name);
-        fs::create_dir_all(&dir)?;
-        Ok(BlockFiles {
+        BlockFiles {
             dir,
             tier,
             cache: Mutex::new(HashMap::new()),
             dir_dirty: AtomicBool::new(false),
-        })
+        }
+    }
+
+    /// Makes the image's directory on this tier, durably.
+    pub fn create_dir(&self) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    pub fn dir_exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// Removes the image's block files on this tier.
+    pub fn remove_all(&self) -> io::Result<()> {
+        self.forget_all();
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     pub fn tier(&self) -> Tier {
@@ -129,6 +152,9 @@ impl BlockFiles {
         if create && !path.exists() {
             options.create(true).mode(0o600);
             self.dir_dirty.store(true, Ordering::Release);
+            if !self.dir.exists() {
+                fs::create_dir_all(&self.dir)?;
+            }
         }
         let file = Arc::new(options.open(&path)?);
         self.remember(block, Entry::Open(file.clone()));
@@ -177,7 +203,11 @@ impl BlockFiles {
     /// Bytes the image's block files take on this tier (allocated, not apparent, size).
     pub fn used_bytes(&self) -> io::Result<u64> {
         let mut used = 0;
-        for entry in fs::read_dir(&self.dir)? {
+        let entries = match fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            other => other?,
+        };
+        for entry in entries {
             let meta = entry?.metadata()?;
             if meta.is_file() {
                 used += meta.blocks() * 512;
@@ -207,7 +237,8 @@ mod tests {
             ram: root.path().join("ram"),
             volume: root.path().join("vol"),
         };
-        let files = BlockFiles::open(&dirs, Tier::Volume, &"img".parse().unwrap()).unwrap();
+        let files = BlockFiles::open(&dirs, Tier::Volume, &"img".parse().unwrap());
+        files.create_dir().unwrap();
         (root, files)
     }
 

@@ -1,4 +1,7 @@
-//! The virtio-blk device: request parsing, config space, and the vhost-user backend glue.
+//! The virtio-blk device: request parsing, config space, the per-queue request loop and the
+//! vhost-user backend glue.
 
+pub mod backend;
 pub mod config;
 pub mod request;
+pub mod worker;

@@ -1,0 +1,189 @@
+//! The client subcommands: each builds a control request, sends it, and prints the answer.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::ImageCommand;
+use crate::control::client::{call, ClientError};
+use crate::control::protocol::Request;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Convert(String),
+}
+
+pub fn run(run_dir: &Path, command: ImageCommand) -> Result<(), CommandError> {
+    let socket = run_dir.join("control.sock");
+    let value = match command {
+        ImageCommand::Create {
+            name,
+            size,
+            layout,
+            read_only,
+        } => call_quiet(
+            &socket,
+            Request::ImageCreate {
+                name,
+                size: size.0,
+                block_size: layout.block_size.0,
+                tier: layout.tier,
+                read_only,
+            },
+        )?,
+        ImageCommand::List => call_quiet(&socket, Request::ImageList)?,
+        ImageCommand::Info { name } => call_quiet(&socket, Request::ImageInfo { name })?,
+        ImageCommand::Rm { name } => call_quiet(&socket, Request::ImageRm { name })?,
+        ImageCommand::Import { name, file, layout } => {
+            let raw = RawSource::prepare(&file)?;
+            let request = Request::ImageImport {
+                name,
+                path: absolute(raw.path())?,
+                block_size: layout.block_size.0,
+                tier: layout.tier,
+            };
+            call_with_progress(&socket, request, "import")?
+        }
+        ImageCommand::Export { name, file, format } => {
+            let raw_path = if format == "raw" {
+                file.clone()
+            } else {
+                temp_path(&file)
+            };
+            let request = Request::ImageExport {
+                name,
+                path: absolute(&raw_path)?,
+            };
+            let value = call_with_progress(&socket, request, "export")?;
+            if format != "raw" {
+                let converted = convert(&raw_path, "raw", &file, &format);
+                let _ = std::fs::remove_file(&raw_path);
+                converted?;
+            }
+            value
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).expect("JSON values serialise")
+    );
+    Ok(())
+}
+
+fn call_quiet(socket: &Path, request: Request) -> Result<serde_json::Value, ClientError> {
+    call(socket, &request, |_, _| {})
+}
+
+/// Calls with a progress bar on a terminal (indicatif draws nothing when stderr is not one).
+fn call_with_progress(
+    socket: &Path,
+    request: Request,
+    what: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} blocks"))
+            .expect("template is valid"),
+    );
+    let result = call(socket, &request, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// The daemon opens the file itself, so it gets an absolute path.
+fn absolute(path: &Path) -> Result<String, CommandError> {
+    let path = std::path::absolute(path)
+        .map_err(|e| CommandError::Convert(format!("bad path {}: {e}", path.display())))?;
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| CommandError::Convert(format!("path {} is not UTF-8", path.display())))
+}
+
+/// A raw view of an import source: the file itself, or a converted temporary copy.
+struct RawSource {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl RawSource {
+    fn prepare(file: &Path) -> Result<RawSource, CommandError> {
+        let format = probe_format(file);
+        match format.as_deref() {
+            None | Some("raw") => Ok(RawSource {
+                path: file.to_path_buf(),
+                temporary: false,
+            }),
+            Some(format) => {
+                let tmp = temp_path(file);
+                convert(file, format, &tmp, "raw")?;
+                Ok(RawSource {
+                    path: tmp,
+                    temporary: true,
+                })
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RawSource {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The image format `qemu-img` sees, or None when qemu-img is not installed (then raw).
+fn probe_format(file: &Path) -> Option<String> {
+    let output = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(file)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    info["format"].as_str().map(str::to_string)
+}
+
+fn temp_path(beside: &Path) -> PathBuf {
+    let name = beside
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::env::temp_dir().join(format!(".cormorant-{}-{name}.raw", std::process::id()))
+}
+
+fn convert(from: &Path, from_format: &str, to: &Path, to_format: &str) -> Result<(), CommandError> {
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", from_format, "-O", to_format])
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|e| CommandError::Convert(format!("cannot run qemu-img (is it installed?): {e}")))?;
+    if !status.success() {
+        return Err(CommandError::Convert(format!(
+            "qemu-img convert {} -> {} failed ({status})",
+            from.display(),
+            to.display()
+        )));
+    }
+    Ok(())
+}

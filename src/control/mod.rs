@@ -1,0 +1,5 @@
+//! The control plane: the JSON protocol on the control socket, its server and its client.
+
+pub mod client;
+pub mod protocol;
+pub mod server;

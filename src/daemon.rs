@@ -1,0 +1,379 @@
+//! The daemon's state: the images of this node, each opened as a disk and exported on its
+//! socket. Control actions are applied here, one owner for every change to that state.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::control::protocol::Request;
+use crate::disk::Disk;
+use crate::export::{socket_path, Export};
+use crate::image::meta::{self, SECTOR_SIZE};
+use crate::image::{ImageMeta, ImageName, Location, NodeId, Tier};
+use crate::route;
+use crate::store::TierDirs;
+
+/// A validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub run_dir: PathBuf,
+    pub dirs: TierDirs,
+    pub node: NodeId,
+    /// False when io_uring is unavailable here: the volume tier then uses synchronous I/O.
+    pub use_uring: bool,
+}
+
+impl Config {
+    /// Per-image metadata lives beside the volume tier's block directories, under a name no
+    /// image can have (names never start with a dot).
+    pub fn meta_dir(&self) -> PathBuf {
+        self.dirs.volume.join(".meta")
+    }
+}
+
+struct Entry {
+    disk: Arc<Disk>,
+    /// None while an import fills the image: no frontend may see it half-written.
+    export: Option<Export>,
+}
+
+pub struct Daemon {
+    config: Config,
+    images: Mutex<BTreeMap<ImageName, Entry>>,
+}
+
+/// How often an import or export reports progress, in blocks.
+const PROGRESS_EVERY: u64 = 16;
+
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+impl Daemon {
+    /// Loads and exports every image found in the metadata directory. An image whose
+    /// metadata cannot be read is logged and left alone; the others are served.
+    pub fn start(config: Config) -> io::Result<Daemon> {
+        let meta_dir = config.meta_dir();
+        fs::create_dir_all(&meta_dir)?;
+        let daemon = Daemon {
+            config,
+            images: Mutex::new(BTreeMap::new()),
+        };
+        let names = meta::list(&meta_dir).map_err(io::Error::other)?;
+        for name in names {
+            match ImageMeta::load(&meta_dir, &name) {
+                Ok(meta) => {
+                    if let Err(e) = daemon.open_and_export(meta) {
+                        log::error!("image {name}: cannot serve: {e}");
+                    }
+                }
+                Err(e) => log::error!("image {name}: skipped: {e}"),
+            }
+        }
+        Ok(daemon)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ImageName, Entry>> {
+        self.images.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_and_export(&self, meta: ImageMeta) -> io::Result<()> {
+        let name = meta.name.clone();
+        let (disk, changed) = Disk::open(meta, &self.config.dirs, self.config.node.clone());
+        if changed {
+            disk.meta()
+                .save(&self.config.meta_dir())
+                .map_err(io::Error::other)?;
+        }
+        let export = self.export(&disk)?;
+        self.lock().insert(
+            name,
+            Entry {
+                disk,
+                export: Some(export),
+            },
+        );
+        Ok(())
+    }
+
+    fn export(&self, disk: &Arc<Disk>) -> io::Result<Export> {
+        let socket = socket_path(&self.config.run_dir, disk.name());
+        Export::start(disk.clone(), socket, self.config.use_uring)
+    }
+
+    /// Applies one control request.
+    pub fn apply(&self, request: Request, progress: Progress) -> Result<Value, String> {
+        match request {
+            Request::ImageCreate {
+                name,
+                size,
+                block_size,
+                tier,
+                read_only,
+            } => {
+                let disk = self.create(name, size, block_size, tier, read_only)?;
+                self.publish(&disk)?;
+                Ok(self.summary(&disk))
+            }
+            Request::ImageList => Ok(Value::Array(
+                self.lock().values().map(|e| self.summary(&e.disk)).collect(),
+            )),
+            Request::ImageInfo { name } => self.info(&name),
+            Request::ImageRm { name } => self.remove(&name).map(|()| json!({"removed": name})),
+            Request::ImageImport {
+                name,
+                path,
+                block_size,
+                tier,
+            } => self.import(name, Path::new(&path), block_size, tier, progress),
+            Request::ImageExport { name, path } => {
+                let disk = self.disk(&name)?;
+                export_raw(&disk, Path::new(&path), progress)
+                    .map_err(|e| format!("cannot export to {path}: {e}"))?;
+                Ok(json!({"exported": name, "path": path}))
+            }
+        }
+    }
+
+    fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
+        self.lock()
+            .get(name)
+            .map(|e| e.disk.clone())
+            .ok_or_else(|| format!("no image named '{name}'"))
+    }
+
+    /// Creates an image, unexported: the caller publishes it once it is ready.
+    fn create(
+        &self,
+        name: ImageName,
+        size: u64,
+        block_size: u64,
+        tier: Tier,
+        read_only: bool,
+    ) -> Result<Arc<Disk>, String> {
+        let mut images = self.lock();
+        if images.contains_key(&name) {
+            return Err(format!("image '{name}' already exists"));
+        }
+        let location = Location {
+            node: self.config.node.clone(),
+            tier,
+            synced: true,
+        };
+        let meta = ImageMeta::new(name.clone(), size, block_size, read_only, location)
+            .map_err(|e| e.to_string())?;
+        let (disk, _) = {
+            let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name);
+            files
+                .create_dir()
+                .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
+            meta.save(&self.config.meta_dir())
+                .map_err(|e| e.to_string())?;
+            Disk::open(meta, &self.config.dirs, self.config.node.clone())
+        };
+        images.insert(
+            name.clone(),
+            Entry {
+                disk: disk.clone(),
+                export: None,
+            },
+        );
+        log::info!("image {name}: created, {size} bytes in blocks of {block_size} on {tier}");
+        Ok(disk)
+    }
+
+    /// Exports a created image on its socket.
+    fn publish(&self, disk: &Arc<Disk>) -> Result<(), String> {
+        let export = self
+            .export(disk)
+            .map_err(|e| format!("cannot export image '{}': {e}", disk.name()))?;
+        if let Some(entry) = self.lock().get_mut(disk.name()) {
+            entry.export = Some(export);
+        }
+        Ok(())
+    }
+
+    fn summary(&self, disk: &Disk) -> Value {
+        let meta = disk.meta();
+        json!({
+            "name": meta.name,
+            "size": meta.size,
+            "block_size": meta.block_size,
+            "tier": meta.tier,
+            "read_only": meta.read_only,
+            "in_use": disk.in_use(),
+            "socket": socket_path(&self.config.run_dir, &meta.name),
+        })
+    }
+
+    /// The UKAI metadata shape, extended: one entry per block with its locations.
+    fn info(&self, name: &ImageName) -> Result<Value, String> {
+        let disk = self.disk(name)?;
+        let used = disk.used_bytes().map_err(|e| e.to_string())?;
+        let mut value = self.summary(&disk);
+        let meta = disk.meta();
+        let blocks: Vec<Value> = (0..meta.blocks())
+            .map(|index| {
+                json!({"index": index, "locations": meta.table.locations(index).unwrap_or(&[])})
+            })
+            .collect();
+        value["used_size"] = json!(used);
+        value["blocks"] = Value::Array(blocks);
+        Ok(value)
+    }
+
+    fn remove(&self, name: &ImageName) -> Result<(), String> {
+        let entry = {
+            let mut images = self.lock();
+            let entry = images
+                .get(name)
+                .ok_or_else(|| format!("no image named '{name}'"))?;
+            if entry.disk.in_use() {
+                return Err(format!(
+                    "image '{name}' is in use by a frontend; stop the VM first"
+                ));
+            }
+            images.remove(name).expect("checked above")
+        };
+        if let Some(export) = entry.export {
+            export.stop();
+        }
+        ImageMeta::remove(&self.config.meta_dir(), name).map_err(|e| e.to_string())?;
+        for tier in [Tier::Ram, Tier::Volume] {
+            entry
+                .disk
+                .files(tier)
+                .remove_all()
+                .map_err(|e| format!("cannot remove block files: {e}"))?;
+        }
+        log::info!("image {name}: removed");
+        Ok(())
+    }
+
+    fn import(
+        &self,
+        name: ImageName,
+        path: &Path,
+        block_size: u64,
+        tier: Tier,
+        progress: Progress,
+    ) -> Result<Value, String> {
+        let mut source = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = source.metadata().map_err(|e| e.to_string())?.len();
+        let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
+        let disk = self.create(name.clone(), size, block_size, tier, false)?;
+        let claim = disk.claim().ok_or("image is busy")?;
+        let copied = import_raw(&disk, &mut source, progress);
+        drop(claim);
+        if let Err(e) = copied {
+            let _ = self.remove(&name);
+            return Err(format!("cannot import {}: {e}", path.display()));
+        }
+        disk.sync_all().map_err(|e| e.to_string())?;
+        self.publish(&disk)?;
+        Ok(self.summary(&disk))
+    }
+
+    /// Stops every export (draining its requests), syncs and saves every image. Called on
+    /// SIGTERM; the process exits afterwards.
+    pub fn shutdown(&self) {
+        let entries: Vec<Entry> = std::mem::take(&mut *self.lock()).into_values().collect();
+        for entry in entries {
+            if let Some(export) = entry.export {
+                export.stop();
+            }
+            let name = entry.disk.name().clone();
+            if let Err(e) = entry.disk.sync_all() {
+                log::error!("image {name}: sync at shutdown failed: {e}");
+            }
+            if let Err(e) = entry.disk.meta().save(&self.config.meta_dir()) {
+                log::error!("image {name}: saving metadata at shutdown failed: {e}");
+            }
+        }
+    }
+}
+
+/// Copies a raw file into the image's blocks, skipping all-zero blocks so the image stays thin.
+fn import_raw(disk: &Disk, source: &mut File, progress: Progress) -> io::Result<()> {
+    let (blocks, block_size) = {
+        let meta = disk.meta();
+        (meta.blocks(), meta.block_size)
+    };
+    let mut buf = vec![0u8; block_size as usize];
+    for block in 0..blocks {
+        let n = read_full(source, &mut buf)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            let tier = local_tier(disk, block)?;
+            disk.files(tier).for_write(block)?.write_all_at(&buf[..n], 0)?;
+        }
+        if block % PROGRESS_EVERY == 0 || block + 1 == blocks {
+            progress(block + 1, blocks);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the image to a raw file, leaving holes where the image has none of its data.
+fn export_raw(disk: &Disk, path: &Path, progress: Progress) -> io::Result<()> {
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let (blocks, block_size, size) = {
+        let meta = disk.meta();
+        (meta.blocks(), meta.block_size, meta.size)
+    };
+    out.set_len(size)?;
+    let mut buf = vec![0u8; block_size as usize];
+    for block in 0..blocks {
+        let tier = local_tier(disk, block)?;
+        if let Some(file) = disk.files(tier).for_read(block)? {
+            let len = block_size.min(size - block * block_size) as usize;
+            let n = read_full_at(&file, &mut buf[..len])?;
+            buf[n..len].fill(0);
+            if buf[..len].iter().any(|&b| b != 0) {
+                out.write_all_at(&buf[..len], block * block_size)?;
+            }
+        }
+        if block % PROGRESS_EVERY == 0 || block + 1 == blocks {
+            progress(block + 1, blocks);
+        }
+    }
+    out.sync_all()
+}
+
+fn local_tier(disk: &Disk, block: u64) -> io::Result<Tier> {
+    let meta = disk.meta();
+    meta.table
+        .locations(block)
+        .and_then(|l| route::local_copy(l, disk.me()))
+        .ok_or_else(|| io::Error::other(format!("block {block} has no in-sync copy here")))
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(source: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match source.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    buf[n..].fill(0);
+    Ok(n)
+}
+
+fn read_full_at(file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,181 @@
+//! A disk: an image opened for serving. It ties the image's metadata to its block files on
+//! this node, tracks what a flush must sync, and admits at most one frontend at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use crate::image::{ImageMeta, ImageName, NodeId, Tier};
+use crate::store::{BlockFiles, TierDirs};
+
+pub struct Disk {
+    name: ImageName,
+    me: NodeId,
+    meta: RwLock<ImageMeta>,
+    ram: BlockFiles,
+    volume: BlockFiles,
+    dirty: DirtyFiles,
+    claimed: AtomicBool,
+}
+
+/// Volume-tier block files written since their last sync. Entries carry the sequence number
+/// of their last write, so a flush removes only what it synced: a flush that ends must not
+/// forget a write that landed while it ran, and concurrent flushes each sync what they saw.
+#[derive(Default)]
+pub struct DirtyFiles {
+    files: Mutex<HashMap<u64, (Arc<File>, u64)>>,
+    seq: AtomicU64,
+}
+
+/// What one flush is syncing: (block, sequence) pairs to clear when it succeeds.
+pub type FlushTicket = Vec<(u64, u64)>;
+
+impl DirtyFiles {
+    pub fn mark(&self, block: u64, file: &Arc<File>) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.insert(block, (file.clone(), seq));
+    }
+
+    /// The files to sync now, and the ticket to [`DirtyFiles::clear`] afterwards.
+    pub fn snapshot(&self) -> (Vec<Arc<File>>, FlushTicket) {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let sync = files.values().map(|(f, _)| f.clone()).collect();
+        let ticket = files.iter().map(|(&b, &(_, s))| (b, s)).collect();
+        (sync, ticket)
+    }
+
+    pub fn clear(&self, ticket: &FlushTicket) {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        for (block, seq) in ticket {
+            if files.get(block).is_some_and(|(_, s)| s == seq) {
+                files.remove(block);
+            }
+        }
+    }
+}
+
+/// Held while a frontend is connected; dropping it lets the next one in.
+pub struct Claim(Arc<Disk>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.claimed.store(false, Ordering::Release);
+    }
+}
+
+impl Disk {
+    /// Opens a disk for serving. Local in-sync copies whose tier directory is gone (a RAM
+    /// tier after a reboot) are marked out of sync, so they are never read as zeros; the
+    /// caller persists the change when `changed` is true.
+    pub fn open(meta: ImageMeta, dirs: &TierDirs, me: NodeId) -> (Arc<Disk>, bool) {
+        let name = meta.name.clone();
+        let ram = BlockFiles::open(dirs, Tier::Ram, &name);
+        let volume = BlockFiles::open(dirs, Tier::Volume, &name);
+        let mut meta = meta;
+        let mut changed = false;
+        for tier in [Tier::Ram, Tier::Volume] {
+            let files = if tier == Tier::Ram { &ram } else { &volume };
+            if files.dir_exists() {
+                continue;
+            }
+            let range = crate::image::BlockRange::new(0, meta.blocks()).expect("images have blocks");
+            let _ = meta.table.update(range, |locations| {
+                for l in locations.iter_mut() {
+                    if l.node == me && l.tier == tier && l.synced {
+                        l.synced = false;
+                        changed = true;
+                    }
+                }
+            });
+        }
+        if changed {
+            log::error!(
+                "image {name}: its local block directory is gone (tier lost, e.g. RAM after a reboot); those copies are now out of sync"
+            );
+        }
+        let disk = Disk {
+            name,
+            me,
+            meta: RwLock::new(meta),
+            ram,
+            volume,
+            dirty: DirtyFiles::default(),
+            claimed: AtomicBool::new(false),
+        };
+        (Arc::new(disk), changed)
+    }
+
+    pub fn name(&self) -> &ImageName {
+        &self.name
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    pub fn meta(&self) -> RwLockReadGuard<'_, ImageMeta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn files(&self, tier: Tier) -> &BlockFiles {
+        match tier {
+            Tier::Ram => &self.ram,
+            Tier::Volume => &self.volume,
+        }
+    }
+
+    pub fn dirty(&self) -> &DirtyFiles {
+        &self.dirty
+    }
+
+    /// Admits one frontend; `None` while another is connected.
+    pub fn claim(self: &Arc<Self>) -> Option<Claim> {
+        self.claimed
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Claim(self.clone()))
+    }
+
+    pub fn in_use(&self) -> bool {
+        self.claimed.load(Ordering::Acquire)
+    }
+
+    /// Bytes the image's block files take on this node.
+    pub fn used_bytes(&self) -> io::Result<u64> {
+        Ok(self.ram.used_bytes()? + self.volume.used_bytes()?)
+    }
+
+    /// Syncs every volume-tier file written so far, and the directories (for shutdown).
+    pub fn sync_all(&self) -> io::Result<()> {
+        let (files, ticket) = self.dirty.snapshot();
+        for file in files {
+            file.sync_data()?;
+        }
+        self.volume.sync_dir_if_dirty()?;
+        self.dirty.clear(&ticket);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_ticket_keeps_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(File::create(dir.path().join("x")).unwrap());
+        let d = DirtyFiles::default();
+        d.mark(1, &f);
+        d.mark(2, &f);
+        let (files, ticket) = d.snapshot();
+        assert_eq!(files.len(), 2);
+        d.mark(2, &f);
+        d.clear(&ticket);
+        let (files, _) = d.snapshot();
+        assert_eq!(files.len(), 1, "block 2 was written again during the flush");
+    }
+}

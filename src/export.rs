@@ -1,0 +1,171 @@
+//! Exports one disk on `<run-dir>/<name>.sock`: accepts frontends one after another, serves
+//! each on a fresh vhost-user daemon, and turns away a second frontend while one is connected.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::disk::Disk;
+use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
+
+/// The connection being served, so shutdown can end it and wait for its drain.
+struct Active {
+    shutdown: ShutdownHandle,
+    thread: JoinHandle<()>,
+}
+
+pub struct Export {
+    disk: Arc<Disk>,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    active: Arc<Mutex<Option<Active>>>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl Export {
+    /// Binds the socket (replacing a stale one) and starts accepting.
+    pub fn start(disk: Arc<Disk>, socket: PathBuf, use_uring: bool) -> std::io::Result<Export> {
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&socket)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(Mutex::new(None));
+        let accept_thread = {
+            let (disk, stop, active) = (disk.clone(), stop.clone(), active.clone());
+            thread::Builder::new()
+                .name(format!("accept-{}", disk.name()))
+                .spawn(move || accept_loop(disk, listener.into(), stop, active, use_uring))?
+        };
+        log::info!("image {}: exported on {}", disk.name(), socket.display());
+        Ok(Export {
+            disk,
+            socket,
+            stop,
+            active,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Stops accepting, ends the current connection after draining its requests, and
+    /// removes the socket.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept loop, blocked in accept(), with a connection of our own.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(thread) = self.accept_thread.take() {
+            let _ = thread.join();
+        }
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(active) = active {
+            active.shutdown.shutdown();
+            let _ = active.thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn accept_loop(
+    disk: Arc<Disk>,
+    mut listener: Listener,
+    stop: Arc<AtomicBool>,
+    active: Arc<Mutex<Option<Active>>>,
+    use_uring: bool,
+) {
+    let name = disk.name().clone();
+    while !stop.load(Ordering::Acquire) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = match BlkBackend::new(disk.clone(), mem.clone(), use_uring) {
+            Ok(backend) => Arc::new(backend),
+            Err(e) => {
+                log::error!("image {name}: cannot set up a backend: {e}; no longer accepting");
+                return;
+            }
+        };
+        let mut daemon = match new_daemon(&backend, mem, &name.to_string()) {
+            Ok(daemon) => daemon,
+            Err(e) => {
+                log::error!("image {name}: cannot set up vhost-user: {e}; no longer accepting");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            log::error!("image {name}: accept failed: {e}");
+            continue;
+        }
+        if stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+            break;
+        }
+        let Some(claim) = disk.claim() else {
+            log::warn!("image {name}: refusing a second frontend while one is connected");
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            continue;
+        };
+        log::info!("image {name}: frontend connected");
+        let Some(shutdown) = daemon.shutdown_handle() else {
+            continue;
+        };
+        let thread_name = name.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{name}"))
+            .spawn(move || {
+                match daemon.wait() {
+                    Ok(()) => log::info!("image {thread_name}: frontend disconnected"),
+                    Err(e) => log::warn!("image {thread_name}: connection ended: {e}"),
+                }
+                backend.drain();
+                drop(daemon);
+                drop(claim);
+            });
+        match spawned {
+            Ok(thread) => {
+                let previous = active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(Active { shutdown, thread });
+                if let Some(previous) = previous {
+                    let _ = previous.thread.join();
+                }
+            }
+            Err(e) => log::error!("image {name}: cannot start connection thread: {e}"),
+        }
+    }
+}
+
+fn new_daemon(
+    backend: &Arc<BlkBackend>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    name: &str,
+) -> Result<VhostUserDaemon<Arc<BlkBackend>>, String> {
+    let daemon = VhostUserDaemon::new(format!("vhost-{name}"), backend.clone(), mem)
+        .map_err(|e| e.to_string())?;
+    for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        handler
+            .register_listener(
+                backend.completion_fd(index),
+                EventSet::IN,
+                u64::from(COMPLETION_EVENT),
+            )
+            .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
+    }
+    Ok(daemon)
+}
+
+/// The socket path of an image.
+pub fn socket_path(run_dir: &Path, name: &crate::image::ImageName) -> PathBuf {
+    run_dir.join(format!("{name}.sock"))
+}

@@ -1,0 +1,178 @@
+//! The vhost-user backend: features, config space, and the hand-off from vring events to the
+//! queue workers. One backend serves one frontend connection.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::bindings::virtio_blk::*;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use super::config::BlkConfig;
+use super::request::Limits;
+use super::worker::{AtomicMem, Vring, Worker};
+use crate::disk::Disk;
+use crate::image::SECTOR_SIZE;
+
+/// Queues a frontend may use (QEMU's `num-queues`). Each gets its own thread, idle unless
+/// the guest uses it; eight covers one queue per vCPU for the guests we expect on a node.
+pub const MAX_QUEUES: usize = 8;
+/// Largest virtqueue we accept; 1024 is the virtio-blk maximum QEMU allows.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Data segments per request we advertise: Linux then never sends more. Leaves room for the
+/// header and status descriptors in a 128-entry queue, QEMU's smallest default.
+pub const SEG_MAX: u32 = 126;
+/// Discard and write-zeroes limits: one range of at most 1 GiB per request keeps each
+/// request's synchronous hole-punching short.
+const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+const MAX_DISCARD_SEG: u32 = 1;
+/// Event data value for io_uring completions: values up to the queue count are taken by the
+/// queues' kicks and the exit event.
+pub const COMPLETION_EVENT: u16 = MAX_QUEUES as u16 + 1;
+
+pub struct BlkBackend {
+    config: BlkConfig,
+    read_only: bool,
+    workers: Vec<Mutex<Worker>>,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Arc<Disk>, mem: AtomicMem, use_uring: bool) -> io::Result<Self> {
+        let (capacity, read_only, block_size) = {
+            let meta = disk.meta();
+            (meta.size, meta.read_only, meta.block_size)
+        };
+        let config = BlkConfig {
+            capacity_bytes: capacity,
+            seg_max: SEG_MAX,
+            size_max: 0,
+            num_queues: MAX_QUEUES as u16,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            discard_alignment_sectors: (block_size.min(1 << 20) / SECTOR_SIZE) as u32,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+        };
+        let limits = Limits {
+            capacity,
+            read_only,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+        };
+        let workers = (0..MAX_QUEUES)
+            .map(|_| Worker::new(disk.clone(), limits, mem.clone(), use_uring).map(Mutex::new))
+            .collect::<io::Result<_>>()?;
+        Ok(BlkBackend {
+            config,
+            read_only,
+            workers,
+        })
+    }
+
+    fn worker(&self, index: usize) -> std::sync::MutexGuard<'_, Worker> {
+        self.workers[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The completion eventfd of queue `index`'s worker, for the vring thread's epoll.
+    pub fn completion_fd(&self, index: usize) -> i32 {
+        std::os::unix::io::AsRawFd::as_raw_fd(self.worker(index).completion_fd())
+    }
+
+    /// Completes everything in flight on every queue (the connection is ending).
+    pub fn drain(&self) {
+        for index in 0..self.workers.len() {
+            self.worker(index).drain();
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        MAX_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings apply it themselves; the workers ask them whether to notify.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.window(offset, size)
+    }
+
+    fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {
+        // The workers share the daemon's `GuestMemoryAtomic`, which the library updates.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..MAX_QUEUES).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(worker) = self.workers.get(queue_index as usize) {
+            worker.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(worker) = self.workers.get(thread_id) else {
+            return Ok(());
+        };
+        let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        if device_event == COMPLETION_EVENT {
+            worker.on_completions();
+        } else if let Some(vring) = vrings.get(device_event as usize) {
+            worker.on_kick(vring);
+        }
+        Ok(())
+    }
+}

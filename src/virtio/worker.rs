@@ -1,0 +1,518 @@
+//! One queue's request loop: pop chains, parse them, cut them into block pieces, hand the
+//! pieces to the tier's engine, and complete each request once, when its last piece is done.
+//!
+//! A request's life: popped and parsed (a rejected one is answered at once), then in flight
+//! in a slot until every piece has completed, then its status byte is written and its head
+//! goes on the used ring. Errors from the guest or from storage become status bytes; nothing
+//! here returns an error that would end the queue's thread.
+
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::disk::{Disk, FlushTicket};
+use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine};
+use crate::image::Tier;
+use crate::route::{self, Piece};
+use crate::virtio::request::{self, ByteRange, Kind, Limits, Request, Segment};
+
+pub type Mem = GuestMemoryMmap<()>;
+pub type AtomicMem = GuestMemoryAtomic<Mem>;
+pub type Vring = VringRwLock<AtomicMem>;
+
+/// Requests in flight per queue before the worker stops taking new ones from the ring and
+/// waits for completions: the io_uring's size, so completions never pile up in the kernel.
+const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
+
+/// Guest mistakes logged at warn level per queue before they are only counted, so a
+/// misbehaving guest cannot flood the daemon's log.
+const GUEST_ERRORS_LOGGED: u64 = 8;
+
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    status_byte: u8,
+    /// Bytes written into device-writable buffers on success (data plus the status byte).
+    used_len: u32,
+    /// Pieces not yet completed, plus one while the request is still being issued.
+    pending: usize,
+    /// Keeps the guest memory mapped while the kernel may still write into it.
+    mem: Arc<Mem>,
+    flush: Option<FlushTicket>,
+}
+
+pub struct Worker {
+    disk: Arc<Disk>,
+    limits: Limits,
+    mem: AtomicMem,
+    use_uring: bool,
+    eventfd: EventFd,
+    inline: InlineEngine,
+    uring: Option<UringEngine>,
+    requests: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    done: Vec<Done>,
+    vring: Option<Vring>,
+    /// Set when the worker stopped popping because too much was in flight.
+    throttled: bool,
+    needs_signal: bool,
+    guest_errors: u64,
+}
+
+impl Worker {
+    pub fn new(
+        disk: Arc<Disk>,
+        limits: Limits,
+        mem: AtomicMem,
+        use_uring: bool,
+    ) -> std::io::Result<Self> {
+        Ok(Worker {
+            disk,
+            limits,
+            mem,
+            use_uring,
+            eventfd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            inline: InlineEngine::new(),
+            uring: None,
+            requests: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            vring: None,
+            throttled: false,
+            needs_signal: false,
+            guest_errors: 0,
+        })
+    }
+
+    /// The eventfd io_uring signals completions on; the queue thread's epoll watches it.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    /// The guest kicked the queue.
+    pub fn on_kick(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        self.process(vring);
+    }
+
+    /// io_uring signalled completions.
+    pub fn on_completions(&mut self) {
+        let _ = self.eventfd.read();
+        let Some(vring) = self.vring.clone() else {
+            return;
+        };
+        self.complete(&vring);
+        if self.throttled {
+            self.throttled = false;
+            self.process(&vring);
+        } else {
+            self.signal(&vring);
+        }
+    }
+
+    /// Waits for everything in flight and completes it (the vring is being stopped).
+    pub fn drain(&mut self) {
+        while self.in_flight() > 0 {
+            if let Some(uring) = self.uring.as_mut() {
+                if let Err(e) = uring.wait() {
+                    log::error!("image {}: waiting for io_uring: {e}", self.disk.name());
+                    break;
+                }
+            }
+            match self.vring.clone() {
+                Some(vring) => self.complete(&vring),
+                None => drop(self.reap()),
+            }
+        }
+        if let Some(vring) = self.vring.clone() {
+            self.signal(&vring);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.requests.len() - self.free.len()
+    }
+
+    fn ops_in_flight(&self) -> usize {
+        self.uring.as_ref().map_or(0, |u| u.in_flight())
+    }
+
+    fn process(&mut self, vring: &Vring) {
+        let mem = self.mem.memory().into_inner();
+        loop {
+            let _ = vring.disable_notification();
+            while self.ops_in_flight() < MAX_IN_FLIGHT_OPS {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match request::parse(&*mem, chain, &self.limits) {
+                    Ok(request) => self.execute(vring, head, request, &mem),
+                    Err(rejected) => {
+                        self.guest_error(&rejected.error);
+                        self.answer_now(vring, head, rejected.status, rejected.error.status(), &mem);
+                    }
+                }
+            }
+            self.submit();
+            self.complete(vring);
+            if self.ops_in_flight() >= MAX_IN_FLIGHT_OPS {
+                self.throttled = true;
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.signal(vring);
+    }
+
+    fn guest_error(&mut self, error: &request::ParseError) {
+        self.guest_errors += 1;
+        let n = self.guest_errors;
+        if n <= GUEST_ERRORS_LOGGED || n.is_power_of_two() {
+            log::warn!(
+                "image {}: bad request from guest: {error} ({n} so far on this queue)",
+                self.disk.name()
+            );
+        }
+    }
+
+    /// Completes a request that never went in flight.
+    fn answer_now(
+        &mut self,
+        vring: &Vring,
+        head: u16,
+        status: Option<GuestAddress>,
+        byte: u8,
+        mem: &Mem,
+    ) {
+        let used = match status {
+            Some(addr) if mem.write_obj(byte, addr).is_ok() => 1,
+            _ => 0,
+        };
+        if let Err(e) = vring.add_used(head, used) {
+            log::warn!("image {}: cannot complete request: {e}", self.disk.name());
+        }
+        self.needs_signal = true;
+    }
+
+    fn execute(&mut self, vring: &Vring, head: u16, request: Request, mem: &Arc<Mem>) {
+        let used_len = match request.kind {
+            Kind::Read { .. } => request.data_len as u32 + 1,
+            Kind::GetId => (request.data_len as u32).min(VIRTIO_BLK_ID_BYTES) + 1,
+            _ => 1,
+        };
+        let slot = self.admit(InFlight {
+            head,
+            status: request.status,
+            status_byte: VIRTIO_BLK_S_OK as u8,
+            used_len,
+            pending: 1,
+            mem: mem.clone(),
+            flush: None,
+        });
+        let block_size = self.disk.meta().block_size;
+        match request.kind {
+            Kind::Read { offset } => {
+                for piece in route::split(offset, &request.data, block_size) {
+                    self.read_piece(slot, piece, mem);
+                }
+            }
+            Kind::Write { offset } => {
+                for piece in route::split(offset, &request.data, block_size) {
+                    self.write_piece(slot, piece, mem);
+                }
+            }
+            Kind::Flush => self.flush(slot),
+            Kind::GetId => self.get_id(slot, &request.data, mem),
+            Kind::Discard(ranges) | Kind::WriteZeroes { ranges, .. } => {
+                self.free_ranges(slot, &ranges)
+            }
+        }
+        if let Some(request) = self.piece_done(slot, true) {
+            self.finish(vring, request);
+        }
+    }
+
+    fn admit(&mut self, request: InFlight) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                self.requests[slot] = Some(request);
+                slot
+            }
+            None => {
+                self.requests.push(Some(request));
+                self.requests.len() - 1
+            }
+        }
+    }
+
+    /// The local tier holding an in-sync copy of `block`. Until the peer layer exists, a
+    /// block with no local in-sync copy cannot be served.
+    fn local_tier(&self, block: u64) -> Result<Tier, String> {
+        let meta = self.disk.meta();
+        let locations = meta
+            .table
+            .locations(block)
+            .ok_or_else(|| format!("block {block} is past the end"))?;
+        route::local_copy(locations, self.disk.me())
+            .ok_or_else(|| format!("block {block} has no in-sync copy on this node"))
+    }
+
+    fn fail(&mut self, slot: usize, what: &str) {
+        log::error!("image {}: {what}", self.disk.name());
+        if let Some(request) = self.requests[slot].as_mut() {
+            request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+        }
+    }
+
+    fn read_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
+        let tier = match self.local_tier(piece.block) {
+            Ok(tier) => tier,
+            Err(e) => return self.fail(slot, &e),
+        };
+        let Some(iovecs) = host_buffers(mem, &piece.segments) else {
+            return self.fail(slot, "guest buffer moved out of memory");
+        };
+        match self.disk.files(tier).for_read(piece.block) {
+            Ok(None) => iovecs.zero_from(0),
+            Ok(Some(file)) => self.issue(slot, tier, OpKind::Read, file, piece.offset, iovecs),
+            Err(e) => self.fail(slot, &format!("cannot open block {}: {e}", piece.block)),
+        }
+    }
+
+    fn write_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
+        let tier = match self.local_tier(piece.block) {
+            Ok(tier) => tier,
+            Err(e) => return self.fail(slot, &e),
+        };
+        let Some(iovecs) = host_buffers(mem, &piece.segments) else {
+            return self.fail(slot, "guest buffer moved out of memory");
+        };
+        match self.disk.files(tier).for_write(piece.block) {
+            Ok(file) => {
+                if tier == Tier::Volume {
+                    self.disk.dirty().mark(piece.block, &file);
+                }
+                self.issue(slot, tier, OpKind::Write, file, piece.offset, iovecs);
+            }
+            Err(e) => self.fail(slot, &format!("cannot create block {}: {e}", piece.block)),
+        }
+    }
+
+    /// Syncs every volume-tier block file written since its last sync. RAM-tier data lives
+    /// in tmpfs, which a daemon crash does not lose and nothing can make more durable.
+    fn flush(&mut self, slot: usize) {
+        if let Err(e) = self.disk.files(Tier::Volume).sync_dir_if_dirty() {
+            return self.fail(slot, &format!("cannot sync block directory: {e}"));
+        }
+        let (files, ticket) = self.disk.dirty().snapshot();
+        for file in files {
+            self.issue(slot, Tier::Volume, OpKind::Sync, file, 0, IoVecs(Vec::new()));
+        }
+        if let Some(request) = self.requests[slot].as_mut() {
+            request.flush = Some(ticket);
+        }
+    }
+
+    fn get_id(&mut self, slot: usize, data: &[Segment], mem: &Mem) {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let name = self.disk.name().as_str().as_bytes();
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name[..n]);
+        let mut at = 0;
+        for segment in data {
+            let take = (segment.len as usize).min(id.len() - at);
+            if mem.write_slice(&id[at..at + take], segment.addr).is_err() {
+                return self.fail(slot, "cannot write GET_ID reply");
+            }
+            at += take;
+        }
+    }
+
+    /// Discard and write-zeroes: whole blocks lose their file, partial ones get a hole. Both
+    /// read back as zeros, which is what write-zeroes promises.
+    fn free_ranges(&mut self, slot: usize, ranges: &[ByteRange]) {
+        let (block_size, size) = {
+            let meta = self.disk.meta();
+            (meta.block_size, meta.size)
+        };
+        for range in ranges {
+            for span in route::spans(range.offset, range.len, block_size) {
+                let tier = match self.local_tier(span.block) {
+                    Ok(tier) => tier,
+                    Err(e) => return self.fail(slot, &e),
+                };
+                let files = self.disk.files(tier);
+                let block_len = block_size.min(size - span.block * block_size);
+                let whole = span.offset == 0 && span.len == block_len;
+                let result = if whole {
+                    files.drop_block(span.block)
+                } else {
+                    files.punch(span.block, span.offset, span.len)
+                };
+                if let Err(e) = result {
+                    return self.fail(slot, &format!("cannot free block {}: {e}", span.block));
+                }
+            }
+        }
+    }
+
+    fn engine(&mut self, tier: Tier) -> &mut dyn Engine {
+        if tier == Tier::Volume && self.use_uring && self.uring.is_none() {
+            match UringEngine::new(std::os::unix::io::AsRawFd::as_raw_fd(&self.eventfd)) {
+                Ok(uring) => self.uring = Some(uring),
+                Err(e) => {
+                    log::error!("io_uring setup failed ({e}); this queue uses synchronous I/O");
+                    self.use_uring = false;
+                }
+            }
+        }
+        match (tier, self.uring.as_mut()) {
+            (Tier::Volume, Some(uring)) => uring,
+            _ => &mut self.inline,
+        }
+    }
+
+    fn issue(
+        &mut self,
+        slot: usize,
+        tier: Tier,
+        kind: OpKind,
+        file: Arc<std::fs::File>,
+        offset: u64,
+        iovecs: IoVecs,
+    ) {
+        if let Some(request) = self.requests[slot].as_mut() {
+            request.pending += 1;
+        }
+        let op = Op {
+            kind,
+            file,
+            offset,
+            iovecs,
+            tag: slot as u64,
+        };
+        self.engine(tier).push(op);
+    }
+
+    fn submit(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            if let Err(e) = uring.submit() {
+                log::error!("image {}: io_uring submit: {e}", self.disk.name());
+            }
+        }
+    }
+
+    fn reap(&mut self) -> Vec<Done> {
+        let mut done = std::mem::take(&mut self.done);
+        self.inline.reap(&mut done);
+        if let Some(uring) = self.uring.as_mut() {
+            uring.reap(&mut done);
+        }
+        done
+    }
+
+    /// Applies finished operations; requests whose last piece finished go on the used ring.
+    fn complete(&mut self, vring: &Vring) {
+        let mut done = self.reap();
+        for d in done.drain(..) {
+            let ok = match d.result {
+                Ok(_) => true,
+                Err(e) => {
+                    log::error!("image {}: block I/O failed: {e}", self.disk.name());
+                    false
+                }
+            };
+            if let Some(request) = self.piece_done(d.tag as usize, ok) {
+                self.finish(vring, request);
+            }
+        }
+        self.done = done;
+    }
+
+    /// Counts one piece of `slot` as done; returns the request when it was the last.
+    fn piece_done(&mut self, slot: usize, ok: bool) -> Option<InFlight> {
+        let request = self.requests.get_mut(slot)?.as_mut()?;
+        if !ok {
+            request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+        }
+        request.pending -= 1;
+        if request.pending > 0 {
+            return None;
+        }
+        self.free.push(slot);
+        self.requests[slot].take()
+    }
+
+    fn finish(&mut self, vring: &Vring, request: InFlight) {
+        let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
+        if let (true, Some(ticket)) = (ok, &request.flush) {
+            self.disk.dirty().clear(ticket);
+        }
+        let used = match request.mem.write_obj(request.status_byte, request.status) {
+            Ok(()) if ok => request.used_len,
+            Ok(()) => 1,
+            Err(_) => 0,
+        };
+        if let Err(e) = vring.add_used(request.head, used) {
+            log::warn!("image {}: cannot complete request: {e}", self.disk.name());
+        }
+        self.needs_signal = true;
+    }
+
+    fn signal(&mut self, vring: &Vring) {
+        if !std::mem::take(&mut self.needs_signal) {
+            return;
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                log::warn!("image {}: cannot signal the guest: {e}", self.disk.name());
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    /// The kernel may still be writing into guest memory: wait for it before the mapping
+    /// (held by the in-flight requests) is released.
+    fn drop(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            while uring.in_flight() > 0 && uring.wait().is_ok() {
+                let mut done = Vec::new();
+                uring.reap(&mut done);
+            }
+        }
+    }
+}
+
+/// Host addresses of guest buffers. The parser checked that they lie in guest memory; a
+/// memory table update between parsing and now could still make that untrue, hence Option.
+fn host_buffers(mem: &Mem, segments: &[Segment]) -> Option<IoVecs> {
+    let mut iovecs = Vec::with_capacity(segments.len());
+    for segment in segments {
+        for slice in mem.get_slices(segment.addr, segment.len as usize) {
+            let slice = slice.ok()?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(IoVecs(iovecs))
+}
