@@ -17,7 +17,7 @@ set -euo pipefail
 
 newest_kver() {
     local k
-    k=$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V | tail -n1)
+    k=$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V | tail -n1 || true)
     [ -n "$k" ] || { echo "build-guest: no /boot/vmlinuz-*-cloud-amd64 (run scripts/setup.sh)" >&2; exit 1; }
     echo "$k"
 }
@@ -92,6 +92,8 @@ while [ "$(ls /sys/block | grep -c '^vd')" -lt "$want" ] && [ $i -lt 100 ]; do
 done
 # A missing /test.sh (say, the initrd did not fit in guest memory) must not look like success.
 rc=127
+# Start on a fresh line: the firmware leaves escape sequences without a newline.
+echo
 if [ -f /test.sh ]; then
     sh /test.sh
     rc=$?
