@@ -1,0 +1,140 @@
+//! A `cormorant serve` process for one test, in the test's own directories, driven through
+//! the real CLI (the same binary, as a client of the control socket).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use super::{kill_child, read_lossy, spawn_logged, wait_until};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cormorant");
+
+pub struct Daemon {
+    pub run_dir: PathBuf,
+    pub ram_dir: PathBuf,
+    pub volume_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Starts a daemon whose directories all live under `dir`.
+    pub fn start(dir: &Path) -> Daemon {
+        let mut daemon = Daemon {
+            run_dir: dir.join("run"),
+            ram_dir: dir.join("ram"),
+            volume_dir: dir.join("vol"),
+            log: dir.join("daemon.log"),
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = self.log.with_extension(format!("{}.log", self.starts));
+        let mut cmd = Command::new(BIN);
+        cmd.env("RUST_LOG", "debug")
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("serve")
+            .arg("--ram-dir")
+            .arg(&self.ram_dir)
+            .arg("--volume-dir")
+            .arg(&self.volume_dir);
+        let _ = std::fs::remove_file(self.run_dir.join("control.sock"));
+        let child = spawn_logged(&mut cmd, &log, &log).expect("spawn cormorant serve");
+        self.child = Some(child);
+        let control = self.run_dir.join("control.sock");
+        let up = wait_until(Duration::from_secs(10), || control.exists());
+        assert!(up, "daemon did not start:\n{}", read_lossy(&log));
+    }
+
+    /// Runs `cormorant --run-dir RUN <args>`; returns its stdout parsed as JSON, or panics.
+    pub fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli_raw(args);
+        assert!(
+            out.status.success(),
+            "cormorant {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("CLI prints JSON")
+    }
+
+    /// Runs the CLI and returns its whole output, success or not.
+    pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(args)
+            .output()
+            .expect("run cormorant")
+    }
+
+    pub fn socket(&self, image: &str) -> PathBuf {
+        self.run_dir.join(format!("{image}.sock"))
+    }
+
+    pub fn block_file(&self, tier: &str, image: &str, block: u64) -> PathBuf {
+        let root = if tier == "ram" {
+            &self.ram_dir
+        } else {
+            &self.volume_dir
+        };
+        root.join(image).join(format!("{block:08}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no drain, no save, sockets left behind.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited with success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let exited = wait_until(Duration::from_secs(20), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            kill_child(&mut child);
+            return false;
+        }
+        child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|i| read_lossy(&self.log.with_extension(format!("{i}.log"))))
+            .collect::<Vec<_>>()
+            .join("\n---- restart ----\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        }
+        self.kill9();
+    }
+}
