@@ -8,7 +8,11 @@ use crate::image::{ImageName, Tier};
 use crate::size::Size;
 
 #[derive(Debug, Parser)]
-#[command(name = "cormorant", version, about = "Distributed, operator-controlled VM disk store served to QEMU over vhost-user-blk")]
+#[command(
+    name = "cormorant",
+    version,
+    about = "Distributed, operator-controlled VM disk store served to QEMU over vhost-user-blk"
+)]
 pub struct Cli {
     /// Directory of the control socket and the images' vhost-user sockets.
     #[arg(long, global = true, default_value = "/run/cormorant")]

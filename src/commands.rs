@@ -177,7 +177,9 @@ fn convert(from: &Path, from_format: &str, to: &Path, to_format: &str) -> Result
         .arg(from)
         .arg(to)
         .status()
-        .map_err(|e| CommandError::Convert(format!("cannot run qemu-img (is it installed?): {e}")))?;
+        .map_err(|e| {
+            CommandError::Convert(format!("cannot run qemu-img (is it installed?): {e}"))
+        })?;
     if !status.success() {
         return Err(CommandError::Convert(format!(
             "qemu-img convert {} -> {} failed ({status})",

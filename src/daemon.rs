@@ -119,7 +119,10 @@ impl Daemon {
                 Ok(self.summary(&disk))
             }
             Request::ImageList => Ok(Value::Array(
-                self.lock().values().map(|e| self.summary(&e.disk)).collect(),
+                self.lock()
+                    .values()
+                    .map(|e| self.summary(&e.disk))
+                    .collect(),
             )),
             Request::ImageInfo { name } => self.info(&name),
             Request::ImageRm { name } => self.remove(&name).map(|()| json!({"removed": name})),
@@ -261,7 +264,8 @@ impl Daemon {
         tier: Tier,
         progress: Progress,
     ) -> Result<Value, String> {
-        let mut source = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut source =
+            File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let len = source.metadata().map_err(|e| e.to_string())?.len();
         let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
         let disk = self.create(name.clone(), size, block_size, tier, false)?;
@@ -307,7 +311,9 @@ fn import_raw(disk: &Disk, source: &mut File, progress: Progress) -> io::Result<
         let n = read_full(source, &mut buf)?;
         if buf[..n].iter().any(|&b| b != 0) {
             let tier = local_tier(disk, block)?;
-            disk.files(tier).for_write(block)?.write_all_at(&buf[..n], 0)?;
+            disk.files(tier)
+                .for_write(block)?
+                .write_all_at(&buf[..n], 0)?;
         }
         if block % PROGRESS_EVERY == 0 || block + 1 == blocks {
             progress(block + 1, blocks);

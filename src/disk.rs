@@ -81,7 +81,8 @@ impl Disk {
             if files.dir_exists() {
                 continue;
             }
-            let range = crate::image::BlockRange::new(0, meta.blocks()).expect("images have blocks");
+            let range =
+                crate::image::BlockRange::new(0, meta.blocks()).expect("images have blocks");
             let _ = meta.table.update(range, |locations| {
                 for l in locations.iter_mut() {
                     if l.node == me && l.tier == tier && l.synced {

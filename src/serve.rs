@@ -75,7 +75,9 @@ fn lock_run_dir(config: &Config) -> Result<File, ServeError> {
     // SAFETY: flock on a descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        return Err(ServeError::AlreadyRunning(config.run_dir.display().to_string()));
+        return Err(ServeError::AlreadyRunning(
+            config.run_dir.display().to_string(),
+        ));
     }
     Ok(file)
 }
@@ -88,7 +90,8 @@ fn raise_fd_limit() {
     };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

@@ -8,14 +8,13 @@
 
 use std::sync::Arc;
 
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -163,7 +162,13 @@ impl Worker {
                     Ok(request) => self.execute(vring, head, request, &mem),
                     Err(rejected) => {
                         self.guest_error(&rejected.error);
-                        self.answer_now(vring, head, rejected.status, rejected.error.status(), &mem);
+                        self.answer_now(
+                            vring,
+                            head,
+                            rejected.status,
+                            rejected.error.status(),
+                            &mem,
+                        );
                     }
                 }
             }
@@ -323,7 +328,14 @@ impl Worker {
         }
         let (files, ticket) = self.disk.dirty().snapshot();
         for file in files {
-            self.issue(slot, Tier::Volume, OpKind::Sync, file, 0, IoVecs(Vec::new()));
+            self.issue(
+                slot,
+                Tier::Volume,
+                OpKind::Sync,
+                file,
+                0,
+                IoVecs(Vec::new()),
+            );
         }
         if let Some(request) = self.requests[slot].as_mut() {
             request.flush = Some(ticket);
