@@ -1,0 +1,190 @@
+//! The control plane through the real CLI: image lifecycle, import and export (raw and qcow2),
+//! bad input, and a clean SIGTERM.
+
+mod common;
+
+use std::io::Write;
+
+use common::daemon::Daemon;
+use common::{tools_available, TestDir};
+
+#[test]
+fn image_lifecycle_and_bad_input() {
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    let created = daemon.cli(&["image", "create", "disk0", "--size", "20G"]);
+    assert_eq!(created["size"], 20u64 << 30);
+    assert_eq!(created["block_size"], 4u64 << 20);
+    assert_eq!(created["tier"], "ram");
+    assert!(
+        daemon.socket("disk0").exists(),
+        "exported as soon as created"
+    );
+
+    let info = daemon.cli(&["image", "info", "disk0"]);
+    assert_eq!(info["used_size"], 0, "thin: no space taken");
+    let blocks = info["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 5120);
+    assert_eq!(blocks[5119]["locations"][0]["tier"], "ram");
+    assert_eq!(blocks[0]["locations"][0]["synced"], true);
+
+    for bad in [
+        vec!["image", "create", "../x", "--size", "1M"],
+        vec!["image", "create", ".hidden", "--size", "1M"],
+        vec!["image", "create", "ok", "--size", "12Q"],
+        vec!["image", "create", "ok", "--size", "1000"],
+        vec![
+            "image",
+            "create",
+            "ok",
+            "--size",
+            "1M",
+            "--block-size",
+            "3M",
+        ],
+        vec!["image", "create", "ok", "--size", "1M", "--tier", "ssd"],
+        vec!["image", "create", "disk0", "--size", "1M"],
+        vec!["image", "info", "nope"],
+        vec!["image", "rm", "nope"],
+    ] {
+        let out = daemon.cli_raw(&bad);
+        assert!(!out.status.success(), "{bad:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{bad:?} should say why");
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+    }
+    assert!(!dir.join("x").exists());
+
+    daemon.cli(&["image", "rm", "disk0"]);
+    assert!(!daemon.socket("disk0").exists());
+    assert_eq!(daemon.cli(&["image", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn garbage_on_the_control_socket_is_answered() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    for junk in [
+        &b"{\"op\":\"image_explode\"}\n"[..],
+        b"not json\n",
+        b"{\"op\":\"image_info\",\"name\":\"../../etc\"}\n",
+        &[0xff, 0xfe, b'\n'],
+    ] {
+        let mut s = UnixStream::connect(daemon.run_dir.join("control.sock")).unwrap();
+        s.write_all(junk).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.starts_with("{\"error\""), "{line}");
+    }
+    // A request that never ends is cut off, and the daemon still answers afterwards.
+    let mut s = UnixStream::connect(daemon.run_dir.join("control.sock")).unwrap();
+    let _ = s.write_all(&vec![b'x'; 100_000]);
+    drop(s);
+    assert_eq!(daemon.cli(&["image", "list"]), serde_json::json!([]));
+}
+
+/// Random data with all-zero stretches, so thin import can be checked.
+fn sample_file(path: &std::path::Path, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        if i % 3 == 1 {
+            continue; // leave this MiB zero
+        }
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+#[test]
+fn import_and_export_raw_and_qcow2() {
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    let raw = dir.join("src.raw");
+    let data = sample_file(&raw, 6 << 20);
+    daemon.cli(&[
+        "image",
+        "import",
+        "imp",
+        raw.to_str().unwrap(),
+        "--block-size",
+        "1M",
+        "--tier",
+        "volume",
+    ]);
+    // MiB 1 and 4 are zero: their blocks were never written.
+    assert!(daemon.block_file("volume", "imp", 0).exists());
+    assert!(!daemon.block_file("volume", "imp", 1).exists());
+    assert!(!daemon.block_file("volume", "imp", 4).exists());
+    let out = dir.join("out.raw");
+    daemon.cli(&["image", "export", "imp", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    if !tools_available(&["qemu-img"]) {
+        return;
+    }
+    let qcow = dir.join("src.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    daemon.cli(&["image", "import", "q", qcow.to_str().unwrap()]);
+    let back = dir.join("back.qcow2");
+    daemon.cli(&[
+        "image",
+        "export",
+        "q",
+        back.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    let back_raw = dir.join("back.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&back)
+        .arg(&back_raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read(&back_raw).unwrap(), data);
+}
+
+#[test]
+fn sigterm_saves_and_removes_sockets() {
+    let dir = TestDir::new();
+    let mut daemon = Daemon::start(dir.path());
+    daemon.cli(&["image", "create", "a", "--size", "8M"]);
+    assert!(
+        daemon.terminate(),
+        "clean exit on SIGTERM:\n{}",
+        daemon.log()
+    );
+    assert!(!daemon.socket("a").exists());
+    assert!(!daemon.run_dir.join("control.sock").exists());
+    // A second daemon on the same run dir is refused while one runs.
+    daemon.restart();
+    let second = std::process::Command::new(common::daemon::BIN)
+        .arg("--run-dir")
+        .arg(&daemon.run_dir)
+        .arg("serve")
+        .arg("--ram-dir")
+        .arg(&daemon.ram_dir)
+        .arg("--volume-dir")
+        .arg(&daemon.volume_dir)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another cormorant daemon"));
+    assert_eq!(daemon.cli(&["image", "list"])[0]["name"], "a");
+}
