@@ -65,4 +65,10 @@ if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found: install a Rust toolchain (>= 1.85) with rustup" >&2
     exit 1
 fi
+# cargo-fuzz runs the fuzz targets under fuzz/ with the nightly toolchain; without nightly
+# the test script skips fuzzing and says so.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly' && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz (crates.io)"
+    cargo install --locked --quiet cargo-fuzz
+fi
 echo "setup: ok ($(qemu-system-x86_64 --version | head -n1); $(cargo --version))"

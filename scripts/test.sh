@@ -8,3 +8,13 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets
+
+# A short fuzzing run of every target, so the targets keep building and the parsers keep
+# holding; long runs are for developers (see fuzz/README.md).
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for target in $(cd fuzz && cargo +nightly fuzz list); do
+        (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time=20 -print_final_stats=0) 2>&1 | tail -n 2
+    done
+else
+    echo "test: cargo-fuzz or the nightly toolchain is missing: fuzz targets not run"
+fi
