@@ -288,37 +288,24 @@ fn parse_kind<M: GuestMemoryBackend>(
             }
             Ok(Kind::GetId)
         }
-        VIRTIO_BLK_T_DISCARD => {
-            no_data(in_len, "discard")?;
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = request_type == VIRTIO_BLK_T_DISCARD;
+            no_data(in_len, if discard { "discard" } else { "write-zeroes" })?;
             if limits.read_only {
                 return Err(ParseError::ReadOnly);
             }
-            let (ranges, unmap) = parse_ranges(
-                mem,
-                readable,
-                limits,
-                limits.max_discard_seg,
-                limits.max_discard_sectors,
-            )?;
-            if unmap {
+            let (max_count, max_sectors) = if discard {
+                (limits.max_discard_seg, limits.max_discard_sectors)
+            } else {
+                (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
+            };
+            let (ranges, unmap) = parse_ranges(mem, readable, limits, max_count, max_sectors)?;
+            match (discard, unmap) {
                 // The spec reserves the unmap flag for WRITE_ZEROES.
-                return Err(ParseError::RangeFlags(VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
+                (true, true) => Err(ParseError::RangeFlags(VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)),
+                (true, false) => Ok(Kind::Discard(ranges)),
+                (false, _) => Ok(Kind::WriteZeroes { ranges, unmap }),
             }
-            Ok(Kind::Discard(ranges))
-        }
-        VIRTIO_BLK_T_WRITE_ZEROES => {
-            no_data(in_len, "write-zeroes")?;
-            if limits.read_only {
-                return Err(ParseError::ReadOnly);
-            }
-            let (ranges, unmap) = parse_ranges(
-                mem,
-                readable,
-                limits,
-                limits.max_write_zeroes_seg,
-                limits.max_write_zeroes_sectors,
-            )?;
-            Ok(Kind::WriteZeroes { ranges, unmap })
         }
         other => Err(ParseError::Unsupported(other)),
     }

@@ -235,12 +235,12 @@ impl Worker {
         match request.kind {
             Kind::Read { offset } => {
                 for piece in route::split(offset, &request.data, block_size) {
-                    self.read_piece(slot, piece, mem);
+                    self.transfer(slot, OpKind::Read, piece, mem);
                 }
             }
             Kind::Write { offset } => {
                 for piece in route::split(offset, &request.data, block_size) {
-                    self.write_piece(slot, piece, mem);
+                    self.transfer(slot, OpKind::Write, piece, mem);
                 }
             }
             Kind::Flush => self.flush(slot),
@@ -286,7 +286,9 @@ impl Worker {
         }
     }
 
-    fn read_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
+    /// Issues one block's part of a read or write on the local copy. A read of a block that
+    /// was never written fills zeros without any I/O; a write creates the block's file.
+    fn transfer(&mut self, slot: usize, kind: OpKind, piece: Piece, mem: &Mem) {
         let tier = match self.local_tier(piece.block) {
             Ok(tier) => tier,
             Err(e) => return self.fail(slot, &e),
@@ -294,29 +296,20 @@ impl Worker {
         let Some(iovecs) = host_buffers(mem, &piece.segments) else {
             return self.fail(slot, "guest buffer moved out of memory");
         };
-        match self.disk.files(tier).for_read(piece.block) {
+        let files = self.disk.files(tier);
+        let file = match kind {
+            OpKind::Write => files.for_write(piece.block).map(Some),
+            _ => files.for_read(piece.block),
+        };
+        match file {
             Ok(None) => iovecs.zero_from(0),
-            Ok(Some(file)) => self.issue(slot, tier, OpKind::Read, file, piece.offset, iovecs),
-            Err(e) => self.fail(slot, &format!("cannot open block {}: {e}", piece.block)),
-        }
-    }
-
-    fn write_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
-        let tier = match self.local_tier(piece.block) {
-            Ok(tier) => tier,
-            Err(e) => return self.fail(slot, &e),
-        };
-        let Some(iovecs) = host_buffers(mem, &piece.segments) else {
-            return self.fail(slot, "guest buffer moved out of memory");
-        };
-        match self.disk.files(tier).for_write(piece.block) {
-            Ok(file) => {
-                if tier == Tier::Volume {
+            Ok(Some(file)) => {
+                if kind == OpKind::Write && tier == Tier::Volume {
                     self.disk.dirty().mark(piece.block, &file);
                 }
-                self.issue(slot, tier, OpKind::Write, file, piece.offset, iovecs);
+                self.issue(slot, tier, kind, file, piece.offset, iovecs);
             }
-            Err(e) => self.fail(slot, &format!("cannot create block {}: {e}", piece.block)),
+            Err(e) => self.fail(slot, &format!("cannot open block {}: {e}", piece.block)),
         }
     }
 
