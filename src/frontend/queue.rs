@@ -188,9 +188,10 @@ impl BlkQueue {
         }
     }
 
-    /// Requests made available and not yet reaped (managed or raw).
+    /// Requests made available and not yet reaped (managed or raw; abandoned raw chains not
+    /// counted).
     pub fn in_flight(&self) -> usize {
-        self.ring.outstanding() as usize
+        self.ring.in_flight() as usize
     }
 
     /// Next available index; after a clean stop the backend's GET_VRING_BASE should equal it.
@@ -391,7 +392,7 @@ impl BlkQueue {
         timeout: Duration,
     ) -> Result<usize> {
         let n = self.poll_completions(out)?;
-        if n > 0 || self.ring.outstanding() == 0 {
+        if n > 0 || self.ring.in_flight() == 0 {
             return Ok(n);
         }
         let deadline = Instant::now() + timeout;
@@ -614,6 +615,13 @@ impl BlkQueue {
             }
             self.wait_call(deadline, timeout)?;
         }
+    }
+
+    /// Gives up on the raw chain in flight after [`BlkQueue::wait_raw`] timed out, so the
+    /// queue can be used again (to check whether the backend still serves after dropping a
+    /// request). Its descriptor table indices are never reused; a late answer is discarded.
+    pub fn abandon_raw(&mut self) -> Result<()> {
+        self.ring.abandon_raw()
     }
 
     /// The I/O timeout the blocking calls use.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::blk::{encode_header, HEADER_SIZE, SECTOR_SIZE, S_NOT_WRITTEN, T_IN};
+use super::blk::{encode_header, HEADER_SIZE, SECTOR_SIZE, S_NOT_WRITTEN, T_IN, T_OUT};
 use super::queue::BlkQueue;
 use super::vring::{
     RawDesc, UsedElem, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -141,8 +141,10 @@ pub enum Malformed {
     SectorOverflow,
     /// Request type 0xff, which no spec defines.
     UnknownType,
-    /// The status descriptor links back to the header: header -> data -> status -> header...
+    /// A write whose readable descriptors loop: header -> data -> header -> ... (no status).
     DescriptorLoop,
+    /// The header descriptor links to itself.
+    SelfLoop,
     /// The header links to a descriptor index past the end of the table.
     NextOutOfRange,
     /// The available ring names a head past the end of the table.
@@ -161,7 +163,7 @@ pub enum Malformed {
 
 impl Malformed {
     /// Every case, in declaration order.
-    pub const ALL: [Malformed; 22] = [
+    pub const ALL: [Malformed; 23] = [
         Malformed::HeaderOnly,
         Malformed::StatusReadable,
         Malformed::WritableBeforeReadable,
@@ -177,6 +179,7 @@ impl Malformed {
         Malformed::SectorOverflow,
         Malformed::UnknownType,
         Malformed::DescriptorLoop,
+        Malformed::SelfLoop,
         Malformed::NextOutOfRange,
         Malformed::HeadOutOfRange,
         Malformed::IndirectBadLen,
@@ -208,7 +211,11 @@ impl BlkQueue {
             M::SectorOverflow => u64::MAX,
             _ => 0,
         };
-        let req_type = if case == M::UnknownType { 0xff } else { T_IN };
+        let req_type = match case {
+            M::UnknownType => 0xff,
+            M::DescriptorLoop => T_OUT,
+            _ => T_IN,
+        };
         let b = self.malformed_bufs(req_type, sector)?;
         let mem_end = self.memory().end();
         let read = |data_addr: u64, data_len: u32| {
@@ -248,7 +255,13 @@ impl BlkQueue {
             M::ZeroLenData => read(b.data, 0),
             M::UnalignedLen => read(b.data, 100),
             M::SectorPastEnd | M::SectorOverflow | M::UnknownType => read(b.data, SECTOR),
-            M::DescriptorLoop => read(b.data, SECTOR).link(2, 0),
+            M::DescriptorLoop => ChainBuilder::new()
+                .readable(b.header, HEADER_SIZE)
+                .readable(b.data, SECTOR)
+                .link(1, 0),
+            M::SelfLoop => ChainBuilder::new()
+                .readable(b.header, HEADER_SIZE)
+                .link(0, 0),
             M::NextOutOfRange => read(b.data, SECTOR).link(0, self.size().wrapping_add(7)),
             M::HeadOutOfRange => read(b.data, SECTOR).head(self.size().wrapping_add(3)),
             M::IndirectBadLen => self.indirect(&b, b.table, 40)?,

@@ -102,6 +102,14 @@ pub struct SplitRing {
     last_used: Wrapping<u16>,
     /// Raw chains made available and not yet answered.
     raw_outstanding: u16,
+    /// Descriptors of the raw chain in flight (it sits at table indices `0..raw_len`).
+    raw_len: u16,
+    /// Raw chains given up on (see [`SplitRing::abandon_raw`]); a late used element that names
+    /// no managed head is taken as one of their answers and dropped.
+    abandoned: u16,
+    /// Table indices `0..leaked` are never handed out again: an abandoned raw chain used them,
+    /// and the backend may still read them.
+    leaked: u16,
 }
 
 impl SplitRing {
@@ -139,6 +147,9 @@ impl SplitRing {
             published: Wrapping(0),
             last_used: Wrapping(0),
             raw_outstanding: 0,
+            raw_len: 0,
+            abandoned: 0,
+            leaked: 0,
         })
     }
 
@@ -159,7 +170,7 @@ impl SplitRing {
 
     /// True when no managed or raw chain is waiting for the device.
     pub fn is_idle(&self) -> bool {
-        self.free.len() == self.size as usize && self.raw_outstanding == 0
+        self.free.len() + self.leaked as usize == self.size as usize && self.raw_outstanding == 0
     }
 
     /// Next available index (what GET_VRING_BASE should report once the device stopped).
@@ -260,9 +271,28 @@ impl SplitRing {
         self.raw_outstanding
     }
 
-    /// Heads made available and not yet used.
+    /// Heads made available and not yet used, abandoned ones included.
     pub fn outstanding(&self) -> u16 {
         (self.published - self.last_used).0
+    }
+
+    /// Heads made available whose answer we still wait for (abandoned ones excluded).
+    pub fn in_flight(&self) -> u16 {
+        self.outstanding().saturating_sub(self.abandoned)
+    }
+
+    /// Gives up on the raw chain in flight (the backend dropped it): its table indices are
+    /// never reused, and typed requests may run again.
+    pub fn abandon_raw(&mut self) -> Result<()> {
+        if self.raw_outstanding == 0 {
+            return Err(Error::NothingInFlight);
+        }
+        self.raw_outstanding -= 1;
+        self.abandoned += 1;
+        self.leaked = self.leaked.max(self.raw_len);
+        let leaked = self.leaked;
+        self.free.retain(|&d| d >= leaked);
+        Ok(())
     }
 
     /// Takes the next used element, if the device has produced one.
@@ -271,6 +301,27 @@ impl SplitRing {
     /// index that runs ahead of what was made available, is [`Error::BadUsedId`] /
     /// [`Error::BadUsedIdx`].
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>> {
+        loop {
+            let Some(elem) = self.pop_used_elem()? else {
+                return Ok(None);
+            };
+            if self.raw_outstanding > 0 {
+                self.raw_outstanding -= 1;
+                return Ok(Some(elem));
+            }
+            let managed = usize::try_from(elem.id)
+                .is_ok_and(|i| self.chain_len.get(i).is_some_and(|&n| n > 0));
+            if !managed && self.abandoned > 0 {
+                log::debug!("late used element {elem:?} for an abandoned raw chain");
+                self.abandoned -= 1;
+                continue;
+            }
+            self.free_chain(elem.id)?;
+            return Ok(Some(elem));
+        }
+    }
+
+    fn pop_used_elem(&mut self) -> Result<Option<UsedElem>> {
         let used_idx = Wrapping(self.mem.load_u16(self.addrs.used + 2, Ordering::Acquire)?);
         if used_idx == self.last_used {
             return Ok(None);
@@ -291,11 +342,6 @@ impl SplitRing {
             len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
         };
         self.last_used += 1;
-        if self.raw_outstanding > 0 {
-            self.raw_outstanding -= 1;
-            return Ok(Some(elem));
-        }
-        self.free_chain(elem.id)?;
         Ok(Some(elem))
     }
 
@@ -336,6 +382,7 @@ impl SplitRing {
         }
         self.push_avail(head)?;
         self.raw_outstanding += 1;
+        self.raw_len = descs.len() as u16;
         Ok(())
     }
 
@@ -492,6 +539,36 @@ mod tests {
         dev.add_used(gm, 3, 7).unwrap();
         assert_eq!(r.pop_used().unwrap(), Some(UsedElem { id: 3, len: 7 }));
         assert!(r.is_idle());
+    }
+
+    #[test]
+    fn abandoned_raw_chains_leak_their_descriptors_and_absorb_late_answers() {
+        let (mem, mut r) = ring(4, false);
+        let mut dev = device(&r, false);
+        let gm = mem_of(&mem);
+        r.push_raw(&[RawDesc::default(); 2], 0).unwrap();
+        r.publish().unwrap();
+        r.abandon_raw().unwrap();
+        assert!(r.is_idle());
+        assert_eq!(r.free_descs(), 2);
+        assert_eq!(r.in_flight(), 0);
+        let head = r.take_chain(1).unwrap();
+        assert!(head >= 2, "leaked indices are not reused");
+        r.write_desc(head, RawDesc::default()).unwrap();
+        r.push_avail(head).unwrap();
+        r.publish().unwrap();
+        dev.pop_descriptor_chain(gm).unwrap();
+        dev.pop_descriptor_chain(gm).unwrap();
+        dev.add_used(gm, 0, 0).unwrap(); // the late answer
+        dev.add_used(gm, head, 5).unwrap();
+        assert_eq!(
+            r.pop_used().unwrap(),
+            Some(UsedElem {
+                id: head.into(),
+                len: 5
+            })
+        );
+        assert!(r.pop_used().unwrap().is_none());
     }
 
     #[test]
