@@ -19,9 +19,10 @@ pub const ID_BYTES: u32 = 20;
 /// Bytes of config space read with GET_CONFIG: the fields up to and including
 /// `write_zeroes_may_unmap` and its padding (offset 60).
 ///
-/// QEMU's own frontend asks for the size its enabled features need; qemu-storage-daemon refuses
-/// (answers size 0) a request larger than its `struct virtio_blk_config`, so we never ask for
-/// the secure-erase and zoned fields that follow.
+/// QEMU's own frontend asks for the size its enabled features need. qemu-storage-daemon (QEMU
+/// 10) answers up to 96 bytes (its `struct virtio_blk_config`); for more it replies with an
+/// empty payload, which vhost 0.18's `get_config` does not expect: it keeps waiting for the
+/// bytes (our control watchdog turns that into a timeout). We need nothing past offset 60.
 pub const CONFIG_READ_LEN: u32 = 60;
 
 /// Request type: read (`VIRTIO_BLK_T_IN`).

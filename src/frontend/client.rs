@@ -10,6 +10,8 @@ use std::io;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,7 @@ pub struct ClientOptions {
     pub indirect: bool,
     /// How long to keep retrying `connect` while the socket is missing or refuses.
     pub connect_timeout: Duration,
-    /// Read/write timeout on the vhost-user socket: bounds every control message.
+    /// Deadline of each control message exchange; past it the connection is shut down.
     pub control_timeout: Duration,
     /// Timeout of the blocking calls (`read`, `write`, ...).
     pub io_timeout: Duration,
@@ -94,7 +96,7 @@ pub struct Negotiated {
 ///
 /// Dropping it stops the rings and closes the connection (see [`BlkClient::close`]).
 pub struct BlkClient {
-    frontend: Frontend,
+    ctl: Control,
     sock: Arc<UnixStream>,
     mem: GuestMem,
     config: BlkConfig,
@@ -114,8 +116,48 @@ impl std::fmt::Debug for BlkClient {
     }
 }
 
-fn vhost(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
-    move |source| Error::Vhost { op, source }
+/// The vhost-user control channel, with a deadline on every exchange.
+///
+/// The socket's own timeouts do not help: vhost 0.18's `Endpoint` retries a receive that failed
+/// with EAGAIN forever, so SO_RCVTIMEO only turns a hang into a slow loop. Instead a watchdog
+/// thread shuts the socket down when an exchange overruns; the blocked receive then sees end of
+/// file and the call fails. The connection is dead after that, which is what a backend that
+/// stops answering control messages deserves.
+struct Control {
+    frontend: Frontend,
+    sock: Arc<UnixStream>,
+    timeout: Duration,
+}
+
+impl Control {
+    fn call<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T> {
+        let (done, wait) = mpsc::channel::<()>();
+        let fired = AtomicBool::new(false);
+        let (sock, timeout, fired_ref) = (&*self.sock, self.timeout, &fired);
+        let frontend = &mut self.frontend;
+        let result = std::thread::scope(|s| {
+            s.spawn(move || {
+                if wait.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
+                    fired_ref.store(true, Ordering::SeqCst);
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
+            });
+            let r = f(frontend);
+            drop(done);
+            r
+        });
+        if fired.load(Ordering::SeqCst) {
+            return Err(Error::ControlTimeout {
+                op,
+                waited: timeout,
+            });
+        }
+        result.map_err(|source| Error::Vhost { op, source })
+    }
 }
 
 impl BlkClient {
@@ -123,25 +165,23 @@ impl BlkClient {
     pub fn connect(path: impl AsRef<Path>, opts: &ClientOptions) -> Result<Self> {
         check_options(opts)?;
         let stream = connect_with_retry(path.as_ref(), opts.connect_timeout)?;
-        let sock_err = |source| Error::Socket { source };
-        stream
-            .set_read_timeout(Some(opts.control_timeout))
-            .map_err(sock_err)?;
-        stream
-            .set_write_timeout(Some(opts.control_timeout))
-            .map_err(sock_err)?;
-        let sock = Arc::new(stream.try_clone().map_err(sock_err)?);
-        let mut frontend = Frontend::from_stream(stream, u64::from(opts.num_queues));
-        let negotiated = negotiate(&mut frontend, opts)?;
-        let config = read_config(&mut frontend)?;
+        let sock = Arc::new(
+            stream
+                .try_clone()
+                .map_err(|source| Error::Socket { source })?,
+        );
+        let mut ctl = Control {
+            frontend: Frontend::from_stream(stream, u64::from(opts.num_queues)),
+            sock: Arc::clone(&sock),
+            timeout: opts.control_timeout,
+        };
+        let negotiated = negotiate(&mut ctl, opts)?;
+        let config = read_config(&mut ctl)?;
         check_queue_count(opts, &negotiated, &config)?;
-        frontend
-            .set_features(negotiated.acked)
-            .map_err(vhost("SET_FEATURES"))?;
+        ctl.call("SET_FEATURES", |f| f.set_features(negotiated.acked))?;
         let mem = GuestMem::new(opts.mem_size)?;
-        frontend
-            .set_mem_table(&[mem.region_info()?])
-            .map_err(vhost("SET_MEM_TABLE"))?;
+        let region = mem.region_info()?;
+        ctl.call("SET_MEM_TABLE", |f| f.set_mem_table(&[region]))?;
         let setup = QueueSetup {
             size: opts.queue_size,
             event_idx: negotiated.acked & F_EVENT_IDX != 0,
@@ -150,15 +190,14 @@ impl BlkClient {
         };
         let queues = build_queues(&mem, opts.num_queues, setup, &sock)?;
         for q in &queues {
-            start_queue(&frontend, &mem, q)?;
+            start_queue(&mut ctl, &mem, q)?;
         }
         for q in &queues {
-            frontend
-                .set_vring_enable(q.index() as usize, true)
-                .map_err(vhost("SET_VRING_ENABLE"))?;
+            let i = q.index() as usize;
+            ctl.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         Ok(BlkClient {
-            frontend,
+            ctl,
             sock,
             mem,
             config,
@@ -301,16 +340,13 @@ impl BlkClient {
     fn stop_rings(&mut self) -> Result<Vec<u32>> {
         let mut bases = Vec::with_capacity(self.queues.len());
         for q in &self.queues {
-            self.frontend
-                .set_vring_enable(q.index() as usize, false)
-                .map_err(vhost("SET_VRING_ENABLE"))?;
+            let i = q.index() as usize;
+            self.ctl
+                .call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, false))?;
         }
         for q in &self.queues {
-            let base = self
-                .frontend
-                .get_vring_base(q.index() as usize)
-                .map_err(vhost("GET_VRING_BASE"))?;
-            bases.push(base);
+            let i = q.index() as usize;
+            bases.push(self.ctl.call("GET_VRING_BASE", |f| f.get_vring_base(i))?);
         }
         Ok(bases)
     }
@@ -364,8 +400,8 @@ fn connect_with_retry(path: &Path, timeout: Duration) -> Result<UnixStream> {
     }
 }
 
-fn negotiate(frontend: &mut Frontend, opts: &ClientOptions) -> Result<Negotiated> {
-    let offered = frontend.get_features().map_err(vhost("GET_FEATURES"))?;
+fn negotiate(ctl: &mut Control, opts: &ClientOptions) -> Result<Negotiated> {
+    let offered = ctl.call("GET_FEATURES", |f| f.get_features())?;
     let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if offered & F_VERSION_1 == 0 {
         return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
@@ -373,9 +409,7 @@ fn negotiate(frontend: &mut Frontend, opts: &ClientOptions) -> Result<Negotiated
     if offered & proto_bit == 0 {
         return Err(Error::MissingFeature("VHOST_USER_F_PROTOCOL_FEATURES"));
     }
-    let protocol_offered = frontend
-        .get_protocol_features()
-        .map_err(vhost("GET_PROTOCOL_FEATURES"))?;
+    let protocol_offered = ctl.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
     if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(Error::MissingFeature("VHOST_USER_PROTOCOL_F_CONFIG"));
     }
@@ -383,20 +417,21 @@ fn negotiate(frontend: &mut Frontend, opts: &ClientOptions) -> Result<Negotiated
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK;
     let protocol_acked = protocol_offered & wanted;
-    frontend
-        .set_protocol_features(protocol_acked)
-        .map_err(vhost("SET_PROTOCOL_FEATURES"))?;
+    ctl.call("SET_PROTOCOL_FEATURES", |f| {
+        f.set_protocol_features(protocol_acked)
+    })?;
     if protocol_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
         // Every later message without a reply of its own is acked, so a refused SET_MEM_TABLE
-        // or SET_VRING_* fails here instead of as a silent stall later.
-        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        // or SET_VRING_* fails here instead of as a silent stall later. The vhost crate waits
+        // for acks only when this header flag is set.
+        ctl.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     }
     let backend_queues = if protocol_acked.contains(VhostUserProtocolFeatures::MQ) {
-        frontend.get_queue_num().map_err(vhost("GET_QUEUE_NUM"))?
+        ctl.call("GET_QUEUE_NUM", |f| f.get_queue_num())?
     } else {
         1
     };
-    frontend.set_owner().map_err(vhost("SET_OWNER"))?;
+    ctl.call("SET_OWNER", |f| f.set_owner())?;
     let mut want = F_VERSION_1 | proto_bit | blk_features();
     if opts.event_idx {
         want |= F_EVENT_IDX;
@@ -432,11 +467,11 @@ fn blk_features() -> u64 {
     .fold(0, |acc, b| acc | 1u64 << b)
 }
 
-fn read_config(frontend: &mut Frontend) -> Result<BlkConfig> {
+fn read_config(ctl: &mut Control) -> Result<BlkConfig> {
     let zeroes = [0u8; CONFIG_READ_LEN as usize];
-    let (_, bytes) = frontend
-        .get_config(0, CONFIG_READ_LEN, VhostUserConfigFlags::empty(), &zeroes)
-        .map_err(vhost("GET_CONFIG"))?;
+    let (_, bytes) = ctl.call("GET_CONFIG", |f| {
+        f.get_config(0, CONFIG_READ_LEN, VhostUserConfigFlags::empty(), &zeroes)
+    })?;
     BlkConfig::parse(&bytes)
 }
 
@@ -473,15 +508,9 @@ fn build_queues(
     Ok(queues)
 }
 
-fn start_queue(frontend: &Frontend, mem: &GuestMem, q: &BlkQueue) -> Result<()> {
+fn start_queue(ctl: &mut Control, mem: &GuestMem, q: &BlkQueue) -> Result<()> {
     let i = q.index() as usize;
     let a = q.ring_addrs();
-    frontend
-        .set_vring_num(i, q.size())
-        .map_err(vhost("SET_VRING_NUM"))?;
-    frontend
-        .set_vring_base(i, 0)
-        .map_err(vhost("SET_VRING_BASE"))?;
     let config = VringConfigData {
         queue_max_size: q.size(),
         queue_size: q.size(),
@@ -491,14 +520,101 @@ fn start_queue(frontend: &Frontend, mem: &GuestMem, q: &BlkQueue) -> Result<()> 
         avail_ring_addr: mem.host_addr(a.avail)?,
         log_addr: None,
     };
-    frontend
-        .set_vring_addr(i, &config)
-        .map_err(vhost("SET_VRING_ADDR"))?;
-    frontend
-        .set_vring_kick(i, q.kick_fd())
-        .map_err(vhost("SET_VRING_KICK"))?;
-    frontend
-        .set_vring_call(i, q.call_fd())
-        .map_err(vhost("SET_VRING_CALL"))?;
+    ctl.call("SET_VRING_NUM", |f| f.set_vring_num(i, q.size()))?;
+    ctl.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
+    ctl.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
+    ctl.call("SET_VRING_KICK", |f| f.set_vring_kick(i, q.kick_fd()))?;
+    ctl.call("SET_VRING_CALL", |f| f.set_vring_call(i, q.call_fd()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn opts(timeout_ms: u64) -> ClientOptions {
+        ClientOptions {
+            mem_size: 4 << 20,
+            queue_size: 16,
+            connect_timeout: Duration::from_millis(timeout_ms),
+            control_timeout: Duration::from_millis(timeout_ms),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[test]
+    fn silent_backend_is_a_control_timeout_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (release, hold) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let _ = hold.recv_timeout(Duration::from_secs(5));
+            drop(conn);
+        });
+        let start = Instant::now();
+        let err = BlkClient::connect(&path, &opts(200)).unwrap_err();
+        drop(release);
+        assert!(
+            matches!(
+                err,
+                Error::ControlTimeout {
+                    op: "GET_FEATURES",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+        holder.join().unwrap();
+    }
+
+    #[test]
+    fn backend_that_hangs_up_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || drop(listener.accept().unwrap()));
+        let err = BlkClient::connect(&path, &opts(2000)).unwrap_err();
+        assert!(matches!(err, Error::Vhost { .. }), "{err:?}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn missing_socket_times_out_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = BlkClient::connect(dir.path().join("none"), &opts(50)).unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn options_are_checked_before_connecting() {
+        let bad = [
+            ClientOptions {
+                num_queues: 0,
+                ..opts(10)
+            },
+            ClientOptions {
+                queue_size: 100,
+                ..opts(10)
+            },
+            ClientOptions {
+                mem_size: 1 << 20,
+                num_queues: 64,
+                ..opts(10)
+            },
+        ];
+        for o in bad {
+            assert!(check_options(&o).is_err(), "{o:?}");
+        }
+        assert!(check_options(&opts(10)).is_ok());
+    }
+
+    #[test]
+    fn queues_are_send() {
+        fn send<T: Send>() {}
+        send::<BlkQueue>();
+    }
 }

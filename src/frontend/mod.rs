@@ -64,6 +64,14 @@ pub enum Error {
         #[source]
         source: vhost::Error,
     },
+    /// A control message got no (complete) answer in time; the connection was shut down.
+    #[error("vhost-user {op}: no answer within {waited:?}")]
+    ControlTimeout {
+        /// The request that got no answer.
+        op: &'static str,
+        /// The timeout.
+        waited: Duration,
+    },
     /// The backend does not offer a feature we need.
     #[error("backend does not offer {0}")]
     MissingFeature(&'static str),
