@@ -85,11 +85,14 @@ impl Qsd {
     }
 
     fn connect(&self, num_queues: u16) -> BlkClient {
-        let opts = ClientOptions {
+        self.connect_with(&ClientOptions {
             num_queues,
             ..ClientOptions::default()
-        };
-        BlkClient::connect(&self.sock, &opts)
+        })
+    }
+
+    fn connect_with(&self, opts: &ClientOptions) -> BlkClient {
+        BlkClient::connect(&self.sock, opts)
             .unwrap_or_else(|e| panic!("connect: {e:?}; qsd log: {}", self.log()))
     }
 }
@@ -186,7 +189,24 @@ fn config_reads_writes_flush_and_id() {
 #[test]
 fn sixty_four_requests_in_flight_on_one_queue() {
     let Some(qsd) = Qsd::start(1) else { return };
-    let mut c = qsd.connect(1);
+    sixty_four_in_flight(&mut qsd.connect(1));
+}
+
+/// The same without EVENT_IDX and without indirect descriptors: three ring descriptors per
+/// request, a kick per batch unless the backend sets NO_NOTIFY.
+#[test]
+fn sixty_four_in_flight_with_direct_chains_and_no_event_idx() {
+    let Some(qsd) = Qsd::start(1) else { return };
+    let mut c = qsd.connect_with(&ClientOptions {
+        event_idx: false,
+        indirect: false,
+        ..ClientOptions::default()
+    });
+    assert!(!c.queue(0).unwrap().uses_indirect());
+    sixty_four_in_flight(&mut c);
+}
+
+fn sixty_four_in_flight(c: &mut BlkClient) {
     let q = c.queue(0).unwrap();
     assert!(q.max_in_flight() >= 64);
     const N: usize = 64;

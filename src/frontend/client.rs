@@ -5,6 +5,17 @@
 //! GET_QUEUE_NUM, SET_OWNER, GET_CONFIG, SET_FEATURES, SET_MEM_TABLE, then per queue
 //! SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, and last
 //! SET_VRING_ENABLE(1) per queue. Stopping is SET_VRING_ENABLE(0) and GET_VRING_BASE per queue.
+//!
+//! Gotchas found on the way (vhost 0.18, qemu-storage-daemon 10.0):
+//! - SET_VRING_ADDR carries addresses in the *frontend's* virtual address space, not guest
+//!   physical ones; the backend maps them through each region's `userspace_addr`.
+//! - vhost's `set_vring_enable` refuses unless VHOST_USER_F_PROTOCOL_FEATURES (bit 30) was in
+//!   our SET_FEATURES, and with that bit the rings start disabled: without SET_VRING_ENABLE(1)
+//!   the backend never looks at them.
+//! - REPLY_ACK does nothing in vhost's `Frontend` until `set_hdr_flags(NEED_REPLY)`.
+//! - vhost's `Endpoint` retries EAGAIN forever, so socket timeouts cannot bound a control
+//!   message; a watchdog thread shuts the socket down instead (`Control`).
+//! - GET_CONFIG: see [`CONFIG_READ_LEN`] for the sizes qemu-storage-daemon accepts.
 
 use std::io;
 use std::net::Shutdown;

@@ -50,7 +50,8 @@ pub struct Completion {
     pub status: u8,
     /// Bytes the backend says it wrote (used element `len`).
     pub used_len: u32,
-    /// From the kick that published the request to the reap that saw it used.
+    /// From the `submit` call (one clock read per batch) to the reap that saw it used: it
+    /// includes time the caller spent before reaping, so reap promptly when measuring.
     pub latency: Duration,
 }
 
@@ -271,13 +272,11 @@ impl BlkQueue {
 
     fn place(&mut self, req: &BlkRequest, now: Instant) -> Result<()> {
         let n = req.descriptors() as usize;
-        let head = self
-            .ring
-            .take_chain(self.ring_descs(req))
-            .ok_or(Error::QueueFull {
-                need: n,
-                free: self.ring.free_descs(),
-            })?;
+        let ring_n = self.ring_descs(req);
+        let head = self.ring.take_chain(ring_n).ok_or(Error::QueueFull {
+            need: ring_n as usize,
+            free: self.ring.free_descs(),
+        })?;
         let slot = self.slots + SLOT_SIZE * u64::from(head);
         self.mem
             .write(slot + SLOT_HEADER, &encode_header(req.req_type, req.sector))?;
