@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -14,6 +15,24 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::disk::Disk;
 use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
+
+/// How long a new frontend waits for the previous connection to finish draining before it is
+/// turned away: a QEMU that reconnects (guest reboot, restart) comes back within milliseconds
+/// of closing, while its old connection may still be completing requests.
+const RECONNECT_GRACE: Duration = Duration::from_secs(2);
+
+fn claim_within(disk: &Arc<Disk>, grace: Duration) -> Option<crate::disk::Claim> {
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(claim) = disk.claim() {
+            return Some(claim);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// The connection being served, so shutdown can end it and wait for its drain.
 struct Active {
@@ -109,12 +128,13 @@ fn accept_loop(
             daemon.request_shutdown();
             break;
         }
-        let Some(claim) = disk.claim() else {
+        let Some(claim) = claim_within(&disk, RECONNECT_GRACE) else {
             log::warn!("image {name}: refusing a second frontend while one is connected");
             daemon.request_shutdown();
             let _ = daemon.wait();
             continue;
         };
+        backend.admit();
         log::info!("image {name}: frontend connected");
         let Some(shutdown) = daemon.shutdown_handle() else {
             continue;
@@ -128,8 +148,10 @@ fn accept_loop(
                     Err(e) => log::warn!("image {thread_name}: connection ended: {e}"),
                 }
                 backend.drain();
-                drop(daemon);
+                // Nothing is in flight and the old rings are gone: the next frontend may come
+                // in while this connection's threads wind down.
                 drop(claim);
+                drop(daemon);
             });
         match spawned {
             Ok(thread) => {

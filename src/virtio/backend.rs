@@ -2,6 +2,7 @@
 //! queue workers. One backend serves one frontend connection.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -39,6 +40,9 @@ const MAX_DISCARD_SEG: u32 = 1;
 pub const COMPLETION_EVENT: u16 = MAX_QUEUES as u16 + 1;
 
 pub struct BlkBackend {
+    /// False until the connection is admitted (one frontend per image): until then kicks are
+    /// parked, so a frontend that is about to be turned away never touches the disk.
+    admitted: AtomicBool,
     config: BlkConfig,
     read_only: bool,
     workers: Vec<Mutex<Worker>>,
@@ -73,6 +77,7 @@ impl BlkBackend {
             .map(|_| Worker::new(disk.clone(), limits, mem.clone(), use_uring).map(Mutex::new))
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
+            admitted: AtomicBool::new(false),
             config,
             read_only,
             workers,
@@ -88,6 +93,14 @@ impl BlkBackend {
     /// The completion eventfd of queue `index`'s worker, for the vring thread's epoll.
     pub fn completion_fd(&self, index: usize) -> i32 {
         std::os::unix::io::AsRawFd::as_raw_fd(self.worker(index).completion_fd())
+    }
+
+    /// Lets the queues run, serving anything the guest queued before.
+    pub fn admit(&self) {
+        self.admitted.store(true, Ordering::Release);
+        for index in 0..self.workers.len() {
+            self.worker(index).resume();
+        }
     }
 
     /// Completes everything in flight on every queue (the connection is ending).
@@ -175,7 +188,12 @@ impl VhostUserBackend for BlkBackend {
         if device_event == COMPLETION_EVENT {
             worker.on_completions();
         } else if let Some(vring) = vrings.get(device_event as usize) {
-            worker.on_kick(vring);
+            // Checked under the worker's lock, which `admit` also takes: no kick is lost.
+            if self.admitted.load(Ordering::Acquire) {
+                worker.on_kick(vring);
+            } else {
+                worker.park(vring);
+            }
         }
         Ok(())
     }

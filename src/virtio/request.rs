@@ -139,14 +139,16 @@ pub fn parse<M: GuestMemoryBackend>(
     descriptors: impl IntoIterator<Item = Descriptor>,
     limits: &Limits,
 ) -> Result<Request, Rejected> {
-    let layout = split(mem, descriptors).map_err(|error| Rejected {
+    let chain = collect(descriptors).map_err(|error| Rejected {
         error,
         status: None,
     })?;
-    let (writable, status) = take_status(layout.writable).map_err(|error| Rejected {
-        error,
-        status: None,
-    })?;
+    // Find where the answer goes before judging the rest, so that even a chain with a bad
+    // buffer elsewhere gets its IOERR.
+    let status = status_byte(mem, &chain);
+    let reject = |error| Rejected { error, status };
+    let layout = split(mem, &chain).map_err(reject)?;
+    let (writable, status) = take_status(layout.writable).map_err(reject)?;
     let reject = |error| Rejected {
         error,
         status: Some(status),
@@ -170,24 +172,42 @@ pub fn parse<M: GuestMemoryBackend>(
     })
 }
 
+/// Reads the chain, bounded: the queue library caps chains at the queue size, this at the
+/// largest request we would accept.
+fn collect(
+    descriptors: impl IntoIterator<Item = Descriptor>,
+) -> Result<Vec<Descriptor>, ParseError> {
+    let mut chain = Vec::new();
+    for desc in descriptors {
+        if chain.len() == MAX_SEGMENTS + 2 {
+            return Err(ParseError::TooManySegments);
+        }
+        chain.push(desc);
+    }
+    if chain.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    Ok(chain)
+}
+
+/// The status byte's address: the last byte of the last descriptor, when that descriptor is
+/// device-writable and inside guest memory.
+fn status_byte<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Option<GuestAddress> {
+    let last = chain.iter().rev().find(|d| d.len() > 0)?;
+    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    (last.is_write_only() && mem.check_range(addr, 1)).then_some(addr)
+}
+
 fn total(segments: &[Segment]) -> u64 {
     segments.iter().map(|s| u64::from(s.len)).sum()
 }
 
-fn split<M: GuestMemoryBackend>(
-    mem: &M,
-    descriptors: impl IntoIterator<Item = Descriptor>,
-) -> Result<Layout, ParseError> {
+fn split<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Result<Layout, ParseError> {
     let mut layout = Layout {
         readable: Vec::new(),
         writable: Vec::new(),
     };
-    let mut seen = 0usize;
-    for desc in descriptors {
-        seen += 1;
-        if seen > MAX_SEGMENTS + 2 {
-            return Err(ParseError::TooManySegments);
-        }
+    for desc in chain {
         let segment = Segment {
             addr: desc.addr(),
             len: desc.len(),
@@ -208,9 +228,6 @@ fn split<M: GuestMemoryBackend>(
         } else {
             return Err(ParseError::ReadableAfterWritable);
         }
-    }
-    if seen == 0 {
-        return Err(ParseError::Empty);
     }
     Ok(layout)
 }

@@ -63,6 +63,8 @@ pub struct Worker {
     vring: Option<Vring>,
     /// Set when the worker stopped popping because too much was in flight.
     throttled: bool,
+    /// Set when the guest kicked before the connection was admitted (see [`Worker::park`]).
+    parked: bool,
     needs_signal: bool,
     guest_errors: u64,
 }
@@ -87,6 +89,7 @@ impl Worker {
             done: Vec::new(),
             vring: None,
             throttled: false,
+            parked: false,
             needs_signal: false,
             guest_errors: 0,
         })
@@ -103,6 +106,24 @@ impl Worker {
             self.vring = Some(vring.clone());
         }
         self.process(vring);
+    }
+
+    /// The guest kicked, but the connection is not admitted yet: remember it for
+    /// [`Worker::resume`] and touch nothing.
+    pub fn park(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        self.parked = true;
+    }
+
+    /// The connection was admitted: serve what the guest queued meanwhile.
+    pub fn resume(&mut self) {
+        if std::mem::take(&mut self.parked) {
+            if let Some(vring) = self.vring.clone() {
+                self.process(&vring);
+            }
+        }
     }
 
     /// io_uring signalled completions.
