@@ -1,10 +1,11 @@
 //! The command line: clap structures only. Validation into a `Config` happens in main.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::image::{ImageName, Tier};
+use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
 use crate::size::Size;
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,41 @@ pub enum Command {
     /// Create, inspect, remove, import and export images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Add or remove copies of an image's blocks.
+    #[command(subcommand)]
+    Location(LocationCommand),
+    /// Bring out-of-sync copies of an image's blocks back in sync.
+    Sync {
+        name: ImageName,
+        /// Blocks A..B (half-open); all blocks when left out.
+        #[arg(long)]
+        blocks: Option<BlockRange>,
+        /// Copy at most this many bytes per second (K/M/G suffixes); unlimited when left out.
+        #[arg(long)]
+        rate: Option<Size>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocationCommand {
+    /// Add a copy of blocks A..B on NODE:TIER; it starts out of sync and is filled in the
+    /// background (or by `cormorant sync`).
+    Add {
+        name: ImageName,
+        #[arg(long)]
+        blocks: Option<BlockRange>,
+        #[arg(long)]
+        at: Placement,
+    },
+    /// Remove the copy of blocks A..B on NODE:TIER; refused when it would remove the last
+    /// in-sync copy of any block.
+    Rm {
+        name: ImageName,
+        #[arg(long)]
+        blocks: Option<BlockRange>,
+        #[arg(long)]
+        at: Placement,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -41,6 +77,31 @@ pub struct ServeArgs {
     /// Use synchronous I/O on the volume tier even where io_uring works (for comparison).
     #[arg(long)]
     pub no_uring: bool,
+    /// This node's id; without it the daemon is the single node `local` and has no peers.
+    #[arg(long)]
+    pub node: Option<NodeId>,
+    /// Address the peer protocol listens on (with --node), e.g. 127.0.0.2:7300.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// A peer node, as ID=ADDR (repeatable).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<(NodeId, SocketAddr)>,
+    /// File holding the cluster's shared secret (64 hex characters or at least 32 bytes).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Seconds a failed peer stays on the failure list before it is tried again.
+    #[arg(long, default_value_t = 60)]
+    pub failure_timeout: u64,
+}
+
+fn parse_peer(text: &str) -> Result<(NodeId, SocketAddr), String> {
+    let (id, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not ID=ADDR"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("bad address '{addr}': {e}"))?;
+    Ok((id.parse()?, addr))
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +114,9 @@ pub enum ImageCommand {
         size: Size,
         #[command(flatten)]
         layout: Layout,
+        /// Where the blocks' copies go, as NODE:TIER (repeatable; default this node, --tier).
+        #[arg(long = "at")]
+        at: Vec<Placement>,
         /// Refuse guest writes.
         #[arg(long)]
         read_only: bool,

@@ -2,11 +2,11 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::Command as Process;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::ImageCommand;
+use crate::cli::{Command, ImageCommand, LocationCommand};
 use crate::control::client::{call, ClientError};
 use crate::control::protocol::Request;
 
@@ -18,13 +18,41 @@ pub enum CommandError {
     Convert(String),
 }
 
-pub fn run(run_dir: &Path, command: ImageCommand) -> Result<(), CommandError> {
+pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
     let socket = run_dir.join("control.sock");
+    let value = match command {
+        Command::Image(image) => image_command(&socket, image)?,
+        Command::Location(LocationCommand::Add { name, blocks, at }) => {
+            call_quiet(&socket, Request::LocationAdd { name, blocks, at })?
+        }
+        Command::Location(LocationCommand::Rm { name, blocks, at }) => {
+            call_quiet(&socket, Request::LocationRm { name, blocks, at })?
+        }
+        Command::Sync { name, blocks, rate } => {
+            let request = Request::Sync {
+                name,
+                blocks,
+                rate: rate.map(|r| r.0),
+            };
+            call_with_progress(&socket, request, "sync")?
+        }
+        Command::Serve(_) => unreachable!("serve is not a client command"),
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).expect("JSON values serialise")
+    );
+    Ok(())
+}
+
+fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Value, CommandError> {
+    let socket = socket.to_path_buf();
     let value = match command {
         ImageCommand::Create {
             name,
             size,
             layout,
+            at,
             read_only,
         } => call_quiet(
             &socket,
@@ -34,6 +62,7 @@ pub fn run(run_dir: &Path, command: ImageCommand) -> Result<(), CommandError> {
                 block_size: layout.block_size.0,
                 tier: layout.tier,
                 read_only,
+                at,
             },
         )?,
         ImageCommand::List => call_quiet(&socket, Request::ImageList)?,
@@ -68,11 +97,7 @@ pub fn run(run_dir: &Path, command: ImageCommand) -> Result<(), CommandError> {
             value
         }
     };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&value).expect("JSON values serialise")
-    );
-    Ok(())
+    Ok(value)
 }
 
 fn call_quiet(socket: &Path, request: Request) -> Result<serde_json::Value, ClientError> {
@@ -151,7 +176,7 @@ impl Drop for RawSource {
 
 /// The image format `qemu-img` sees, or None when qemu-img is not installed (then raw).
 fn probe_format(file: &Path) -> Option<String> {
-    let output = Command::new("qemu-img")
+    let output = Process::new("qemu-img")
         .args(["info", "--output=json", "-U"])
         .arg(file)
         .output()
@@ -172,7 +197,7 @@ fn temp_path(beside: &Path) -> PathBuf {
 }
 
 fn convert(from: &Path, from_format: &str, to: &Path, to_format: &str) -> Result<(), CommandError> {
-    let status = Command::new("qemu-img")
+    let status = Process::new("qemu-img")
         .args(["convert", "-f", from_format, "-O", to_format])
         .arg(from)
         .arg(to)

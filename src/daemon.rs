@@ -5,36 +5,22 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+pub use crate::config::Config;
 use crate::control::protocol::Request;
+use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
-use crate::image::{ImageMeta, ImageName, Location, NodeId, Tier};
+use crate::image::{BlockRange, ImageMeta, ImageName, Location, Placement, Tier};
+use crate::placement;
+use crate::replica::failure::FailureList;
+use crate::replica::sync;
 use crate::route;
-use crate::store::TierDirs;
-
-/// A validated daemon configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub run_dir: PathBuf,
-    pub dirs: TierDirs,
-    pub node: NodeId,
-    /// False when io_uring is unavailable here: the volume tier then uses synchronous I/O.
-    pub use_uring: bool,
-}
-
-impl Config {
-    /// Per-image metadata lives beside the volume tier's block directories, under a name no
-    /// image can have (names never start with a dot).
-    pub fn meta_dir(&self) -> PathBuf {
-        self.dirs.volume.join(".meta")
-    }
-}
 
 struct Entry {
     disk: Arc<Disk>,
@@ -45,6 +31,7 @@ struct Entry {
 pub struct Daemon {
     config: Config,
     images: Mutex<BTreeMap<ImageName, Entry>>,
+    failures: Arc<FailureList>,
 }
 
 /// How often an import or export reports progress, in blocks.
@@ -59,6 +46,7 @@ impl Daemon {
         let meta_dir = config.meta_dir();
         fs::create_dir_all(&meta_dir)?;
         let daemon = Daemon {
+            failures: Arc::new(FailureList::new(config.failure_timeout)),
             config,
             images: Mutex::new(BTreeMap::new()),
         };
@@ -82,7 +70,12 @@ impl Daemon {
 
     fn open_and_export(&self, meta: ImageMeta) -> io::Result<()> {
         let name = meta.name.clone();
-        let (disk, changed) = Disk::open(meta, &self.config.dirs, self.config.node.clone());
+        let (disk, changed) = Disk::open(
+            meta,
+            &self.config.dirs,
+            self.config.node.clone(),
+            self.config.meta_dir(),
+        );
         if changed {
             disk.meta()
                 .save(&self.config.meta_dir())
@@ -113,8 +106,9 @@ impl Daemon {
                 block_size,
                 tier,
                 read_only,
+                at,
             } => {
-                let disk = self.create(name, size, block_size, tier, read_only)?;
+                let disk = self.create(name, size, block_size, tier, read_only, &at)?;
                 self.publish(&disk)?;
                 Ok(self.summary(&disk))
             }
@@ -132,6 +126,16 @@ impl Daemon {
                 block_size,
                 tier,
             } => self.import(name, Path::new(&path), block_size, tier, progress),
+            Request::LocationAdd { name, blocks, at } => self.location_add(&name, blocks, &at),
+            Request::LocationRm { name, blocks, at } => self.location_rm(&name, blocks, &at),
+            Request::Sync { name, blocks, rate } => {
+                let disk = self.disk(&name)?;
+                let range = placement::range_of(&disk, blocks)?;
+                let copies = self.copies(&disk);
+                let report =
+                    sync::sync(&disk, &copies, range, rate, progress).map_err(|e| e.to_string())?;
+                Ok(json!(report))
+            }
             Request::ImageExport { name, path } => {
                 let disk = self.disk(&name)?;
                 export_raw(&disk, Path::new(&path), progress)
@@ -139,6 +143,76 @@ impl Daemon {
                 Ok(json!({"exported": name, "path": path}))
             }
         }
+    }
+
+    fn copies<'a>(&'a self, disk: &'a Disk) -> DiskCopies<'a> {
+        DiskCopies {
+            disk,
+            failures: &self.failures,
+        }
+    }
+
+    fn location_add(
+        &self,
+        name: &ImageName,
+        blocks: Option<BlockRange>,
+        at: &Placement,
+    ) -> Result<Value, String> {
+        let disk = self.disk(name)?;
+        if !self.config.knows(&at.node) {
+            return Err(format!(
+                "node '{}' is neither this node nor a peer",
+                at.node
+            ));
+        }
+        let range = placement::range_of(&disk, blocks)?;
+        let added = placement::add(&disk, range, at)?;
+        log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling");
+        let (disk_bg, failures) = (disk.clone(), self.failures.clone());
+        std::thread::Builder::new()
+            .name(format!("fill-{name}"))
+            .spawn(move || {
+                let copies = DiskCopies {
+                    disk: &disk_bg,
+                    failures: &failures,
+                };
+                match sync::sync(&disk_bg, &copies, range, None, &mut |_, _| {}) {
+                    Ok(report) => log::info!(
+                        "image {}: fill of {range}: {} in sync, {} copied, {} left",
+                        disk_bg.name(),
+                        report.synced,
+                        report.copied,
+                        report.left
+                    ),
+                    Err(e) => log::error!("image {}: fill of {range} failed: {e}", disk_bg.name()),
+                }
+            })
+            .map_err(|e| format!("cannot start the fill: {e}"))?;
+        Ok(json!({"image": name, "at": at, "blocks": range, "added": added}))
+    }
+
+    fn location_rm(
+        &self,
+        name: &ImageName,
+        blocks: Option<BlockRange>,
+        at: &Placement,
+    ) -> Result<Value, String> {
+        let disk = self.disk(name)?;
+        let range = placement::range_of(&disk, blocks)?;
+        let removed = placement::remove(&disk, range, at)?;
+        if at.node == self.config.node {
+            let files = disk.files(at.tier);
+            for &block in &removed {
+                if let Err(e) = files.drop_block(block) {
+                    log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
+                }
+            }
+        }
+        log::info!(
+            "image {name}: copy at {at} removed from {} blocks",
+            removed.len()
+        );
+        Ok(json!({"image": name, "at": at, "blocks": range, "removed": removed.len()}))
     }
 
     fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
@@ -156,18 +230,22 @@ impl Daemon {
         block_size: u64,
         tier: Tier,
         read_only: bool,
+        at: &[Placement],
     ) -> Result<Arc<Disk>, String> {
         let mut images = self.lock();
         if images.contains_key(&name) {
             return Err(format!("image '{name}' already exists"));
         }
-        let location = Location {
-            node: self.config.node.clone(),
-            tier,
-            synced: true,
-        };
-        let meta = ImageMeta::new(name.clone(), size, block_size, read_only, location)
-            .map_err(|e| e.to_string())?;
+        let locations = self.placements(tier, at)?;
+        let meta = ImageMeta::new(
+            name.clone(),
+            self.config.node.clone(),
+            size,
+            block_size,
+            read_only,
+            locations,
+        )
+        .map_err(|e| e.to_string())?;
         let (disk, _) = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name);
             files
@@ -175,7 +253,12 @@ impl Daemon {
                 .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
             meta.save(&self.config.meta_dir())
                 .map_err(|e| e.to_string())?;
-            Disk::open(meta, &self.config.dirs, self.config.node.clone())
+            Disk::open(
+                meta,
+                &self.config.dirs,
+                self.config.node.clone(),
+                self.config.meta_dir(),
+            )
         };
         images.insert(
             name.clone(),
@@ -186,6 +269,38 @@ impl Daemon {
         );
         log::info!("image {name}: created, {size} bytes in blocks of {block_size} on {tier}");
         Ok(disk)
+    }
+
+    /// The copies a new image's blocks get: `at`, or this node on `tier`. Every copy starts in
+    /// sync: an unwritten block reads as zeros everywhere.
+    fn placements(&self, tier: Tier, at: &[Placement]) -> Result<Vec<Location>, String> {
+        let me = Placement {
+            node: self.config.node.clone(),
+            tier,
+        };
+        let at = if at.is_empty() {
+            std::slice::from_ref(&me)
+        } else {
+            at
+        };
+        let mut locations: Vec<Location> = Vec::new();
+        for placement in at {
+            if !self.config.knows(&placement.node) {
+                return Err(format!(
+                    "node '{}' is neither this node nor a peer",
+                    placement.node
+                ));
+            }
+            if locations.iter().any(|l| l.at(placement)) {
+                return Err(format!("{placement} is given twice"));
+            }
+            locations.push(Location {
+                node: placement.node.clone(),
+                tier: placement.tier,
+                synced: true,
+            });
+        }
+        Ok(locations)
     }
 
     /// Exports a created image on its socket.
@@ -268,7 +383,7 @@ impl Daemon {
             File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let len = source.metadata().map_err(|e| e.to_string())?.len();
         let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
-        let disk = self.create(name.clone(), size, block_size, tier, false)?;
+        let disk = self.create(name.clone(), size, block_size, tier, false, &[])?;
         let claim = disk.claim().ok_or("image is busy")?;
         let copied = import_raw(&disk, &mut source, progress);
         drop(claim);

@@ -4,16 +4,19 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use crate::image::{ImageMeta, ImageName, NodeId, Tier};
+use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::store::{BlockFiles, TierDirs};
 
 pub struct Disk {
     name: ImageName,
     me: NodeId,
+    meta_dir: PathBuf,
     meta: RwLock<ImageMeta>,
+    writes: WriteCounters,
     ram: BlockFiles,
     volume: BlockFiles,
     dirty: DirtyFiles,
@@ -57,6 +60,43 @@ impl DirtyFiles {
     }
 }
 
+/// Per block, how many guest writes were started and finished. A resync copies a block only
+/// while no write is in flight on it, and commits the copy only if no write started since:
+/// so it never puts an old value over a guest's write.
+pub struct WriteCounters {
+    started: Vec<AtomicU32>,
+    finished: Vec<AtomicU32>,
+}
+
+impl WriteCounters {
+    fn new(blocks: u64) -> Self {
+        let zeros = || (0..blocks).map(|_| AtomicU32::new(0)).collect();
+        WriteCounters {
+            started: zeros(),
+            finished: zeros(),
+        }
+    }
+
+    pub fn start(&self, block: u64) {
+        if let Some(c) = self.started.get(block as usize) {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn finish(&self, block: u64) {
+        if let Some(c) = self.finished.get(block as usize) {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The number of writes started on `block`, when none is in flight.
+    pub fn idle(&self, block: u64) -> Option<u32> {
+        let started = self.started.get(block as usize)?.load(Ordering::Acquire);
+        let finished = self.finished.get(block as usize)?.load(Ordering::Acquire);
+        (started == finished).then_some(started)
+    }
+}
+
 /// Held while a frontend is connected; dropping it lets the next one in.
 pub struct Claim(Arc<Disk>);
 
@@ -70,7 +110,12 @@ impl Disk {
     /// Opens a disk for serving. Local in-sync copies whose tier directory is gone (a RAM
     /// tier after a reboot) are marked out of sync, so they are never read as zeros; the
     /// caller persists the change when `changed` is true.
-    pub fn open(meta: ImageMeta, dirs: &TierDirs, me: NodeId) -> (Arc<Disk>, bool) {
+    pub fn open(
+        meta: ImageMeta,
+        dirs: &TierDirs,
+        me: NodeId,
+        meta_dir: PathBuf,
+    ) -> (Arc<Disk>, bool) {
         let name = meta.name.clone();
         let ram = BlockFiles::open(dirs, Tier::Ram, &name);
         let volume = BlockFiles::open(dirs, Tier::Volume, &name);
@@ -100,6 +145,8 @@ impl Disk {
         let disk = Disk {
             name,
             me,
+            meta_dir,
+            writes: WriteCounters::new(meta.blocks()),
             meta: RwLock::new(meta),
             ram,
             volume,
@@ -119,6 +166,52 @@ impl Disk {
 
     pub fn meta(&self) -> RwLockReadGuard<'_, ImageMeta> {
         self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn writes(&self) -> &WriteCounters {
+        &self.writes
+    }
+
+    /// Changes the metadata durably: `change` edits a copy, which is saved (atomically) and
+    /// only then replaces the live one, so no request ever acts on a change that a crash
+    /// could undo. Requests wait while this runs.
+    pub fn update_meta<T>(
+        &self,
+        change: impl FnOnce(&mut ImageMeta) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut live = self.meta.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = live.clone();
+        let result = change(&mut next)?;
+        if next != *live {
+            next.save(&self.meta_dir).map_err(|e| e.to_string())?;
+            *live = next;
+        }
+        Ok(result)
+    }
+
+    /// Marks the copies in `stale` of `block` out of sync, durably.
+    pub fn mark_out_of_sync(&self, block: u64, stale: &[Location]) -> Result<(), String> {
+        let range = BlockRange::new(block, block + 1).map_err(|e| e.to_string())?;
+        self.update_meta(|meta| {
+            meta.table
+                .update(range, |locations| {
+                    for l in locations.iter_mut() {
+                        if stale.iter().any(|s| s.node == l.node && s.tier == l.tier) {
+                            l.synced = false;
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })?;
+        for l in stale {
+            log::warn!(
+                "image {}: block {block}: copy on {}:{} is now out of sync",
+                self.name,
+                l.node,
+                l.tier
+            );
+        }
+        Ok(())
     }
 
     pub fn files(&self, tier: Tier) -> &BlockFiles {

@@ -6,13 +6,17 @@
 
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod control;
+pub mod copies;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
 pub mod export;
 pub mod frontend;
 pub mod image;
+pub mod placement;
+pub mod replica;
 pub mod route;
 pub mod serve;
 pub mod size;

@@ -5,29 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cormorant::cli::{Cli, Command};
-use cormorant::daemon::Config;
-use cormorant::image::NodeId;
-use cormorant::store::TierDirs;
+use cormorant::config::Config;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => {
-            let config = Config {
-                run_dir: cli.run_dir,
-                dirs: TierDirs {
-                    ram: args.ram_dir,
-                    volume: args.volume_dir,
-                },
-                node: NodeId::local(),
-                use_uring: !args.no_uring,
-            };
-            cormorant::serve::run(config).map_err(|e| e.to_string())
-        }
-        Command::Image(command) => {
-            cormorant::commands::run(&cli.run_dir, command).map_err(|e| e.to_string())
-        }
+        Command::Serve(args) => Config::from_args(cli.run_dir, args)
+            .map_err(|e| e.to_string())
+            .and_then(|config| cormorant::serve::run(config).map_err(|e| e.to_string())),
+        command => cormorant::commands::run(&cli.run_dir, command).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

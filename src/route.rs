@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn local_copy_skips_out_of_sync_and_remote() {
         let me = NodeId::local();
-        let other = NodeId("b".into());
+        let other: NodeId = "b".parse().unwrap();
         let l = |node: &NodeId, tier, synced| Location {
             node: node.clone(),
             tier,

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::{ImageName, Tier};
+use crate::image::{BlockRange, ImageName, Placement, Tier};
 
 /// Longest request line the daemon reads; requests are small, so anything longer is junk.
 pub const MAX_REQUEST_LEN: usize = 64 << 10;
@@ -11,13 +11,16 @@ pub const MAX_REQUEST_LEN: usize = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Allowed when no image of that name exists.
+    /// Allowed when no image of that name exists. `at` lists where each block's copies go
+    /// (empty: this node, on `tier`); every node named must be this one or a known peer.
     ImageCreate {
         name: ImageName,
         size: u64,
         block_size: u64,
         tier: Tier,
         read_only: bool,
+        #[serde(default)]
+        at: Vec<Placement>,
     },
     ImageList,
     ImageInfo {
@@ -33,6 +36,27 @@ pub enum Request {
         path: String,
         block_size: u64,
         tier: Tier,
+    },
+    /// Adds a copy of `blocks` (all when None) at `at`; blocks that already have a copy there
+    /// keep it. New copies start out of sync and are filled in the background.
+    LocationAdd {
+        name: ImageName,
+        blocks: Option<BlockRange>,
+        at: Placement,
+    },
+    /// Removes the copy at `at` of `blocks`; refused when any block would be left without an
+    /// in-sync copy.
+    LocationRm {
+        name: ImageName,
+        blocks: Option<BlockRange>,
+        at: Placement,
+    },
+    /// Brings the out-of-sync copies of `blocks` in sync, copying only blocks that differ, at
+    /// most `rate` bytes per second. Allowed while a guest runs.
+    Sync {
+        name: ImageName,
+        blocks: Option<BlockRange>,
+        rate: Option<u64>,
     },
     /// Writes the image to a raw file (sparse); allowed at any time, consistent when no
     /// frontend is writing.

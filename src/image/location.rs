@@ -34,20 +34,92 @@ impl fmt::Display for Tier {
     }
 }
 
-/// A node's identifier. A daemon started without `--node` is the single node `local`.
+/// A node's identifier, checked like an image name (`[A-Za-z0-9._-]`, 1 to 64 characters):
+/// it appears in paths, logs and metadata. A daemon started without `--node` is `local`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NodeId(pub String);
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(String);
 
 impl NodeId {
     pub fn local() -> Self {
         NodeId("local".to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.parse::<super::ImageName>()
+            .map(|checked| NodeId(checked.as_str().to_string()))
+            .map_err(|e| {
+                format!(
+                    "bad node id '{text}': {}",
+                    e.to_string().replace("image name", "node id")
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(node: NodeId) -> String {
+        node.0
     }
 }
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Where a copy goes, as operators write it: `NODE:TIER`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Placement {
+    pub node: NodeId,
+    pub tier: Tier,
+}
+
+impl FromStr for Placement {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (node, tier) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{text}' is not NODE:TIER (e.g. node1:ram)"))?;
+        Ok(Placement {
+            node: node.parse()?,
+            tier: tier.parse()?,
+        })
+    }
+}
+
+impl TryFrom<String> for Placement {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Placement> for String {
+    fn from(placement: Placement) -> String {
+        placement.to_string()
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.node, self.tier)
     }
 }
 
@@ -58,4 +130,34 @@ pub struct Location {
     pub node: NodeId,
     pub tier: Tier,
     pub synced: bool,
+}
+
+impl Location {
+    pub fn at(&self, placement: &Placement) -> bool {
+        self.node == placement.node && self.tier == placement.tier
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_parse() {
+        let p: Placement = "node-1:volume".parse().unwrap();
+        assert_eq!((p.node.as_str(), p.tier), ("node-1", Tier::Volume));
+        assert!("node1".parse::<Placement>().is_err());
+        assert!("node1:ssd".parse::<Placement>().is_err());
+        assert!("../x:ram".parse::<Placement>().is_err());
+        assert!(":ram".parse::<Placement>().is_err());
+    }
+
+    #[test]
+    fn node_ids_are_checked_when_read() {
+        assert!(serde_json::from_str::<NodeId>("\"a/b\"").is_err());
+        assert_eq!(
+            serde_json::from_str::<NodeId>("\"b\"").unwrap().as_str(),
+            "b"
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::location::{Location, Tier};
+use super::location::{Location, NodeId, Tier};
 use super::name::ImageName;
 use super::table::{BlockTable, Extent, TableError, MAX_BLOCKS};
 
@@ -29,6 +29,9 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
 pub struct MetaFile {
     pub version: u32,
     pub name: ImageName,
+    /// The node that exports the image and decides where its blocks go.
+    #[serde(default = "NodeId::local")]
+    pub owner: NodeId,
     pub size: u64,
     pub block_size: u64,
     /// The tier new blocks are placed on.
@@ -41,6 +44,7 @@ pub struct MetaFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageMeta {
     pub name: ImageName,
+    pub owner: NodeId,
     pub size: u64,
     pub block_size: u64,
     pub tier: Tier,
@@ -89,22 +93,26 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 impl ImageMeta {
-    /// A new image whose blocks all have one copy, on `location`.
+    /// A new image owned by `owner` whose blocks all have the copies in `locations` (the
+    /// first one's tier is the image's tier).
     pub fn new(
         name: ImageName,
+        owner: NodeId,
         size: u64,
         block_size: u64,
         read_only: bool,
-        location: Location,
+        locations: Vec<Location>,
     ) -> Result<Self, MetaError> {
         let blocks = check_shape(size, block_size)?;
+        let tier = locations.first().map_or(Tier::Ram, |l| l.tier);
         Ok(ImageMeta {
             name,
+            owner,
             size,
             block_size,
-            tier: location.tier,
+            tier,
             read_only,
-            table: BlockTable::uniform(blocks, vec![location])?,
+            table: BlockTable::uniform(blocks, locations)?,
         })
     }
 
@@ -122,6 +130,7 @@ impl ImageMeta {
         MetaFile {
             version: FORMAT_VERSION,
             name: self.name.clone(),
+            owner: self.owner.clone(),
             size: self.size,
             block_size: self.block_size,
             tier: self.tier,
@@ -138,6 +147,7 @@ impl ImageMeta {
         Ok(ImageMeta {
             table: BlockTable::from_extents(blocks, &file.extents)?,
             name: file.name,
+            owner: file.owner,
             size: file.size,
             block_size: file.block_size,
             tier: file.tier,
@@ -231,7 +241,6 @@ fn check_shape(size: u64, block_size: u64) -> Result<u64, MetaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::location::NodeId;
 
     fn sample() -> ImageMeta {
         let location = Location {
@@ -239,19 +248,67 @@ mod tests {
             tier: Tier::Ram,
             synced: true,
         };
-        ImageMeta::new("disk0".parse().unwrap(), 10 << 20, 4 << 20, false, location).unwrap()
+        ImageMeta::new(
+            "disk0".parse().unwrap(),
+            NodeId::local(),
+            10 << 20,
+            4 << 20,
+            false,
+            vec![location],
+        )
+        .unwrap()
     }
 
     #[test]
     fn shape_is_checked() {
         let l = sample().table.locations(0).unwrap()[0].clone();
         let n: ImageName = "x".parse().unwrap();
-        assert!(ImageMeta::new(n.clone(), 0, 4 << 20, false, l.clone()).is_err());
-        assert!(ImageMeta::new(n.clone(), 1000, 4 << 20, false, l.clone()).is_err());
-        assert!(ImageMeta::new(n.clone(), 1 << 20, 3 << 20, false, l.clone()).is_err());
-        assert!(ImageMeta::new(n.clone(), 1 << 20, 1024, false, l.clone()).is_err());
-        assert!(ImageMeta::new(n.clone(), 1 << 50, 4096, false, l.clone()).is_err());
-        assert!(ImageMeta::new(n, 1 << 40, 4 << 20, false, l).is_ok());
+        assert!(ImageMeta::new(
+            n.clone(),
+            NodeId::local(),
+            0,
+            4 << 20,
+            false,
+            vec![l.clone()]
+        )
+        .is_err());
+        assert!(ImageMeta::new(
+            n.clone(),
+            NodeId::local(),
+            1000,
+            4 << 20,
+            false,
+            vec![l.clone()]
+        )
+        .is_err());
+        assert!(ImageMeta::new(
+            n.clone(),
+            NodeId::local(),
+            1 << 20,
+            3 << 20,
+            false,
+            vec![l.clone()]
+        )
+        .is_err());
+        assert!(ImageMeta::new(
+            n.clone(),
+            NodeId::local(),
+            1 << 20,
+            1024,
+            false,
+            vec![l.clone()]
+        )
+        .is_err());
+        assert!(ImageMeta::new(
+            n.clone(),
+            NodeId::local(),
+            1 << 50,
+            4096,
+            false,
+            vec![l.clone()]
+        )
+        .is_err());
+        assert!(ImageMeta::new(n, NodeId::local(), 1 << 40, 4 << 20, false, vec![l]).is_ok());
     }
 
     #[test]

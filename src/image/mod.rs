@@ -7,7 +7,7 @@ pub mod name;
 pub mod range;
 pub mod table;
 
-pub use location::{Location, NodeId, Tier};
+pub use location::{Location, NodeId, Placement, Tier};
 pub use meta::{ImageMeta, MetaError, SECTOR_SIZE};
 pub use name::ImageName;
 pub use range::BlockRange;

@@ -163,7 +163,7 @@ mod tests {
 
     fn loc(node: &str, tier: Tier, synced: bool) -> Location {
         Location {
-            node: NodeId(node.to_string()),
+            node: node.parse().unwrap(),
             tier,
             synced,
         }
@@ -173,7 +173,7 @@ mod tests {
     fn uniform_table_answers_every_block() {
         let t = BlockTable::uniform(5120, vec![loc("a", Tier::Ram, true)]).unwrap();
         assert_eq!(t.blocks(), 5120);
-        assert_eq!(t.locations(5119).unwrap()[0].node.0, "a");
+        assert_eq!(t.locations(5119).unwrap()[0].node.as_str(), "a");
         assert!(t.locations(5120).is_none());
         assert_eq!(t.extents().len(), 1);
     }
@@ -205,7 +205,8 @@ mod tests {
         let range = BlockRange::new(10, 20).unwrap();
         t.update(range, |l| l.push(loc("b", Tier::Ram, true)))
             .unwrap();
-        t.update(range, |l| l.retain(|x| x.node.0 != "b")).unwrap();
+        t.update(range, |l| l.retain(|x| x.node.as_str() != "b"))
+            .unwrap();
         assert_eq!(t.extents().len(), 1);
         assert_eq!(t.placements.len(), 1);
     }

@@ -20,7 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::{Disk, FlushTicket};
 use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine};
-use crate::image::Tier;
+use crate::image::{Location, Tier};
+use crate::replica::ack::{self, CopyResult, Outcome};
 use crate::route::{self, Piece};
 use crate::virtio::request::{self, ByteRange, Kind, Limits, Request, Segment};
 
@@ -47,6 +48,21 @@ struct InFlight {
     /// Keeps the guest memory mapped while the kernel may still write into it.
     mem: Arc<Mem>,
     flush: Option<FlushTicket>,
+    /// For a write: every copy of every block it touches, with whether the copy stored it.
+    /// The acknowledgement rule (`replica::ack`) decides the status from these.
+    copies: Vec<CopyResult>,
+    /// For a write: each block it touches (its write counter started, see
+    /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
+    written: Vec<(u64, usize)>,
+}
+
+/// An operation's tag: the request's slot, and which of its copies (0 for none) it writes.
+fn tag(slot: usize, copy: usize) -> u64 {
+    (slot as u64) << 32 | copy as u64
+}
+
+fn untag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
 }
 
 pub struct Worker {
@@ -251,17 +267,19 @@ impl Worker {
             pending: 1,
             mem: mem.clone(),
             flush: None,
+            copies: Vec::new(),
+            written: Vec::new(),
         });
         let block_size = self.disk.meta().block_size;
         match request.kind {
             Kind::Read { offset } => {
                 for piece in route::split(offset, &request.data, block_size) {
-                    self.transfer(slot, OpKind::Read, piece, mem);
+                    self.read_piece(slot, piece, mem);
                 }
             }
             Kind::Write { offset } => {
                 for piece in route::split(offset, &request.data, block_size) {
-                    self.transfer(slot, OpKind::Write, piece, mem);
+                    self.write_piece(slot, piece, mem);
                 }
             }
             Kind::Flush => self.flush(slot),
@@ -270,7 +288,7 @@ impl Worker {
                 self.free_ranges(slot, &ranges)
             }
         }
-        if let Some(request) = self.piece_done(slot, true) {
+        if let Some(request) = self.piece_done(tag(slot, 0), true) {
             self.finish(vring, request);
         }
     }
@@ -307,9 +325,9 @@ impl Worker {
         }
     }
 
-    /// Issues one block's part of a read or write on the local copy. A read of a block that
-    /// was never written fills zeros without any I/O; a write creates the block's file.
-    fn transfer(&mut self, slot: usize, kind: OpKind, piece: Piece, mem: &Mem) {
+    /// Reads one block's part from an in-sync copy on this node. A block that was never
+    /// written fills zeros without any I/O.
+    fn read_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
         let tier = match self.local_tier(piece.block) {
             Ok(tier) => tier,
             Err(e) => return self.fail(slot, &e),
@@ -317,20 +335,74 @@ impl Worker {
         let Some(iovecs) = host_buffers(mem, &piece.segments) else {
             return self.fail(slot, "guest buffer moved out of memory");
         };
-        let files = self.disk.files(tier);
-        let file = match kind {
-            OpKind::Write => files.for_write(piece.block).map(Some),
-            _ => files.for_read(piece.block),
-        };
-        match file {
+        match self.disk.files(tier).for_read(piece.block) {
             Ok(None) => iovecs.zero_from(0),
             Ok(Some(file)) => {
-                if kind == OpKind::Write && tier == Tier::Volume {
-                    self.disk.dirty().mark(piece.block, &file);
-                }
-                self.issue(slot, tier, kind, file, piece.offset, iovecs);
+                self.issue(tag(slot, 0), tier, OpKind::Read, file, piece.offset, iovecs)
             }
             Err(e) => self.fail(slot, &format!("cannot open block {}: {e}", piece.block)),
+        }
+    }
+
+    /// Writes one block's part to every copy of the block, in sync or not (an out-of-sync
+    /// copy that takes writes converges under resync). The request's status comes from the
+    /// acknowledgement rule once every copy has answered.
+    fn write_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
+        let locations = {
+            let meta = self.disk.meta();
+            let locations = meta.table.locations(piece.block).map(<[Location]>::to_vec);
+            if locations.is_some() {
+                // Counted under the metadata lock: a resync commits only if no write started.
+                self.disk.writes().start(piece.block);
+            }
+            locations
+        };
+        let Some(locations) = locations else {
+            return self.fail(slot, &format!("block {} is past the end", piece.block));
+        };
+        let Some(request) = self.requests[slot].as_mut() else {
+            return;
+        };
+        request.written.push((piece.block, request.copies.len()));
+        let Some(iovecs) = host_buffers(mem, &piece.segments) else {
+            return self.fail(slot, "guest buffer moved out of memory");
+        };
+        for location in locations {
+            let copy = {
+                let request = self.requests[slot].as_mut().expect("admitted above");
+                request.copies.push(CopyResult {
+                    location: location.clone(),
+                    stored: false,
+                });
+                request.copies.len()
+            };
+            if &location.node != self.disk.me() {
+                // Other nodes' copies are reached by the peer layer; without it they miss the
+                // write, and the acknowledgement rule marks them out of sync.
+                continue;
+            }
+            match self.disk.files(location.tier).for_write(piece.block) {
+                Ok(file) => {
+                    if location.tier == Tier::Volume {
+                        self.disk.dirty().mark(piece.block, &file);
+                    }
+                    let iov = IoVecs(iovecs.0.clone());
+                    self.issue(
+                        tag(slot, copy),
+                        location.tier,
+                        OpKind::Write,
+                        file,
+                        piece.offset,
+                        iov,
+                    );
+                }
+                Err(e) => log::error!(
+                    "image {}: cannot open block {} on {}: {e}",
+                    self.disk.name(),
+                    piece.block,
+                    location.tier
+                ),
+            }
         }
     }
 
@@ -343,7 +415,7 @@ impl Worker {
         let (files, ticket) = self.disk.dirty().snapshot();
         for file in files {
             self.issue(
-                slot,
+                tag(slot, 0),
                 Tier::Volume,
                 OpKind::Sync,
                 file,
@@ -380,23 +452,59 @@ impl Worker {
         };
         for range in ranges {
             for span in route::spans(range.offset, range.len, block_size) {
-                let tier = match self.local_tier(span.block) {
-                    Ok(tier) => tier,
-                    Err(e) => return self.fail(slot, &e),
-                };
-                let files = self.disk.files(tier);
                 let block_len = block_size.min(size - span.block * block_size);
                 let whole = span.offset == 0 && span.len == block_len;
-                let result = if whole {
-                    files.drop_block(span.block)
-                } else {
-                    files.punch(span.block, span.offset, span.len)
-                };
-                if let Err(e) = result {
-                    return self.fail(slot, &format!("cannot free block {}: {e}", span.block));
+                if let Err(e) = self.free_span(span, whole) {
+                    return self.fail(slot, &e);
                 }
             }
         }
+    }
+
+    /// Frees one block's span on every copy; like a write, it counts as one for resync and
+    /// follows the acknowledgement rule.
+    fn free_span(&self, span: route::BlockSpan, whole: bool) -> Result<(), String> {
+        let locations = {
+            let meta = self.disk.meta();
+            let locations = meta.table.locations(span.block).map(<[Location]>::to_vec);
+            if locations.is_some() {
+                self.disk.writes().start(span.block);
+            }
+            locations
+        }
+        .ok_or_else(|| format!("block {} is past the end", span.block))?;
+        let results: Vec<CopyResult> = locations
+            .into_iter()
+            .map(|location| {
+                let stored = &location.node == self.disk.me() && {
+                    let files = self.disk.files(location.tier);
+                    let freed = if whole {
+                        files.drop_block(span.block)
+                    } else {
+                        files.punch(span.block, span.offset, span.len)
+                    };
+                    freed
+                        .map_err(|e| {
+                            log::error!(
+                                "image {}: cannot free block {}: {e}",
+                                self.disk.name(),
+                                span.block
+                            )
+                        })
+                        .is_ok()
+                };
+                CopyResult { location, stored }
+            })
+            .collect();
+        let outcome = match ack::decide(&results) {
+            Outcome::Fail => Err(format!("block {}: no in-sync copy was freed", span.block)),
+            Outcome::Ack { stale } if !stale.is_empty() => {
+                self.disk.mark_out_of_sync(span.block, &stale)
+            }
+            Outcome::Ack { .. } => Ok(()),
+        };
+        self.disk.writes().finish(span.block);
+        outcome
     }
 
     fn engine(&mut self, tier: Tier) -> &mut dyn Engine {
@@ -417,14 +525,14 @@ impl Worker {
 
     fn issue(
         &mut self,
-        slot: usize,
+        tag: u64,
         tier: Tier,
         kind: OpKind,
         file: Arc<std::fs::File>,
         offset: u64,
         iovecs: IoVecs,
     ) {
-        if let Some(request) = self.requests[slot].as_mut() {
+        if let Some(request) = self.requests[untag(tag).0].as_mut() {
             request.pending += 1;
         }
         let op = Op {
@@ -432,7 +540,7 @@ impl Worker {
             file,
             offset,
             iovecs,
-            tag: slot as u64,
+            tag,
         };
         self.engine(tier).push(op);
     }
@@ -465,18 +573,23 @@ impl Worker {
                     false
                 }
             };
-            if let Some(request) = self.piece_done(d.tag as usize, ok) {
+            if let Some(request) = self.piece_done(d.tag, ok) {
                 self.finish(vring, request);
             }
         }
         self.done = done;
     }
 
-    /// Counts one piece of `slot` as done; returns the request when it was the last.
-    fn piece_done(&mut self, slot: usize, ok: bool) -> Option<InFlight> {
+    /// Counts one operation of a request as done; returns the request when it was the last.
+    /// A write to a copy only records whether the copy stored it: the acknowledgement rule
+    /// judges the copies together when the request finishes.
+    fn piece_done(&mut self, tag: u64, ok: bool) -> Option<InFlight> {
+        let (slot, copy) = untag(tag);
         let request = self.requests.get_mut(slot)?.as_mut()?;
-        if !ok {
-            request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+        match request.copies.get_mut(copy.wrapping_sub(1)) {
+            Some(result) => result.stored = ok,
+            None if !ok => request.status_byte = VIRTIO_BLK_S_IOERR as u8,
+            None => {}
         }
         request.pending -= 1;
         if request.pending > 0 {
@@ -486,7 +599,41 @@ impl Worker {
         self.requests[slot].take()
     }
 
-    fn finish(&mut self, vring: &Vring, request: InFlight) {
+    /// Applies the acknowledgement rule to each block a write touched: copies that missed the
+    /// write are marked out of sync (durably) before the guest hears of it.
+    fn settle_copies(&self, request: &mut InFlight) {
+        for (i, &(block, first)) in request.written.iter().enumerate() {
+            let end = request
+                .written
+                .get(i + 1)
+                .map_or(request.copies.len(), |w| w.1);
+            match ack::decide(&request.copies[first..end]) {
+                Outcome::Fail => {
+                    log::error!(
+                        "image {}: block {block}: no in-sync copy took the write",
+                        self.disk.name()
+                    );
+                    request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+                }
+                Outcome::Ack { stale } if !stale.is_empty() => {
+                    if let Err(e) = self.disk.mark_out_of_sync(block, &stale) {
+                        log::error!(
+                            "image {}: block {block}: cannot record a stale copy: {e}",
+                            self.disk.name()
+                        );
+                        request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+                    }
+                }
+                Outcome::Ack { .. } => {}
+            }
+            self.disk.writes().finish(block);
+        }
+    }
+
+    fn finish(&mut self, vring: &Vring, mut request: InFlight) {
+        if !request.written.is_empty() {
+            self.settle_copies(&mut request);
+        }
         let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
         if let (true, Some(ticket)) = (ok, &request.flush) {
             self.disk.dirty().clear(ticket);

@@ -1,0 +1,157 @@
+//! The daemon's configuration, validated from the command line before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::ServeArgs;
+use crate::image::NodeId;
+use crate::store::TierDirs;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub run_dir: PathBuf,
+    pub dirs: TierDirs,
+    pub node: NodeId,
+    /// False when io_uring is unavailable here: the volume tier then uses synchronous I/O.
+    pub use_uring: bool,
+    /// None for a single-node daemon.
+    pub cluster: Option<Cluster>,
+    pub failure_timeout: Duration,
+}
+
+/// How this node reaches the others.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub listen: SocketAddr,
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--node needs --listen ADDR and --cluster-key-file FILE")]
+    ClusterIncomplete,
+    #[error("--listen, --peer and --cluster-key-file need --node ID")]
+    NoNode,
+    #[error("peer {0} is this node")]
+    PeerIsSelf(NodeId),
+    #[error("peer {0} is given twice")]
+    DuplicatePeer(NodeId),
+    #[error("--failure-timeout must be at least 1 second")]
+    FailureTimeout,
+}
+
+impl Config {
+    pub fn from_args(run_dir: PathBuf, args: ServeArgs) -> Result<Config, ConfigError> {
+        if args.failure_timeout == 0 {
+            return Err(ConfigError::FailureTimeout);
+        }
+        let cluster = match (&args.node, args.listen, &args.cluster_key_file) {
+            (None, None, None) if args.peers.is_empty() => None,
+            (None, ..) => return Err(ConfigError::NoNode),
+            (Some(_), Some(listen), Some(key_file)) => Some(Cluster {
+                listen,
+                peers: peers(args.node.as_ref().expect("matched"), &args.peers)?,
+                key_file: key_file.clone(),
+            }),
+            (Some(_), ..) => return Err(ConfigError::ClusterIncomplete),
+        };
+        Ok(Config {
+            run_dir,
+            dirs: TierDirs {
+                ram: args.ram_dir,
+                volume: args.volume_dir,
+            },
+            node: args.node.unwrap_or_else(NodeId::local),
+            use_uring: !args.no_uring,
+            cluster,
+            failure_timeout: Duration::from_secs(args.failure_timeout),
+        })
+    }
+
+    /// Per-image metadata lives beside the volume tier's block directories, under a name no
+    /// image can have (names never start with a dot).
+    pub fn meta_dir(&self) -> PathBuf {
+        self.dirs.volume.join(".meta")
+    }
+
+    /// Whether `node` is this node or a configured peer.
+    pub fn knows(&self, node: &NodeId) -> bool {
+        node == &self.node
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.peers.contains_key(node))
+    }
+}
+
+fn peers(
+    me: &NodeId,
+    list: &[(NodeId, SocketAddr)],
+) -> Result<BTreeMap<NodeId, SocketAddr>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for (id, addr) in list {
+        if id == me {
+            return Err(ConfigError::PeerIsSelf(id.clone()));
+        }
+        if peers.insert(id.clone(), *addr).is_some() {
+            return Err(ConfigError::DuplicatePeer(id.clone()));
+        }
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["cormorant", "serve"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts");
+        match cli.command {
+            crate::cli::Command::Serve(serve) => Config::from_args(cli.run_dir, serve),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn single_node_by_default() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.node, NodeId::local());
+        assert!(c.cluster.is_none());
+    }
+
+    #[test]
+    fn cluster_needs_all_its_parts() {
+        let full = [
+            "--node",
+            "a",
+            "--listen",
+            "127.0.0.1:7300",
+            "--cluster-key-file",
+            "/k",
+            "--peer",
+            "b=127.0.0.2:7300",
+        ];
+        let c = parse(&full).unwrap();
+        assert_eq!(c.cluster.unwrap().peers.len(), 1);
+        assert_eq!(
+            parse(&full[..4]).unwrap_err(),
+            ConfigError::ClusterIncomplete
+        );
+        assert_eq!(
+            parse(&["--peer", "b=127.0.0.2:1"]).unwrap_err(),
+            ConfigError::NoNode
+        );
+        let mut selfish = full.to_vec();
+        selfish[7] = "a=127.0.0.1:1";
+        assert!(matches!(parse(&selfish), Err(ConfigError::PeerIsSelf(_))));
+        let mut twice = full.to_vec();
+        twice.extend_from_slice(&["--peer", "b=127.0.0.3:1"]);
+        assert!(matches!(parse(&twice), Err(ConfigError::DuplicatePeer(_))));
+    }
+}

@@ -1,0 +1,223 @@
+//! Resync: bring out-of-sync copies of blocks back in sync, copying only blocks that differ,
+//! without ever committing a copy that a guest write overtook.
+//!
+//! For each block with out-of-sync copies: wait until no guest write is in flight on it, note
+//! how many writes have started, compare checksums of an in-sync source and the copy, copy the
+//! block when they differ, and commit (mark in sync) only if no write started meanwhile —
+//! otherwise do it again. Guest writes reach out-of-sync copies too, so a block that is being
+//! written converges. Commits are batched: one metadata save per batch of blocks.
+
+use std::io;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::disk::Disk;
+use crate::image::{BlockRange, ImageName, Location, NodeId};
+
+/// Blocks committed per metadata save: a save costs two fsyncs.
+const COMMIT_BATCH: u64 = 64;
+/// Attempts per block before a sync gives up on it (a guest rewriting one block nonstop).
+const MAX_ATTEMPTS: u32 = 20;
+/// How long a sync waits for a block's in-flight writes to finish before trying again.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Reading and writing whole copies of blocks, wherever they live.
+pub trait Copies: Sync {
+    /// SHA-256 of the block's bytes at `at`, or None when it has no data there (reads zeros).
+    fn checksum(
+        &self,
+        image: &ImageName,
+        at: &Location,
+        block: u64,
+    ) -> io::Result<Option<[u8; 32]>>;
+    /// The block's bytes at `at` (`len` of them at most), or None when it has no data there.
+    fn read(
+        &self,
+        image: &ImageName,
+        at: &Location,
+        block: u64,
+        len: u64,
+    ) -> io::Result<Option<Vec<u8>>>;
+    /// Replaces the block at `at` with `data`, or removes it when None.
+    fn write(
+        &self,
+        image: &ImageName,
+        at: &Location,
+        block: u64,
+        data: Option<&[u8]>,
+    ) -> io::Result<()>;
+    /// Whether `node` may be tried now (not on the failure list).
+    fn reachable(&self, node: &NodeId) -> bool;
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SyncReport {
+    /// Out-of-sync copies now in sync.
+    pub synced: u64,
+    /// Of those, copies whose data had to be copied (the others already matched).
+    pub copied: u64,
+    pub bytes: u64,
+    /// Copies left out of sync (no reachable source or destination, or writes kept racing).
+    pub left: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("block range: {0}")]
+    Range(String),
+    #[error("saving metadata: {0}")]
+    Meta(String),
+}
+
+/// Syncs `range` of `disk`; `progress(done, total)` is called per block, `rate` caps bytes
+/// copied per second.
+pub fn sync(
+    disk: &Disk,
+    copies: &dyn Copies,
+    range: BlockRange,
+    rate: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SyncReport, SyncError> {
+    let mut report = SyncReport::default();
+    let started = Instant::now();
+    let mut batch: Vec<(u64, Location, u32)> = Vec::new();
+    for block in range.iter() {
+        let (stale, len) = {
+            let meta = disk.meta();
+            let locations = meta.table.locations(block).unwrap_or(&[]);
+            let stale: Vec<Location> = locations.iter().filter(|l| !l.synced).cloned().collect();
+            (stale, meta.block_len(block))
+        };
+        for dest in stale {
+            match copy_block(disk, copies, block, len, &dest) {
+                Some((copied, writes)) => {
+                    if copied {
+                        report.copied += 1;
+                        report.bytes += len;
+                        throttle(rate, report.bytes, started);
+                    }
+                    batch.push((block, dest, writes));
+                }
+                None => report.left += 1,
+            }
+        }
+        if batch.len() as u64 >= COMMIT_BATCH || block + 1 == range.end() {
+            let (synced, raced) = commit(disk, &mut batch)?;
+            report.synced += synced;
+            report.left += raced;
+        }
+        progress(block - range.start() + 1, range.len());
+    }
+    Ok(report)
+}
+
+/// Copies one block to `dest` if it differs from an in-sync source. Returns whether bytes
+/// were copied and the block's write count the copy is valid for; None when it cannot be done
+/// now.
+fn copy_block(
+    disk: &Disk,
+    copies: &dyn Copies,
+    block: u64,
+    len: u64,
+    dest: &Location,
+) -> Option<(bool, u32)> {
+    if !copies.reachable(&dest.node) {
+        return None;
+    }
+    let name = disk.name();
+    for _ in 0..MAX_ATTEMPTS {
+        let writes = wait_idle(disk, block)?;
+        let source = source_of(disk, copies, block)?;
+        let outcome = (|| -> io::Result<bool> {
+            let want = copies.checksum(name, &source, block)?;
+            if copies.checksum(name, dest, block)? == want {
+                return Ok(false);
+            }
+            let data = copies.read(name, &source, block, len)?;
+            copies.write(name, dest, block, data.as_deref())?;
+            Ok(true)
+        })();
+        match outcome {
+            Ok(copied) if disk.writes().idle(block) == Some(writes) => {
+                return Some((copied, writes))
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                log::warn!(
+                    "image {name}: block {block}: sync to {}:{} failed: {e}",
+                    dest.node,
+                    dest.tier
+                );
+                return None;
+            }
+        }
+    }
+    log::warn!("image {name}: block {block}: guest writes kept racing the sync; left out of sync");
+    None
+}
+
+fn wait_idle(disk: &Disk, block: u64) -> Option<u32> {
+    let deadline = Instant::now() + IDLE_WAIT * MAX_ATTEMPTS;
+    loop {
+        if let Some(writes) = disk.writes().idle(block) {
+            return Some(writes);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An in-sync copy to read from: this node's first, then a reachable peer's.
+fn source_of(disk: &Disk, copies: &dyn Copies, block: u64) -> Option<Location> {
+    let meta = disk.meta();
+    let locations = meta.table.locations(block)?;
+    let mut in_sync = locations.iter().filter(|l| l.synced);
+    let local = in_sync.clone().find(|l| &l.node == disk.me());
+    local
+        .or_else(|| in_sync.find(|l| copies.reachable(&l.node)))
+        .cloned()
+}
+
+/// Marks the batch's copies in sync where no write started since they were copied; returns
+/// (committed, raced). The check runs under the metadata write lock, which every write takes
+/// (shared) while it chooses its targets and counts itself started.
+fn commit(disk: &Disk, batch: &mut Vec<(u64, Location, u32)>) -> Result<(u64, u64), SyncError> {
+    if batch.is_empty() {
+        return Ok((0, 0));
+    }
+    let items = std::mem::take(batch);
+    disk.update_meta(|meta| {
+        let (mut committed, mut raced) = (0, 0);
+        for (block, dest, writes) in &items {
+            if disk.writes().idle(*block) != Some(*writes) {
+                raced += 1;
+                continue;
+            }
+            let range = BlockRange::new(*block, block + 1).map_err(|e| e.to_string())?;
+            meta.table
+                .update(range, |locations| {
+                    for l in locations.iter_mut() {
+                        if l.node == dest.node && l.tier == dest.tier {
+                            l.synced = true;
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            committed += 1;
+        }
+        Ok((committed, raced))
+    })
+    .map_err(SyncError::Meta)
+}
+
+fn throttle(rate: Option<u64>, bytes: u64, started: Instant) {
+    let Some(rate) = rate.filter(|&r| r > 0) else {
+        return;
+    };
+    let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        thread::sleep(wait);
+    }
+}
