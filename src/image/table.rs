@@ -159,7 +159,7 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::location::{NodeId, Tier};
+    use crate::image::location::Tier;
 
     fn loc(node: &str, tier: Tier, synced: bool) -> Location {
         Location {
