@@ -23,13 +23,20 @@ pub enum Outcome {
     /// Acknowledge the write once `stale` (in-sync copies that missed it) are marked out of
     /// sync, durably.
     Ack { stale: Vec<Location> },
-    /// No in-sync copy has the write: the guest gets an I/O error.
-    Fail,
+    /// No in-sync copy confirmed the write: the guest gets an I/O error once `stale` (every
+    /// in-sync copy but the first) are marked out of sync.
+    Fail { stale: Vec<Location> },
 }
 
 pub fn decide(results: &[CopyResult]) -> Outcome {
     if !results.iter().any(|r| r.location.synced && r.stored) {
-        return Outcome::Fail;
+        let stale = results
+            .iter()
+            .filter(|r| r.location.synced)
+            .skip(1)
+            .map(|r| r.location.clone())
+            .collect();
+        return Outcome::Fail { stale };
     }
     let stale = results
         .iter()
@@ -75,7 +82,22 @@ mod tests {
     #[test]
     fn only_out_of_sync_copies_stored_is_a_failure() {
         let r = [result("a", true, false), result("b", false, true)];
-        assert_eq!(decide(&r), Outcome::Fail);
-        assert_eq!(decide(&[]), Outcome::Fail);
+        assert_eq!(decide(&r), Outcome::Fail { stale: vec![] });
+        assert_eq!(decide(&[]), Outcome::Fail { stale: vec![] });
+    }
+
+    #[test]
+    fn a_failure_keeps_one_in_sync_copy() {
+        let r = [
+            result("a", true, false),
+            result("b", true, false),
+            result("c", true, false),
+        ];
+        assert_eq!(
+            decide(&r),
+            Outcome::Fail {
+                stale: vec![r[1].location.clone(), r[2].location.clone()]
+            }
+        );
     }
 }

@@ -497,7 +497,14 @@ impl Worker {
             })
             .collect();
         let outcome = match ack::decide(&results) {
-            Outcome::Fail => Err(format!("block {}: no in-sync copy was freed", span.block)),
+            Outcome::Fail { stale } => {
+                self.disk
+                    .mark_out_of_sync(span.block, &stale)
+                    .and(Err(format!(
+                        "block {}: no in-sync copy was freed",
+                        span.block
+                    )))
+            }
             Outcome::Ack { stale } if !stale.is_empty() => {
                 self.disk.mark_out_of_sync(span.block, &stale)
             }
@@ -607,24 +614,25 @@ impl Worker {
                 .written
                 .get(i + 1)
                 .map_or(request.copies.len(), |w| w.1);
-            match ack::decide(&request.copies[first..end]) {
-                Outcome::Fail => {
+            let stale = match ack::decide(&request.copies[first..end]) {
+                Outcome::Fail { stale } => {
                     log::error!(
                         "image {}: block {block}: no in-sync copy took the write",
                         self.disk.name()
                     );
                     request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+                    stale
                 }
-                Outcome::Ack { stale } if !stale.is_empty() => {
-                    if let Err(e) = self.disk.mark_out_of_sync(block, &stale) {
-                        log::error!(
-                            "image {}: block {block}: cannot record a stale copy: {e}",
-                            self.disk.name()
-                        );
-                        request.status_byte = VIRTIO_BLK_S_IOERR as u8;
-                    }
+                Outcome::Ack { stale } => stale,
+            };
+            if !stale.is_empty() {
+                if let Err(e) = self.disk.mark_out_of_sync(block, &stale) {
+                    log::error!(
+                        "image {}: block {block}: cannot record a stale copy: {e}",
+                        self.disk.name()
+                    );
+                    request.status_byte = VIRTIO_BLK_S_IOERR as u8;
                 }
-                Outcome::Ack { .. } => {}
             }
             self.disk.writes().finish(block);
         }
