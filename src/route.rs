@@ -6,7 +6,9 @@
 use vm_memory::Address;
 
 use crate::image::{Location, NodeId, Tier};
-use crate::virtio::request::Segment;
+use smallvec::SmallVec;
+
+use crate::virtio::request::{Segment, Segments};
 
 /// The part of a request that falls inside one block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,13 +18,13 @@ pub struct Piece {
     pub offset: u64,
     pub len: u64,
     /// The guest buffers carrying this piece's bytes, cut at the block boundary.
-    pub segments: Vec<Segment>,
+    pub segments: Segments,
 }
 
 /// Splits `offset..offset + len(data)` at block boundaries, cutting the guest buffers to
 /// match. The caller has checked the range against the image size.
-pub fn split(offset: u64, data: &[Segment], block_size: u64) -> Vec<Piece> {
-    let mut pieces: Vec<Piece> = Vec::new();
+pub fn split(offset: u64, data: &[Segment], block_size: u64) -> SmallVec<[Piece; 2]> {
+    let mut pieces: SmallVec<[Piece; 2]> = SmallVec::new();
     let mut at = offset;
     for segment in data {
         let mut addr = segment.addr;
@@ -37,7 +39,7 @@ pub fn split(offset: u64, data: &[Segment], block_size: u64) -> Vec<Piece> {
                     block,
                     offset: in_block,
                     len: take,
-                    segments: Vec::new(),
+                    segments: Segments::new(),
                 }),
             }
             let piece = pieces.last_mut().expect("pushed above");
@@ -115,9 +117,9 @@ mod tests {
         let p = split(bs - 1024, &[seg(0x1000, 4096)], bs);
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].block, p[0].offset, p[0].len), (0, bs - 1024, 1024));
-        assert_eq!(p[0].segments, vec![seg(0x1000, 1024)]);
+        assert_eq!(p[0].segments.as_slice(), &[seg(0x1000, 1024)]);
         assert_eq!((p[1].block, p[1].offset, p[1].len), (1, 0, 3072));
-        assert_eq!(p[1].segments, vec![seg(0x1400, 3072)]);
+        assert_eq!(p[1].segments.as_slice(), &[seg(0x1400, 3072)]);
     }
 
     #[test]

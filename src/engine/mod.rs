@@ -15,9 +15,11 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// Host buffers of one operation. They point into guest memory that the owner of the
 /// operation keeps mapped (it holds the guest memory's `Arc`) until the operation completes.
-pub struct IoVecs(pub Vec<libc::iovec>);
+pub struct IoVecs(pub SmallVec<[libc::iovec; 4]>);
 
 // SAFETY: the pointers are plain addresses into a shared mapping whose lifetime the request
 // that owns this value guarantees; nothing here is tied to the creating thread.
@@ -35,7 +37,7 @@ impl IoVecs {
     /// The buffers from byte `from` on.
     pub fn from(&self, from: usize) -> IoVecs {
         let mut skip = from;
-        let mut rest = Vec::new();
+        let mut rest = SmallVec::new();
         for v in &self.0 {
             if skip >= v.iov_len {
                 skip -= v.iov_len;
@@ -175,14 +177,14 @@ mod tests {
             kind: OpKind::Write,
             file: file.clone(),
             offset: 512,
-            iovecs: IoVecs(vec![iov(&mut a), iov(&mut b)]),
+            iovecs: IoVecs(smallvec::smallvec![iov(&mut a), iov(&mut b)]),
             tag: 1,
         };
         let sync = Op {
             kind: OpKind::Sync,
             file: file.clone(),
             offset: 0,
-            iovecs: IoVecs(Vec::new()),
+            iovecs: IoVecs(SmallVec::new()),
             tag: 2,
         };
         let done = run_all(engine, vec![write, sync]);
@@ -199,7 +201,7 @@ mod tests {
             kind: OpKind::Read,
             file,
             offset: 4096,
-            iovecs: IoVecs(vec![iov(&mut out)]),
+            iovecs: IoVecs(smallvec::smallvec![iov(&mut out)]),
             tag: 3,
         };
         let done = run_all(engine, vec![read]);

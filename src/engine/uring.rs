@@ -23,7 +23,7 @@ pub fn probe_uring() -> io::Result<()> {
 pub struct UringEngine {
     ring: IoUring,
     /// Operations in flight, indexed by their slot (the SQE's user data): they own the
-    /// buffers and the file the kernel is using.
+    /// buffers, the iovec array and the file the kernel is using. Never resized.
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
     /// Operations that failed before reaching the kernel; reported by the next `reap`.
@@ -87,9 +87,12 @@ impl Engine for UringEngine {
             });
             return;
         };
-        let entry = Self::entry(&op, slot);
         let tag = op.tag;
-        self.slots[slot] = Some(op);
+        // The entry points at the iovecs where they now live, inside the slot: they may be
+        // stored inline in the `Op`, so they must not move again until the completion (the
+        // slot table is allocated once and never grows).
+        let op = self.slots[slot].insert(op);
+        let entry = Self::entry(op, slot);
         if let Err(error) = self.try_push(&entry) {
             self.slots[slot] = None;
             self.free.push(slot);

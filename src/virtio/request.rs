@@ -6,6 +6,7 @@
 //! data), then device-writable ones (read data, then the status byte last). Framing is not
 //! assumed: the header and the status may share descriptors with data.
 
+use smallvec::SmallVec;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -19,6 +20,11 @@ pub const RANGE_ENTRY_LEN: u64 = 16;
 /// Data segments per request. `preadv`/`pwritev` take at most IOV_MAX (1024) buffers, and the
 /// queue size caps a chain at 1024 descriptors anyway.
 pub const MAX_SEGMENTS: usize = 1024;
+
+/// A request's guest buffers. Linux sends one to a few per request; inline storage keeps the
+/// request path free of allocations.
+pub type Segments = SmallVec<[Segment; 4]>;
+type Chain = SmallVec<[Descriptor; 8]>;
 
 /// One guest buffer, already checked to lie inside guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +57,7 @@ pub struct Request {
     pub kind: Kind,
     /// Read data goes into these (device-writable) buffers; write data comes from these
     /// (device-readable) ones. Empty for flush, discard and write-zeroes.
-    pub data: Vec<Segment>,
+    pub data: Segments,
     pub data_len: u64,
     pub status: GuestAddress,
 }
@@ -129,8 +135,8 @@ pub struct Rejected {
 
 /// The chain split by direction, with the header and status bytes carved off.
 struct Layout {
-    readable: Vec<Segment>,
-    writable: Vec<Segment>,
+    readable: Segments,
+    writable: Segments,
 }
 
 /// Parses one descriptor chain (as yielded by virtio-queue's `DescriptorChain`).
@@ -158,7 +164,7 @@ pub fn parse<M: GuestMemoryBackend>(
     let data = match kind {
         Kind::Read { .. } | Kind::GetId => writable,
         Kind::Write { .. } => readable,
-        _ => Vec::new(),
+        _ => Segments::new(),
     };
     if data.len() > MAX_SEGMENTS {
         return Err(reject(ParseError::TooManySegments));
@@ -174,10 +180,8 @@ pub fn parse<M: GuestMemoryBackend>(
 
 /// Reads the chain, bounded: the queue library caps chains at the queue size, this at the
 /// largest request we would accept.
-fn collect(
-    descriptors: impl IntoIterator<Item = Descriptor>,
-) -> Result<Vec<Descriptor>, ParseError> {
-    let mut chain = Vec::new();
+fn collect(descriptors: impl IntoIterator<Item = Descriptor>) -> Result<Chain, ParseError> {
+    let mut chain = Chain::new();
     for desc in descriptors {
         if chain.len() == MAX_SEGMENTS + 2 {
             return Err(ParseError::TooManySegments);
@@ -204,8 +208,8 @@ fn total(segments: &[Segment]) -> u64 {
 
 fn split<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Result<Layout, ParseError> {
     let mut layout = Layout {
-        readable: Vec::new(),
-        writable: Vec::new(),
+        readable: Segments::new(),
+        writable: Segments::new(),
     };
     for desc in chain {
         let segment = Segment {
@@ -233,7 +237,7 @@ fn split<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Result<Layout,
 }
 
 /// Takes the last writable byte as the status; returns the writable data before it.
-fn take_status(mut writable: Vec<Segment>) -> Result<(Vec<Segment>, GuestAddress), ParseError> {
+fn take_status(mut writable: Segments) -> Result<(Segments, GuestAddress), ParseError> {
     let last = writable.last_mut().ok_or(ParseError::NoStatus)?;
     let status = last.addr.unchecked_add(u64::from(last.len) - 1);
     last.len -= 1;
@@ -246,8 +250,8 @@ fn take_status(mut writable: Vec<Segment>) -> Result<(Vec<Segment>, GuestAddress
 /// Reads the 16-byte header from the front of the readable segments, wherever it falls.
 fn take_header<M: GuestMemoryBackend>(
     mem: &M,
-    mut readable: Vec<Segment>,
-) -> Result<([u8; HEADER_LEN as usize], Vec<Segment>), ParseError> {
+    mut readable: Segments,
+) -> Result<([u8; HEADER_LEN as usize], Segments), ParseError> {
     let available = total(&readable);
     if available < HEADER_LEN {
         return Err(ParseError::ShortHeader(available));

@@ -60,7 +60,7 @@ fn status_may_share_the_last_data_descriptor() {
     let chain = [header(&mem, 0, VIRTIO_BLK_T_IN, 0), writable(0x1000, 513)];
     let r = parse(&mem, chain, &limits()).unwrap();
     assert_eq!(
-        r.data,
+        r.data.to_vec(),
         vec![Segment {
             addr: GuestAddress(0x1000),
             len: 512
@@ -81,7 +81,7 @@ fn header_may_span_descriptors_and_carry_data() {
     let r = parse(&mem, chain, &limits()).unwrap();
     assert_eq!(r.kind, Kind::Write { offset: 1024 });
     assert_eq!(
-        r.data,
+        r.data.to_vec(),
         vec![Segment {
             addr: GuestAddress(0x110),
             len: 512

@@ -470,7 +470,7 @@ impl Worker {
                 OpKind::Sync,
                 file,
                 0,
-                IoVecs(Vec::new()),
+                IoVecs(smallvec::SmallVec::new()),
             );
         }
         if let Some(request) = self.requests[slot].as_mut() {
@@ -735,7 +735,7 @@ impl Drop for Worker {
 /// Host addresses of guest buffers. The parser checked that they lie in guest memory; a
 /// memory table update between parsing and now could still make that untrue, hence Option.
 fn host_buffers(mem: &Mem, segments: &[Segment]) -> Option<IoVecs> {
-    let mut iovecs = Vec::with_capacity(segments.len());
+    let mut iovecs = smallvec::SmallVec::with_capacity(segments.len());
     for segment in segments {
         for slice in mem.get_slices(segment.addr, segment.len as usize) {
             let slice = slice.ok()?;
