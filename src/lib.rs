@@ -15,6 +15,7 @@ pub mod engine;
 pub mod export;
 pub mod frontend;
 pub mod image;
+pub mod peer;
 pub mod placement;
 pub mod replica;
 pub mod route;

@@ -1,0 +1,508 @@
+//! Frames: every byte after the handshake preamble travels in one. A frame is a 24-byte
+//! little-endian header and a payload; the header carries the payload's length (checked
+//! before anything is allocated), its kind, the request id that pairs an answer with its
+//! request, and a CRC-32C over the header's first 16 bytes and the payload.
+//!
+//! ```text
+//! 0      4    5     6          8            16      20         24
+//! | len  |kind|flags|reserved16| request id | crc32c|reserved32| payload (len bytes) ...
+//! ```
+//!
+//! The decoder is incremental and resumable: it takes bytes as they come (a slice, or a
+//! `Read` that may time out half-way through a frame) and never panics on any input.
+
+use std::io::{self, Read, Write};
+
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 24;
+
+/// Largest payload. The largest messages carry an image's metadata JSON (`Hold`, `MetaJson`:
+/// up to [`super::message::MAX_META_JSON`], 16 MiB); the 64 KiB on top hold the fixed fields
+/// around it (an image name is at most 65 bytes) with a wide margin. Data chunks (1 MiB) and
+/// checksum lists (about 2 MiB) are far below it.
+pub const MAX_PAYLOAD: usize = (16 << 20) + (64 << 10);
+
+/// What a frame carries. Handshake kinds are only valid before authentication, request kinds
+/// only from client to server, response kinds only from server to client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 0x01,
+    Challenge = 0x02,
+    Proof = 0x03,
+    Accept = 0x04,
+    Refuse = 0x05,
+    Read = 0x10,
+    Write = 0x11,
+    Flush = 0x12,
+    Discard = 0x13,
+    Checksums = 0x14,
+    Hold = 0x15,
+    Release = 0x16,
+    Meta = 0x17,
+    Ok = 0x80,
+    Data = 0x81,
+    ChecksumList = 0x82,
+    MetaJson = 0x83,
+    Error = 0x84,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 18] = [
+        Kind::Hello,
+        Kind::Challenge,
+        Kind::Proof,
+        Kind::Accept,
+        Kind::Refuse,
+        Kind::Read,
+        Kind::Write,
+        Kind::Flush,
+        Kind::Discard,
+        Kind::Checksums,
+        Kind::Hold,
+        Kind::Release,
+        Kind::Meta,
+        Kind::Ok,
+        Kind::Data,
+        Kind::ChecksumList,
+        Kind::MetaJson,
+        Kind::Error,
+    ];
+
+    pub fn from_u8(byte: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u8 == byte)
+    }
+
+    pub fn is_handshake(self) -> bool {
+        (self as u8) < 0x10
+    }
+
+    pub fn is_request(self) -> bool {
+        (0x10..0x80).contains(&(self as u8))
+    }
+
+    pub fn is_response(self) -> bool {
+        (self as u8) >= 0x80
+    }
+}
+
+/// A decoded frame whose CRC matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub id: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Why bytes are not a frame. Any of these ends the connection they came on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame payload of {len} bytes is over the limit of {max}")]
+    TooLong { len: u64, max: usize },
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("unknown frame flags {0:#04x}")]
+    UnknownFlags(u8),
+    #[error("reserved header bytes {offset}..{end} are not zero", end = offset + width)]
+    ReservedNotZero { offset: usize, width: usize },
+    #[error("frame checksum mismatch: header says {expected:#010x}, bytes give {actual:#010x}")]
+    BadCrc { expected: u32, actual: u32 },
+}
+
+/// Why reading a frame from a stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Includes `UnexpectedEof` (closed in the middle of a frame) and, for sockets with a
+    /// read timeout, `WouldBlock`/`TimedOut`, after which reading may resume.
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A header that passed every check but the CRC, which needs the payload.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    kind: Kind,
+    id: u64,
+    len: usize,
+    crc: u32,
+}
+
+fn parse_header(bytes: &[u8; HEADER_LEN], max_payload: usize) -> Result<Header, FrameError> {
+    let u32_at =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let len = u32_at(0);
+    if len as usize > max_payload {
+        return Err(FrameError::TooLong {
+            len: len.into(),
+            max: max_payload,
+        });
+    }
+    if bytes[6] != 0 || bytes[7] != 0 {
+        return Err(FrameError::ReservedNotZero {
+            offset: 6,
+            width: 2,
+        });
+    }
+    if u32_at(20) != 0 {
+        return Err(FrameError::ReservedNotZero {
+            offset: 20,
+            width: 4,
+        });
+    }
+    if bytes[5] != 0 {
+        return Err(FrameError::UnknownFlags(bytes[5]));
+    }
+    let kind = Kind::from_u8(bytes[4]).ok_or(FrameError::UnknownKind(bytes[4]))?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[8..16]);
+    Ok(Header {
+        kind,
+        id: u64::from_le_bytes(id),
+        len: len as usize,
+        crc: u32_at(16),
+    })
+}
+
+/// Incremental frame decoder. Feed it bytes with [`Decoder::push`] or let it read with
+/// [`Decoder::read_from`]; it keeps a partial frame across calls, so a read that times out
+/// can simply be retried. It only ever asks for the bytes of the current frame, so the
+/// stream (or the `BufReader` under it) keeps whatever follows.
+#[derive(Debug)]
+pub struct Decoder {
+    max_payload: usize,
+    header: [u8; HEADER_LEN],
+    header_filled: usize,
+    body: Option<Body>,
+}
+
+#[derive(Debug)]
+struct Body {
+    header: Header,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
+impl Decoder {
+    /// A decoder that refuses payloads over `max_payload` (itself capped at [`MAX_PAYLOAD`]).
+    pub fn new(max_payload: usize) -> Self {
+        Decoder {
+            max_payload: max_payload.min(MAX_PAYLOAD),
+            header: [0; HEADER_LEN],
+            header_filled: 0,
+            body: None,
+        }
+    }
+
+    /// True between frames: nothing of a next frame has been seen yet.
+    pub fn is_idle(&self) -> bool {
+        self.header_filled == 0 && self.body.is_none()
+    }
+
+    /// Where the next bytes go; never empty.
+    fn space(&mut self) -> &mut [u8] {
+        match &mut self.body {
+            Some(body) => &mut body.payload[body.filled..],
+            None => &mut self.header[self.header_filled..],
+        }
+    }
+
+    /// Accounts for `n` bytes just written into [`Decoder::space`].
+    fn advance(&mut self, n: usize) -> Result<Option<Frame>, FrameError> {
+        match &mut self.body {
+            Some(body) => body.filled += n,
+            None => {
+                self.header_filled += n;
+                if self.header_filled < HEADER_LEN {
+                    return Ok(None);
+                }
+                let header = parse_header(&self.header, self.max_payload)?;
+                self.body = Some(Body {
+                    header,
+                    payload: vec![0; header.len],
+                    filled: 0,
+                });
+            }
+        }
+        match &self.body {
+            Some(body) if body.filled == body.payload.len() => self.finish().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn finish(&mut self) -> Result<Frame, FrameError> {
+        let body = self
+            .body
+            .take()
+            .expect("finish is called with a complete body");
+        self.header_filled = 0;
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&self.header[..16]), &body.payload);
+        if actual != body.header.crc {
+            return Err(FrameError::BadCrc {
+                expected: body.header.crc,
+                actual,
+            });
+        }
+        Ok(Frame {
+            kind: body.header.kind,
+            id: body.header.id,
+            payload: body.payload,
+        })
+    }
+
+    /// Takes bytes from `input` up to the end of one frame. Returns how many it took and the
+    /// frame if one completed; call again with the rest.
+    pub fn push(&mut self, input: &[u8]) -> Result<(usize, Option<Frame>), FrameError> {
+        let mut used = 0;
+        while used < input.len() {
+            let space = self.space();
+            let n = space.len().min(input.len() - used);
+            space[..n].copy_from_slice(&input[used..used + n]);
+            used += n;
+            if let Some(frame) = self.advance(n)? {
+                return Ok((used, Some(frame)));
+            }
+        }
+        Ok((used, None))
+    }
+
+    /// Reads one frame. `Ok(None)` is a clean end of stream between frames. A
+    /// `WouldBlock`/`TimedOut` error leaves the partial frame in place for the next call.
+    pub fn read_from<R: Read>(&mut self, reader: &mut R) -> Result<Option<Frame>, ReadError> {
+        loop {
+            let n = match reader.read(self.space()) {
+                Ok(0) if self.is_idle() => return Ok(None),
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(frame) = self.advance(n)? {
+                return Ok(Some(frame));
+            }
+        }
+    }
+}
+
+/// A frame ready to be written: the header, then the payload in two parts so that bulk data
+/// (a write's bytes, a read's answer) is never copied into a bigger buffer.
+#[derive(Debug)]
+pub struct Outgoing {
+    header: [u8; HEADER_LEN],
+    head: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Outgoing {
+    /// Frames `head` followed by `body` as one payload.
+    pub fn new(kind: Kind, id: u64, head: Vec<u8>, body: Vec<u8>) -> Result<Self, FrameError> {
+        let len = head.len() + body.len();
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLong {
+                len: len as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+        header[4] = kind as u8;
+        header[8..16].copy_from_slice(&id.to_le_bytes());
+        let crc = crc32c::crc32c(&header[..16]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc, &head), &body);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        Ok(Outgoing { header, head, body })
+    }
+
+    /// Header and payload bytes together.
+    pub fn len(&self) -> usize {
+        HEADER_LEN + self.head.len() + self.body.len()
+    }
+
+    /// Never true: a frame has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn write_to<W: Write>(&self, writer: &mut W) -> io::Result<()> {
+        writer.write_all(&self.header)?;
+        writer.write_all(&self.head)?;
+        writer.write_all(&self.body)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.len());
+        bytes.extend_from_slice(&self.header);
+        bytes.extend_from_slice(&self.head);
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+}
+
+/// Encodes one frame into bytes (tests, fuzzing, the handshake).
+pub fn encode(kind: Kind, id: u64, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    Ok(Outgoing::new(kind, id, payload.to_vec(), Vec::new())?.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut decoder = Decoder::new(MAX_PAYLOAD);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let (used, frame) = decoder.push(&bytes[at..])?;
+            at += used;
+            frames.extend(frame);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn kinds_round_trip_and_classify() {
+        for kind in Kind::ALL {
+            assert_eq!(Kind::from_u8(kind as u8), Some(kind));
+            let classes = [kind.is_handshake(), kind.is_request(), kind.is_response()];
+            assert_eq!(classes.iter().filter(|c| **c).count(), 1, "{kind:?}");
+        }
+        assert_eq!(Kind::from_u8(0), None);
+        assert_eq!(Kind::from_u8(0xff), None);
+    }
+
+    #[test]
+    fn header_layout_is_as_documented() {
+        let bytes = encode(Kind::Read, 0x0102_0304_0506_0708, b"abc").unwrap();
+        assert_eq!(bytes.len(), HEADER_LEN + 3);
+        assert_eq!(&bytes[0..4], &3u32.to_le_bytes());
+        assert_eq!(bytes[4], 0x10);
+        assert_eq!(&bytes[5..8], &[0, 0, 0]);
+        assert_eq!(&bytes[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
+        let crc = crc32c::crc32c(&[&bytes[..16], b"abc"].concat());
+        assert_eq!(&bytes[16..20], &crc.to_le_bytes());
+        assert_eq!(&bytes[20..24], &[0; 4]);
+    }
+
+    #[test]
+    fn each_violation_has_its_own_error() {
+        let good = encode(Kind::Flush, 7, b"xyz").unwrap();
+        let with = |at: usize, byte: u8| {
+            let mut bad = good.clone();
+            bad[at] = byte;
+            decode_all(&bad).unwrap_err()
+        };
+        assert!(matches!(with(3, 0x7f), FrameError::TooLong { .. }));
+        assert_eq!(with(4, 0x7e), FrameError::UnknownKind(0x7e));
+        assert_eq!(with(5, 1), FrameError::UnknownFlags(1));
+        assert_eq!(
+            with(7, 1),
+            FrameError::ReservedNotZero {
+                offset: 6,
+                width: 2
+            }
+        );
+        assert_eq!(
+            with(23, 1),
+            FrameError::ReservedNotZero {
+                offset: 20,
+                width: 4
+            }
+        );
+        assert!(matches!(with(9, 1), FrameError::BadCrc { .. }));
+        assert!(matches!(with(25, b'q'), FrameError::BadCrc { .. }));
+    }
+
+    #[test]
+    fn oversize_length_is_refused_from_the_header_alone() {
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        header[4] = Kind::Write as u8;
+        let mut decoder = Decoder::new(MAX_PAYLOAD);
+        assert!(matches!(
+            decoder.push(&header),
+            Err(FrameError::TooLong { .. })
+        ));
+        let mut small = Decoder::new(16);
+        let frame = encode(Kind::Hello, 0, &[0; 17]).unwrap();
+        assert!(matches!(
+            small.push(&frame),
+            Err(FrameError::TooLong { len: 17, max: 16 })
+        ));
+    }
+
+    #[test]
+    fn read_from_resumes_and_reports_truncation() {
+        let bytes = [
+            encode(Kind::Ok, 1, b"").unwrap(),
+            encode(Kind::Data, 2, &[9; 1000]).unwrap(),
+        ]
+        .concat();
+        let mut decoder = Decoder::new(MAX_PAYLOAD);
+        let mut reader = &bytes[..];
+        assert_eq!(decoder.read_from(&mut reader).unwrap().unwrap().id, 1);
+        assert_eq!(
+            decoder.read_from(&mut reader).unwrap().unwrap().payload,
+            vec![9; 1000]
+        );
+        assert!(decoder.read_from(&mut reader).unwrap().is_none());
+        let mut cut = &bytes[..30];
+        decoder.read_from(&mut cut).unwrap();
+        match decoder.read_from(&mut cut) {
+            Err(ReadError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn outgoing_refuses_oversize_payloads() {
+        let err = Outgoing::new(Kind::Hold, 1, vec![0; 10], vec![0; MAX_PAYLOAD]).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { .. }));
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop::sample::select(Kind::ALL.to_vec())
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_in_any_pieces(
+            frames in prop::collection::vec((kind(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..300)), 1..8),
+            cut in 1usize..50,
+        ) {
+            let bytes: Vec<u8> = frames.iter().flat_map(|(k, id, p)| encode(*k, *id, p).unwrap()).collect();
+            let mut decoder = Decoder::new(MAX_PAYLOAD);
+            let mut out = Vec::new();
+            for piece in bytes.chunks(cut) {
+                let mut at = 0;
+                while at < piece.len() {
+                    let (used, frame) = decoder.push(&piece[at..]).unwrap();
+                    at += used;
+                    out.extend(frame);
+                }
+            }
+            prop_assert!(decoder.is_idle());
+            let expected: Vec<Frame> = frames.into_iter().map(|(kind, id, payload)| Frame { kind, id, payload }).collect();
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = decode_all(&bytes);
+            let mut decoder = Decoder::new(256);
+            let _ = decoder.read_from(&mut &bytes[..]);
+        }
+
+        #[test]
+        fn a_flipped_bit_is_caught(payload in prop::collection::vec(any::<u8>(), 0..100), bit in 0usize..1000) {
+            let mut bytes = encode(Kind::Write, 42, &payload).unwrap();
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            // The length field may now ask for more bytes: then no frame comes out at all.
+            if let Ok(frames) = decode_all(&bytes) {
+                prop_assert!(frames.is_empty());
+            }
+        }
+    }
+}

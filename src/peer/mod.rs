@@ -1,0 +1,83 @@
+//! The peer protocol: how daemons talk to each other over TCP.
+//!
+//! Layers, each its own file: [`frame`] (length-prefixed, checksummed frames), [`message`]
+//! (typed requests and responses), [`auth`] (the handshake and the cluster key), [`server`]
+//! (accepts peers, calls a [`PeerHandler`]) and [`client`] (a pool of connections to one
+//! peer, pipelined calls completed by callback). The wire format is written down in
+//! docs/PROTOCOL.md. Nothing here knows about block files or replicas.
+
+pub mod frame;
+pub mod message;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::de::IntoDeserializer;
+use serde::Deserialize;
+
+pub use message::{code, BlockDigest, Request, Response, MAX_CHUNK};
+
+use crate::image::{ImageName, NodeId};
+use message::MessageError;
+
+/// Why a call to a peer failed, grouped by what the caller does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The peer cannot be reached now: connecting failed, the connection was lost (the call
+    /// may or may not have been carried out), the client is backing off after failures, or
+    /// it was closed. Treat the copy as unreachable; retry later.
+    #[error("peer unavailable: {0}")]
+    Unavailable(String),
+    /// No answer in time (the call may or may not have been carried out); like `Unavailable`.
+    #[error("peer did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered with an error: it is up, and said no.
+    #[error("peer refused: {message} (code {code})")]
+    Refused { code: u16, message: String },
+    /// Wrong cluster key, wrong node id or another protocol version. Retrying soon will not
+    /// help; the client waits the longest backoff between attempts.
+    #[error("peer authentication failed: {0}")]
+    Auth(String),
+    /// The peer sent a bad frame or an answer that does not fit the request.
+    #[error("peer protocol error: {0}")]
+    Protocol(String),
+    /// The request breaks a limit (a chunk over `MAX_CHUNK`, a range too long) and was not
+    /// sent: a bug in the caller.
+    #[error("request not sent: {0}")]
+    BadRequest(MessageError),
+}
+
+impl PeerError {
+    /// True for failures that say the peer is unreachable for now (not that it said no).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, PeerError::Unavailable(_) | PeerError::Timeout(_))
+    }
+}
+
+/// A node id read off the wire, checked with the rules of image names.
+pub fn node_id(text: &str) -> Result<NodeId, String> {
+    text.parse::<ImageName>()
+        .map_err(|e| format!("bad node id '{text}': {e}"))?;
+    let text: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        text.into_deserializer();
+    NodeId::deserialize(text).map_err(|e| e.to_string())
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
+/// section here is a few field updates).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_checked() {
+        assert_eq!(node_id("node-1").unwrap().to_string(), "node-1");
+        for bad in ["", "a/b", ".x", &"n".repeat(65)] {
+            assert!(node_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}
