@@ -6,6 +6,7 @@
 //! peer, pipelined calls completed by callback). The wire format is written down in
 //! docs/PROTOCOL.md. Nothing here knows about block files or replicas.
 
+pub mod auth;
 pub mod frame;
 pub mod message;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use serde::de::IntoDeserializer;
 use serde::Deserialize;
 
+pub use auth::{ClusterKey, KeyError};
 pub use message::{code, BlockDigest, Request, Response, MAX_CHUNK};
 
 use crate::image::{ImageName, NodeId};

@@ -1,0 +1,687 @@
+//! The handshake that opens every peer connection, and the cluster key it proves.
+//!
+//! ```text
+//! client                                              server
+//!   preamble (b"CORMORANT", version u16) + Hello  ->
+//!                                                 <-  preamble + Challenge
+//!   Proof = HMAC(key, client label | transcript)  ->
+//!                                                 <-  Accept = HMAC(key, server label | transcript)
+//!                                                     or Refuse (reason), then close
+//! transcript = nonce_c | nonce_s | len | client id | len | server id
+//! ```
+//!
+//! Both sides prove they hold the key over fresh nonces from both, so a recorded handshake is
+//! worth nothing and a reflected proof fails (the labels differ). The server reads nothing but
+//! these frames, each at most [`MAX_HANDSHAKE_PAYLOAD`] bytes, and gives up after
+//! [`HANDSHAKE_TIMEOUT`]; it says nothing about itself before the client's proof checks out.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use super::frame::{self, Decoder, Frame, FrameError, Kind};
+use super::node_id;
+use crate::image::NodeId;
+
+/// The first bytes each side sends: anything else is not a Cormorant peer.
+pub const MAGIC: [u8; 9] = *b"CORMORANT";
+
+/// The protocol version this build speaks; a peer speaking another one is refused.
+pub const VERSION: u16 = 1;
+
+/// Magic and version.
+pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
+
+/// A whole handshake must finish within this. Peers are on a LAN, where it takes two round
+/// trips of well under a millisecond; 5 s covers a loaded machine and still frees the slot of
+/// a client that connects and says nothing.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const NONCE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+
+/// Largest handshake payload: a Hello is at most 1 + 64 + 1 + 64 + 32 = 162 bytes, a Refuse
+/// at most 1 + [`MAX_REFUSE_REASON`].
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 256;
+
+/// Longest reason in a Refuse frame.
+pub const MAX_REFUSE_REASON: usize = 200;
+
+/// Shortest key: 256 bits, the HMAC-SHA256 block of security.
+pub const MIN_KEY_LEN: usize = 32;
+
+/// Largest key file read: a key is a line of hex or a few dozen raw bytes, not a document.
+pub const MAX_KEY_FILE: u64 = 4096;
+
+const CLIENT_LABEL: &[u8] = b"cormorant/1 client proof";
+const SERVER_LABEL: &[u8] = b"cormorant/1 server proof";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The secret every node of a cluster shares. Cheap to clone; never printed.
+#[derive(Clone)]
+pub struct ClusterKey {
+    mac: HmacSha256,
+}
+
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read cluster key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cluster key file {path} is over {MAX_KEY_FILE} bytes: not a key file")]
+    TooLarge { path: PathBuf },
+    #[error(
+        "cluster key is {len} bytes: at least {MIN_KEY_LEN} bytes or 64 hex characters are needed"
+    )]
+    TooShort { len: usize },
+}
+
+impl ClusterKey {
+    /// Reads a key file: 64 or more hex characters, or at least 32 raw bytes, with
+    /// surrounding whitespace ignored. A file that group or others can read is accepted
+    /// with a warning.
+    pub fn from_file(path: &Path) -> Result<ClusterKey, KeyError> {
+        let read_err = |source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "cluster key file {} is readable by others (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_KEY_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Err(KeyError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        ClusterKey::from_bytes(&bytes)
+    }
+
+    /// A key from a key file's contents (same rules as [`ClusterKey::from_file`]).
+    pub fn from_bytes(contents: &[u8]) -> Result<ClusterKey, KeyError> {
+        let text = contents.trim_ascii();
+        let is_hex = text.len() >= 2 * MIN_KEY_LEN
+            && text.len() % 2 == 0
+            && text.iter().all(u8::is_ascii_hexdigit);
+        let secret: Vec<u8> = if is_hex {
+            text.chunks(2)
+                .map(|pair| (hex(pair[0]) << 4) | hex(pair[1]))
+                .collect()
+        } else {
+            text.to_vec()
+        };
+        if secret.len() < MIN_KEY_LEN {
+            return Err(KeyError::TooShort { len: secret.len() });
+        }
+        let mac = HmacSha256::new_from_slice(&secret)
+            .map_err(|_| KeyError::TooShort { len: secret.len() })?;
+        Ok(ClusterKey { mac })
+    }
+
+    fn keyed(&self, label: &[u8], t: &Transcript) -> HmacSha256 {
+        let mut mac = self.mac.clone();
+        mac.update(label);
+        mac.update(&t.nonce_c);
+        mac.update(&t.nonce_s);
+        for id in [&t.client, &t.server] {
+            mac.update(&[id.len() as u8]);
+            mac.update(id.as_bytes());
+        }
+        mac
+    }
+
+    fn proof(&self, label: &[u8], t: &Transcript) -> Vec<u8> {
+        self.keyed(label, t).finalize().into_bytes().to_vec()
+    }
+
+    /// Constant-time check of a proof.
+    fn verify(&self, label: &[u8], t: &Transcript, proof: &[u8]) -> bool {
+        self.keyed(label, t).verify_slice(proof).is_ok()
+    }
+}
+
+fn hex(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        _ => digit - b'A' + 10,
+    }
+}
+
+/// What both proofs cover.
+struct Transcript {
+    nonce_c: [u8; NONCE_LEN],
+    nonce_s: [u8; NONCE_LEN],
+    client: String,
+    server: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The connection failed, closed or timed out: the peer may simply be down.
+    #[error("handshake I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad handshake frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the peer is not a Cormorant node (bad magic)")]
+    BadMagic,
+    #[error("protocol version mismatch: this node speaks {ours}, the peer speaks {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("unexpected {0:?} frame in the handshake")]
+    Unexpected(Kind),
+    #[error("malformed {0:?} frame in the handshake")]
+    Malformed(Kind),
+    #[error("bad node id in the handshake: {0}")]
+    BadNodeId(String),
+    #[error("the peer's proof is wrong: it does not hold this cluster key")]
+    BadProof,
+    #[error("the peer calls this node '{claimed}', but it is '{actual}'")]
+    WrongNode { claimed: String, actual: String },
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    #[error("no random numbers for a nonce: {0}")]
+    Random(String),
+}
+
+impl AuthError {
+    /// True when the failure says nothing about keys or versions (connection trouble).
+    pub fn is_io(&self) -> bool {
+        matches!(self, AuthError::Io(_))
+    }
+}
+
+/// A stream whose every read and write must finish by one deadline.
+struct Timed<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Timed<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut stream = self.stream;
+        stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn preamble() -> [u8; PREAMBLE_LEN] {
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    bytes[..MAGIC.len()].copy_from_slice(&MAGIC);
+    bytes[MAGIC.len()..].copy_from_slice(&VERSION.to_le_bytes());
+    bytes
+}
+
+/// Reads the peer's preamble and returns its version.
+fn read_preamble(s: &mut Timed) -> Result<u16, AuthError> {
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut bytes)?;
+    if bytes[..MAGIC.len()] != MAGIC {
+        return Err(AuthError::BadMagic);
+    }
+    Ok(u16::from_le_bytes([
+        bytes[MAGIC.len()],
+        bytes[MAGIC.len() + 1],
+    ]))
+}
+
+fn check_version(theirs: u16) -> Result<(), AuthError> {
+    if theirs != VERSION {
+        return Err(AuthError::Version {
+            ours: VERSION,
+            theirs,
+        });
+    }
+    Ok(())
+}
+
+fn send(s: &mut Timed, kind: Kind, payload: &[u8]) -> Result<(), AuthError> {
+    s.write_all(&frame::encode(kind, 0, payload)?)?;
+    Ok(())
+}
+
+/// Reads the next handshake frame, which must be `expected` (a Refuse becomes an error).
+fn receive(s: &mut Timed, expected: Kind) -> Result<Frame, AuthError> {
+    let frame = match Decoder::new(MAX_HANDSHAKE_PAYLOAD).read_from(s) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+        Err(frame::ReadError::Io(e)) => return Err(e.into()),
+        Err(frame::ReadError::Frame(e)) => return Err(e.into()),
+    };
+    if frame.kind == Kind::Refuse && expected != Kind::Refuse {
+        let reason = frame.payload.get(1..).unwrap_or_default();
+        return Err(AuthError::Refused(
+            String::from_utf8_lossy(reason).into_owned(),
+        ));
+    }
+    if frame.kind != expected {
+        return Err(AuthError::Unexpected(frame.kind));
+    }
+    Ok(frame)
+}
+
+fn refuse(s: &mut Timed, reason: &str) {
+    let reason = &reason.as_bytes()[..reason.len().min(MAX_REFUSE_REASON)];
+    let payload = [&[reason.len() as u8][..], reason].concat();
+    // The connection closes next either way; a failed send changes nothing.
+    let _ = send(s, Kind::Refuse, &payload);
+}
+
+fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|e| AuthError::Random(e.to_string()))?;
+    Ok(nonce)
+}
+
+fn hello_payload(client: &str, server: &str, nonce_c: &[u8; NONCE_LEN]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(2 + client.len() + server.len() + NONCE_LEN);
+    for id in [client, server] {
+        payload.push(id.len() as u8);
+        payload.extend_from_slice(id.as_bytes());
+    }
+    payload.extend_from_slice(nonce_c);
+    payload
+}
+
+/// Client id, the server id the client means to reach, and the client's nonce.
+fn parse_hello(payload: &[u8]) -> Result<(NodeId, NodeId, [u8; NONCE_LEN]), AuthError> {
+    let malformed = || AuthError::Malformed(Kind::Hello);
+    let mut rest = payload;
+    let mut ids = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let (&len, tail) = rest.split_first().ok_or_else(malformed)?;
+        let len = len as usize;
+        let text = tail.get(..len).ok_or_else(malformed)?;
+        let text = std::str::from_utf8(text).map_err(|_| malformed())?;
+        ids.push(node_id(text).map_err(AuthError::BadNodeId)?);
+        rest = &tail[len..];
+    }
+    let nonce: [u8; NONCE_LEN] = rest.try_into().map_err(|_| malformed())?;
+    let server = ids.pop().ok_or_else(malformed)?;
+    let client = ids.pop().ok_or_else(malformed)?;
+    Ok((client, server, nonce))
+}
+
+fn exact<const N: usize>(frame: &Frame) -> Result<[u8; N], AuthError> {
+    frame.payload[..]
+        .try_into()
+        .map_err(|_| AuthError::Malformed(frame.kind))
+}
+
+/// Opens a connection as `me` to the node `peer`: proves the key and checks the peer's proof.
+/// Nothing but handshake frames is read or written; on success the stream is ready for
+/// requests. Timeouts set on `stream` are left behind for the caller to reset.
+pub fn client_handshake(
+    stream: &TcpStream,
+    me: &NodeId,
+    peer: &NodeId,
+    key: &ClusterKey,
+    timeout: Duration,
+) -> Result<(), AuthError> {
+    let mut s = Timed {
+        stream,
+        deadline: Instant::now() + timeout,
+    };
+    let (client, server) = (me.to_string(), peer.to_string());
+    let nonce_c = nonce()?;
+    let hello = frame::encode(Kind::Hello, 0, &hello_payload(&client, &server, &nonce_c))?;
+    s.write_all(&[&preamble()[..], &hello].concat())?;
+    check_version(read_preamble(&mut s)?)?;
+    let nonce_s = exact(&receive(&mut s, Kind::Challenge)?)?;
+    let t = Transcript {
+        nonce_c,
+        nonce_s,
+        client,
+        server,
+    };
+    send(&mut s, Kind::Proof, &key.proof(CLIENT_LABEL, &t))?;
+    let accept = receive(&mut s, Kind::Accept)?;
+    if !key.verify(SERVER_LABEL, &t, &accept.payload) {
+        return Err(AuthError::BadProof);
+    }
+    Ok(())
+}
+
+/// Accepts a connection as `me`: checks the client's proof, then proves the key back.
+/// Returns the client's node id. A client that fails is sent a Refuse (if it got as far as a
+/// proof) and the error; the caller closes the connection.
+pub fn server_handshake(
+    stream: &TcpStream,
+    me: &NodeId,
+    key: &ClusterKey,
+    timeout: Duration,
+) -> Result<NodeId, AuthError> {
+    let mut s = Timed {
+        stream,
+        deadline: Instant::now() + timeout,
+    };
+    let theirs = read_preamble(&mut s)?;
+    s.write_all(&preamble())?;
+    check_version(theirs)?;
+    let (client, claimed, nonce_c) = parse_hello(&receive(&mut s, Kind::Hello)?.payload)?;
+    let nonce_s = nonce()?;
+    send(&mut s, Kind::Challenge, &nonce_s)?;
+    let t = Transcript {
+        nonce_c,
+        nonce_s,
+        client: client.to_string(),
+        server: claimed.to_string(),
+    };
+    let proof = receive(&mut s, Kind::Proof)?;
+    if !key.verify(CLIENT_LABEL, &t, &proof.payload) {
+        refuse(&mut s, "authentication failed");
+        return Err(AuthError::BadProof);
+    }
+    if claimed != *me {
+        let error = AuthError::WrongNode {
+            claimed: claimed.to_string(),
+            actual: me.to_string(),
+        };
+        refuse(&mut s, &error.to_string());
+        return Err(error);
+    }
+    send(&mut s, Kind::Accept, &key.proof(SERVER_LABEL, &t))?;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn key(bytes: &[u8]) -> ClusterKey {
+        ClusterKey::from_bytes(bytes).unwrap()
+    }
+
+    fn node(text: &str) -> NodeId {
+        node_id(text).unwrap()
+    }
+
+    /// Runs `server` on one end of a loopback connection and returns the client end.
+    fn pair<T: Send + 'static>(
+        server: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> (TcpStream, thread::JoinHandle<T>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = thread::spawn(move || server(listener.accept().unwrap().0));
+        (TcpStream::connect(addr).unwrap(), handle)
+    }
+
+    fn serve(
+        k: ClusterKey,
+        me: &'static str,
+    ) -> (TcpStream, thread::JoinHandle<Result<NodeId, AuthError>>) {
+        pair(move |s| server_handshake(&s, &node(me), &k, HANDSHAKE_TIMEOUT))
+    }
+
+    #[test]
+    fn keys_load_from_hex_or_raw_bytes() {
+        assert!(ClusterKey::from_bytes(format!("  {}\n", "ab".repeat(32)).as_bytes()).is_ok());
+        assert!(ClusterKey::from_bytes(&[7u8; 32]).is_ok());
+        assert!(matches!(
+            ClusterKey::from_bytes(b"short\n"),
+            Err(KeyError::TooShort { len: 5 })
+        ));
+        assert!(matches!(
+            ClusterKey::from_bytes(&[b' '; 40]),
+            Err(KeyError::TooShort { len: 0 })
+        ));
+        // 62 hex characters are raw bytes (31 of them would be too few as hex): still >= 32.
+        assert!(ClusterKey::from_bytes("ab".repeat(31).as_bytes()).is_ok());
+        assert!(matches!(
+            ClusterKey::from_bytes(&[b'a'; 31]),
+            Err(KeyError::TooShort { .. })
+        ));
+        // Hex and the same text as raw bytes are different keys.
+        let hex_text = "ab".repeat(32);
+        let t = Transcript {
+            nonce_c: [1; 32],
+            nonce_s: [2; 32],
+            client: "a".into(),
+            server: "b".into(),
+        };
+        let as_hex = key(hex_text.as_bytes());
+        let raw = key(&[0xab; 32]);
+        assert_eq!(as_hex.proof(CLIENT_LABEL, &t), raw.proof(CLIENT_LABEL, &t));
+        assert_ne!(
+            key(KEY).proof(CLIENT_LABEL, &t),
+            raw.proof(CLIENT_LABEL, &t)
+        );
+    }
+
+    #[test]
+    fn key_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(ClusterKey::from_file(&path).is_ok());
+        std::fs::write(&path, vec![b'x'; MAX_KEY_FILE as usize + 1]).unwrap();
+        assert!(matches!(
+            ClusterKey::from_file(&path),
+            Err(KeyError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            ClusterKey::from_file(&dir.path().join("none")),
+            Err(KeyError::Read { .. })
+        ));
+        assert_eq!(format!("{:?}", key(KEY)), "ClusterKey(..)");
+    }
+
+    #[test]
+    fn same_key_authenticates_both_ways() {
+        let (client, server) = serve(key(KEY), "b");
+        client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(server.join().unwrap().unwrap(), node("a"));
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let (client, server) = serve(key(&[0x55; 32]), "b");
+        let err = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, AuthError::Refused(ref r) if r == "authentication failed"),
+            "{err}"
+        );
+        assert!(matches!(server.join().unwrap(), Err(AuthError::BadProof)));
+    }
+
+    #[test]
+    fn wrong_node_id_is_refused_after_authentication() {
+        let (client, server) = serve(key(KEY), "c");
+        let err = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, AuthError::Refused(ref r) if r.contains("'b'") && r.contains("'c'")),
+            "{err}"
+        );
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(AuthError::WrongNode { .. })
+        ));
+    }
+
+    #[test]
+    fn client_checks_the_servers_proof() {
+        // A server that plays along without the key: its Accept carries a made-up proof.
+        let (client, server) = pair(|s| {
+            let mut t = Timed {
+                stream: &s,
+                deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+            };
+            read_preamble(&mut t).unwrap();
+            t.write_all(&preamble()).unwrap();
+            receive(&mut t, Kind::Hello).unwrap();
+            send(&mut t, Kind::Challenge, &[0; NONCE_LEN]).unwrap();
+            receive(&mut t, Kind::Proof).unwrap();
+            send(&mut t, Kind::Accept, &[0; MAC_LEN]).unwrap();
+        });
+        let err = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(matches!(err, AuthError::BadProof), "{err}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn version_mismatch_is_clear_on_both_sides() {
+        let (mut raw, server) = serve(key(KEY), "b");
+        let mut old = preamble();
+        old[MAGIC.len()] = 2;
+        raw.write_all(&old).unwrap();
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, preamble());
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(AuthError::Version { ours: 1, theirs: 2 })
+        ));
+
+        let (client, server) = pair(|mut s| {
+            let mut old = preamble();
+            old[MAGIC.len()] = 7;
+            s.write_all(&old).unwrap();
+        });
+        let err = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, AuthError::Version { ours: 1, theirs: 7 }),
+            "{err}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn strangers_learn_nothing() {
+        // Wrong magic: the server answers nothing at all and closes.
+        let (mut raw, server) = serve(key(KEY), "b");
+        raw.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut reply = Vec::new();
+        // Closed with our bytes unread, the kernel may answer with a reset instead of a FIN.
+        let _ = raw.read_to_end(&mut reply);
+        assert!(reply.is_empty());
+        assert!(matches!(server.join().unwrap(), Err(AuthError::BadMagic)));
+    }
+
+    #[test]
+    fn oversize_and_silent_handshakes_end() {
+        let (mut raw, server) = serve(key(KEY), "b");
+        raw.write_all(&preamble()).unwrap();
+        raw.write_all(&frame::encode(Kind::Hello, 0, &[0; MAX_HANDSHAKE_PAYLOAD + 1]).unwrap())
+            .unwrap();
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(AuthError::Frame(FrameError::TooLong { .. }))
+        ));
+
+        let (_raw, server) =
+            pair(|s| server_handshake(&s, &node("b"), &key(KEY), Duration::from_millis(100)));
+        let started = Instant::now();
+        assert!(matches!(server.join().unwrap(), Err(AuthError::Io(_))));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn hello_parsing_is_strict() {
+        let good = hello_payload("a", "b", &[3; 32]);
+        let (c, s, n) = parse_hello(&good).unwrap();
+        assert_eq!((c, s, n), (node("a"), node("b"), [3; 32]));
+        assert!(matches!(
+            parse_hello(&good[..good.len() - 1]),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_hello(&[good.clone(), vec![0]].concat()),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_hello(&hello_payload("../x", "b", &[0; 32])),
+            Err(AuthError::BadNodeId(_))
+        ));
+        assert!(matches!(parse_hello(&[200]), Err(AuthError::Malformed(_))));
+    }
+}
