@@ -7,8 +7,11 @@
 //! docs/PROTOCOL.md. Nothing here knows about block files or replicas.
 
 pub mod auth;
+pub mod client;
 pub mod frame;
 pub mod message;
+mod outbox;
+pub mod server;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -17,7 +20,9 @@ use serde::de::IntoDeserializer;
 use serde::Deserialize;
 
 pub use auth::{ClusterKey, KeyError};
+pub use client::{Done, PeerClient};
 pub use message::{code, BlockDigest, Request, Response, MAX_CHUNK};
+pub use server::{PeerHandler, PeerServer};
 
 use crate::image::{ImageName, NodeId};
 use message::MessageError;
