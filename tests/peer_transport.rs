@@ -1,0 +1,456 @@
+//! The peer transport over loopback: a real server and real clients on 127.0.0.1 with
+//! ephemeral ports, and a toy in-memory handler.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cormorant::image::{BlockRange, ImageName, NodeId, Tier};
+use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
+use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
+use cormorant::peer::message::MAX_CHUNK;
+use cormorant::peer::{
+    code, node_id, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
+};
+
+const KEY: &[u8] = b"f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed\n";
+const WAIT: Duration = Duration::from_secs(5);
+
+fn key() -> ClusterKey {
+    ClusterKey::from_bytes(KEY).unwrap()
+}
+
+fn node(id: &str) -> NodeId {
+    node_id(id).unwrap()
+}
+
+fn image() -> ImageName {
+    "disk0".parse().unwrap()
+}
+
+/// Bytes a toy read of `block` returns: they name the block, so a mixed-up answer shows.
+fn block_bytes(block: u64, len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (block as u32).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect()
+}
+
+/// An in-memory node: reads answer `block_bytes` unless the block was written; each call
+/// first sleeps a few milliseconds chosen from the block number (so answers overtake each
+/// other, the same way every run); block 666 panics; blocks from 900 sleep `slow` ms.
+#[derive(Default)]
+struct Toy {
+    calls: AtomicUsize,
+    slow: u64,
+    written: Mutex<HashMap<u64, Vec<u8>>>,
+}
+
+impl PeerHandler for Toy {
+    fn handle(&self, from: &NodeId, request: Request) -> Response {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match request {
+            Request::Read { block, len, .. } => {
+                let pause = if block >= 900 {
+                    self.slow
+                } else {
+                    block.wrapping_mul(7919) % 5
+                };
+                thread::sleep(Duration::from_millis(pause));
+                assert_ne!(block, 666, "the toy handler panics on block 666");
+                let written = self.written.lock().unwrap().get(&block).cloned();
+                Response::Data(written.unwrap_or_else(|| block_bytes(block, len)))
+            }
+            Request::Write { block, data, .. } => {
+                self.written.lock().unwrap().insert(block, data);
+                Response::Ok
+            }
+            Request::Checksums { blocks, .. } => Response::Checksums(
+                blocks
+                    .iter()
+                    .map(|b| (b % 2 == 0).then_some([b as u8; 32]))
+                    .collect(),
+            ),
+            Request::Meta { .. } => {
+                Response::MetaJson(format!("{{\"asked_by\":\"{from}\"}}").into_bytes())
+            }
+            Request::Flush { .. } => Response::Ok,
+            _ => Response::error(code::NOT_FOUND, "the toy holds nothing else"),
+        }
+    }
+}
+
+fn start(toy: &Arc<Toy>, addr: SocketAddr) -> PeerServer {
+    let handler: Arc<dyn PeerHandler> = toy.clone();
+    PeerServer::start(addr, key(), node("server"), handler).unwrap()
+}
+
+fn client(addr: SocketAddr, key: ClusterKey, pool: usize) -> PeerClient {
+    PeerClient::new(node("client"), node("server"), addr, key, pool)
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn read(block: u64, len: u32) -> Request {
+    Request::Read {
+        image: image(),
+        tier: Tier::Ram,
+        block,
+        offset: 0,
+        len,
+    }
+}
+
+#[test]
+fn pipelined_calls_complete_once_with_their_own_answers() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let client = client(server.local_addr(), key(), 3);
+    const CALLS: u64 = 600;
+    let (tx, rx) = mpsc::channel();
+    for block in 0..CALLS {
+        let tx = tx.clone();
+        let len = 1 + (block as u32 * 37) % 5000;
+        client.call(
+            read(block, len),
+            Box::new(move |result| tx.send((block, len, result)).unwrap()),
+        );
+    }
+    drop(tx);
+    let mut seen = vec![false; CALLS as usize];
+    let mut order = Vec::new();
+    for _ in 0..CALLS {
+        let (block, len, result) = rx.recv_timeout(WAIT).expect("every call completes");
+        assert!(!seen[block as usize], "block {block} completed twice");
+        seen[block as usize] = true;
+        order.push(block);
+        assert_eq!(result.unwrap(), Response::Data(block_bytes(block, len)));
+    }
+    // Every completion has been sent and the senders are gone: nothing completes twice.
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    assert!(
+        order.windows(2).any(|w| w[0] > w[1]),
+        "answers came back in order"
+    );
+    assert_eq!(client.pending(), 0);
+    assert_eq!(toy.calls.load(Ordering::SeqCst), CALLS as usize);
+}
+
+#[test]
+fn every_request_kind_crosses_and_errors_are_refusals() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let client = client(server.local_addr(), key(), 1);
+    let write = Request::Write {
+        image: image(),
+        tier: Tier::Volume,
+        block: 5,
+        offset: 0,
+        data: vec![0xab; MAX_CHUNK as usize],
+    };
+    assert_eq!(client.call_wait(write, WAIT).unwrap(), Response::Ok);
+    assert_eq!(
+        client.call_wait(read(5, MAX_CHUNK), WAIT).unwrap(),
+        Response::Data(vec![0xab; MAX_CHUNK as usize])
+    );
+    let blocks = BlockRange::new(4, 7).unwrap();
+    let sums = client.call_wait(
+        Request::Checksums {
+            image: image(),
+            tier: Tier::Ram,
+            blocks,
+        },
+        WAIT,
+    );
+    assert_eq!(
+        sums.unwrap(),
+        Response::Checksums(vec![Some([4; 32]), None, Some([6; 32])])
+    );
+    let meta = client
+        .call_wait(Request::Meta { image: image() }, WAIT)
+        .unwrap();
+    assert_eq!(
+        meta,
+        Response::MetaJson(b"{\"asked_by\":\"client\"}".to_vec())
+    );
+    assert_eq!(
+        client
+            .call_wait(Request::Flush { image: image() }, WAIT)
+            .unwrap(),
+        Response::Ok
+    );
+    let release = Request::Release {
+        image: image(),
+        tier: Tier::Ram,
+        blocks,
+    };
+    assert!(matches!(
+        client.call_wait(release, WAIT),
+        Err(PeerError::Refused {
+            code: code::NOT_FOUND,
+            ..
+        })
+    ));
+    // A panicking handler is answered, and the connection carries on.
+    let panicked = client.call_wait(read(666, 10), WAIT);
+    assert!(
+        matches!(
+            panicked,
+            Err(PeerError::Refused {
+                code: code::INTERNAL,
+                ..
+            })
+        ),
+        "{panicked:?}"
+    );
+    assert!(client.call_wait(read(1, 10), WAIT).is_ok());
+    // A request over the limits is refused before it is sent.
+    let big = Request::Write {
+        image: image(),
+        tier: Tier::Ram,
+        block: 0,
+        offset: 0,
+        data: vec![0; MAX_CHUNK as usize + 1],
+    };
+    assert!(matches!(
+        client.call_wait(big, WAIT),
+        Err(PeerError::BadRequest(_))
+    ));
+}
+
+#[test]
+fn a_wrong_key_is_refused_before_any_request() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let other = ClusterKey::from_bytes(&[0x42; 32]).unwrap();
+    let stranger = client(server.local_addr(), other, 2);
+    let result = stranger.call_wait(Request::Flush { image: image() }, WAIT);
+    assert!(matches!(result, Err(PeerError::Auth(_))), "{result:?}");
+    // Backing off: the next call fails at once, with the same reason.
+    let started = Instant::now();
+    assert!(matches!(
+        stranger.call_wait(read(1, 1), WAIT),
+        Err(PeerError::Auth(_))
+    ));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    // Calling the server by another node's name fails the same way.
+    let confused = PeerClient::new(
+        node("client"),
+        node("elsewhere"),
+        server.local_addr(),
+        key(),
+        1,
+    );
+    assert!(matches!(
+        confused.call_wait(read(1, 1), WAIT),
+        Err(PeerError::Auth(_))
+    ));
+    assert_eq!(toy.calls.load(Ordering::SeqCst), 0);
+}
+
+/// Opens a raw connection that has passed the handshake.
+fn authenticated(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    auth::client_handshake(
+        &stream,
+        &node("raw"),
+        &node("server"),
+        &key(),
+        HANDSHAKE_TIMEOUT,
+    )
+    .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+}
+
+/// True when the server closes `stream` (end of file or reset) before `WAIT`.
+fn closed_by_server(mut stream: TcpStream) -> bool {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn garbage_closes_only_its_own_connection() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let good = client(addr, key(), 1);
+    assert!(good.call_wait(read(1, 8), WAIT).is_ok());
+
+    // Random bytes instead of a handshake.
+    let mut noise = TcpStream::connect(addr).unwrap();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let _ = noise.write_all(&bytes);
+    assert!(closed_by_server(noise));
+
+    // After a good handshake: an oversize length, a bad checksum, a response kind.
+    let mut oversize = authenticated(addr);
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+    header[4] = Kind::Write as u8;
+    oversize.write_all(&header).unwrap();
+    assert!(closed_by_server(oversize));
+
+    let mut bad_crc = authenticated(addr);
+    let mut frame = frame::encode(Kind::Flush, 1, b"\x05disk0").unwrap();
+    frame[16] ^= 0xff;
+    bad_crc.write_all(&frame).unwrap();
+    assert!(closed_by_server(bad_crc));
+
+    let mut wrong_way = authenticated(addr);
+    wrong_way
+        .write_all(&frame::encode(Kind::Ok, 1, b"").unwrap())
+        .unwrap();
+    assert!(closed_by_server(wrong_way));
+
+    // A sound frame whose payload is not a request is answered, and the connection stays.
+    let mut sloppy = authenticated(addr);
+    sloppy
+        .write_all(&frame::encode(Kind::Flush, 7, b"\x05../x0").unwrap())
+        .unwrap();
+    let mut answer = [0u8; HEADER_LEN];
+    sloppy.read_exact(&mut answer).unwrap();
+    assert_eq!((answer[4], answer[8]), (Kind::Error as u8, 7));
+    let len = u32::from_le_bytes(answer[0..4].try_into().unwrap()) as usize;
+    let mut payload = vec![0; len];
+    sloppy.read_exact(&mut payload).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([payload[0], payload[1]]),
+        code::BAD_REQUEST
+    );
+    sloppy
+        .write_all(&frame::encode(Kind::Flush, 8, b"\x05disk0").unwrap())
+        .unwrap();
+    sloppy.read_exact(&mut answer).unwrap();
+    assert_eq!((answer[4], answer[8]), (Kind::Ok as u8, 8));
+
+    assert!(good.call_wait(read(2, 8), WAIT).is_ok());
+    assert_eq!(toy.calls.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_hung_peer_times_calls_out_and_the_connection_lives_on() {
+    let toy = Arc::new(Toy {
+        slow: 400,
+        ..Toy::default()
+    });
+    let server = start(&toy, any_port());
+    let timeout = Duration::from_millis(100);
+    let client = client(server.local_addr(), key(), 1).with_request_timeout(timeout);
+    assert!(client.call_wait(read(1, 1), WAIT).is_ok());
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    client.call(
+        read(900, 1),
+        Box::new(move |result| tx.send(result).unwrap()),
+    );
+    assert_eq!(
+        rx.recv_timeout(WAIT).unwrap(),
+        Err(PeerError::Timeout(timeout))
+    );
+    assert!(started.elapsed() < Duration::from_millis(350));
+    // call_wait's own timeout is the call's.
+    let short = Duration::from_millis(60);
+    assert_eq!(
+        client.call_wait(read(901, 1), short),
+        Err(PeerError::Timeout(short))
+    );
+    assert_eq!(client.pending(), 0);
+    assert!(client.call_wait(read(1, 1), WAIT).is_ok());
+}
+
+#[test]
+fn losing_the_server_fails_pending_calls_and_the_client_reconnects() {
+    let toy = Arc::new(Toy {
+        slow: 300,
+        ..Toy::default()
+    });
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let client = client(addr, key(), 2);
+    assert!(client.call_wait(read(1, 1), WAIT).is_ok());
+
+    let (tx, rx) = mpsc::channel();
+    for block in 900..910 {
+        let tx = tx.clone();
+        client.call(
+            read(block, 1),
+            Box::new(move |result| tx.send(result).unwrap()),
+        );
+    }
+    drop(tx);
+    thread::sleep(Duration::from_millis(50));
+    server.stop();
+    let failures: Vec<_> = (0..10).map(|_| rx.recv_timeout(WAIT).unwrap()).collect();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "a call completed twice"
+    );
+    for failure in failures {
+        assert!(
+            matches!(failure, Err(PeerError::Unavailable(_))),
+            "{failure:?}"
+        );
+    }
+
+    // While the server is down, calls fail quickly, and say so.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = client.call_wait(read(1, 1), WAIT);
+        assert!(
+            matches!(result, Err(ref e) if e.is_unreachable()),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    let again = start(&toy, addr);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.call_wait(read(3, 4), WAIT) {
+            Ok(answer) => break assert_eq!(answer, Response::Data(block_bytes(3, 4))),
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.is_unreachable(), "{e}");
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("no reconnection: {e}"),
+        }
+    }
+    drop(again);
+}
+
+#[test]
+fn dropping_the_client_fails_what_is_pending() {
+    let toy = Arc::new(Toy {
+        slow: 300,
+        ..Toy::default()
+    });
+    let server = start(&toy, any_port());
+    let client = client(server.local_addr(), key(), 1);
+    let (tx, rx) = mpsc::channel();
+    client.call(
+        read(900, 1),
+        Box::new(move |result| tx.send(result).unwrap()),
+    );
+    thread::sleep(Duration::from_millis(50));
+    drop(client);
+    assert!(matches!(
+        rx.recv_timeout(WAIT).unwrap(),
+        Err(PeerError::Unavailable(_))
+    ));
+}
