@@ -8,79 +8,156 @@ use std::sync::{Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
+use crate::cluster::Peers;
 use crate::disk::Disk;
-use crate::image::{ImageName, Location, NodeId, Tier};
-use crate::replica::failure::FailureList;
+use crate::image::{BlockRange, ImageName, Location, NodeId, Tier};
+use crate::peer::{Request, Response, MAX_CHUNK};
 use crate::replica::sync::Copies;
 
 /// The copies of one disk's blocks.
 pub struct DiskCopies<'a> {
     pub disk: &'a Disk,
-    pub failures: &'a FailureList,
+    pub peers: &'a Peers,
 }
 
 impl DiskCopies<'_> {
-    fn local(&self, at: &Location) -> io::Result<()> {
-        if &at.node == self.disk.me() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "copy on node {} is not reachable: no peer connection",
+    fn is_local(&self, at: &Location) -> bool {
+        &at.node == self.disk.me()
+    }
+
+    fn call(&self, at: &Location, request: Request) -> io::Result<Response> {
+        match self.peers.call_wait(&at.node, request) {
+            Ok(Response::Error { code, message }) => Err(io::Error::other(format!(
+                "{} refused: {message} (code {code})",
                 at.node
-            )))
+            ))),
+            Ok(response) => Ok(response),
+            Err(e) => Err(io::Error::other(format!("{}: {e}", at.node))),
         }
+    }
+
+    fn remote_read(&self, at: &Location, block: u64, len: u64) -> io::Result<Vec<u8>> {
+        let mut data = Vec::with_capacity(len as usize);
+        while (data.len() as u64) < len {
+            let chunk = (len - data.len() as u64).min(u64::from(MAX_CHUNK)) as u32;
+            let request = Request::Read {
+                image: self.disk.name().clone(),
+                tier: at.tier,
+                block,
+                offset: data.len() as u32,
+                len: chunk,
+            };
+            match self.call(at, request)? {
+                Response::Data(bytes) if bytes.len() == chunk as usize => data.extend(bytes),
+                other => return Err(io::Error::other(format!("unexpected answer {other:?}"))),
+            }
+        }
+        Ok(data)
+    }
+
+    /// Replaces a remote copy: the bytes, a hole for the rest of the block, then a flush so
+    /// the copy is durable before it is marked in sync.
+    fn remote_write(&self, at: &Location, block: u64, data: Option<&[u8]>) -> io::Result<()> {
+        let image = self.disk.name().clone();
+        let len = self.disk.meta().block_len(block);
+        let data = data.unwrap_or(&[]);
+        for (i, chunk) in data.chunks(MAX_CHUNK as usize).enumerate() {
+            let request = Request::Write {
+                image: image.clone(),
+                tier: at.tier,
+                block,
+                offset: (i * MAX_CHUNK as usize) as u32,
+                data: chunk.to_vec(),
+            };
+            self.call(at, request)?;
+        }
+        if (data.len() as u64) < len {
+            let request = Request::Discard {
+                image: image.clone(),
+                tier: at.tier,
+                block,
+                offset: data.len() as u32,
+                len: (len - data.len() as u64) as u32,
+            };
+            self.call(at, request)?;
+        }
+        self.call(at, Request::Flush { image })?;
+        Ok(())
     }
 }
 
+/// SHA-256 of a block's bytes on this node (zero-filled to the block's length), or None
+/// when the block has no file there.
+pub fn block_digest(disk: &Disk, tier: Tier, block: u64) -> io::Result<Option<[u8; 32]>> {
+    let len = disk.meta().block_len(block);
+    let Some(file) = disk.files(tier).for_read(block)? else {
+        return Ok(None);
+    };
+    let mut bytes = read_file(&file, len)?;
+    bytes.resize(len as usize, 0);
+    Ok(Some(Sha256::digest(&bytes).into()))
+}
+
+fn read_file(file: &std::fs::File, len: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
 impl Copies for DiskCopies<'_> {
-    fn checksum(
-        &self,
-        image: &ImageName,
-        at: &Location,
-        block: u64,
-    ) -> io::Result<Option<[u8; 32]>> {
+    /// Absent blocks hash like zeros, here and on peers, so an unwritten copy matches a
+    /// zero-filled one.
+    fn checksum(&self, _: &ImageName, at: &Location, block: u64) -> io::Result<Option<[u8; 32]>> {
         let len = self.disk.meta().block_len(block);
-        let data = self.read(image, at, block, len)?;
-        Ok(Some(match data {
-            Some(mut bytes) => {
-                bytes.resize(len as usize, 0);
-                Sha256::digest(&bytes).into()
+        let digest = if self.is_local(at) {
+            block_digest(self.disk, at.tier, block)?
+        } else {
+            let request = Request::Checksums {
+                image: self.disk.name().clone(),
+                tier: at.tier,
+                blocks: BlockRange::new(block, block + 1).map_err(io::Error::other)?,
+            };
+            match self.call(at, request)? {
+                Response::Checksums(sums) if sums.len() == 1 => sums[0],
+                other => return Err(io::Error::other(format!("unexpected answer {other:?}"))),
             }
-            None => zero_digest(len),
-        }))
+        };
+        Ok(Some(digest.unwrap_or_else(|| zero_digest(len))))
     }
 
     fn read(
         &self,
-        _image: &ImageName,
+        _: &ImageName,
         at: &Location,
         block: u64,
         len: u64,
     ) -> io::Result<Option<Vec<u8>>> {
-        self.local(at)?;
-        let Some(file) = self.disk.files(at.tier).for_read(block)? else {
-            return Ok(None);
-        };
-        let mut buf = vec![0u8; len as usize];
-        let mut n = 0;
-        while n < buf.len() {
-            match file.read_at(&mut buf[n..], n as u64)? {
-                0 => break,
-                k => n += k,
-            }
+        if !self.is_local(at) {
+            return self.remote_read(at, block, len).map(Some);
         }
-        buf.truncate(n);
-        Ok(Some(buf))
+        match self.disk.files(at.tier).for_read(block)? {
+            Some(file) => read_file(&file, len).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn write(
         &self,
-        _image: &ImageName,
+        _: &ImageName,
         at: &Location,
         block: u64,
         data: Option<&[u8]>,
     ) -> io::Result<()> {
-        self.local(at)?;
+        if !self.is_local(at) {
+            return self.remote_write(at, block, data);
+        }
         let files = self.disk.files(at.tier);
         let Some(data) = data else {
             return files.drop_block(block);
@@ -98,7 +175,7 @@ impl Copies for DiskCopies<'_> {
     }
 
     fn reachable(&self, node: &NodeId) -> bool {
-        node == self.disk.me() || !self.failures.is_failed(node)
+        node == self.disk.me() || !self.peers.failures().is_failed(node)
     }
 }
 

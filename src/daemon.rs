@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use crate::cluster::Peers;
 pub use crate::config::Config;
 use crate::control::protocol::Request;
 use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
-use crate::image::{BlockRange, ImageMeta, ImageName, Location, Placement, Tier};
+use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Placement, Tier};
+use crate::peer::{ClusterKey, Request as PeerRequest};
 use crate::placement;
-use crate::replica::failure::FailureList;
 use crate::replica::sync;
 use crate::route;
 
@@ -31,7 +32,7 @@ struct Entry {
 pub struct Daemon {
     config: Config,
     images: Mutex<BTreeMap<ImageName, Entry>>,
-    failures: Arc<FailureList>,
+    peers: Arc<Peers>,
 }
 
 /// How often an import or export reports progress, in blocks.
@@ -42,11 +43,11 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 impl Daemon {
     /// Loads and exports every image found in the metadata directory. An image whose
     /// metadata cannot be read is logged and left alone; the others are served.
-    pub fn start(config: Config) -> io::Result<Daemon> {
+    pub fn start(config: Config, key: Option<&ClusterKey>) -> io::Result<Daemon> {
         let meta_dir = config.meta_dir();
         fs::create_dir_all(&meta_dir)?;
         let daemon = Daemon {
-            failures: Arc::new(FailureList::new(config.failure_timeout)),
+            peers: Arc::new(Peers::new(&config, key)),
             config,
             images: Mutex::new(BTreeMap::new()),
         };
@@ -81,20 +82,110 @@ impl Daemon {
                 .save(&self.config.meta_dir())
                 .map_err(io::Error::other)?;
         }
-        let export = self.export(&disk)?;
-        self.lock().insert(
-            name,
-            Entry {
-                disk,
-                export: Some(export),
-            },
-        );
+        // Only the owner exports an image; other nodes hold copies of its blocks for it.
+        let export = if disk.meta().owner == self.config.node {
+            Some(self.export(&disk)?)
+        } else {
+            None
+        };
+        self.lock().insert(name, Entry { disk, export });
+        Ok(())
+    }
+
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Any image this node knows, owned or held.
+    pub fn find(&self, name: &ImageName) -> Option<Arc<Disk>> {
+        self.lock().get(name).map(|e| e.disk.clone())
+    }
+
+    /// The owner of `meta.name` tells this node it holds copies: remember the image (durably)
+    /// so its blocks are served, also after a restart.
+    pub fn hold(&self, from: &NodeId, meta: ImageMeta) -> Result<(), String> {
+        if &meta.owner != from {
+            return Err(format!("{from} does not own image {}", meta.name));
+        }
+        if meta.owner == self.config.node {
+            return Err(format!("image {} is owned by this node", meta.name));
+        }
+        if let Some(disk) = self.find(&meta.name) {
+            let owner = disk.meta().owner.clone();
+            if owner != *from {
+                return Err(format!(
+                    "image {} is owned by {owner}, not {from}",
+                    meta.name
+                ));
+            }
+            return disk.update_meta(|held| {
+                *held = meta;
+                Ok(())
+            });
+        }
+        for tier in [Tier::Ram, Tier::Volume] {
+            crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name)
+                .create_dir()
+                .map_err(|e| format!("cannot create the block directory: {e}"))?;
+        }
+        meta.save(&self.config.meta_dir())
+            .map_err(|e| e.to_string())?;
+        log::info!("image {}: holding copies for {from}", meta.name);
+        self.open_and_export(meta).map_err(|e| e.to_string())
+    }
+
+    /// The owner took this node's copy of `blocks` on `tier` away: free it, and forget the
+    /// image when this node holds nothing of it any more.
+    pub fn release(
+        &self,
+        from: &NodeId,
+        name: &ImageName,
+        tier: Tier,
+        blocks: BlockRange,
+    ) -> Result<(), String> {
+        let disk = self.find(name).ok_or_else(|| format!("no image {name}"))?;
+        if &disk.meta().owner != from {
+            return Err(format!("{from} does not own image {name}"));
+        }
+        let me = Placement {
+            node: self.config.node.clone(),
+            tier,
+        };
+        let blocks = blocks
+            .within(disk.meta().blocks())
+            .map_err(|e| e.to_string())?;
+        disk.update_meta(|meta| {
+            meta.table
+                .update(blocks, |locations| {
+                    if locations.len() > 1 {
+                        locations.retain(|l| !l.at(&me));
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })?;
+        for block in blocks.iter() {
+            let _ = disk.files(tier).drop_block(block);
+        }
+        let holds_any = disk.meta().table.nodes().contains(&self.config.node);
+        if !holds_any {
+            self.lock().remove(name);
+            ImageMeta::remove(&self.config.meta_dir(), name).map_err(|e| e.to_string())?;
+            for tier in [Tier::Ram, Tier::Volume] {
+                let _ = disk.files(tier).remove_all();
+            }
+            log::info!("image {name}: no copies held any more; forgotten");
+        }
         Ok(())
     }
 
     fn export(&self, disk: &Arc<Disk>) -> io::Result<Export> {
         let socket = socket_path(&self.config.run_dir, disk.name());
-        Export::start(disk.clone(), socket, self.config.use_uring)
+        Export::start(
+            disk.clone(),
+            socket,
+            self.config.use_uring,
+            self.peers.clone(),
+        )
     }
 
     /// Applies one control request.
@@ -148,7 +239,7 @@ impl Daemon {
     fn copies<'a>(&'a self, disk: &'a Disk) -> DiskCopies<'a> {
         DiskCopies {
             disk,
-            failures: &self.failures,
+            peers: &self.peers,
         }
     }
 
@@ -166,15 +257,21 @@ impl Daemon {
             ));
         }
         let range = placement::range_of(&disk, blocks)?;
+        if at.node != self.config.node {
+            // The new holder learns of the image first, so it serves the copy at once.
+            let mut preview = disk.meta().clone();
+            placement::add_to(&mut preview, range, at)?;
+            self.tell_holders(&preview, std::slice::from_ref(&at.node))?;
+        }
         let added = placement::add(&disk, range, at)?;
         log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling");
-        let (disk_bg, failures) = (disk.clone(), self.failures.clone());
+        let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         std::thread::Builder::new()
             .name(format!("fill-{name}"))
             .spawn(move || {
                 let copies = DiskCopies {
                     disk: &disk_bg,
-                    failures: &failures,
+                    peers: &peers,
                 };
                 match sync::sync(&disk_bg, &copies, range, None, &mut |_, _| {}) {
                     Ok(report) => log::info!(
@@ -206,6 +303,15 @@ impl Daemon {
                 if let Err(e) = files.drop_block(block) {
                     log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
                 }
+            }
+        } else if !removed.is_empty() {
+            let release = PeerRequest::Release {
+                image: name.clone(),
+                tier: at.tier,
+                blocks: range,
+            };
+            if let Err(e) = self.peers.call_ok(&at.node, release) {
+                log::warn!("image {name}: {at} keeps its removed copy's files: {e}");
             }
         }
         log::info!(
@@ -251,6 +357,7 @@ impl Daemon {
             files
                 .create_dir()
                 .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
+            self.tell_holders(&meta, &meta.table.nodes())?;
             meta.save(&self.config.meta_dir())
                 .map_err(|e| e.to_string())?;
             Disk::open(
@@ -269,6 +376,22 @@ impl Daemon {
         );
         log::info!("image {name}: created, {size} bytes in blocks of {block_size} on {tier}");
         Ok(disk)
+    }
+
+    /// Sends the image's metadata to the other nodes in `nodes` (those that hold copies), so
+    /// they serve its blocks.
+    fn tell_holders(&self, meta: &ImageMeta, nodes: &[NodeId]) -> Result<(), String> {
+        let json = serde_json::to_vec(&meta.to_file()).map_err(|e| e.to_string())?;
+        for node in nodes.iter().filter(|n| **n != self.config.node) {
+            let hold = PeerRequest::Hold {
+                image: meta.name.clone(),
+                meta_json: json.clone(),
+            };
+            self.peers
+                .call_ok(node, hold)
+                .map_err(|e| format!("cannot place copies on {node}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The copies a new image's blocks get: `at`, or this node on `tier`. Every copy starts in

@@ -13,6 +13,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::cluster::Peers;
 use crate::disk::Disk;
 use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
 
@@ -50,7 +51,12 @@ pub struct Export {
 
 impl Export {
     /// Binds the socket (replacing a stale one) and starts accepting.
-    pub fn start(disk: Arc<Disk>, socket: PathBuf, use_uring: bool) -> std::io::Result<Export> {
+    pub fn start(
+        disk: Arc<Disk>,
+        socket: PathBuf,
+        use_uring: bool,
+        peers: Arc<Peers>,
+    ) -> std::io::Result<Export> {
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -62,7 +68,7 @@ impl Export {
             let (disk, stop, active) = (disk.clone(), stop.clone(), active.clone());
             thread::Builder::new()
                 .name(format!("accept-{}", disk.name()))
-                .spawn(move || accept_loop(disk, listener.into(), stop, active, use_uring))?
+                .spawn(move || accept_loop(disk, listener.into(), stop, active, use_uring, peers))?
         };
         log::info!("image {}: exported on {}", disk.name(), socket.display());
         Ok(Export {
@@ -102,11 +108,12 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     active: Arc<Mutex<Option<Active>>>,
     use_uring: bool,
+    peers: Arc<Peers>,
 ) {
     let name = disk.name().clone();
     while !stop.load(Ordering::Acquire) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match BlkBackend::new(disk.clone(), mem.clone(), use_uring) {
+        let backend = match BlkBackend::new(disk.clone(), mem.clone(), use_uring, peers.clone()) {
             Ok(backend) => Arc::new(backend),
             Err(e) => {
                 log::error!("image {name}: cannot set up a backend: {e}; no longer accepting");

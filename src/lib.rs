@@ -5,6 +5,7 @@
 //! tests and the benchmark harness.
 
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod control;
@@ -20,6 +21,7 @@ pub mod placement;
 pub mod replica;
 pub mod route;
 pub mod serve;
+pub mod service;
 pub mod size;
 pub mod store;
 pub mod virtio;

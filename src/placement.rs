@@ -2,7 +2,7 @@
 //! before it takes effect; removing a copy never leaves a block without an in-sync copy.
 
 use crate::disk::Disk;
-use crate::image::{BlockRange, Location, Placement};
+use crate::image::{BlockRange, ImageMeta, Location, Placement};
 
 /// The range an operator named, or every block, checked against the image.
 pub fn range_of(disk: &Disk, blocks: Option<BlockRange>) -> Result<BlockRange, String> {
@@ -16,7 +16,12 @@ pub fn range_of(disk: &Disk, blocks: Option<BlockRange>) -> Result<BlockRange, S
 /// Adds an out-of-sync copy at `at` to every block of `range` that has none there; returns
 /// how many blocks got one.
 pub fn add(disk: &Disk, range: BlockRange, at: &Placement) -> Result<u64, String> {
-    disk.update_meta(|meta| {
+    disk.update_meta(|meta| add_to(meta, range, at))
+}
+
+/// [`add`] on a metadata value (to preview a change before it is made).
+pub fn add_to(meta: &mut ImageMeta, range: BlockRange, at: &Placement) -> Result<u64, String> {
+    {
         let added = range
             .iter()
             .filter(|&b| {
@@ -37,7 +42,7 @@ pub fn add(disk: &Disk, range: BlockRange, at: &Placement) -> Result<u64, String
             })
             .map_err(|e| e.to_string())?;
         Ok(added)
-    })
+    }
 }
 
 /// Removes the copy at `at` from every block of `range`; refused, with nothing changed, when a

@@ -11,6 +11,8 @@ use signal_hook::iterator::Signals;
 use crate::control;
 use crate::daemon::{Config, Daemon};
 use crate::engine::probe_uring;
+use crate::peer::{ClusterKey, PeerServer};
+use crate::service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -20,6 +22,8 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("cluster key {path}: {reason}")]
+    Key { path: String, reason: String },
     #[error("another cormorant daemon is serving {0}")]
     AlreadyRunning(String),
     #[error("{what}: {source}")]
@@ -54,7 +58,32 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
     }
     let control_path = config.run_dir.join("control.sock");
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("cannot watch signals"))?;
-    let daemon = Arc::new(Daemon::start(config).map_err(io_err("cannot load images"))?);
+    let key = match &config.cluster {
+        Some(cluster) => {
+            Some(
+                ClusterKey::from_file(&cluster.key_file).map_err(|e| ServeError::Key {
+                    path: cluster.key_file.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let daemon = Arc::new(
+        Daemon::start(config.clone(), key.as_ref()).map_err(io_err("cannot load images"))?,
+    );
+    let _peer_server = match (&config.cluster, key) {
+        (Some(cluster), Some(key)) => Some(
+            PeerServer::start(
+                cluster.listen,
+                key,
+                config.node.clone(),
+                Arc::new(PeerService::new(daemon.clone())),
+            )
+            .map_err(io_err("cannot listen for peers"))?,
+        ),
+        _ => None,
+    };
     control::server::start(daemon.clone(), &control_path)
         .map_err(io_err("cannot serve the control socket"))?;
     log::info!("serving; control socket {}", control_path.display());

@@ -6,6 +6,7 @@
 //! Nothing here knows about virtio: an [`Op`] is a file, an offset and host buffers.
 
 mod inline;
+pub mod remote;
 mod uring;
 
 pub use inline::InlineEngine;
@@ -25,6 +26,10 @@ pub struct IoVecs(pub SmallVec<[libc::iovec; 4]>);
 // that owns this value guarantees; nothing here is tied to the creating thread.
 unsafe impl Send for IoVecs {}
 
+// SAFETY: shared only by a remote operation's chunks, whose completions copy into disjoint
+// byte ranges of the buffers; the iovec array itself is never changed after creation.
+unsafe impl Sync for IoVecs {}
+
 impl IoVecs {
     pub fn len(&self) -> usize {
         self.0.iter().map(|v| v.iov_len).sum()
@@ -32,6 +37,52 @@ impl IoVecs {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Copies `data` into the buffers at byte `at` (a remote read's answer).
+    pub fn copy_in(&self, at: usize, data: &[u8]) {
+        let mut skip = at;
+        let mut src = data;
+        for v in &self.0 {
+            if src.is_empty() {
+                break;
+            }
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            let n = (v.iov_len - skip).min(src.len());
+            // SAFETY: the destination lies inside a device-writable guest buffer kept mapped
+            // by the request (see the type's doc); `n` stays within it and within `src`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), (v.iov_base as *mut u8).add(skip), n);
+            }
+            src = &src[n..];
+            skip = 0;
+        }
+    }
+
+    /// `len` bytes of the buffers from byte `at` (a remote write's payload).
+    pub fn copy_out(&self, at: usize, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let mut skip = at;
+        for v in &self.0 {
+            if out.len() == len {
+                break;
+            }
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            let n = (v.iov_len - skip).min(len - out.len());
+            // SAFETY: the source lies inside a guest buffer kept mapped by the request; `n`
+            // stays within it.
+            let bytes =
+                unsafe { std::slice::from_raw_parts((v.iov_base as *const u8).add(skip), n) };
+            out.extend_from_slice(bytes);
+            skip = 0;
+        }
+        out
     }
 
     /// The buffers from byte `from` on.

@@ -99,6 +99,19 @@ impl BlockTable {
         Some(&self.placements[id as usize])
     }
 
+    /// Every node that holds a copy of some block, in order.
+    pub fn nodes(&self) -> Vec<super::location::NodeId> {
+        let mut nodes: Vec<_> = self
+            .placements
+            .iter()
+            .flatten()
+            .map(|l| l.node.clone())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
     /// Runs of blocks with equal locations, in block order.
     pub fn extents(&self) -> Vec<Extent> {
         let mut extents: Vec<Extent> = Vec::new();

@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
 use super::config::BlkConfig;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
+use crate::cluster::Peers;
 use crate::disk::Disk;
 use crate::image::SECTOR_SIZE;
 
@@ -49,7 +50,12 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    pub fn new(disk: Arc<Disk>, mem: AtomicMem, use_uring: bool) -> io::Result<Self> {
+    pub fn new(
+        disk: Arc<Disk>,
+        mem: AtomicMem,
+        use_uring: bool,
+        peers: Arc<Peers>,
+    ) -> io::Result<Self> {
         let (capacity, read_only, block_size) = {
             let meta = disk.meta();
             (meta.size, meta.read_only, meta.block_size)
@@ -74,7 +80,10 @@ impl BlkBackend {
             max_write_zeroes_seg: MAX_DISCARD_SEG,
         };
         let workers = (0..MAX_QUEUES)
-            .map(|_| Worker::new(disk.clone(), limits, mem.clone(), use_uring).map(Mutex::new))
+            .map(|_| {
+                Worker::new(disk.clone(), limits, mem.clone(), use_uring, peers.clone())
+                    .map(Mutex::new)
+            })
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
             admitted: AtomicBool::new(false),

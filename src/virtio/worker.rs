@@ -19,7 +19,9 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::cluster::Peers;
 use crate::disk::{Disk, FlushTicket};
+use crate::engine::remote::{RemoteEngine, RemoteOp};
 use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine};
 use crate::image::{Location, Tier};
 use crate::replica::ack::{self, CopyResult, Outcome};
@@ -45,6 +47,12 @@ const POLL_STEP: Duration = Duration::from_micros(2);
 /// Guest mistakes logged at warn level per queue before they are only counted, so a
 /// misbehaving guest cannot flood the daemon's log.
 const GUEST_ERRORS_LOGGED: u64 = 8;
+
+/// Where a read is served from.
+enum Source {
+    Local(Tier),
+    Remote(Location),
+}
 
 struct InFlight {
     head: u16,
@@ -82,6 +90,8 @@ pub struct Worker {
     eventfd: EventFd,
     inline: InlineEngine,
     uring: Option<UringEngine>,
+    remote: RemoteEngine,
+    peers: Arc<Peers>,
     requests: Vec<Option<InFlight>>,
     free: Vec<usize>,
     done: Vec<Done>,
@@ -103,15 +113,20 @@ impl Worker {
         limits: Limits,
         mem: AtomicMem,
         use_uring: bool,
+        peers: Arc<Peers>,
     ) -> std::io::Result<Self> {
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let remote = RemoteEngine::new(peers.clone(), eventfd.try_clone()?);
         Ok(Worker {
             disk,
             limits,
             mem,
             use_uring,
-            eventfd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            eventfd,
             inline: InlineEngine::new(),
             uring: None,
+            remote,
+            peers,
             requests: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
@@ -175,11 +190,14 @@ impl Worker {
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
         while self.in_flight() > 0 {
-            if let Some(uring) = self.uring.as_mut() {
+            if let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
                 if let Err(e) = uring.wait() {
                     log::error!("image {}: waiting for io_uring: {e}", self.disk.name());
                     break;
                 }
+            } else if self.remote.in_flight() > 0 {
+                // Peer calls end by answer or by their timeout.
+                std::thread::sleep(Duration::from_millis(1));
             }
             match self.vring.clone() {
                 Some(vring) => self.complete(&vring),
@@ -196,7 +214,7 @@ impl Worker {
     }
 
     fn ops_in_flight(&self) -> usize {
-        self.uring.as_ref().map_or(0, |u| u.in_flight())
+        self.uring.as_ref().map_or(0, |u| u.in_flight()) + self.remote.in_flight()
     }
 
     /// Serves the queue until it is empty, then polls it a little longer (see
@@ -356,16 +374,46 @@ impl Worker {
         }
     }
 
-    /// The local tier holding an in-sync copy of `block`. Until the peer layer exists, a
-    /// block with no local in-sync copy cannot be served.
-    fn local_tier(&self, block: u64) -> Result<Tier, String> {
+    /// The copy a read of `block` goes to: an in-sync one here, else one on a peer that is
+    /// not on the failure list.
+    fn read_source(&self, block: u64) -> Result<Source, String> {
         let meta = self.disk.meta();
         let locations = meta
             .table
             .locations(block)
             .ok_or_else(|| format!("block {block} is past the end"))?;
-        route::local_copy(locations, self.disk.me())
-            .ok_or_else(|| format!("block {block} has no in-sync copy on this node"))
+        if let Some(tier) = route::local_copy(locations, self.disk.me()) {
+            return Ok(Source::Local(tier));
+        }
+        locations
+            .iter()
+            .find(|l| l.synced && !self.peers.failures().is_failed(&l.node))
+            .map(|l| Source::Remote(l.clone()))
+            .ok_or_else(|| format!("block {block} has no reachable in-sync copy"))
+    }
+
+    fn issue_remote(
+        &mut self,
+        slot: usize,
+        copy: usize,
+        kind: OpKind,
+        location: &Location,
+        piece: &Piece,
+        iovecs: IoVecs,
+    ) {
+        if let Some(request) = self.requests[slot].as_mut() {
+            request.pending += 1;
+        }
+        self.remote.start(RemoteOp {
+            kind,
+            node: location.node.clone(),
+            image: self.disk.name().clone(),
+            tier: location.tier,
+            block: piece.block,
+            offset: piece.offset,
+            iovecs,
+            tag: tag(slot, copy),
+        });
     }
 
     fn fail(&mut self, slot: usize, what: &str) {
@@ -378,12 +426,15 @@ impl Worker {
     /// Reads one block's part from an in-sync copy on this node. A block that was never
     /// written fills zeros without any I/O.
     fn read_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
-        let tier = match self.local_tier(piece.block) {
-            Ok(tier) => tier,
-            Err(e) => return self.fail(slot, &e),
-        };
         let Some(iovecs) = host_buffers(mem, &piece.segments) else {
             return self.fail(slot, "guest buffer moved out of memory");
+        };
+        let tier = match self.read_source(piece.block) {
+            Ok(Source::Local(tier)) => tier,
+            Ok(Source::Remote(location)) => {
+                return self.issue_remote(slot, 0, OpKind::Read, &location, &piece, iovecs);
+            }
+            Err(e) => return self.fail(slot, &e),
         };
         match self.disk.files(tier).for_read(piece.block) {
             Ok(None) => iovecs.zero_from(0),
@@ -427,8 +478,12 @@ impl Worker {
                 request.copies.len()
             };
             if &location.node != self.disk.me() {
-                // Other nodes' copies are reached by the peer layer; without it they miss the
-                // write, and the acknowledgement rule marks them out of sync.
+                // A copy on a failed peer misses the write; the acknowledgement rule marks
+                // it out of sync.
+                if !self.peers.failures().is_failed(&location.node) {
+                    let iov = IoVecs(iovecs.0.clone());
+                    self.issue_remote(slot, copy, OpKind::Write, &location, &piece, iov);
+                }
                 continue;
             }
             match self.disk.files(location.tier).for_write(piece.block) {
@@ -461,6 +516,15 @@ impl Worker {
     fn flush(&mut self, slot: usize) {
         if let Err(e) = self.disk.files(Tier::Volume).sync_dir_if_dirty() {
             return self.fail(slot, &format!("cannot sync block directory: {e}"));
+        }
+        let me = self.disk.me().clone();
+        for node in self.disk.meta().table.nodes() {
+            if node != me {
+                if let Some(request) = self.requests[slot].as_mut() {
+                    request.pending += 1;
+                }
+                self.remote.flush(&node, self.disk.name(), tag(slot, 0));
+            }
         }
         let (files, ticket) = self.disk.dirty().snapshot();
         for file in files {
@@ -526,23 +590,7 @@ impl Worker {
         let results: Vec<CopyResult> = locations
             .into_iter()
             .map(|location| {
-                let stored = &location.node == self.disk.me() && {
-                    let files = self.disk.files(location.tier);
-                    let freed = if whole {
-                        files.drop_block(span.block)
-                    } else {
-                        files.punch(span.block, span.offset, span.len)
-                    };
-                    freed
-                        .map_err(|e| {
-                            log::error!(
-                                "image {}: cannot free block {}: {e}",
-                                self.disk.name(),
-                                span.block
-                            )
-                        })
-                        .is_ok()
-                };
+                let stored = self.free_copy(&location, span, whole);
                 CopyResult { location, stored }
             })
             .collect();
@@ -562,6 +610,42 @@ impl Worker {
         };
         self.disk.writes().finish(span.block);
         outcome
+    }
+
+    /// Frees a span on one copy; true when it is done. A peer's copy is asked and waited for
+    /// (discards are rare, and a failed peer is on the failure list after one timeout).
+    fn free_copy(&self, location: &Location, span: route::BlockSpan, whole: bool) -> bool {
+        let freed = if &location.node == self.disk.me() {
+            let files = self.disk.files(location.tier);
+            if whole {
+                files.drop_block(span.block)
+            } else {
+                files.punch(span.block, span.offset, span.len)
+            }
+            .map_err(|e| e.to_string())
+        } else if self.peers.failures().is_failed(&location.node) {
+            Err("on the failure list".to_string())
+        } else {
+            let discard = crate::peer::Request::Discard {
+                image: self.disk.name().clone(),
+                tier: location.tier,
+                block: span.block,
+                offset: span.offset as u32,
+                len: span.len as u32,
+            };
+            self.peers.call_ok(&location.node, discard)
+        };
+        freed
+            .map_err(|e| {
+                log::error!(
+                    "image {}: cannot free block {} on {}:{}: {e}",
+                    self.disk.name(),
+                    span.block,
+                    location.node,
+                    location.tier
+                )
+            })
+            .is_ok()
     }
 
     fn engine(&mut self, tier: Tier) -> &mut dyn Engine {
@@ -616,6 +700,7 @@ impl Worker {
         if let Some(uring) = self.uring.as_mut() {
             uring.reap(&mut done);
         }
+        self.remote.reap(&mut done);
         done
     }
 

@@ -1,0 +1,94 @@
+//! This node's view of the other nodes: one pooled client per peer and the failure list that
+//! keeps a dead peer from costing a timeout per request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::image::NodeId;
+use crate::peer::{ClusterKey, PeerClient, PeerError, Request, Response};
+use crate::replica::failure::FailureList;
+
+/// Connections per peer: guest I/O of several queues and a resync share them, pipelined.
+const POOL: usize = 4;
+/// How long a control-path call (hold, release, checksums, a resync copy) may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
+
+pub struct Peers {
+    clients: BTreeMap<NodeId, PeerClient>,
+    failures: Arc<FailureList>,
+}
+
+impl Peers {
+    /// Clients for every configured peer (none for a single-node daemon). Connections are
+    /// made on first use.
+    pub fn new(config: &Config, key: Option<&ClusterKey>) -> Peers {
+        let mut clients = BTreeMap::new();
+        if let (Some(cluster), Some(key)) = (&config.cluster, key) {
+            for (id, addr) in &cluster.peers {
+                let client =
+                    PeerClient::new(config.node.clone(), id.clone(), *addr, key.clone(), POOL);
+                clients.insert(id.clone(), client);
+            }
+        }
+        Peers {
+            clients,
+            failures: Arc::new(FailureList::new(config.failure_timeout)),
+        }
+    }
+
+    pub fn failures(&self) -> &Arc<FailureList> {
+        &self.failures
+    }
+
+    /// Calls `node` unless it is on the failure list; a peer that turns out unreachable goes
+    /// on it.
+    pub fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        let Some(client) = self.clients.get(node) else {
+            return done(Err(PeerError::Unavailable(format!("{node} is not a peer"))));
+        };
+        if self.failures.is_failed(node) {
+            return done(Err(PeerError::Unavailable(format!(
+                "{node} is on the failure list"
+            ))));
+        }
+        let (failures, node) = (self.failures.clone(), node.clone());
+        client.call(
+            request,
+            Box::new(move |result| {
+                if let Err(e) = &result {
+                    if e.is_unreachable() {
+                        failures.fail(&node);
+                    }
+                }
+                done(result)
+            }),
+        );
+    }
+
+    /// A blocking call, for the control path.
+    pub fn call_wait(&self, node: &NodeId, request: Request) -> Result<Response, PeerError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.call(
+            node,
+            request,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.recv_timeout(CONTROL_TIMEOUT + Duration::from_secs(1))
+            .unwrap_or(Err(PeerError::Timeout(CONTROL_TIMEOUT)))
+    }
+
+    /// Like `call_wait`, expecting a plain `Ok`.
+    pub fn call_ok(&self, node: &NodeId, request: Request) -> Result<(), String> {
+        match self.call_wait(node, request) {
+            Ok(Response::Ok) => Ok(()),
+            Ok(other) => Err(format!("{node} answered {other:?}")),
+            Err(e) => Err(format!("{node}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What this node does for its peers: serve the copies it holds (read, write, flush, discard,
+//! checksums), and learn which copies it holds (hold, release). Every request is checked
+//! against this node's metadata: a peer touches only blocks this node holds for that image.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::copies::block_digest;
+use crate::daemon::Daemon;
+use crate::disk::Disk;
+use crate::image::meta::MetaFile;
+use crate::image::{ImageMeta, ImageName, NodeId, Tier};
+use crate::peer::{code, PeerHandler, Request, Response};
+
+pub struct PeerService {
+    daemon: Arc<Daemon>,
+}
+
+impl PeerService {
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        PeerService { daemon }
+    }
+
+    fn disk(&self, image: &ImageName) -> Result<Arc<Disk>, Response> {
+        self.daemon
+            .find(image)
+            .ok_or_else(|| refuse(code::NOT_FOUND, format!("no image {image} here")))
+    }
+
+    /// The disk, after checking this node holds `block` on `tier` and the span fits in it.
+    fn held(
+        &self,
+        image: &ImageName,
+        tier: Tier,
+        block: u64,
+        offset: u32,
+        len: u64,
+    ) -> Result<Arc<Disk>, Response> {
+        let disk = self.disk(image)?;
+        {
+            let meta = disk.meta();
+            let Some(locations) = meta.table.locations(block) else {
+                return Err(refuse(
+                    code::INVALID,
+                    format!("block {block} is past the end"),
+                ));
+            };
+            if !locations
+                .iter()
+                .any(|l| &l.node == disk.me() && l.tier == tier)
+            {
+                return Err(refuse(
+                    code::NOT_HELD,
+                    format!("block {block} is not held here on {tier}"),
+                ));
+            }
+            if u64::from(offset) + len > meta.block_len(block) {
+                return Err(refuse(code::INVALID, "span runs past the block".into()));
+            }
+        }
+        Ok(disk)
+    }
+
+    fn serve(&self, from: &NodeId, request: Request) -> Result<Response, Response> {
+        match request {
+            Request::Read {
+                image,
+                tier,
+                block,
+                offset,
+                len,
+            } => {
+                let disk = self.held(&image, tier, block, offset, u64::from(len))?;
+                let mut data = vec![0u8; len as usize];
+                if let Some(file) = disk.files(tier).for_read(block).map_err(io)? {
+                    let mut n = 0;
+                    while n < data.len() {
+                        match file
+                            .read_at(&mut data[n..], u64::from(offset) + n as u64)
+                            .map_err(io)?
+                        {
+                            0 => break,
+                            k => n += k,
+                        }
+                    }
+                }
+                Ok(Response::Data(data))
+            }
+            Request::Write {
+                image,
+                tier,
+                block,
+                offset,
+                data,
+            } => {
+                let disk = self.held(&image, tier, block, offset, data.len() as u64)?;
+                let file = disk.files(tier).for_write(block).map_err(io)?;
+                file.write_all_at(&data, u64::from(offset)).map_err(io)?;
+                if tier == Tier::Volume {
+                    disk.dirty().mark(block, &file);
+                }
+                Ok(Response::Ok)
+            }
+            Request::Flush { image } => {
+                self.disk(&image)?.sync_all().map_err(io)?;
+                Ok(Response::Ok)
+            }
+            Request::Discard {
+                image,
+                tier,
+                block,
+                offset,
+                len,
+            } => {
+                let disk = self.held(&image, tier, block, offset, u64::from(len))?;
+                let files = disk.files(tier);
+                let whole = offset == 0 && u64::from(len) == disk.meta().block_len(block);
+                if whole {
+                    files.drop_block(block).map_err(io)?;
+                } else {
+                    files
+                        .punch(block, u64::from(offset), u64::from(len))
+                        .map_err(io)?;
+                }
+                Ok(Response::Ok)
+            }
+            Request::Checksums {
+                image,
+                tier,
+                blocks,
+            } => {
+                let disk = self.disk(&image)?;
+                let blocks = blocks
+                    .within(disk.meta().blocks())
+                    .map_err(|e| refuse(code::INVALID, e.to_string()))?;
+                let mut sums = Vec::with_capacity(blocks.len() as usize);
+                for block in blocks.iter() {
+                    sums.push(block_digest(&disk, tier, block).map_err(io)?);
+                }
+                Ok(Response::Checksums(sums))
+            }
+            Request::Hold { image, meta_json } => {
+                let file: MetaFile = serde_json::from_slice(&meta_json)
+                    .map_err(|e| refuse(code::INVALID, format!("bad metadata: {e}")))?;
+                let meta =
+                    ImageMeta::from_file(file).map_err(|e| refuse(code::INVALID, e.to_string()))?;
+                if meta.name != image {
+                    return Err(refuse(code::INVALID, "metadata names another image".into()));
+                }
+                self.daemon
+                    .hold(from, meta)
+                    .map_err(|e| refuse(code::INVALID, e))?;
+                Ok(Response::Ok)
+            }
+            Request::Release {
+                image,
+                tier,
+                blocks,
+            } => {
+                self.daemon
+                    .release(from, &image, tier, blocks)
+                    .map_err(|e| refuse(code::INVALID, e))?;
+                Ok(Response::Ok)
+            }
+            Request::Meta { image } => {
+                let disk = self.disk(&image)?;
+                let json = serde_json::to_vec(&disk.meta().to_file())
+                    .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
+                Ok(Response::MetaJson(json))
+            }
+        }
+    }
+}
+
+impl PeerHandler for PeerService {
+    fn handle(&self, from: &NodeId, request: Request) -> Response {
+        self.serve(from, request).unwrap_or_else(|refusal| refusal)
+    }
+}
+
+fn refuse(code: u16, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+fn io(e: std::io::Error) -> Response {
+    refuse(code::IO, e.to_string())
+}
