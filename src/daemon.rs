@@ -154,11 +154,19 @@ impl Daemon {
         let blocks = blocks
             .within(disk.meta().blocks())
             .map_err(|e| e.to_string())?;
+        // A holder's copy of the metadata only answers "is this block held here"; it may lag
+        // behind the owner's. A block left with no location gets the owner as a stand-in.
         disk.update_meta(|meta| {
+            let stand_in = Location {
+                node: meta.owner.clone(),
+                tier: meta.tier,
+                synced: true,
+            };
             meta.table
                 .update(blocks, |locations| {
-                    if locations.len() > 1 {
-                        locations.retain(|l| !l.at(&me));
+                    locations.retain(|l| !l.at(&me));
+                    if locations.is_empty() {
+                        locations.push(stand_in.clone());
                     }
                 })
                 .map_err(|e| e.to_string())

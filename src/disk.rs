@@ -1,12 +1,12 @@
 //! A disk: an image opened for serving. It ties the image's metadata to its block files on
 //! this node, tracks what a flush must sync, and admits at most one frontend at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::store::{BlockFiles, TierDirs};
@@ -17,6 +17,9 @@ pub struct Disk {
     meta_dir: PathBuf,
     meta: RwLock<ImageMeta>,
     writes: WriteCounters,
+    frozen: Frozen,
+    /// One resync at a time per image (an operator's `sync` waits for a background fill).
+    resync: Mutex<()>,
     ram: BlockFiles,
     volume: BlockFiles,
     dirty: DirtyFiles,
@@ -97,6 +100,51 @@ impl WriteCounters {
     }
 }
 
+/// Blocks a resync is copying under lock: guest writes to them wait until the copy is
+/// committed. Used only for blocks that guest writes keep rewriting faster than an optimistic
+/// copy can finish, so it stays rare and short (one block's copy).
+#[derive(Default)]
+pub struct Frozen {
+    blocks: Mutex<HashSet<u64>>,
+    thawed: Condvar,
+}
+
+impl Frozen {
+    /// Freezes `block`; call with the metadata write lock held, so no write is choosing its
+    /// copies at that moment.
+    fn freeze(&self, block: u64) {
+        self.blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(block);
+    }
+
+    pub fn thaw(&self, block: u64) {
+        self.blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&block);
+        self.thawed.notify_all();
+    }
+
+    pub fn is_frozen(&self, block: u64) -> bool {
+        self.blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&block)
+    }
+
+    /// Waits until `block` thaws or `timeout` passes; true when it thawed.
+    pub fn wait(&self, block: u64, timeout: std::time::Duration) -> bool {
+        let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let (blocks, _) = self
+            .thawed
+            .wait_timeout_while(blocks, timeout, |b| b.contains(&block))
+            .unwrap_or_else(|p| p.into_inner());
+        !blocks.contains(&block)
+    }
+}
+
 /// Held while a frontend is connected; dropping it lets the next one in.
 pub struct Claim(Arc<Disk>);
 
@@ -147,6 +195,8 @@ impl Disk {
             me,
             meta_dir,
             writes: WriteCounters::new(meta.blocks()),
+            frozen: Frozen::default(),
+            resync: Mutex::new(()),
             meta: RwLock::new(meta),
             ram,
             volume,
@@ -170,6 +220,21 @@ impl Disk {
 
     pub fn writes(&self) -> &WriteCounters {
         &self.writes
+    }
+
+    pub fn frozen(&self) -> &Frozen {
+        &self.frozen
+    }
+
+    /// Held for the length of a resync.
+    pub fn resync_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.resync.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Freezes `block` against guest writes (see [`Frozen`]); thaw it when done.
+    pub fn freeze(&self, block: u64) {
+        let _exclusive = self.meta.write().unwrap_or_else(|p| p.into_inner());
+        self.frozen.freeze(block);
     }
 
     /// Changes the metadata durably: `change` edits a copy, which is saved (atomically) and

@@ -16,10 +16,11 @@ use crate::image::{BlockRange, ImageName, Location, NodeId};
 
 /// Blocks committed per metadata save: a save costs two fsyncs.
 const COMMIT_BATCH: u64 = 64;
-/// Attempts per block before a sync gives up on it (a guest rewriting one block nonstop).
-const MAX_ATTEMPTS: u32 = 20;
-/// How long a sync waits for a block's in-flight writes to finish before trying again.
-const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// Optimistic attempts per block before the sync copies it frozen (guest writes to it wait
+/// for the copy): a guest rewriting one block nonstop would otherwise never let it converge.
+const OPTIMISTIC_ATTEMPTS: u32 = 3;
+/// How long a sync waits for a block's in-flight writes to finish (a peer's timeout is 10 s).
+const IDLE_WAIT: Duration = Duration::from_secs(15);
 
 /// Reading and writing whole copies of blocks, wherever they live.
 pub trait Copies: Sync {
@@ -78,6 +79,7 @@ pub fn sync(
     rate: Option<u64>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SyncReport, SyncError> {
+    let _one_at_a_time = disk.resync_lock();
     let mut report = SyncReport::default();
     let started = Instant::now();
     let mut batch: Vec<(u64, Location, u32)> = Vec::new();
@@ -124,27 +126,17 @@ fn copy_block(
     if !copies.reachable(&dest.node) {
         return None;
     }
-    let name = disk.name();
-    for _ in 0..MAX_ATTEMPTS {
+    for _ in 0..OPTIMISTIC_ATTEMPTS {
         let writes = wait_idle(disk, block)?;
-        let source = source_of(disk, copies, block)?;
-        let outcome = (|| -> io::Result<bool> {
-            let want = copies.checksum(name, &source, block)?;
-            if copies.checksum(name, dest, block)? == want {
-                return Ok(false);
-            }
-            let data = copies.read(name, &source, block, len)?;
-            copies.write(name, dest, block, data.as_deref())?;
-            Ok(true)
-        })();
-        match outcome {
+        match copy_once(disk, copies, block, len, dest) {
             Ok(copied) if disk.writes().idle(block) == Some(writes) => {
-                return Some((copied, writes))
+                return Some((copied, writes));
             }
             Ok(_) => continue,
             Err(e) => {
                 log::warn!(
-                    "image {name}: block {block}: sync to {}:{} failed: {e}",
+                    "image {}: block {block}: sync to {}:{} failed: {e}",
+                    disk.name(),
                     dest.node,
                     dest.tier
                 );
@@ -152,12 +144,69 @@ fn copy_block(
             }
         }
     }
-    log::warn!("image {name}: block {block}: guest writes kept racing the sync; left out of sync");
-    None
+    copy_frozen(disk, copies, block, len, dest)
+}
+
+/// Compares the source's and the copy's checksums and copies the block when they differ.
+fn copy_once(
+    disk: &Disk,
+    copies: &dyn Copies,
+    block: u64,
+    len: u64,
+    dest: &Location,
+) -> io::Result<bool> {
+    let name = disk.name();
+    let source = source_of(disk, copies, block)
+        .ok_or_else(|| io::Error::other("no reachable in-sync copy to copy from"))?;
+    let want = copies.checksum(name, &source, block)?;
+    if copies.checksum(name, dest, block)? == want {
+        return Ok(false);
+    }
+    let data = copies.read(name, &source, block, len)?;
+    copies.write(name, dest, block, data.as_deref())?;
+    Ok(true)
+}
+
+/// Copies a block that guest writes keep racing: writes to it wait while it is copied and
+/// committed (one block, so the wait is short). The commit happens here, before the thaw; the
+/// caller's batch commit then finds the copy already in sync.
+fn copy_frozen(
+    disk: &Disk,
+    copies: &dyn Copies,
+    block: u64,
+    len: u64,
+    dest: &Location,
+) -> Option<(bool, u32)> {
+    struct Thaw<'a>(&'a Disk, u64);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.frozen().thaw(self.1);
+        }
+    }
+    disk.freeze(block);
+    let _thaw = Thaw(disk, block);
+    let writes = wait_idle(disk, block)?;
+    let copied = match copy_once(disk, copies, block, len, dest) {
+        Ok(copied) => copied,
+        Err(e) => {
+            log::warn!(
+                "image {}: block {block}: frozen sync to {}:{} failed: {e}",
+                disk.name(),
+                dest.node,
+                dest.tier
+            );
+            return None;
+        }
+    };
+    let mut one = vec![(block, dest.clone(), writes)];
+    match commit(disk, &mut one) {
+        Ok((1, _)) => Some((copied, writes)),
+        _ => None,
+    }
 }
 
 fn wait_idle(disk: &Disk, block: u64) -> Option<u32> {
-    let deadline = Instant::now() + IDLE_WAIT * MAX_ATTEMPTS;
+    let deadline = Instant::now() + IDLE_WAIT;
     loop {
         if let Some(writes) = disk.writes().idle(block) {
             return Some(writes);

@@ -44,6 +44,9 @@ const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
 const MAX_POLL: Duration = Duration::from_micros(50);
 const POLL_STEP: Duration = Duration::from_micros(2);
 
+/// How long a write waits on a block a resync has frozen before it logs and waits again.
+const FREEZE_WAIT: Duration = Duration::from_secs(5);
+
 /// Guest mistakes logged at warn level per queue before they are only counted, so a
 /// misbehaving guest cannot flood the daemon's log.
 const GUEST_ERRORS_LOGGED: u64 = 8;
@@ -449,16 +452,7 @@ impl Worker {
     /// copy that takes writes converges under resync). The request's status comes from the
     /// acknowledgement rule once every copy has answered.
     fn write_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
-        let locations = {
-            let meta = self.disk.meta();
-            let locations = meta.table.locations(piece.block).map(<[Location]>::to_vec);
-            if locations.is_some() {
-                // Counted under the metadata lock: a resync commits only if no write started.
-                self.disk.writes().start(piece.block);
-            }
-            locations
-        };
-        let Some(locations) = locations else {
+        let Some(locations) = self.start_write(piece.block) else {
             return self.fail(slot, &format!("block {} is past the end", piece.block));
         };
         let Some(request) = self.requests[slot].as_mut() else {
@@ -575,18 +569,34 @@ impl Worker {
         }
     }
 
+    /// Counts a write to `block` as started and returns the copies it goes to. Done under
+    /// the metadata lock, so a resync sees every write that chose its copies; a block a
+    /// resync has frozen is waited for (briefly: one block's copy).
+    fn start_write(&self, block: u64) -> Option<Vec<Location>> {
+        loop {
+            {
+                let meta = self.disk.meta();
+                let locations = meta.table.locations(block)?;
+                if !self.disk.frozen().is_frozen(block) {
+                    self.disk.writes().start(block);
+                    return Some(locations.to_vec());
+                }
+            }
+            if !self.disk.frozen().wait(block, FREEZE_WAIT) {
+                log::warn!(
+                    "image {}: block {block} stayed frozen by a resync for {FREEZE_WAIT:?}",
+                    self.disk.name()
+                );
+            }
+        }
+    }
+
     /// Frees one block's span on every copy; like a write, it counts as one for resync and
     /// follows the acknowledgement rule.
     fn free_span(&self, span: route::BlockSpan, whole: bool) -> Result<(), String> {
-        let locations = {
-            let meta = self.disk.meta();
-            let locations = meta.table.locations(span.block).map(<[Location]>::to_vec);
-            if locations.is_some() {
-                self.disk.writes().start(span.block);
-            }
-            locations
-        }
-        .ok_or_else(|| format!("block {} is past the end", span.block))?;
+        let locations = self
+            .start_write(span.block)
+            .ok_or_else(|| format!("block {} is past the end", span.block))?;
         let results: Vec<CopyResult> = locations
             .into_iter()
             .map(|location| {

@@ -18,11 +18,17 @@ pub struct Daemon {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon whose directories all live under `dir`.
     pub fn start(dir: &Path) -> Daemon {
+        Self::start_with(dir, Vec::new())
+    }
+
+    /// Starts a daemon with extra `serve` arguments (node id, peers, ...).
+    pub fn start_with(dir: &Path, extra: Vec<String>) -> Daemon {
         let mut daemon = Daemon {
             run_dir: dir.join("run"),
             ram_dir: dir.join("ram"),
@@ -30,6 +36,7 @@ impl Daemon {
             log: dir.join("daemon.log"),
             child: None,
             starts: 0,
+            extra,
         };
         daemon.spawn();
         daemon
@@ -46,7 +53,8 @@ impl Daemon {
             .arg("--ram-dir")
             .arg(&self.ram_dir)
             .arg("--volume-dir")
-            .arg(&self.volume_dir);
+            .arg(&self.volume_dir)
+            .args(&self.extra);
         let _ = std::fs::remove_file(self.run_dir.join("control.sock"));
         let child = spawn_logged(&mut cmd, &log, &log).expect("spawn cormorant serve");
         self.child = Some(child);
@@ -122,6 +130,12 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Starts the daemon again after `kill9` or `terminate`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
     pub fn log(&self) -> String {
         (1..=self.starts)
             .map(|i| read_lossy(&self.log.with_extension(format!("{i}.log"))))
@@ -136,5 +150,56 @@ impl Drop for Daemon {
             eprintln!("daemon log:\n{}", self.log());
         }
         self.kill9();
+    }
+}
+
+/// Several daemons on loopback addresses 127.0.0.2, .3, ..., sharing a cluster key.
+pub struct Cluster {
+    pub nodes: Vec<Daemon>,
+    pub names: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes named a, b, c, ... under `dir`; `keys` overrides a node's key file
+    /// contents (to test a wrong key).
+    pub fn start(dir: &Path, n: usize, wrong_key: Option<usize>) -> Cluster {
+        let names: Vec<String> = (0..n)
+            .map(|i| ((b'a' + i as u8) as char).to_string())
+            .collect();
+        let addrs: Vec<String> = (0..n)
+            .map(|i| {
+                let ip = format!("127.0.0.{}", i + 2);
+                let port = std::net::TcpListener::bind((ip.as_str(), 0))
+                    .and_then(|l| l.local_addr())
+                    .expect("free port")
+                    .port();
+                format!("{ip}:{port}")
+            })
+            .collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let node_dir = dir.join(&names[i]);
+                std::fs::create_dir_all(&node_dir).unwrap();
+                let key = node_dir.join("cluster.key");
+                let secret = if wrong_key == Some(i) { "b7" } else { "a5" }.repeat(32);
+                std::fs::write(&key, secret).unwrap();
+                let mut args = vec![
+                    "--node".to_string(),
+                    names[i].clone(),
+                    "--listen".to_string(),
+                    addrs[i].clone(),
+                    "--cluster-key-file".to_string(),
+                    key.display().to_string(),
+                    "--failure-timeout".to_string(),
+                    "3".to_string(),
+                ];
+                for j in (0..n).filter(|&j| j != i) {
+                    args.push("--peer".to_string());
+                    args.push(format!("{}={}", names[j], addrs[j]));
+                }
+                Daemon::start_with(&node_dir, args)
+            })
+            .collect();
+        Cluster { nodes, names }
     }
 }

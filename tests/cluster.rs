@@ -1,0 +1,204 @@
+//! Several daemons on loopback addresses: remote reads and writes, replicas, a peer killed
+//! and resynced, a wrong cluster key, and a disk moved between nodes under writes.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::daemon::{Cluster, Daemon};
+use common::TestDir;
+use cormorant::frontend::{BlkClient, ClientOptions};
+
+const S_OK: u8 = 0;
+
+fn client(node: &Daemon, image: &str) -> BlkClient {
+    BlkClient::connect(node.socket(image), &ClientOptions::default()).expect("connect")
+}
+
+fn pattern(block: u64, round: u8) -> Vec<u8> {
+    (0..64 << 10)
+        .map(|i: u32| (i as u8) ^ (block as u8) ^ round)
+        .collect()
+}
+
+/// (in-sync, out-of-sync) copies over all blocks, per node.
+fn copies_on(node: &Daemon, image: &str, on: &str) -> (usize, usize) {
+    let info = node.cli(&["image", "info", image]);
+    let mut counts = (0, 0);
+    for block in info["blocks"].as_array().unwrap() {
+        for l in block["locations"].as_array().unwrap() {
+            if l["node"] == on {
+                if l["synced"].as_bool().unwrap() {
+                    counts.0 += 1;
+                } else {
+                    counts.1 += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+#[test]
+fn blocks_on_another_node_are_read_and_written_remotely() {
+    let dir = TestDir::new();
+    let cluster = Cluster::start(dir.path(), 2, None);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "r",
+        "--size",
+        "4M",
+        "--block-size",
+        "1M",
+        "--at",
+        "b:ram",
+    ]);
+    let mut c = client(a, "r");
+    for block in 0..4u64 {
+        assert_eq!(c.write(0, block * 2048, &pattern(block, 1)).unwrap(), S_OK);
+    }
+    assert_eq!(c.flush(0).unwrap(), S_OK);
+    for block in 0..4u64 {
+        let (status, data) = c.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!(status, S_OK);
+        assert!(data == pattern(block, 1), "block {block}");
+        assert!(b.block_file("ram", "r", block).exists(), "held on b");
+        assert!(!a.block_file("ram", "r", block).exists(), "nothing on a");
+    }
+    // b knows the image (held, not exported) and serves it after its own restart.
+    assert!(!b.socket("r").exists());
+    let mut b_restarted = cluster;
+    b_restarted.nodes[1].restart();
+    let (status, data) = c.read(0, 2048, 64 << 10).unwrap();
+    assert_eq!((status, data == pattern(1, 1)), (S_OK, true));
+}
+
+#[test]
+fn a_killed_replica_is_marked_stale_and_resynced() {
+    let dir = TestDir::new();
+    let mut cluster = Cluster::start(dir.path(), 2, None);
+    cluster.nodes[0].cli(&[
+        "image",
+        "create",
+        "m",
+        "--size",
+        "2M",
+        "--block-size",
+        "256K",
+        "--at",
+        "a:ram",
+        "--at",
+        "b:volume",
+    ]);
+    let mut c = client(&cluster.nodes[0], "m");
+    for block in 0..8u64 {
+        assert_eq!(c.write(0, block * 512, &pattern(block, 1)).unwrap(), S_OK);
+    }
+    cluster.nodes[1].kill9();
+    // Writes go on while b is dead: acknowledged from a's copy, b's copies go stale.
+    for block in 0..8u64 {
+        assert_eq!(c.write(0, block * 512, &pattern(block, 2)).unwrap(), S_OK);
+    }
+    let (in_sync, stale) = copies_on(&cluster.nodes[0], "m", "b");
+    assert!(
+        stale > 0,
+        "b's copies should be stale, got {in_sync} in sync"
+    );
+    cluster.nodes[1].start_again();
+    std::thread::sleep(Duration::from_secs(3)); // the failure list entry expires
+    let report = cluster.nodes[0].cli(&["sync", "m"]);
+    assert_eq!(copies_on(&cluster.nodes[0], "m", "b"), (8, 0), "{report}");
+    for block in 0..8u64 {
+        let a_bytes = std::fs::read(cluster.nodes[0].block_file("ram", "m", block)).unwrap();
+        let b_bytes = std::fs::read(cluster.nodes[1].block_file("volume", "m", block)).unwrap();
+        assert!(a_bytes == b_bytes, "block {block} differs between copies");
+        assert!(a_bytes[..64 << 10] == pattern(block, 2)[..]);
+    }
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_is_refused() {
+    let dir = TestDir::new();
+    let cluster = Cluster::start(dir.path(), 2, Some(1));
+    let out = cluster.nodes[0].cli_raw(&["image", "create", "x", "--size", "1M", "--at", "b:ram"]);
+    assert!(
+        !out.status.success(),
+        "placing copies on a node with another key must fail"
+    );
+    assert!(
+        !cluster.nodes[1].ram_dir.join("x").exists(),
+        "b learned nothing"
+    );
+    let log = cluster.nodes[1].log();
+    assert!(log.contains("auth") || log.contains("handshake"), "{log}");
+}
+
+/// The UKAI use case: a disk's blocks move from node b to node a (where its VM runs) while
+/// the VM keeps writing and reading, and b ends up holding nothing.
+#[test]
+fn move_a_disk_to_the_node_that_uses_it() {
+    let dir = TestDir::new();
+    let cluster = Cluster::start(dir.path(), 2, None);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "vm",
+        "--size",
+        "4M",
+        "--block-size",
+        "512K",
+        "--at",
+        "b:volume",
+    ]);
+    let mut c = client(a, "vm");
+    for block in 0..8u64 {
+        assert_eq!(c.write(0, block * 1024, &pattern(block, 0)).unwrap(), S_OK);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut round = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                round = round.wrapping_add(1);
+                for block in 0..8u64 {
+                    assert_eq!(
+                        c.write(0, block * 1024, &pattern(block, round)).unwrap(),
+                        S_OK
+                    );
+                    let (status, data) = c.read(0, block * 1024, 64 << 10).unwrap();
+                    assert_eq!(status, S_OK);
+                    assert!(data == pattern(block, round), "block {block} round {round}");
+                }
+            }
+            (c, round)
+        })
+    };
+    a.cli(&["location", "add", "vm", "--at", "a:ram"]);
+    a.cli(&["sync", "vm"]);
+    a.cli(&["sync", "vm"]);
+    assert_eq!(copies_on(a, "vm", "a"), (8, 0));
+    a.cli(&["location", "rm", "vm", "--at", "b:volume"]);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut c, round) = writer.join().expect("the guest saw no error");
+    assert!(round > 0);
+    assert_eq!(copies_on(a, "vm", "b"), (0, 0));
+    for block in 0..8u64 {
+        assert!(
+            !b.block_file("volume", "vm", block).exists(),
+            "b still holds block {block}"
+        );
+        let (_, data) = c.read(0, block * 1024, 64 << 10).unwrap();
+        assert!(data == pattern(block, round));
+    }
+    assert!(
+        b.cli(&["image", "list"]).as_array().unwrap().is_empty(),
+        "b forgot the image"
+    );
+}
