@@ -12,6 +12,10 @@ use crate::replica::failure::FailureList;
 
 /// Connections per peer: guest I/O of several queues and a resync share them, pipelined.
 const POOL: usize = 4;
+/// How long a peer may take to answer before it counts as failed. A guest request waits
+/// this long at most when a peer dies or is cut off (the guest's own block-layer timeout is
+/// 30 s); after that the peer is on the failure list and requests skip it at once.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a control-path call (hold, release, checksums, a resync copy) may take.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -30,7 +34,8 @@ impl Peers {
         if let (Some(cluster), Some(key)) = (&config.cluster, key) {
             for (id, addr) in &cluster.peers {
                 let client =
-                    PeerClient::new(config.node.clone(), id.clone(), *addr, key.clone(), POOL);
+                    PeerClient::new(config.node.clone(), id.clone(), *addr, key.clone(), POOL)
+                        .with_request_timeout(REQUEST_TIMEOUT);
                 clients.insert(id.clone(), client);
             }
         }

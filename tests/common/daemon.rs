@@ -19,6 +19,8 @@ pub struct Daemon {
     child: Option<Child>,
     starts: u32,
     extra: Vec<String>,
+    /// Run the daemon inside this network namespace (`ip netns exec NS ...`).
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -29,6 +31,11 @@ impl Daemon {
 
     /// Starts a daemon with extra `serve` arguments (node id, peers, ...).
     pub fn start_with(dir: &Path, extra: Vec<String>) -> Daemon {
+        Self::start_in(dir, extra, None)
+    }
+
+    /// Starts a daemon in network namespace `netns` (None: this one).
+    pub fn start_in(dir: &Path, extra: Vec<String>, netns: Option<String>) -> Daemon {
         let mut daemon = Daemon {
             run_dir: dir.join("run"),
             ram_dir: dir.join("ram"),
@@ -37,6 +44,7 @@ impl Daemon {
             child: None,
             starts: 0,
             extra,
+            netns,
         };
         daemon.spawn();
         daemon
@@ -45,7 +53,14 @@ impl Daemon {
     fn spawn(&mut self) {
         self.starts += 1;
         let log = self.log.with_extension(format!("{}.log", self.starts));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.env("RUST_LOG", "debug")
             .arg("--run-dir")
             .arg(&self.run_dir)
@@ -160,16 +175,29 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` nodes named a, b, c, ... under `dir`; `keys` overrides a node's key file
-    /// contents (to test a wrong key).
+    /// Starts `n` nodes named a, b, c, ... on 127.0.0.2, .3, ...; node `wrong_key` (if any)
+    /// gets another cluster key.
     pub fn start(dir: &Path, n: usize, wrong_key: Option<usize>) -> Cluster {
+        let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        Self::start_at(dir, &ips, &vec![None; n], wrong_key)
+    }
+
+    /// Starts one node per entry of `ips`, node i listening on `ips[i]` inside `netns[i]`.
+    pub fn start_at(
+        dir: &Path,
+        ips: &[String],
+        netns: &[Option<String>],
+        wrong_key: Option<usize>,
+    ) -> Cluster {
+        let n = ips.len();
         let names: Vec<String> = (0..n)
             .map(|i| ((b'a' + i as u8) as char).to_string())
             .collect();
-        let addrs: Vec<String> = (0..n)
-            .map(|i| {
-                let ip = format!("127.0.0.{}", i + 2);
-                let port = std::net::TcpListener::bind((ip.as_str(), 0))
+        // A port free here is free in a fresh namespace too.
+        let addrs: Vec<String> = ips
+            .iter()
+            .map(|ip| {
+                let port = std::net::TcpListener::bind(("127.0.0.1", 0))
                     .and_then(|l| l.local_addr())
                     .expect("free port")
                     .port();
@@ -197,7 +225,7 @@ impl Cluster {
                     args.push("--peer".to_string());
                     args.push(format!("{}={}", names[j], addrs[j]));
                 }
-                Daemon::start_with(&node_dir, args)
+                Daemon::start_in(&node_dir, args, netns[i].clone())
             })
             .collect();
         Cluster { nodes, names }

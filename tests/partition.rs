@@ -1,0 +1,145 @@
+//! A network partition, made with a network namespace and a veth pair that the test creates
+//! and removes: the cut-off replica is put on the failure list, its copies go stale while the
+//! writes go on, and after the partition heals a sync brings it back.
+//!
+//! The addresses are from 198.51.100.0/24 (TEST-NET-2, not routed; TEST-NET-1 is this machine's own network), on the test's own veth
+//! pair only.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::Cluster;
+use common::TestDir;
+use cormorant::frontend::{BlkClient, ClientOptions};
+
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl Netns {
+    /// A namespace joined to this one by a veth pair: 198.51.100.1 here, 198.51.100.2 there.
+    fn create(tag: &str) -> Option<Netns> {
+        let name = format!("cormorant-{tag}-{}", std::process::id());
+        let host_if = format!("cmh{}", std::process::id() % 100_000);
+        let peer_if = format!("cmp{}", std::process::id() % 100_000);
+        let ns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+        };
+        let ok = ip(&["netns", "add", &name])
+            && ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+            ])
+            && ip(&["link", "set", &peer_if, "netns", &name])
+            && ip(&["addr", "add", "198.51.100.1/30", "dev", &host_if])
+            && ip(&["link", "set", &host_if, "up"])
+            && ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                "198.51.100.2/30",
+                "dev",
+                &peer_if,
+            ])
+            && ip(&["-n", &name, "link", "set", &peer_if, "up"])
+            && ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ok.then_some(ns)
+    }
+
+    fn cut(&self, down: bool) {
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.host_if,
+            if down { "down" } else { "up" }
+        ]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[test]
+fn a_partitioned_replica_is_failure_listed_and_recovered() {
+    let Some(ns) = Netns::create("part") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "network namespaces are needed in CI"
+        );
+        eprintln!("note: cannot create network namespaces here; skipping");
+        return;
+    };
+    let dir = TestDir::new();
+    let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
+    let cluster = Cluster::start_at(dir.path(), &ips, &[None, Some(ns.name.clone())], None);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "p",
+        "--size",
+        "2M",
+        "--block-size",
+        "256K",
+        "--at",
+        "a:ram",
+        "--at",
+        "b:ram",
+    ]);
+    let opts = ClientOptions {
+        io_timeout: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let mut c = BlkClient::connect(a.socket("p"), &opts).unwrap();
+    for block in 0..8u64 {
+        assert_eq!(c.write(0, block * 512, &[block as u8; 4096]).unwrap(), 0);
+    }
+    assert!(b.block_file("ram", "p", 7).exists());
+
+    ns.cut(true);
+    // Writes go on: the first to b times out and puts b on the failure list; the rest skip b.
+    for block in 0..8u64 {
+        assert_eq!(
+            c.write(0, block * 512, &[0xf0 | block as u8; 4096])
+                .unwrap(),
+            0
+        );
+    }
+    assert!(
+        a.log().contains("peer b: failed"),
+        "b should be failure-listed"
+    );
+    let stale = a.cli(&["image", "info", "p"])["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|blk| blk["locations"][1]["synced"] == false)
+        .count();
+    assert_eq!(stale, 8, "every block was written while b was cut off");
+
+    ns.cut(false);
+    std::thread::sleep(Duration::from_secs(4)); // the failure list entry (3 s) expires
+    a.cli(&["sync", "p"]);
+    for block in 0..8u64 {
+        let here = std::fs::read(a.block_file("ram", "p", block)).unwrap();
+        let there = std::fs::read(b.block_file("ram", "p", block)).unwrap();
+        assert!(here == there, "block {block} differs after the resync");
+        assert_eq!(here[0], 0xf0 | block as u8);
+    }
+}
