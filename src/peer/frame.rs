@@ -374,6 +374,8 @@ mod tests {
 
     #[test]
     fn header_layout_is_as_documented() {
+        // The CRC is CRC-32C (Castagnoli): its standard check value.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         let bytes = encode(Kind::Read, 0x0102_0304_0506_0708, b"abc").unwrap();
         assert_eq!(bytes.len(), HEADER_LEN + 3);
         assert_eq!(&bytes[0..4], &3u32.to_le_bytes());
