@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -14,6 +14,7 @@ use cormorant::image::{BlockRange, ImageName, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
 use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
+use cormorant::peer::server::MAX_HANDSHAKES;
 use cormorant::peer::{
     code, node_id, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
@@ -42,11 +43,13 @@ fn block_bytes(block: u64, len: u32) -> Vec<u8> {
 
 /// An in-memory node: reads answer `block_bytes` unless the block was written; each call
 /// first sleeps a few milliseconds chosen from the block number (so answers overtake each
-/// other, the same way every run); block 666 panics; blocks from 900 sleep `slow` ms.
+/// other, the same way every run); block 666 panics; blocks from 900 sleep `slow` ms; writes
+/// wait while `hold` is set.
 #[derive(Default)]
 struct Toy {
     calls: AtomicUsize,
     slow: u64,
+    hold: AtomicBool,
     written: Mutex<HashMap<u64, Vec<u8>>>,
 }
 
@@ -66,6 +69,9 @@ impl PeerHandler for Toy {
                 Response::Data(written.unwrap_or_else(|| block_bytes(block, len)))
             }
             Request::Write { block, data, .. } => {
+                while self.hold.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(1));
+                }
                 self.written.lock().unwrap().insert(block, data);
                 Response::Ok
             }
@@ -453,4 +459,81 @@ fn dropping_the_client_fails_what_is_pending() {
         rx.recv_timeout(WAIT).unwrap(),
         Err(PeerError::Unavailable(_))
     ));
+}
+
+#[test]
+fn a_busy_server_stops_reading_and_catches_up() {
+    let toy = Arc::new(Toy::default());
+    toy.hold.store(true, Ordering::SeqCst);
+    let server = start(&toy, any_port());
+    let mut raw = authenticated(server.local_addr());
+    raw.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let payload = [
+        &b"\x05disk0\x00"[..],
+        &[0; 12],
+        &vec![7; MAX_CHUNK as usize],
+    ]
+    .concat();
+    // Write requests go out until the socket stops taking them: the server has stopped
+    // reading (at most 64 requests or 32 MiB in flight, plus what the kernel buffers).
+    let (mut sent, mut partial) = (0u64, None);
+    while sent < 200 {
+        let frame = frame::encode(Kind::Write, sent + 1, &payload).unwrap();
+        let mut at = 0;
+        while at < frame.len() {
+            match raw.write(&frame[at..]) {
+                Ok(n) => at += n,
+                Err(_) => break,
+            }
+        }
+        if at < frame.len() {
+            partial = Some((frame, at));
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        sent < 100,
+        "the server read {sent} MiB of requests it could not handle yet"
+    );
+    assert!(
+        toy.calls.load(Ordering::SeqCst) <= 4,
+        "only the workers hold requests"
+    );
+    toy.hold.store(false, Ordering::SeqCst);
+    raw.set_write_timeout(Some(WAIT)).unwrap();
+    if let Some((frame, at)) = partial {
+        raw.write_all(&frame[at..]).unwrap();
+        sent += 1;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..sent {
+        let mut header = [0u8; HEADER_LEN];
+        raw.read_exact(&mut header).unwrap();
+        assert_eq!((header[4], &header[0..4]), (Kind::Ok as u8, &[0u8; 4][..]));
+        ids.push(u64::from_le_bytes(header[8..16].try_into().unwrap()));
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=sent).collect::<Vec<_>>());
+}
+
+#[test]
+fn handshakes_in_progress_are_bounded() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // Wait until the server has taken them all in.
+    thread::sleep(Duration::from_millis(100));
+    assert!(closed_by_server(TcpStream::connect(addr).unwrap()));
+    drop(silent);
+    let good = client(addr, key(), 1);
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = good.call_wait(read(1, 1), WAIT) {
+        assert!(e.is_unreachable() && Instant::now() < deadline, "{e}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,8 +1,10 @@
 //! A client for one peer: a small pool of connections, each carrying many requests at once,
 //! answered in any order and completed by callback.
 //!
-//! Threads per connection: one that connects, authenticates and then writes queued frames,
-//! and one that reads answers, completes calls and fails calls whose deadline passed.
+//! Threads per connection: one that connects, authenticates and then writes the frames
+//! nobody else writes, and one that reads answers, completes calls and fails calls whose
+//! deadline passed. A caller whose frame finds no one writing writes it itself (see
+//! `outbox.rs`), so a lone call goes out without a hand-off between threads.
 //! Connections open on demand (the first call to pick a slot opens it, and waits for it).
 //! When a connection is lost every call pending on it fails with `Unavailable`, exactly once;
 //! the next call opens a new one. Failing to connect backs off exponentially (from
@@ -20,7 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::auth::{self, ClusterKey, HANDSHAKE_TIMEOUT};
+pub use super::auth::HANDSHAKE_TIMEOUT;
+use super::auth::{self, ClusterKey};
 use super::frame::{Decoder, Frame, ReadError, MAX_PAYLOAD};
 use super::message::{Expect, Payload, Request, Response};
 use super::outbox::Outbox;
@@ -160,11 +163,13 @@ impl PeerClient {
         &self.ctx.peer
     }
 
-    /// Sends `request` and returns; `done` gets the answer, an error, or a timeout, exactly
-    /// once. This only blocks while [`MAX_QUEUED_BYTES`] are waiting to go out on the chosen
-    /// connection (never from inside a completion), and at most until the call's deadline.
-    /// A call made while its connection is still being opened waits for it (up to the
-    /// handshake timeout) before its own timeout starts to count.
+    /// Sends `request` without waiting for its answer; `done` gets the answer, an error or a
+    /// timeout, exactly once. The calling thread writes the frame itself when no one else is
+    /// writing on that connection, so it may block while the socket is full (for at most
+    /// [`SEND_TIMEOUT`], after which the connection is dropped), and it waits while
+    /// [`MAX_QUEUED_BYTES`] are queued (at most until the call's deadline). From inside a
+    /// completion it never blocks. Deadlines are checked once the connection is up, so a call
+    /// made while it is being opened can fail late by up to [`HANDSHAKE_TIMEOUT`].
     pub fn call(&self, request: Request, done: Done) {
         self.call_with_timeout(request, self.timeout, done);
     }
@@ -284,7 +289,7 @@ impl Conn {
             ctx,
             next_id: AtomicU64::new(1),
             state: Mutex::new(ConnState::default()),
-            outbox: Outbox::new(),
+            outbox: Outbox::new(|_, _| {}),
             stream: Mutex::new(None),
         });
         let name = format!("peer-{}", conn.ctx.peer);
@@ -311,7 +316,7 @@ impl Conn {
             Ok(frame) => frame,
             Err(e) => return complete(pending.done, Err(PeerError::Protocol(e.to_string()))),
         };
-        {
+        let alone = {
             let mut state = lock(&self.state);
             if let Some(error) = &state.dead {
                 let error = error.clone();
@@ -319,9 +324,18 @@ impl Conn {
                 return complete(pending.done, Err(error));
             }
             state.pending.insert(id, pending);
+            state.pending.len() == 1
+        };
+        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call. A call
+        // alone on its connection goes out from this thread, for latency; with others in
+        // flight the writer thread sends it with theirs, in one system call. In a completion
+        // the writer thread always sends it: this thread may be the connection's reader.
+        if IN_COMPLETION.get() || !alone {
+            self.outbox.push(frame, 0);
+        } else if let Err(e) = self.outbox.send(frame, 0) {
+            let error = format!("sending to {} failed: {e}", self.ctx.addr);
+            self.kill(PeerError::Unavailable(error), true);
         }
-        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call.
-        self.outbox.push(frame, 0);
     }
 
     /// Fails the connection: every pending call gets `error`, once; so do later calls. With
@@ -382,7 +396,11 @@ impl Conn {
                 true,
             );
         }
-        let error = match self.outbox.run(&stream, |_, _| {}) {
+        match stream.try_clone() {
+            Ok(writer) => self.outbox.attach(writer),
+            Err(e) => return self.kill(PeerError::Unavailable(e.to_string()), true),
+        }
+        let error = match self.outbox.run() {
             Ok(()) => PeerError::Unavailable("connection closed".into()),
             Err(e) => PeerError::Unavailable(format!("sending to {} failed: {e}", self.ctx.addr)),
         };

@@ -180,8 +180,9 @@ pub struct Decoder {
 #[derive(Debug)]
 struct Body {
     header: Header,
+    /// The payload so far; its capacity is the whole payload, reserved (not filled) once the
+    /// header has passed its checks.
     payload: Vec<u8>,
-    filled: usize,
 }
 
 impl Decoder {
@@ -200,43 +201,29 @@ impl Decoder {
         self.header_filled == 0 && self.body.is_none()
     }
 
-    /// Where the next bytes go; never empty.
-    fn space(&mut self) -> &mut [u8] {
-        match &mut self.body {
-            Some(body) => &mut body.payload[body.filled..],
-            None => &mut self.header[self.header_filled..],
+    /// Checks a header once it is complete, and hands out a frame once its payload is.
+    fn step(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.body.is_none() {
+            if self.header_filled < HEADER_LEN {
+                return Ok(None);
+            }
+            let header = parse_header(&self.header, self.max_payload)?;
+            let payload = Vec::with_capacity(header.len);
+            self.body = Some(Body { header, payload });
         }
-    }
-
-    /// Accounts for `n` bytes just written into [`Decoder::space`].
-    fn advance(&mut self, n: usize) -> Result<Option<Frame>, FrameError> {
-        match &mut self.body {
-            Some(body) => body.filled += n,
-            None => {
-                self.header_filled += n;
-                if self.header_filled < HEADER_LEN {
-                    return Ok(None);
-                }
-                let header = parse_header(&self.header, self.max_payload)?;
-                self.body = Some(Body {
-                    header,
-                    payload: vec![0; header.len],
-                    filled: 0,
-                });
+        match self.body.take() {
+            Some(body) if body.payload.len() == body.header.len => {
+                self.header_filled = 0;
+                self.check(body).map(Some)
+            }
+            partial => {
+                self.body = partial;
+                Ok(None)
             }
         }
-        match &self.body {
-            Some(body) if body.filled == body.payload.len() => self.finish().map(Some),
-            _ => Ok(None),
-        }
     }
 
-    fn finish(&mut self) -> Result<Frame, FrameError> {
-        let body = self
-            .body
-            .take()
-            .expect("finish is called with a complete body");
-        self.header_filled = 0;
+    fn check(&self, body: Body) -> Result<Frame, FrameError> {
         let actual = crc32c::crc32c_append(crc32c::crc32c(&self.header[..16]), &body.payload);
         if actual != body.header.crc {
             return Err(FrameError::BadCrc {
@@ -255,31 +242,57 @@ impl Decoder {
     /// frame if one completed; call again with the rest.
     pub fn push(&mut self, input: &[u8]) -> Result<(usize, Option<Frame>), FrameError> {
         let mut used = 0;
-        while used < input.len() {
-            let space = self.space();
-            let n = space.len().min(input.len() - used);
-            space[..n].copy_from_slice(&input[used..used + n]);
-            used += n;
-            if let Some(frame) = self.advance(n)? {
+        loop {
+            if let Some(frame) = self.step()? {
                 return Ok((used, Some(frame)));
             }
+            let rest = &input[used..];
+            if rest.is_empty() {
+                return Ok((used, None));
+            }
+            used += match &mut self.body {
+                Some(body) => {
+                    let n = (body.header.len - body.payload.len()).min(rest.len());
+                    body.payload.extend_from_slice(&rest[..n]);
+                    n
+                }
+                None => {
+                    let n = (HEADER_LEN - self.header_filled).min(rest.len());
+                    self.header[self.header_filled..][..n].copy_from_slice(&rest[..n]);
+                    self.header_filled += n;
+                    n
+                }
+            };
         }
-        Ok((used, None))
     }
 
     /// Reads one frame. `Ok(None)` is a clean end of stream between frames. A
     /// `WouldBlock`/`TimedOut` error leaves the partial frame in place for the next call.
     pub fn read_from<R: Read>(&mut self, reader: &mut R) -> Result<Option<Frame>, ReadError> {
         loop {
-            let n = match reader.read(self.space()) {
+            if let Some(frame) = self.step()? {
+                return Ok(Some(frame));
+            }
+            let result = match &mut self.body {
+                // Straight into the reserved payload: no zeroing, no copy.
+                Some(body) => {
+                    let want = (body.header.len - body.payload.len()) as u64;
+                    let before = body.payload.len();
+                    match reader.by_ref().take(want).read_to_end(&mut body.payload) {
+                        Ok(_) if body.payload.len() == before => Ok(0),
+                        other => other,
+                    }
+                }
+                None => reader
+                    .read(&mut self.header[self.header_filled..])
+                    .inspect(|n| self.header_filled += n),
+            };
+            match result {
                 Ok(0) if self.is_idle() => return Ok(None),
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
-            };
-            if let Some(frame) = self.advance(n)? {
-                return Ok(Some(frame));
             }
         }
     }
@@ -374,6 +387,8 @@ mod tests {
 
     #[test]
     fn header_layout_is_as_documented() {
+        // The CRC is CRC-32C (Castagnoli): its standard check value.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         let bytes = encode(Kind::Read, 0x0102_0304_0506_0708, b"abc").unwrap();
         assert_eq!(bytes.len(), HEADER_LEN + 3);
         assert_eq!(&bytes[0..4], &3u32.to_le_bytes());
@@ -461,6 +476,27 @@ mod tests {
         assert!(matches!(err, FrameError::TooLong { .. }));
     }
 
+    /// A reader that hands out bytes in the given piece sizes, timing out between pieces.
+    struct Choppy<'a> {
+        bytes: &'a [u8],
+        pieces: Vec<usize>,
+        turn: usize,
+    }
+
+    impl Read for Choppy<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.turn += 1;
+            if self.turn % 2 == 0 && !self.bytes.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let piece = self.pieces[self.turn % self.pieces.len()];
+            let n = piece.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
     fn kind() -> impl Strategy<Value = Kind> {
         prop::sample::select(Kind::ALL.to_vec())
     }
@@ -483,6 +519,27 @@ mod tests {
                 }
             }
             prop_assert!(decoder.is_idle());
+            let expected: Vec<Frame> = frames.into_iter().map(|(kind, id, payload)| Frame { kind, id, payload }).collect();
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn reads_resume_after_timeouts(
+            frames in prop::collection::vec((kind(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..3000)), 1..6),
+            pieces in prop::collection::vec(1usize..700, 1..20),
+        ) {
+            let bytes: Vec<u8> = frames.iter().flat_map(|(k, id, p)| encode(*k, *id, p).unwrap()).collect();
+            let mut reader = Choppy { bytes: &bytes, pieces, turn: 0 };
+            let mut decoder = Decoder::new(MAX_PAYLOAD);
+            let mut out = Vec::new();
+            loop {
+                match decoder.read_from(&mut reader) {
+                    Ok(Some(frame)) => out.push(frame),
+                    Ok(None) => break,
+                    Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
             let expected: Vec<Frame> = frames.into_iter().map(|(kind, id, payload)| Frame { kind, id, payload }).collect();
             prop_assert_eq!(out, expected);
         }

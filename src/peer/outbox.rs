@@ -1,6 +1,8 @@
-//! Frames waiting to be written to one connection, and the loop that writes them. Callers
-//! queue without touching the socket; one writer thread drains the queue in batches and
-//! flushes once per batch, so many small pipelined frames share a system call.
+//! Frames waiting to be written to one connection. A thread that queues a frame while no
+//! one is writing becomes the writer: it writes everything queued, including what others
+//! queue meanwhile, and flushes once per batch, so pipelined frames share system calls and a
+//! lone frame goes out without a hand-off to another thread. Threads that must not block on
+//! the socket only queue, and a writer thread (`run`) picks their frames up.
 
 use std::collections::VecDeque;
 use std::io::{self, BufWriter, Write};
@@ -14,12 +16,18 @@ use super::lock;
 /// Write buffer per connection: many small frames per system call; bulk data goes past it.
 const WRITE_BUFFER: usize = 64 << 10;
 
-pub(crate) struct Outbox {
+/// Told, after each batch went out, how many frames it held and the sum of their charges.
+type Written = Box<dyn Fn(usize, usize) + Send + Sync>;
+
+pub(crate) struct Outbox<W: Write = std::net::TcpStream> {
     state: Mutex<State>,
-    /// The writer waits here for frames.
+    /// The writer thread waits here for frames nobody is writing.
     queued: Condvar,
     /// Callers wait here for room.
     drained: Condvar,
+    /// The stream, once attached. Only the thread that set `State::writing` touches it.
+    out: Mutex<Option<BufWriter<W>>>,
+    written: Written,
 }
 
 #[derive(Default)]
@@ -27,20 +35,32 @@ struct State {
     queue: VecDeque<(Outgoing, usize)>,
     /// Bytes queued or being written.
     bytes: usize,
+    /// Some thread is writing: it will take whatever is queued before it stops.
+    writing: bool,
+    attached: bool,
     closed: bool,
 }
 
-impl Outbox {
-    pub(crate) fn new() -> Self {
+impl<W: Write> Outbox<W> {
+    pub(crate) fn new(written: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             queued: Condvar::new(),
             drained: Condvar::new(),
+            out: Mutex::new(None),
+            written: Box::new(written),
         }
     }
 
-    /// Queues a frame; `charge` is handed back to the writer's callback once it is written.
-    /// False when the outbox is closed (the frame is dropped).
+    /// Gives the outbox its stream; frames queued before are written by the writer thread.
+    pub(crate) fn attach(&self, stream: W) {
+        *lock(&self.out) = Some(BufWriter::with_capacity(WRITE_BUFFER, stream));
+        lock(&self.state).attached = true;
+        self.queued.notify_all();
+    }
+
+    /// Queues a frame for the writer thread; `charge` is handed to the `written` callback
+    /// once it is out. False when the outbox is closed (the frame is dropped).
     pub(crate) fn push(&self, frame: Outgoing, charge: usize) -> bool {
         let mut state = lock(&self.state);
         if state.closed {
@@ -50,6 +70,26 @@ impl Outbox {
         state.queue.push_back((frame, charge));
         self.queued.notify_one();
         true
+    }
+
+    /// Queues a frame and, if no one is writing, writes the queue on this thread (blocking
+    /// while the socket is full). `Ok(false)` when the outbox is closed (the frame is
+    /// dropped); an error is the stream's, and the connection is done for.
+    pub(crate) fn send(&self, frame: Outgoing, charge: usize) -> io::Result<bool> {
+        {
+            let mut state = lock(&self.state);
+            if state.closed {
+                return Ok(false);
+            }
+            state.bytes += frame.len();
+            state.queue.push_back((frame, charge));
+            if state.writing || !state.attached {
+                self.queued.notify_one();
+                return Ok(true);
+            }
+            state.writing = true;
+        }
+        self.drain().map(|()| true)
     }
 
     /// Waits while `limit` bytes or more are queued. False if `deadline` passed first.
@@ -68,7 +108,7 @@ impl Outbox {
         true
     }
 
-    /// Stops the writer (frames still queued are dropped) and refuses new frames.
+    /// Stops writing (frames still queued are dropped) and refuses new frames.
     pub(crate) fn close(&self) {
         let mut state = lock(&self.state);
         state.closed = true;
@@ -81,50 +121,60 @@ impl Outbox {
         lock(&self.state).closed
     }
 
-    /// Writes queued frames until the outbox is closed (`Ok`) or a write fails. After each
-    /// batch is flushed, `written(frames, charges)` is told what went out.
-    pub(crate) fn run<W: Write>(
-        &self,
-        writer: W,
-        mut written: impl FnMut(usize, usize),
-    ) -> io::Result<()> {
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    /// The writer thread: writes frames that nobody else is writing, until the outbox is
+    /// closed (`Ok`) or a write fails.
+    pub(crate) fn run(&self) -> io::Result<()> {
         loop {
-            let batch = match self.next_batch() {
-                Some(batch) => batch,
-                None => return Ok(()),
-            };
-            let (mut bytes, mut charges) = (0, 0);
-            for (frame, charge) in &batch {
-                frame.write_to(&mut out)?;
-                bytes += frame.len();
-                charges += charge;
-            }
-            out.flush()?;
             {
                 let mut state = lock(&self.state);
-                state.bytes -= bytes;
-                self.drained.notify_all();
+                while !state.closed && (state.queue.is_empty() || state.writing || !state.attached)
+                {
+                    state = self
+                        .queued
+                        .wait(state)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if state.closed {
+                    return Ok(());
+                }
+                state.writing = true;
             }
-            written(batch.len(), charges);
+            self.drain()?;
         }
     }
 
-    /// Everything queued, once there is something; `None` once closed.
-    fn next_batch(&self) -> Option<VecDeque<(Outgoing, usize)>> {
-        let mut state = lock(&self.state);
+    /// Writes batches until the queue is empty, then gives up `writing` (which the caller
+    /// set). On an error the queue stays as it is: the connection is closing.
+    fn drain(&self) -> io::Result<()> {
         loop {
-            if state.closed {
-                return None;
+            let batch = {
+                let mut state = lock(&self.state);
+                if state.closed || state.queue.is_empty() {
+                    state.writing = false;
+                    return Ok(());
+                }
+                mem::take(&mut state.queue)
+            };
+            let written = self.write_batch(&batch);
+            let mut state = lock(&self.state);
+            if let Err(e) = written {
+                state.writing = false;
+                return Err(e);
             }
-            if !state.queue.is_empty() {
-                return Some(mem::take(&mut state.queue));
-            }
-            state = self
-                .queued
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.bytes -= batch.iter().map(|(frame, _)| frame.len()).sum::<usize>();
+            self.drained.notify_all();
+            drop(state);
+            (self.written)(batch.len(), batch.iter().map(|(_, c)| c).sum());
         }
+    }
+
+    fn write_batch(&self, batch: &VecDeque<(Outgoing, usize)>) -> io::Result<()> {
+        let mut out = lock(&self.out);
+        let out = out.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+        for (frame, _) in batch {
+            frame.write_to(out)?;
+        }
+        out.flush()
     }
 }
 
@@ -132,42 +182,78 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::peer::frame::Kind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
-    #[test]
-    fn writes_in_order_and_reports_charges() {
-        let outbox = Arc::new(Outbox::new());
-        for id in 0..5 {
-            assert!(outbox.push(Outgoing::new(Kind::Ok, id, vec![], vec![]).unwrap(), 10));
+    /// A sink that can be shared with the test after the outbox took it.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
         }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn ok(id: u64) -> Outgoing {
+        Outgoing::new(Kind::Ok, id, vec![], vec![]).unwrap()
+    }
+
+    #[test]
+    fn senders_write_in_order_and_report_charges() {
+        let charged = Arc::new(AtomicUsize::new(0));
+        let counter = charged.clone();
+        let outbox: Outbox<Sink> = Outbox::new(move |frames, charges| {
+            assert_eq!(frames * 10, charges);
+            counter.fetch_add(charges, Ordering::SeqCst);
+        });
+        let sink = Sink::default();
+        // Queued before the stream is there: they wait, and go out with the next send.
+        assert!(outbox.send(ok(0), 10).unwrap());
+        assert!(outbox.push(ok(1), 10));
+        assert_eq!(charged.load(Ordering::SeqCst), 0);
+        outbox.attach(sink.clone());
+        for id in 2..5 {
+            assert!(outbox.send(ok(id), 10).unwrap());
+        }
+        assert_eq!(charged.load(Ordering::SeqCst), 50);
+        let bytes = lock(&sink.0).clone();
+        assert_eq!(bytes.len(), 5 * 24);
+        assert_eq!((bytes[8], bytes[4 * 24 + 8]), (0, 4));
+        outbox.close();
+        assert!(!outbox.send(ok(9), 0).unwrap());
+        assert!(!outbox.push(ok(9), 0));
+    }
+
+    #[test]
+    fn the_writer_thread_takes_pushed_frames() {
+        let outbox: Arc<Outbox<Sink>> = Arc::new(Outbox::new(|_, _| {}));
+        let sink = Sink::default();
         let writer = {
             let outbox = outbox.clone();
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let mut total = 0;
-                outbox
-                    .run(&mut sink, |frames, charges| {
-                        total += charges;
-                        assert_eq!(frames * 10, charges);
-                        if total == 50 {
-                            outbox.close();
-                        }
-                    })
-                    .unwrap();
-                sink
-            })
+            std::thread::spawn(move || outbox.run())
         };
-        let sink = writer.join().unwrap();
-        assert_eq!(sink.len(), 5 * 24);
-        assert_eq!(sink[8], 0);
-        assert_eq!(sink[4 * 24 + 8], 4);
-        assert!(!outbox.push(Outgoing::new(Kind::Ok, 9, vec![], vec![]).unwrap(), 0));
+        outbox.push(ok(1), 0);
+        outbox.attach(sink.clone());
+        outbox.push(ok(2), 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lock(&sink.0).len() < 48 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lock(&sink.0).len(), 48);
+        outbox.close();
+        writer.join().unwrap().unwrap();
     }
 
     #[test]
     fn room_waits_until_the_deadline() {
-        let outbox = Outbox::new();
+        let outbox: Outbox<Sink> = Outbox::new(|_, _| {});
         outbox.push(
             Outgoing::new(Kind::Data, 1, vec![0; 100], vec![]).unwrap(),
             0,

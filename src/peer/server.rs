@@ -2,7 +2,8 @@
 //! [`PeerHandler`], answering out of order as handlers finish.
 //!
 //! Threads per connection: one that does the handshake and then reads frames,
-//! [`WORKERS_PER_CONNECTION`] that call the handler, and one that writes answers. The reader
+//! [`WORKERS_PER_CONNECTION`] that call the handler, and one that writes answers in batches
+//! (an answer to the only request in flight goes out from its worker, saving a hand-off). The reader
 //! stops reading while [`MAX_IN_FLIGHT`] requests or [`MAX_IN_FLIGHT_BYTES`] are in flight on
 //! its connection (read but not yet answered on the wire), so a fast peer is slowed down by
 //! TCP rather than by our memory.
@@ -247,16 +248,60 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: TcpStream, from: SocketAddr
 }
 
 /// Requests read and answers not yet written, on one connection.
+#[derive(Default)]
 struct Flight {
     count: usize,
     bytes: usize,
 }
 
-struct Connection {
-    peer: NodeId,
-    outbox: Outbox,
+/// The in-flight budget of one connection: the reader charges it, written answers release it.
+#[derive(Default)]
+struct Gauge {
     flight: Mutex<Flight>,
     room: Condvar,
+}
+
+impl Gauge {
+    fn charge(&self, count: usize, bytes: usize) {
+        let mut flight = lock(&self.flight);
+        flight.count += count;
+        flight.bytes += bytes;
+    }
+
+    fn release(&self, count: usize, bytes: usize) {
+        let mut flight = lock(&self.flight);
+        flight.count -= count;
+        flight.bytes -= bytes;
+        self.room.notify_all();
+    }
+
+    fn in_flight(&self) -> usize {
+        lock(&self.flight).count
+    }
+
+    /// Blocks while the connection is full. False once `closed` says so.
+    fn wait_for_room(&self, closed: impl Fn() -> bool) -> bool {
+        let mut flight = lock(&self.flight);
+        while flight.count >= MAX_IN_FLIGHT || flight.bytes >= MAX_IN_FLIGHT_BYTES {
+            if closed() {
+                return false;
+            }
+            // Closing does not signal this condvar: look again now and then.
+            flight = match self.room.wait_timeout(flight, Duration::from_millis(100)) {
+                Ok((flight, _)) => flight,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        !closed()
+    }
+}
+
+struct Connection {
+    peer: NodeId,
+    /// Answers go out from the thread that produced them when no one else is writing.
+    outbox: Outbox,
+    gauge: Arc<Gauge>,
+    stream: TcpStream,
 }
 
 struct Job {
@@ -269,11 +314,17 @@ struct Job {
 fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), ReadError> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+    let gauge = Arc::new(Gauge::default());
+    let outbox = Outbox::new({
+        let gauge = gauge.clone();
+        move |frames, charges| gauge.release(frames, charges)
+    });
+    outbox.attach(stream.try_clone()?);
     let conn = Arc::new(Connection {
         peer: peer.clone(),
-        outbox: Outbox::new(),
-        flight: Mutex::new(Flight { count: 0, bytes: 0 }),
-        room: Condvar::new(),
+        outbox,
+        gauge,
+        stream: stream.try_clone()?,
     });
     let (jobs, queue) = mpsc::channel();
     let queue = Arc::new(Mutex::new(queue));
@@ -287,10 +338,10 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
         );
     }
     let writer = {
-        let (conn, stream) = (conn.clone(), stream.try_clone()?);
+        let conn = conn.clone();
         thread::Builder::new()
             .name("peer-writer".into())
-            .spawn(move || write_answers(&conn, &stream))?
+            .spawn(move || write_answers(&conn))?
     };
     threads.push(writer);
     let result = read_requests(&conn, stream, &jobs);
@@ -303,15 +354,13 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
     result
 }
 
-fn write_answers(conn: &Connection, stream: &TcpStream) {
-    let result = conn
-        .outbox
-        .run(stream, |frames, charges| conn.release(frames, charges));
-    if let Err(e) = result {
+/// The writer thread: sends the answers no worker sent itself.
+fn write_answers(conn: &Connection) {
+    if let Err(e) = conn.outbox.run() {
         log::warn!("peer {}: cannot send answers: {e}", conn.peer);
     }
     conn.outbox.close();
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = conn.stream.shutdown(Shutdown::Both);
 }
 
 fn read_requests(
@@ -321,7 +370,7 @@ fn read_requests(
 ) -> Result<(), ReadError> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
     let mut decoder = Decoder::new(MAX_PAYLOAD);
-    while conn.wait_for_room() {
+    while conn.gauge.wait_for_room(|| conn.outbox.is_closed()) {
         let Some(frame) = decoder.read_from(&mut reader)? else {
             return Ok(());
         };
@@ -341,7 +390,7 @@ fn read_requests(
 /// frame itself was sound, so the connection stays up).
 fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>) {
     let charge = frame.payload.len();
-    conn.charge(charge);
+    conn.gauge.charge(1, charge);
     match Request::decode(frame.kind, frame.payload) {
         Ok(request) => {
             let job = Job {
@@ -350,7 +399,7 @@ fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>) {
                 charge,
             };
             if jobs.send(job).is_err() {
-                conn.release(1, charge);
+                conn.gauge.release(1, charge);
             }
         }
         Err(e) => {
@@ -369,7 +418,7 @@ fn work(conn: &Connection, queue: &Mutex<Receiver<Job>>, handler: &dyn PeerHandl
         let job = lock(queue).recv();
         let Ok(job) = job else { return };
         if conn.outbox.is_closed() {
-            conn.release(1, job.charge);
+            conn.gauge.release(1, job.charge);
             continue;
         }
         let answer = catch_unwind(AssertUnwindSafe(|| handler.handle(&conn.peer, job.request)));
@@ -387,7 +436,7 @@ fn encode_answer(id: u64, response: Response) -> Result<Outgoing, String> {
 }
 
 impl Connection {
-    /// Queues the answer to request `id`; `charge` is what the request holds of the budget.
+    /// Sends the answer to request `id`; `charge` is what the request holds of the budget.
     fn answer(&self, id: u64, response: Response, charge: usize) {
         let frame = encode_answer(id, response).or_else(|e| {
             log::error!("peer {}: cannot encode an answer: {e}", self.peer);
@@ -395,46 +444,24 @@ impl Connection {
             encode_answer(id, Response::error(code::INTERNAL, fallback))
         });
         let Ok(frame) = frame else {
-            self.release(1, charge);
-            return;
+            return self.gauge.release(1, charge);
         };
         let charge = charge + frame.len();
-        self.charge_bytes(frame.len());
-        if !self.outbox.push(frame, charge) {
-            self.release(1, charge);
-        }
-    }
-
-    fn charge(&self, bytes: usize) {
-        let mut flight = lock(&self.flight);
-        flight.count += 1;
-        flight.bytes += bytes;
-    }
-
-    fn charge_bytes(&self, bytes: usize) {
-        lock(&self.flight).bytes += bytes;
-    }
-
-    fn release(&self, count: usize, bytes: usize) {
-        let mut flight = lock(&self.flight);
-        flight.count -= count;
-        flight.bytes -= bytes;
-        self.room.notify_all();
-    }
-
-    /// Blocks while the connection is full. False once it is closing.
-    fn wait_for_room(&self) -> bool {
-        let mut flight = lock(&self.flight);
-        while flight.count >= MAX_IN_FLIGHT || flight.bytes >= MAX_IN_FLIGHT_BYTES {
-            if self.outbox.is_closed() {
-                return false;
+        self.gauge.charge(0, frame.len());
+        // Alone on the connection, the answer goes out from this thread, for latency; with
+        // others in flight, the writer thread sends it with theirs in one system call.
+        let sent = match self.gauge.in_flight() {
+            1 => self.outbox.send(frame, charge),
+            _ => Ok(self.outbox.push(frame, charge)),
+        };
+        match sent {
+            Ok(true) => {}
+            Ok(false) => self.gauge.release(1, charge),
+            Err(e) => {
+                log::warn!("peer {}: cannot send answers: {e}", self.peer);
+                self.outbox.close();
+                let _ = self.stream.shutdown(Shutdown::Both);
             }
-            // Closing does not signal this condvar: look again now and then.
-            flight = match self.room.wait_timeout(flight, Duration::from_millis(100)) {
-                Ok((flight, _)) => flight,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
         }
-        !self.outbox.is_closed()
     }
 }
