@@ -32,6 +32,8 @@ pub enum Command {
     /// Add or remove copies of an image's blocks.
     #[command(subcommand)]
     Location(LocationCommand),
+    /// Counters and latency per image and per peer, as JSON.
+    Stats { name: Option<ImageName> },
     /// Bring out-of-sync copies of an image's blocks back in sync.
     Sync {
         name: ImageName,
@@ -89,6 +91,9 @@ pub struct ServeArgs {
     /// File holding the cluster's shared secret (64 hex characters or at least 32 bytes).
     #[arg(long)]
     pub cluster_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9750).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds a failed peer stays on the failure list before it is tried again.
     #[arg(long, default_value_t = 60)]
     pub failure_timeout: u64,

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::image::NodeId;
+use crate::metrics::PeerMetrics;
 use crate::peer::{ClusterKey, PeerClient, PeerError, Request, Response};
 use crate::replica::failure::FailureList;
 
@@ -22,7 +24,7 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
 
 pub struct Peers {
-    clients: BTreeMap<NodeId, PeerClient>,
+    clients: BTreeMap<NodeId, (PeerClient, Arc<PeerMetrics>)>,
     failures: Arc<FailureList>,
 }
 
@@ -36,7 +38,7 @@ impl Peers {
                 let client =
                     PeerClient::new(config.node.clone(), id.clone(), *addr, key.clone(), POOL)
                         .with_request_timeout(REQUEST_TIMEOUT);
-                clients.insert(id.clone(), client);
+                clients.insert(id.clone(), (client, Arc::default()));
             }
         }
         Peers {
@@ -49,10 +51,15 @@ impl Peers {
         &self.failures
     }
 
+    /// Each peer's call metrics.
+    pub fn metrics(&self) -> impl Iterator<Item = (&NodeId, &PeerMetrics)> {
+        self.clients.iter().map(|(id, (_, m))| (id, m.as_ref()))
+    }
+
     /// Calls `node` unless it is on the failure list; a peer that turns out unreachable goes
     /// on it.
     pub fn call(&self, node: &NodeId, request: Request, done: Callback) {
-        let Some(client) = self.clients.get(node) else {
+        let Some((client, metrics)) = self.clients.get(node) else {
             return done(Err(PeerError::Unavailable(format!("{node} is not a peer"))));
         };
         if self.failures.is_failed(node) {
@@ -60,11 +67,17 @@ impl Peers {
                 "{node} is on the failure list"
             ))));
         }
-        let (failures, node) = (self.failures.clone(), node.clone());
+        let (failures, node, metrics) = (self.failures.clone(), node.clone(), metrics.clone());
+        metrics.calls.fetch_add(1, Relaxed);
+        metrics.in_flight.fetch_add(1, Relaxed);
+        let started = Instant::now();
         client.call(
             request,
             Box::new(move |result| {
+                metrics.in_flight.fetch_sub(1, Relaxed);
+                metrics.latency.record(started.elapsed());
                 if let Err(e) = &result {
+                    metrics.errors.fetch_add(1, Relaxed);
                     if e.is_unreachable() {
                         failures.fail(&node);
                     }

@@ -19,6 +19,7 @@ pub struct Config {
     /// None for a single-node daemon.
     pub cluster: Option<Cluster>,
     pub failure_timeout: Duration,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How this node reaches the others.
@@ -68,6 +69,7 @@ impl Config {
             use_uring: !args.no_uring,
             cluster,
             failure_timeout: Duration::from_secs(args.failure_timeout),
+            metrics_listen: args.metrics_listen,
         })
     }
 

@@ -235,6 +235,7 @@ impl Daemon {
                     sync::sync(&disk, &copies, range, rate, progress).map_err(|e| e.to_string())?;
                 Ok(json!(report))
             }
+            Request::Stats { name } => self.stats(name.as_ref()),
             Request::ImageExport { name, path } => {
                 let disk = self.disk(&name)?;
                 export_raw(&disk, Path::new(&path), progress)
@@ -242,6 +243,44 @@ impl Daemon {
                 Ok(json!({"exported": name, "path": path}))
             }
         }
+    }
+
+    /// Per-image and per-peer metrics as JSON.
+    fn stats(&self, name: Option<&ImageName>) -> Result<Value, String> {
+        if let Some(name) = name {
+            let disk = self.disk(name)?;
+            return Ok(disk.metrics().json(disk.out_of_sync_copies()));
+        }
+        let images: serde_json::Map<String, Value> = self
+            .lock()
+            .iter()
+            .map(|(n, e)| {
+                let m = e.disk.metrics().json(e.disk.out_of_sync_copies());
+                (n.to_string(), m)
+            })
+            .collect();
+        let failures = self.peers.failures();
+        let peers: serde_json::Map<String, Value> = self
+            .peers
+            .metrics()
+            .map(|(id, m)| (id.to_string(), m.json(failures.is_failed(id))))
+            .collect();
+        Ok(json!({"node": self.config.node, "images": images, "peers": peers}))
+    }
+
+    /// The same metrics in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, entry) in self.lock().iter() {
+            let disk = &entry.disk;
+            disk.metrics()
+                .prometheus(&mut out, name.as_str(), disk.out_of_sync_copies());
+        }
+        let failures = self.peers.failures();
+        for (id, m) in self.peers.metrics() {
+            m.prometheus(&mut out, id.as_str(), failures.is_failed(id));
+        }
+        out
     }
 
     fn copies<'a>(&'a self, disk: &'a Disk) -> DiskCopies<'a> {

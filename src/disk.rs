@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
+use crate::metrics::ImageMetrics;
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::store::{BlockFiles, TierDirs};
 
@@ -20,6 +21,7 @@ pub struct Disk {
     frozen: Frozen,
     /// One resync at a time per image (an operator's `sync` waits for a background fill).
     resync: Mutex<()>,
+    metrics: ImageMetrics,
     ram: BlockFiles,
     volume: BlockFiles,
     dirty: DirtyFiles,
@@ -197,6 +199,7 @@ impl Disk {
             writes: WriteCounters::new(meta.blocks()),
             frozen: Frozen::default(),
             resync: Mutex::new(()),
+            metrics: ImageMetrics::default(),
             meta: RwLock::new(meta),
             ram,
             volume,
@@ -224,6 +227,20 @@ impl Disk {
 
     pub fn frozen(&self) -> &Frozen {
         &self.frozen
+    }
+
+    pub fn metrics(&self) -> &ImageMetrics {
+        &self.metrics
+    }
+
+    /// Copies marked out of sync, over all blocks.
+    pub fn out_of_sync_copies(&self) -> u64 {
+        self.meta()
+            .table
+            .extents()
+            .iter()
+            .map(|e| e.blocks.len() * e.locations.iter().filter(|l| !l.synced).count() as u64)
+            .sum()
     }
 
     /// Held for the length of a resync.

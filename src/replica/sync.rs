@@ -8,6 +8,7 @@
 //! written converges. Commits are batched: one metadata save per batch of blocks.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,9 @@ pub fn sync(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SyncReport, SyncError> {
     let _one_at_a_time = disk.resync_lock();
+    let metrics = disk.metrics();
+    metrics.resync_total.store(range.len(), Ordering::Relaxed);
+    metrics.resync_done.store(0, Ordering::Relaxed);
     let mut report = SyncReport::default();
     let started = Instant::now();
     let mut batch: Vec<(u64, Location, u32)> = Vec::new();
@@ -108,6 +112,7 @@ pub fn sync(
             report.synced += synced;
             report.left += raced;
         }
+        metrics.resync_done.store(block - range.start() + 1, Ordering::Relaxed);
         progress(block - range.start() + 1, range.len());
     }
     Ok(report)

@@ -6,6 +6,7 @@
 //! goes on the used ring. Errors from the guest or from storage become status bytes; nothing
 //! here returns an error that would end the queue's thread.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,7 @@ struct InFlight {
     /// For a write: every copy of every block it touches, with whether the copy stored it.
     /// The acknowledgement rule (`replica::ack`) decides the status from these.
     copies: Vec<CopyResult>,
+    started: Instant,
     /// For a write: each block it touches (its write counter started, see
     /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
     written: Vec<(u64, usize)>,
@@ -296,6 +298,7 @@ impl Worker {
 
     fn guest_error(&mut self, error: &request::ParseError) {
         self.guest_errors += 1;
+        self.disk.metrics().guest_errors.fetch_add(1, Relaxed);
         let n = self.guest_errors;
         if n <= GUEST_ERRORS_LOGGED || n.is_power_of_two() {
             log::warn!(
@@ -338,10 +341,12 @@ impl Worker {
             pending: 1,
             mem: mem.clone(),
             flush: None,
+            started: Instant::now(),
             copies: Vec::new(),
             written: Vec::new(),
         });
         let block_size = self.disk.meta().block_size;
+        self.count(&request);
         match request.kind {
             Kind::Read { offset } => {
                 for piece in route::split(offset, &request.data, block_size) {
@@ -361,6 +366,22 @@ impl Worker {
         }
         if let Some(request) = self.piece_done(tag(slot, 0), true) {
             self.finish(vring, request);
+        }
+    }
+
+    fn count(&self, request: &Request) {
+        let m = self.disk.metrics();
+        m.in_flight.fetch_add(1, Relaxed);
+        let (ops, bytes) = match request.kind {
+            Kind::Read { .. } => (&m.reads, Some(&m.read_bytes)),
+            Kind::Write { .. } => (&m.writes, Some(&m.write_bytes)),
+            Kind::Flush => (&m.flushes, None),
+            Kind::Discard(_) | Kind::WriteZeroes { .. } => (&m.discards, None),
+            Kind::GetId => return,
+        };
+        ops.fetch_add(1, Relaxed);
+        if let Some(bytes) = bytes {
+            bytes.fetch_add(request.data_len, Relaxed);
         }
     }
 
@@ -788,6 +809,12 @@ impl Worker {
             self.settle_copies(&mut request);
         }
         let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
+        let m = self.disk.metrics();
+        m.in_flight.fetch_sub(1, Relaxed);
+        m.latency.record(request.started.elapsed());
+        if !ok {
+            m.errors.fetch_add(1, Relaxed);
+        }
         if let (true, Some(ticket)) = (ok, &request.flush) {
             self.disk.dirty().clear(ticket);
         }
