@@ -16,7 +16,7 @@ use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
 use cormorant::peer::server::MAX_HANDSHAKES;
 use cormorant::peer::{
-    code, node_id, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
+    code, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
 
 const KEY: &[u8] = b"f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed\n";
@@ -27,7 +27,7 @@ fn key() -> ClusterKey {
 }
 
 fn node(id: &str) -> NodeId {
-    node_id(id).unwrap()
+    id.parse().unwrap()
 }
 
 fn image() -> ImageName {
