@@ -16,7 +16,7 @@ use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
 use cormorant::peer::server::MAX_HANDSHAKES;
 use cormorant::peer::{
-    code, node_id, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
+    code, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
 
 const KEY: &[u8] = b"f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed\n";
@@ -27,7 +27,7 @@ fn key() -> ClusterKey {
 }
 
 fn node(id: &str) -> NodeId {
-    node_id(id).unwrap()
+    id.parse().unwrap()
 }
 
 fn image() -> ImageName {
@@ -370,6 +370,18 @@ fn a_hung_peer_times_calls_out_and_the_connection_lives_on() {
         Err(PeerError::Timeout(timeout))
     );
     assert!(started.elapsed() < Duration::from_millis(350));
+    // A call's own timeout wins over the client's.
+    let (tx, rx) = mpsc::channel();
+    let patient = Duration::from_secs(2);
+    client.call_with_timeout(
+        read(902, 1),
+        patient,
+        Box::new(move |r| tx.send(r).unwrap()),
+    );
+    assert_eq!(
+        rx.recv_timeout(WAIT).unwrap(),
+        Ok(Response::Data(block_bytes(902, 1)))
+    );
     // call_wait's own timeout is the call's.
     let short = Duration::from_millis(60);
     assert_eq!(

@@ -27,7 +27,6 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use super::frame::{self, Decoder, Frame, FrameError, Kind};
-use super::node_id;
 use crate::image::NodeId;
 
 /// The first bytes each side sends: anything else is not a Cormorant peer.
@@ -343,7 +342,7 @@ fn parse_hello(payload: &[u8]) -> Result<(NodeId, NodeId, [u8; NONCE_LEN]), Auth
         let len = len as usize;
         let text = tail.get(..len).ok_or_else(malformed)?;
         let text = std::str::from_utf8(text).map_err(|_| malformed())?;
-        ids.push(node_id(text).map_err(AuthError::BadNodeId)?);
+        ids.push(text.parse::<NodeId>().map_err(AuthError::BadNodeId)?);
         rest = &tail[len..];
     }
     let nonce: [u8; NONCE_LEN] = rest.try_into().map_err(|_| malformed())?;
@@ -447,7 +446,7 @@ mod tests {
     }
 
     fn node(text: &str) -> NodeId {
-        node_id(text).unwrap()
+        text.parse().unwrap()
     }
 
     /// Runs `server` on one end of a loopback connection and returns the client end.

@@ -193,7 +193,9 @@ impl PeerClient {
         }
     }
 
-    fn call_with_timeout(&self, request: Request, timeout: Duration, done: Done) {
+    /// [`PeerClient::call`] with its own timeout instead of the client's (e.g. a longer one
+    /// for control-path calls such as checksums of many blocks).
+    pub fn call_with_timeout(&self, request: Request, timeout: Duration, done: Done) {
         let deadline = Instant::now() + timeout;
         let expects = request.expects();
         let payload = match request.encode() {

@@ -21,7 +21,6 @@ pub use client::{Done, PeerClient};
 pub use message::{code, BlockDigest, Request, Response, MAX_CHUNK};
 pub use server::{PeerHandler, PeerServer};
 
-use crate::image::NodeId;
 use message::MessageError;
 
 /// Why a call to a peer failed, grouped by what the caller does next.
@@ -58,26 +57,8 @@ impl PeerError {
     }
 }
 
-/// A node id read off the wire, checked like an image name.
-pub fn node_id(text: &str) -> Result<NodeId, String> {
-    text.parse()
-}
-
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
 /// section here is a few field updates).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_ids_are_checked() {
-        assert_eq!(node_id("node-1").unwrap().to_string(), "node-1");
-        for bad in ["", "a/b", ".x", &"n".repeat(65)] {
-            assert!(node_id(bad).is_err(), "{bad:?}");
-        }
-    }
 }
