@@ -62,7 +62,7 @@ if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
     command -v cargo >/dev/null && echo "setup: note: cargo is not on PATH; run: . \"\$HOME/.cargo/env\""
 fi
 if ! command -v cargo >/dev/null; then
-    echo "setup: cargo not found: install a Rust toolchain (>= 1.85) with rustup" >&2
+    echo "setup: cargo not found: install a Rust toolchain (>= 1.89) with rustup" >&2
     exit 1
 fi
 # cargo-fuzz runs the fuzz targets under fuzz/ with the nightly toolchain; without nightly

@@ -2,8 +2,8 @@
 //! keeps a dead peer from costing a timeout per request.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -59,6 +59,10 @@ impl Peers {
     /// Calls `node` unless it is on the failure list; a peer that turns out unreachable goes
     /// on it.
     pub fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        self.call_within(node, request, REQUEST_TIMEOUT, done)
+    }
+
+    fn call_within(&self, node: &NodeId, request: Request, timeout: Duration, done: Callback) {
         let Some((client, metrics)) = self.clients.get(node) else {
             return done(Err(PeerError::Unavailable(format!("{node} is not a peer"))));
         };
@@ -71,8 +75,9 @@ impl Peers {
         metrics.calls.fetch_add(1, Relaxed);
         metrics.in_flight.fetch_add(1, Relaxed);
         let started = Instant::now();
-        client.call(
+        client.call_with_timeout(
             request,
+            timeout,
             Box::new(move |result| {
                 metrics.in_flight.fetch_sub(1, Relaxed);
                 metrics.latency.record(started.elapsed());
@@ -90,9 +95,10 @@ impl Peers {
     /// A blocking call, for the control path.
     pub fn call_wait(&self, node: &NodeId, request: Request) -> Result<Response, PeerError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.call(
+        self.call_within(
             node,
             request,
+            CONTROL_TIMEOUT,
             Box::new(move |result| {
                 let _ = tx.send(result);
             }),

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
-use crate::metrics::ImageMetrics;
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
+use crate::metrics::ImageMetrics;
 use crate::store::{BlockFiles, TierDirs};
 
 pub struct Disk {

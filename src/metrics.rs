@@ -123,10 +123,21 @@ impl ImageMetrics {
             ("errors", &self.errors),
             ("guest_errors", &self.guest_errors),
         ] {
-            let _ = writeln!(out, "cormorant_image_{name}_total{{{l}}} {}", v.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "cormorant_image_{name}_total{{{l}}} {}",
+                v.load(Relaxed)
+            );
         }
-        let _ = writeln!(out, "cormorant_image_in_flight{{{l}}} {}", self.in_flight.load(Relaxed));
-        let _ = writeln!(out, "cormorant_image_out_of_sync_copies{{{l}}} {out_of_sync}");
+        let _ = writeln!(
+            out,
+            "cormorant_image_in_flight{{{l}}} {}",
+            self.in_flight.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "cormorant_image_out_of_sync_copies{{{l}}} {out_of_sync}"
+        );
         self.latency
             .prometheus(out, "cormorant_image_request_seconds", &l);
     }
@@ -154,11 +165,24 @@ impl PeerMetrics {
 
     pub fn prometheus(&self, out: &mut String, peer: &str, failed: bool) {
         let l = format!("peer=\"{peer}\"");
-        let _ = writeln!(out, "cormorant_peer_calls_total{{{l}}} {}", self.calls.load(Relaxed));
-        let _ = writeln!(out, "cormorant_peer_errors_total{{{l}}} {}", self.errors.load(Relaxed));
-        let _ = writeln!(out, "cormorant_peer_in_flight{{{l}}} {}", self.in_flight.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "cormorant_peer_calls_total{{{l}}} {}",
+            self.calls.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "cormorant_peer_errors_total{{{l}}} {}",
+            self.errors.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "cormorant_peer_in_flight{{{l}}} {}",
+            self.in_flight.load(Relaxed)
+        );
         let _ = writeln!(out, "cormorant_peer_failed{{{l}}} {}", u8::from(failed));
-        self.latency.prometheus(out, "cormorant_peer_call_seconds", &l);
+        self.latency
+            .prometheus(out, "cormorant_peer_call_seconds", &l);
     }
 }
 

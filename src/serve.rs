@@ -85,8 +85,7 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
         _ => None,
     };
     if let Some(addr) = config.metrics_listen {
-        control::prometheus::start(daemon.clone(), addr)
-            .map_err(io_err("cannot serve metrics"))?;
+        control::prometheus::start(daemon.clone(), addr).map_err(io_err("cannot serve metrics"))?;
     }
     control::server::start(daemon.clone(), &control_path)
         .map_err(io_err("cannot serve the control socket"))?;

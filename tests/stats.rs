@@ -51,6 +51,9 @@ fn stats_count_requests_bytes_and_errors() {
     let mut body = String::new();
     http.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
-    assert!(body.contains("cormorant_image_writes_total{image=\"s\"} 10"), "{body}");
+    assert!(
+        body.contains("cormorant_image_writes_total{image=\"s\"} 10"),
+        "{body}"
+    );
     assert!(body.contains("cormorant_image_request_seconds_count{image=\"s\"} 15"));
 }

@@ -59,7 +59,9 @@ pub enum Request {
         rate: Option<u64>,
     },
     /// Counters and latency for one image, or for every image and peer.
-    Stats { name: Option<ImageName> },
+    Stats {
+        name: Option<ImageName>,
+    },
     /// Writes the image to a raw file (sparse); allowed at any time, consistent when no
     /// frontend is writing.
     ImageExport {

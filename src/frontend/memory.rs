@@ -57,7 +57,7 @@ pub struct GuestMem {
 impl GuestMem {
     /// Creates `size` bytes of zeroed, shareable guest memory at [`GUEST_MEM_BASE`].
     pub fn new(size: u64) -> Result<Self> {
-        if !(MIN_GUEST_MEM..=MAX_GUEST_MEM).contains(&size) || size % 4096 != 0 {
+        if !(MIN_GUEST_MEM..=MAX_GUEST_MEM).contains(&size) || !size.is_multiple_of(4096) {
             return Err(Error::BadMemorySize(size));
         }
         let file = memfd(size).map_err(Error::Memfd)?;

@@ -225,7 +225,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), MetaError> {
 }
 
 fn check_shape(size: u64, block_size: u64) -> Result<u64, MetaError> {
-    if size == 0 || size % SECTOR_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
         return Err(MetaError::BadSize(size));
     }
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {

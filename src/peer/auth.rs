@@ -126,7 +126,7 @@ impl ClusterKey {
     pub fn from_bytes(contents: &[u8]) -> Result<ClusterKey, KeyError> {
         let text = contents.trim_ascii();
         let is_hex = text.len() >= 2 * MIN_KEY_LEN
-            && text.len() % 2 == 0
+            && text.len().is_multiple_of(2)
             && text.iter().all(u8::is_ascii_hexdigit);
         let secret: Vec<u8> = if is_hex {
             text.chunks(2)

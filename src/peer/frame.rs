@@ -486,7 +486,7 @@ mod tests {
     impl Read for Choppy<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.turn += 1;
-            if self.turn % 2 == 0 && !self.bytes.is_empty() {
+            if self.turn.is_multiple_of(2) && !self.bytes.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let piece = self.pieces[self.turn % self.pieces.len()];

@@ -112,7 +112,9 @@ pub fn sync(
             report.synced += synced;
             report.left += raced;
         }
-        metrics.resync_done.store(block - range.start() + 1, Ordering::Relaxed);
+        metrics
+            .resync_done
+            .store(block - range.start() + 1, Ordering::Relaxed);
         progress(block - range.start() + 1, range.len());
     }
     Ok(report)

@@ -342,7 +342,7 @@ fn no_data(len: u64, what: &'static str) -> Result<(), ParseError> {
 
 /// Checks a read or write of `len` bytes at `sector`; returns the byte offset.
 fn check_io(sector: u64, len: u64, limits: &Limits) -> Result<u64, ParseError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(ParseError::Unaligned(len));
     }
     check_range(sector, len / SECTOR_SIZE, limits.capacity)
@@ -375,7 +375,7 @@ fn parse_ranges<M: GuestMemoryBackend>(
     max_sectors: u32,
 ) -> Result<(Vec<ByteRange>, bool), ParseError> {
     let len = total(readable);
-    if len == 0 || len % RANGE_ENTRY_LEN != 0 {
+    if len == 0 || !len.is_multiple_of(RANGE_ENTRY_LEN) {
         return Err(ParseError::BadRangeList(len));
     }
     let count = len / RANGE_ENTRY_LEN;
