@@ -177,7 +177,7 @@ fn accept_loop(
 
 fn new_daemon(
     backend: &Arc<BlkBackend>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: crate::virtio::worker::AtomicMem,
     name: &str,
 ) -> Result<VhostUserDaemon<Arc<BlkBackend>>, String> {
     let daemon = VhostUserDaemon::new(format!("vhost-{name}"), backend.clone(), mem)

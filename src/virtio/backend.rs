@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -36,6 +37,8 @@ pub const SEG_MAX: u32 = 126;
 /// request's synchronous hole-punching short.
 const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 const MAX_DISCARD_SEG: u32 = 1;
+/// The vhost feature saying the backend logs the guest pages it writes (live migration).
+const VHOST_F_LOG_ALL: u64 = 26;
 /// Event data value for io_uring completions: values up to the queue count are taken by the
 /// queues' kicks and the exit event.
 pub const COMPLETION_EVENT: u16 = MAX_QUEUES as u16 + 1;
@@ -121,7 +124,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -142,6 +145,7 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_MQ
             | 1 << VIRTIO_BLK_F_DISCARD
             | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | 1 << VHOST_F_LOG_ALL
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
@@ -153,6 +157,7 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {

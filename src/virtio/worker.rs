@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::bitmap::Bitmap;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -27,9 +29,11 @@ use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine}
 use crate::image::{Location, Tier};
 use crate::replica::ack::{self, CopyResult, Outcome};
 use crate::route::{self, Piece};
-use crate::virtio::request::{self, ByteRange, Kind, Limits, Request, Segment};
+use crate::virtio::request::{self, ByteRange, Kind, Limits, Request, Segment, Segments};
 
-pub type Mem = GuestMemoryMmap<()>;
+/// Guest memory with a dirty-page bitmap that QEMU's log (VHOST_USER_SET_LOG_BASE) plugs
+/// into during live migration; until then marking is a no-op.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 pub type AtomicMem = GuestMemoryAtomic<Mem>;
 pub type Vring = VringRwLock<AtomicMem>;
 
@@ -73,6 +77,9 @@ struct InFlight {
     /// The acknowledgement rule (`replica::ack`) decides the status from these.
     copies: Vec<CopyResult>,
     started: Instant,
+    /// Guest buffers this request fills (reads, GET_ID): marked dirty for live migration once
+    /// the data is in them, not before, or a page sent meanwhile would miss it.
+    fills: Segments,
     /// For a write: each block it touches (its write counter started, see
     /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
     written: Vec<(u64, usize)>,
@@ -342,6 +349,10 @@ impl Worker {
             mem: mem.clone(),
             flush: None,
             started: Instant::now(),
+            fills: match request.kind {
+                Kind::Read { .. } | Kind::GetId => request.data.clone(),
+                _ => Segments::new(),
+            },
             copies: Vec::new(),
             written: Vec::new(),
         });
@@ -814,6 +825,11 @@ impl Worker {
         m.latency.record(request.started.elapsed());
         if !ok {
             m.errors.fetch_add(1, Relaxed);
+        }
+        for segment in &request.fills {
+            for slice in request.mem.get_slices(segment.addr, segment.len as usize).flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
         }
         if let (true, Some(ticket)) = (ok, &request.flush) {
             self.disk.dirty().clear(ticket);
