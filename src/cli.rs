@@ -130,6 +130,13 @@ pub enum ImageCommand {
     List,
     /// Print an image's metadata as JSON, with the locations of every block.
     Info { name: ImageName },
+    /// Live migration, on the destination: take over an image from its owner node; its socket
+    /// is exported here at once and ownership moves when the migrated guest starts here.
+    Adopt {
+        name: ImageName,
+        #[arg(long)]
+        from: NodeId,
+    },
     /// Remove an image and its block files (refused while a VM uses it).
     Rm { name: ImageName },
     /// Create an image from a file: raw, or any format `qemu-img` reads.

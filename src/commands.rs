@@ -67,6 +67,9 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             },
         )?,
         ImageCommand::List => call_quiet(&socket, Request::ImageList)?,
+        ImageCommand::Adopt { name, from } => {
+            call_quiet(&socket, Request::ImageAdopt { name, from })?
+        }
         ImageCommand::Info { name } => call_quiet(&socket, Request::ImageInfo { name })?,
         ImageCommand::Rm { name } => call_quiet(&socket, Request::ImageRm { name })?,
         ImageCommand::Import { name, file, layout } => {

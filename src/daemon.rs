@@ -92,6 +92,73 @@ impl Daemon {
         Ok(())
     }
 
+    /// Stops exporting an image whose ownership moved to `to`.
+    fn fence(&self, name: &ImageName, to: &NodeId) {
+        let export = self.lock().get_mut(name).and_then(|e| e.export.take());
+        log::warn!("image {name}: ownership moved to {to}; no longer exported here");
+        if let Some(export) = export {
+            export.stop();
+        }
+    }
+
+    /// Prepares this node to take over an image owned by `from` (live migration): fetches
+    /// its metadata and exports its socket here, in standby. Ownership moves when a guest
+    /// here starts using the disk (see `ownership::take_over`); until then `from` owns it.
+    fn adopt(&self, name: &ImageName, from: &NodeId) -> Result<Value, String> {
+        if self
+            .find(name)
+            .is_some_and(|d| d.meta().owner == self.config.node)
+        {
+            return Err(format!("image {name} is already owned by this node"));
+        }
+        let json = match self.peers.call_wait(
+            from,
+            PeerRequest::Meta {
+                image: name.clone(),
+            },
+        ) {
+            Ok(crate::peer::Response::MetaJson(json)) => json,
+            Ok(other) => return Err(format!("{from} answered {other:?}")),
+            Err(e) => return Err(format!("{from}: {e}")),
+        };
+        let file: crate::image::meta::MetaFile =
+            serde_json::from_slice(&json).map_err(|e| format!("bad metadata from {from}: {e}"))?;
+        let meta = ImageMeta::from_file(file).map_err(|e| e.to_string())?;
+        if &meta.owner != from {
+            return Err(format!(
+                "{from} does not own image {name} ({} does)",
+                meta.owner
+            ));
+        }
+        let disk = match self.find(name) {
+            Some(disk) => {
+                disk.update_meta(|known| {
+                    *known = meta;
+                    Ok(())
+                })?;
+                disk
+            }
+            None => {
+                meta.save(&self.config.meta_dir())
+                    .map_err(|e| e.to_string())?;
+                self.open_and_export(meta).map_err(|e| e.to_string())?;
+                self.find(name).ok_or("image vanished")?
+            }
+        };
+        let (disk_bg, peers) = (disk.clone(), self.peers.clone());
+        disk.on_take_over(Box::new(move || {
+            let spawned = std::thread::Builder::new()
+                .name("localize".into())
+                .spawn(move || crate::ownership::localize(disk_bg, peers));
+            if let Err(e) = spawned {
+                log::error!("cannot start moving the blocks here: {e}");
+            }
+        }));
+        self.publish(&disk)?;
+        log::info!("image {name}: adopted from {from}, exported here in standby");
+        Ok(json!({"image": name, "from": from, "socket": socket_path(&self.config.run_dir, name)}))
+    }
+
     pub fn peers(&self) -> &Arc<Peers> {
         &self.peers
     }
@@ -111,17 +178,30 @@ impl Daemon {
             return Err(format!("image {} is owned by this node", meta.name));
         }
         if let Some(disk) = self.find(&meta.name) {
-            let owner = disk.meta().owner.clone();
-            if owner != *from {
+            let (owner, generation) = {
+                let known = disk.meta();
+                (known.owner.clone(), known.generation)
+            };
+            let handover = meta.generation > generation;
+            if owner != *from && !handover {
                 return Err(format!(
-                    "image {} is owned by {owner}, not {from}",
+                    "image {} is owned by {owner} (generation {generation}), not {from}",
                     meta.name
                 ));
             }
-            return disk.update_meta(|held| {
+            if meta.generation < generation {
+                return Err(format!("stale metadata for image {}", meta.name));
+            }
+            disk.update_meta(|held| {
                 *held = meta;
                 Ok(())
-            });
+            })?;
+            if handover && owner == self.config.node {
+                // This node was the owner: fenced from here on. Its guest has stopped (the
+                // new owner only takes over when its own guest starts the device).
+                self.fence(disk.name(), from);
+            }
+            return Ok(());
         }
         for tier in [Tier::Ram, Tier::Volume] {
             crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name)
@@ -236,6 +316,7 @@ impl Daemon {
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
+            Request::ImageAdopt { name, from } => self.adopt(&name, &from),
             Request::ImageExport { name, path } => {
                 let disk = self.disk(&name)?;
                 export_raw(&disk, Path::new(&path), progress)

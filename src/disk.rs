@@ -22,6 +22,9 @@ pub struct Disk {
     /// One resync at a time per image (an operator's `sync` waits for a background fill).
     resync: Mutex<()>,
     metrics: ImageMetrics,
+    take_over: Mutex<()>,
+    /// Run once this node took the image over (moves the blocks here in the background).
+    on_take_over: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     ram: BlockFiles,
     volume: BlockFiles,
     dirty: DirtyFiles,
@@ -200,6 +203,8 @@ impl Disk {
             frozen: Frozen::default(),
             resync: Mutex::new(()),
             metrics: ImageMetrics::default(),
+            take_over: Mutex::new(()),
+            on_take_over: Mutex::new(None),
             meta: RwLock::new(meta),
             ram,
             volume,
@@ -241,6 +246,32 @@ impl Disk {
             .iter()
             .map(|e| e.blocks.len() * e.locations.iter().filter(|l| !l.synced).count() as u64)
             .sum()
+    }
+
+    pub fn take_over_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.take_over.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets what to do once this node takes the image over.
+    pub fn on_take_over(&self, action: Box<dyn FnOnce() + Send>) {
+        *self.on_take_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(action);
+    }
+
+    /// Called by `ownership::take_over` when it is done.
+    pub fn taken_over(&self) {
+        let action = self
+            .on_take_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(action) = action {
+            action();
+        }
+    }
+
+    /// Whether this node owns the image (only the owner's guest may write).
+    pub fn owned_here(&self) -> bool {
+        self.meta().owner == self.me
     }
 
     /// Held for the length of a resync.

@@ -17,6 +17,7 @@ pub mod export;
 pub mod frontend;
 pub mod image;
 pub mod metrics;
+pub mod ownership;
 pub mod peer;
 pub mod placement;
 pub mod replica;

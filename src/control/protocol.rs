@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::{BlockRange, ImageName, Placement, Tier};
+use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
 
 /// Longest request line the daemon reads; requests are small, so anything longer is junk.
 pub const MAX_REQUEST_LEN: usize = 64 << 10;
@@ -57,6 +57,12 @@ pub enum Request {
         name: ImageName,
         blocks: Option<BlockRange>,
         rate: Option<u64>,
+    },
+    /// Live migration, on the destination node: fetch the image's metadata from its owner
+    /// `from` and export it here in standby; ownership moves when the guest here starts.
+    ImageAdopt {
+        name: ImageName,
+        from: NodeId,
     },
     /// Counters and latency for one image, or for every image and peer.
     Stats {

@@ -32,6 +32,10 @@ pub struct MetaFile {
     /// The node that exports the image and decides where its blocks go.
     #[serde(default = "NodeId::local")]
     pub owner: NodeId,
+    /// Bumped each time ownership moves (live migration); a node never takes orders about
+    /// an image from an owner of an older generation.
+    #[serde(default)]
+    pub generation: u64,
     pub size: u64,
     pub block_size: u64,
     /// The tier new blocks are placed on.
@@ -45,6 +49,7 @@ pub struct MetaFile {
 pub struct ImageMeta {
     pub name: ImageName,
     pub owner: NodeId,
+    pub generation: u64,
     pub size: u64,
     pub block_size: u64,
     pub tier: Tier,
@@ -108,6 +113,7 @@ impl ImageMeta {
         Ok(ImageMeta {
             name,
             owner,
+            generation: 0,
             size,
             block_size,
             tier,
@@ -131,6 +137,7 @@ impl ImageMeta {
             version: FORMAT_VERSION,
             name: self.name.clone(),
             owner: self.owner.clone(),
+            generation: self.generation,
             size: self.size,
             block_size: self.block_size,
             tier: self.tier,
@@ -148,6 +155,7 @@ impl ImageMeta {
             table: BlockTable::from_extents(blocks, &file.extents)?,
             name: file.name,
             owner: file.owner,
+            generation: file.generation,
             size: file.size,
             block_size: file.block_size,
             tier: file.tier,

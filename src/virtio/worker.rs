@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vm_memory::bitmap::Bitmap;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -161,6 +161,12 @@ impl Worker {
     pub fn on_kick(&mut self, vring: &Vring) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
+        }
+        if !self.disk.owned_here() {
+            // A guest migrated here and started the device: the image moves to this node.
+            if let Err(e) = crate::ownership::take_over(&self.disk, &self.peers) {
+                log::error!("image {}: take-over failed: {e}", self.disk.name());
+            }
         }
         self.adapt_poll();
         self.process(vring);
@@ -608,6 +614,15 @@ impl Worker {
         loop {
             {
                 let meta = self.disk.meta();
+                if &meta.owner != self.disk.me() {
+                    // Fenced: the image moved to another node; this guest must not write.
+                    log::warn!(
+                        "image {}: write refused: owned by {} now",
+                        self.disk.name(),
+                        meta.owner
+                    );
+                    return None;
+                }
                 let locations = meta.table.locations(block)?;
                 if !self.disk.frozen().is_frozen(block) {
                     self.disk.writes().start(block);
@@ -827,7 +842,11 @@ impl Worker {
             m.errors.fetch_add(1, Relaxed);
         }
         for segment in &request.fills {
-            for slice in request.mem.get_slices(segment.addr, segment.len as usize).flatten() {
+            for slice in request
+                .mem
+                .get_slices(segment.addr, segment.len as usize)
+                .flatten()
+            {
                 slice.bitmap().mark_dirty(0, slice.len());
             }
         }

@@ -173,6 +173,8 @@ pub struct GuestOpts {
     /// Wall-clock limit from QEMU's start; then QEMU is killed (default 120 s: a plain boot takes
     /// about 3 s under TCG, but CI machines can be slow and busy).
     pub timeout: Duration,
+    /// More QEMU arguments (a monitor, `-incoming` for a migration target, ...).
+    pub extra_args: Vec<String>,
 }
 
 impl GuestOpts {
@@ -185,7 +187,13 @@ impl GuestOpts {
             cpus: 1,
             fio: false,
             timeout: Duration::from_secs(120),
+            extra_args: Vec::new(),
         }
+    }
+
+    pub fn extra_args(mut self, args: &[&str]) -> GuestOpts {
+        self.extra_args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     pub fn disk(mut self, disk: Disk) -> GuestOpts {
@@ -269,6 +277,7 @@ impl Guest {
             }
             cmd.args(["-chardev", &chardev, "-device", &device]);
         }
+        cmd.args(&opts.extra_args);
 
         let console = opts.dir.join("console.log");
         let stderr = opts.dir.join("qemu-stderr.log");

@@ -1,0 +1,127 @@
+//! Ownership moves with a live-migrated guest: the destination node takes the image over when
+//! the migrated guest starts using the disk there (after the source QEMU has stopped it). The
+//! new owner bumps the generation, saves, and tells every other node holding copies (the old
+//! owner among them, which stops exporting: a stale owner is fenced).
+
+use std::sync::Arc;
+
+use crate::cluster::Peers;
+use crate::copies::DiskCopies;
+use crate::disk::Disk;
+use crate::image::Placement;
+use crate::peer::Request;
+use crate::placement;
+use crate::replica::sync;
+
+/// Makes this node the owner of `disk`'s image, if it is not already. Called by a queue
+/// worker before it serves the first request of a guest that migrated here.
+pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), String> {
+    let _one = disk.take_over_lock();
+    let (old, me) = (disk.meta().owner.clone(), disk.me().clone());
+    if old == me {
+        return Ok(());
+    }
+    let meta = disk.update_meta(|meta| {
+        meta.owner = me.clone();
+        meta.generation += 1;
+        Ok(meta.clone())
+    })?;
+    log::info!(
+        "image {}: taken over from {old} (generation {})",
+        meta.name,
+        meta.generation
+    );
+    let json = serde_json::to_vec(&meta.to_file()).map_err(|e| e.to_string())?;
+    let mut holders = meta.table.nodes();
+    holders.retain(|n| n != &me);
+    if !holders.contains(&old) {
+        holders.push(old);
+    }
+    for node in holders {
+        let hold = Request::Hold {
+            image: meta.name.clone(),
+            meta_json: json.clone(),
+        };
+        if let Err(e) = peers.call_ok(&node, hold) {
+            // The guest must not wait for a node that is gone; it learns at its next contact
+            // (a newer generation wins).
+            log::warn!(
+                "image {}: could not tell {node} of the take-over: {e}",
+                meta.name
+            );
+        }
+    }
+    disk.taken_over();
+    Ok(())
+}
+
+/// After a take-over: copies every block to this node (on the image's tier), then drops the
+/// copies on other nodes, so the guest's reads become local and the old nodes hold nothing.
+/// Runs in the background; the guest keeps running meanwhile.
+pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
+    let name = disk.name().clone();
+    let here = Placement {
+        node: disk.me().clone(),
+        tier: disk.meta().tier,
+    };
+    let all = match placement::range_of(&disk, None) {
+        Ok(range) => range,
+        Err(e) => return log::error!("image {name}: cannot localize: {e}"),
+    };
+    if let Err(e) = placement::add(&disk, all, &here) {
+        return log::error!("image {name}: cannot add a copy here: {e}");
+    }
+    let copies = DiskCopies {
+        disk: &disk,
+        peers: &peers,
+    };
+    for attempt in 1..=10 {
+        match sync::sync(&disk, &copies, all, None, &mut |_, _| {}) {
+            Ok(report) if report.left == 0 => break,
+            Ok(report) => log::info!(
+                "image {name}: localizing, {} blocks left (attempt {attempt})",
+                report.left
+            ),
+            Err(e) => log::warn!("image {name}: localizing: {e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let others: Vec<Placement> = {
+        let meta = disk.meta();
+        let mut others: Vec<Placement> = meta
+            .table
+            .extents()
+            .iter()
+            .flat_map(|e| e.locations.iter())
+            .filter(|l| !l.at(&here))
+            .map(|l| Placement {
+                node: l.node.clone(),
+                tier: l.tier,
+            })
+            .collect();
+        others.sort_by(|a, b| (&a.node, a.tier as u8).cmp(&(&b.node, b.tier as u8)));
+        others.dedup();
+        others
+    };
+    for other in others {
+        match placement::remove(&disk, all, &other) {
+            Ok(_) if other.node == *disk.me() => {
+                for block in all.iter() {
+                    let _ = disk.files(other.tier).drop_block(block);
+                }
+            }
+            Ok(_) => {
+                let release = Request::Release {
+                    image: name.clone(),
+                    tier: other.tier,
+                    blocks: all,
+                };
+                if let Err(e) = peers.call_ok(&other.node, release) {
+                    log::warn!("image {name}: {other} keeps its files: {e}");
+                }
+            }
+            Err(e) => log::warn!("image {name}: keeping the copy on {other}: {e}"),
+        }
+    }
+    log::info!("image {name}: all blocks are local now");
+}
