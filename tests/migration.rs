@@ -69,7 +69,7 @@ echo "RESULT done=yes"
 "#
     );
     let monitor = dir.join("monitor.sock");
-    let source = Guest::spawn(
+    let mut source = Guest::spawn(
         &GuestOpts::new(dir.join("src"), &script)
             .disk(Disk::new(a.socket("mig")))
             .timeout(Duration::from_secs(300))
@@ -78,7 +78,6 @@ echo "RESULT done=yes"
                 &format!("unix:{},server=on,wait=off", monitor.display()),
             ]),
     );
-    let mut source = source;
     assert!(source.wait_for_console("ROUND 5", Duration::from_secs(120)));
 
     let adopted = b.cli(&["image", "adopt", "mig", "--from", "a"]);
@@ -89,7 +88,7 @@ echo "RESULT done=yes"
         .unwrap()
         .port();
     let incoming = format!("tcp:127.0.0.1:{port}");
-    let mut target = Guest::spawn(
+    let target = Guest::spawn(
         &GuestOpts::new(dir.join("dst"), &script)
             .disk(Disk::new(b.socket("mig")))
             .timeout(Duration::from_secs(300))
