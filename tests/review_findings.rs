@@ -86,3 +86,70 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
         &hidden[..hidden.len().min(5)]
     );
 }
+
+/// A resync that copies a hot block "frozen" (after 3 optimistic attempts raced) freezes it
+/// and then waits for the block's in-flight writes to finish. But a queue that has one write
+/// to the block in flight (started, not yet reaped) and pops a second write to the same block
+/// blocks its own thread in `start_write` waiting for the thaw, so the first write can never
+/// finish: the resync gives up after IDLE_WAIT (15 s) and the guest's queue is stalled that
+/// long. Batches of writes to one block are exactly the hot-block case the freeze exists for.
+#[test]
+fn resync_of_a_hot_block_does_not_stall_the_queue() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use cormorant::frontend::BlkRequest;
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    daemon.cli(&["image", "create", "h", "--size", "8M", "--block-size", "1M"]);
+    let opts = ClientOptions {
+        io_timeout: Duration::from_secs(60),
+        ..ClientOptions::default()
+    };
+    let mut client = BlkClient::connect(daemon.socket("h"), &opts).unwrap();
+    // Block 0 holds data the new copy will lack, so the resync has to copy it.
+    assert_eq!(client.write(0, 0, &vec![0xaa; 1 << 20]).unwrap(), S_OK);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let q = client.queue(0).unwrap();
+            let bufs: Vec<_> = (0..32).map(|_| q.alloc(4096).unwrap()).collect();
+            for (i, b) in bufs.iter().enumerate() {
+                q.memory().fill(b.addr, 4096, i as u8 + 1).unwrap();
+            }
+            // 32 writes of 4 KiB, all inside block 0, per batch.
+            let reqs: Vec<BlkRequest> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BlkRequest::write(i as u64 * 8, *b))
+                .collect();
+            let mut worst = Duration::ZERO;
+            let mut done = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                q.submit_batch(&reqs).unwrap();
+                let mut got = 0;
+                while got < reqs.len() {
+                    done.clear();
+                    got += q.wait_completions(&mut done, Duration::from_secs(60)).unwrap();
+                    assert!(done.iter().all(|c| c.status == S_OK));
+                }
+                worst = worst.max(started.elapsed());
+            }
+            worst
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.cli(&["location", "add", "h", "--at", "local:volume", "--blocks", "0..1"]);
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        reports.push(daemon.cli(&["sync", "h", "--blocks", "0..1"]));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let worst = writer.join().unwrap();
+    assert!(
+        { eprintln!("worst {worst:?} reports {reports:?}\n{}", daemon.log().lines().filter(|l| l.contains("frozen") || l.contains("fill")).collect::<Vec<_>>().join("\n")); worst < Duration::from_secs(2) },
+        "a batch of writes waited {worst:?} while block 0 was resynced; reports {reports:?}"
+    );
+}
