@@ -153,3 +153,31 @@ fn resync_of_a_hot_block_does_not_stall_the_queue() {
         "a batch of writes waited {worst:?} while block 0 was resynced; reports {reports:?}"
     );
 }
+
+/// A flush must not report success while a copy that took writes did not confirm them
+/// durable. `RemoteEngine::flush` turns every peer error into success ("its copies are caught
+/// by the next write"), so with the only copy on b, a flush while b is unreachable answers OK:
+/// the guest believes data durable that only sits in b's page cache, and b's copy stays
+/// marked in sync.
+#[test]
+fn flush_fails_when_the_only_copy_cannot_be_flushed() {
+    use common::daemon::Cluster;
+    let dir = TestDir::new();
+    let cluster = Cluster::start(dir.path(), 2, None);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image", "create", "r", "--size", "4M", "--block-size", "1M", "--at", "b:volume",
+    ]);
+    let mut c = BlkClient::connect(a.socket("r"), &ClientOptions::default()).unwrap();
+    assert_eq!(c.write(0, 0, &[0x77; 4096]).unwrap(), S_OK);
+    // b stops answering (hung, partitioned): its page cache holds the write, not its disk.
+    // SAFETY: kill(2) on a child process of this test.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
+    let status = c.flush(0).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGCONT) };
+    assert_ne!(
+        status, S_OK,
+        "flush acknowledged though the only copy (on b) never confirmed it"
+    );
+}
