@@ -181,3 +181,29 @@ fn flush_fails_when_the_only_copy_cannot_be_flushed() {
         "flush acknowledged though the only copy (on b) never confirmed it"
     );
 }
+
+/// `image rm` does not wait for (or stop) a background fill: the fill keeps saving the
+/// image's metadata (`update_meta` -> `save`) and writing block files after the image was
+/// removed, so the removed image's metadata file comes back, and a restarted daemon serves
+/// an image the operator removed.
+#[test]
+fn removed_image_stays_removed_while_a_fill_runs() {
+    use std::time::Duration;
+    let dir = TestDir::new();
+    let mut daemon = Daemon::start(dir.path());
+    let raw = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..256u32 << 20).map(|i| (i >> 12) as u8 | 1).collect();
+    std::fs::write(&raw, &data).unwrap();
+    daemon.cli(&["image", "import", "g", raw.to_str().unwrap(), "--block-size", "1M", "--tier", "ram"]);
+    daemon.cli(&["location", "add", "g", "--at", "local:volume"]);
+    daemon.cli(&["image", "rm", "g"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let meta = daemon.volume_dir.join(".meta").join("g.json");
+    let existed = meta.exists();
+    daemon.restart();
+    let list = daemon.cli(&["image", "list"]);
+    assert!(
+        !existed && list.as_array().unwrap().is_empty(),
+        "metadata file back after rm: {existed}; images after restart: {list}"
+    );
+}
