@@ -24,7 +24,15 @@ fn flush_with_more_dirty_files_than_ring_entries_succeeds() {
     let dir = TestDir::new();
     let daemon = Daemon::start(dir.path());
     daemon.cli(&[
-        "image", "create", "f", "--size", "64M", "--tier", "volume", "--block-size", "64K",
+        "image",
+        "create",
+        "f",
+        "--size",
+        "64M",
+        "--tier",
+        "volume",
+        "--block-size",
+        "64K",
     ]);
     let mut client = connect(&daemon, "f", 1);
     let q = client.queue(0).unwrap();
@@ -33,7 +41,18 @@ fn flush_with_more_dirty_files_than_ring_entries_succeeds() {
         assert_eq!(q.write(block * 128, &[0xab; 4096]).unwrap(), S_OK);
     }
     let status = q.flush().unwrap();
-    assert_eq!(status, S_OK, "flush of 600 dirty files failed\n{}", daemon.log().lines().filter(|l| l.contains("ERROR")).take(5).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        status,
+        S_OK,
+        "flush of 600 dirty files failed\n{}",
+        daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains("ERROR"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // And it must not stay failed.
     assert_eq!(q.flush().unwrap(), S_OK);
 }
@@ -52,7 +71,11 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
         ram: root.path().join("ram"),
         volume: root.path().join("vol"),
     };
-    let files = Arc::new(BlockFiles::open(&dirs, cormorant::image::Tier::Ram, &"img".parse().unwrap()));
+    let files = Arc::new(BlockFiles::open(
+        &dirs,
+        cormorant::image::Tier::Ram,
+        &"img".parse().unwrap(),
+    ));
     files.create_dir().unwrap();
     const ROUNDS: u64 = 20_000;
     let barrier = Arc::new(Barrier::new(2));
@@ -69,7 +92,11 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
     let mut hidden = Vec::new();
     for block in 0..ROUNDS {
         barrier.wait();
-        files.for_write(block).unwrap().write_all_at(b"acked", 0).unwrap();
+        files
+            .for_write(block)
+            .unwrap()
+            .write_all_at(b"acked", 0)
+            .unwrap();
         barrier.wait();
         // The write is stored (and would be acknowledged): a read must find it.
         if files.for_read(block).unwrap().is_none() {
@@ -95,10 +122,10 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
 /// long. Batches of writes to one block are exactly the hot-block case the freeze exists for.
 #[test]
 fn resync_of_a_hot_block_does_not_stall_the_queue() {
+    use cormorant::frontend::BlkRequest;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    use cormorant::frontend::BlkRequest;
     let dir = TestDir::new();
     let daemon = Daemon::start(dir.path());
     daemon.cli(&["image", "create", "h", "--size", "8M", "--block-size", "1M"]);
@@ -132,7 +159,9 @@ fn resync_of_a_hot_block_does_not_stall_the_queue() {
                 let mut got = 0;
                 while got < reqs.len() {
                     done.clear();
-                    got += q.wait_completions(&mut done, Duration::from_secs(60)).unwrap();
+                    got += q
+                        .wait_completions(&mut done, Duration::from_secs(60))
+                        .unwrap();
                     assert!(done.iter().all(|c| c.status == S_OK));
                 }
                 worst = worst.max(started.elapsed());
@@ -141,7 +170,15 @@ fn resync_of_a_hot_block_does_not_stall_the_queue() {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    daemon.cli(&["location", "add", "h", "--at", "local:volume", "--blocks", "0..1"]);
+    daemon.cli(&[
+        "location",
+        "add",
+        "h",
+        "--at",
+        "local:volume",
+        "--blocks",
+        "0..1",
+    ]);
     let mut reports = Vec::new();
     for _ in 0..3 {
         reports.push(daemon.cli(&["sync", "h", "--blocks", "0..1"]));
@@ -149,7 +186,18 @@ fn resync_of_a_hot_block_does_not_stall_the_queue() {
     stop.store(true, Ordering::Relaxed);
     let worst = writer.join().unwrap();
     assert!(
-        { eprintln!("worst {worst:?} reports {reports:?}\n{}", daemon.log().lines().filter(|l| l.contains("frozen") || l.contains("fill")).collect::<Vec<_>>().join("\n")); worst < Duration::from_secs(2) },
+        {
+            eprintln!(
+                "worst {worst:?} reports {reports:?}\n{}",
+                daemon
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("frozen") || l.contains("fill"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            worst < Duration::from_secs(2)
+        },
         "a batch of writes waited {worst:?} while block 0 was resynced; reports {reports:?}"
     );
 }
@@ -166,7 +214,15 @@ fn flush_fails_when_the_only_copy_cannot_be_flushed() {
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.cli(&[
-        "image", "create", "r", "--size", "4M", "--block-size", "1M", "--at", "b:volume",
+        "image",
+        "create",
+        "r",
+        "--size",
+        "4M",
+        "--block-size",
+        "1M",
+        "--at",
+        "b:volume",
     ]);
     let mut c = BlkClient::connect(a.socket("r"), &ClientOptions::default()).unwrap();
     assert_eq!(c.write(0, 0, &[0x77; 4096]).unwrap(), S_OK);
@@ -194,7 +250,16 @@ fn removed_image_stays_removed_while_a_fill_runs() {
     let raw = dir.path().join("src.raw");
     let data: Vec<u8> = (0..256u32 << 20).map(|i| (i >> 12) as u8 | 1).collect();
     std::fs::write(&raw, &data).unwrap();
-    daemon.cli(&["image", "import", "g", raw.to_str().unwrap(), "--block-size", "1M", "--tier", "ram"]);
+    daemon.cli(&[
+        "image",
+        "import",
+        "g",
+        raw.to_str().unwrap(),
+        "--block-size",
+        "1M",
+        "--tier",
+        "ram",
+    ]);
     daemon.cli(&["location", "add", "g", "--at", "local:volume"]);
     daemon.cli(&["image", "rm", "g"]);
     std::thread::sleep(Duration::from_secs(5));

@@ -26,7 +26,7 @@ pub struct UringEngine {
     /// buffers, the iovec array and the file the kernel is using. Never resized.
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
-    /// Operations that failed before reaching the kernel; reported by the next `reap`.
+    /// Operations finished (or failed) without the kernel's ring; reported by the next `reap`.
     failed: Vec<Done>,
 }
 
@@ -80,10 +80,12 @@ impl Engine for UringEngine {
 
     fn push(&mut self, op: Op) {
         let Some(slot) = self.free.pop() else {
-            let error = io::Error::other("io_uring engine full");
+            // More in flight than the ring holds (a flush of many files, or a request of many
+            // pieces): run this one synchronously rather than fail it.
+            let result = super::inline::run(&op);
             self.failed.push(Done {
                 tag: op.tag,
-                result: Err(error),
+                result,
             });
             return;
         };

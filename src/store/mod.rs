@@ -54,6 +54,9 @@ pub struct BlockFiles {
     /// Set when a file was created or removed since the directory was last synced: the next
     /// flush must sync the directory too, or the new file may vanish in a power cut.
     dir_dirty: AtomicBool,
+    /// Serialises directory syncs, so a flush that finds the flag already taken waits for
+    /// the sync that took it instead of returning before it.
+    dir_sync: Mutex<()>,
 }
 
 impl BlockFiles {
@@ -67,6 +70,7 @@ impl BlockFiles {
             tier,
             cache: Mutex::new(HashMap::new()),
             dir_dirty: AtomicBool::new(false),
+            dir_sync: Mutex::new(()),
         }
     }
 
@@ -104,8 +108,11 @@ impl BlockFiles {
         self.dir.join(format!("{block:08}"))
     }
 
-    fn remember(&self, block: u64, entry: Entry) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(cache: &mut HashMap<u64, Entry>, block: u64, entry: Entry) {
         if cache.len() >= MAX_OPEN_BLOCKS && !cache.contains_key(&block) {
             // Evict an arbitrary entry: in-flight I/O holds its own Arc, so closing is safe.
             if let Some(&victim) = cache.keys().next() {
@@ -115,22 +122,26 @@ impl BlockFiles {
         cache.insert(block, entry);
     }
 
-    fn cached(&self, block: u64) -> Option<Entry> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(&block).cloned()
-    }
-
     /// The file of `block` for reading, or `None` when the block was never written.
+    ///
+    /// Opening, creating and removing a block's file and recording the result happen under
+    /// the cache lock, so a reader can never record "absent" after a writer created the file
+    /// (reads would then return zeros for acknowledged data), nor a writer cache a file that
+    /// a discard just unlinked. Opens are rare (the result is cached), so the lock is cheap.
     pub fn for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
-        match self.cached(block) {
-            Some(Entry::Open(file)) => return Ok(Some(file)),
+        let mut cache = self.lock();
+        match cache.get(&block) {
+            Some(Entry::Open(file)) => return Ok(Some(file.clone())),
             Some(Entry::Absent) => return Ok(None),
             None => {}
         }
         match self.open_file(block, false) {
-            Ok(file) => Ok(Some(file)),
+            Ok(file) => {
+                Self::remember(&mut cache, block, Entry::Open(file.clone()));
+                Ok(Some(file))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.remember(block, Entry::Absent);
+                Self::remember(&mut cache, block, Entry::Absent);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -139,31 +150,38 @@ impl BlockFiles {
 
     /// The file of `block` for writing, created on first use.
     pub fn for_write(&self, block: u64) -> io::Result<Arc<File>> {
-        if let Some(Entry::Open(file)) = self.cached(block) {
-            return Ok(file);
+        let mut cache = self.lock();
+        if let Some(Entry::Open(file)) = cache.get(&block) {
+            return Ok(file.clone());
         }
-        self.open_file(block, true)
+        let file = self.open_file(block, true)?;
+        Self::remember(&mut cache, block, Entry::Open(file.clone()));
+        Ok(file)
     }
 
     fn open_file(&self, block: u64, create: bool) -> io::Result<Arc<File>> {
         let path = self.path(block);
         let mut options = OpenOptions::new();
         options.read(true).write(true).custom_flags(libc::O_CLOEXEC);
-        if create && !path.exists() {
+        let creating = create && !path.exists();
+        if creating {
             options.create(true).mode(0o600);
-            self.dir_dirty.store(true, Ordering::Release);
             if !self.dir.exists() {
                 fs::create_dir_all(&self.dir)?;
             }
         }
         let file = Arc::new(options.open(&path)?);
-        self.remember(block, Entry::Open(file.clone()));
+        if creating {
+            // Only now is there a directory entry for a flush to make durable.
+            self.dir_dirty.store(true, Ordering::Release);
+        }
         Ok(file)
     }
 
     /// Frees a whole block: its file goes, and it reads as zeros again.
     pub fn drop_block(&self, block: u64) -> io::Result<()> {
-        self.remember(block, Entry::Absent);
+        let mut cache = self.lock();
+        Self::remember(&mut cache, block, Entry::Absent);
         match fs::remove_file(self.path(block)) {
             Ok(()) => {
                 self.dir_dirty.store(true, Ordering::Release);
@@ -191,6 +209,7 @@ impl BlockFiles {
 
     /// Syncs the directory when files were created or removed since the last call.
     pub fn sync_dir_if_dirty(&self) -> io::Result<()> {
+        let _one = self.dir_sync.lock().unwrap_or_else(|p| p.into_inner());
         if self.dir_dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
                 self.dir_dirty.store(true, Ordering::Release);
@@ -218,7 +237,7 @@ impl BlockFiles {
 
     /// Closes every cached file, so a removed image's space is freed at once.
     pub fn forget_all(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.lock().clear();
     }
 }
 

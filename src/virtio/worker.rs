@@ -8,6 +8,8 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -80,6 +82,10 @@ struct InFlight {
     /// Guest buffers this request fills (reads, GET_ID): marked dirty for live migration once
     /// the data is in them, not before, or a page sent meanwhile would miss it.
     fills: Segments,
+    /// Volume-tier files this request writes, with the copy each belongs to: marked dirty for
+    /// the next flush once the write completed (marking at issue would let a flush that
+    /// raced the write clear the mark before the data landed).
+    volume_writes: SmallVec<[(usize, u64, Arc<std::fs::File>); 2]>,
     /// For a write: each block it touches (its write counter started, see
     /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
     written: Vec<(u64, usize)>,
@@ -360,6 +366,7 @@ impl Worker {
                 _ => Segments::new(),
             },
             copies: Vec::new(),
+            volume_writes: SmallVec::new(),
             written: Vec::new(),
         });
         let block_size = self.disk.meta().block_size;
@@ -521,7 +528,11 @@ impl Worker {
             match self.disk.files(location.tier).for_write(piece.block) {
                 Ok(file) => {
                     if location.tier == Tier::Volume {
-                        self.disk.dirty().mark(piece.block, &file);
+                        if let Some(request) = self.requests[slot].as_mut() {
+                            request
+                                .volume_writes
+                                .push((copy, piece.block, file.clone()));
+                        }
                     }
                     let iov = IoVecs(iovecs.0.clone());
                     self.issue(
@@ -831,6 +842,11 @@ impl Worker {
     }
 
     fn finish(&mut self, vring: &Vring, mut request: InFlight) {
+        for (copy, block, file) in &request.volume_writes {
+            if request.copies.get(copy - 1).is_some_and(|c| c.stored) {
+                self.disk.dirty().mark(*block, file);
+            }
+        }
         if !request.written.is_empty() {
             self.settle_copies(&mut request);
         }
