@@ -31,7 +31,7 @@ use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine}
 use crate::image::{Location, Tier};
 use crate::replica::ack::{self, CopyResult, Outcome};
 use crate::route::{self, Piece};
-use crate::virtio::request::{self, ByteRange, Kind, Limits, Request, Segment, Segments};
+use crate::virtio::request::{self, Kind, Limits, Request, Segment, Segments};
 
 /// Guest memory with a dirty-page bitmap that QEMU's log (VHOST_USER_SET_LOG_BASE) plugs
 /// into during live migration; until then marking is a no-op.
@@ -51,12 +51,58 @@ const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
 const MAX_POLL: Duration = Duration::from_micros(50);
 const POLL_STEP: Duration = Duration::from_micros(2);
 
-/// How long a write waits on a block a resync has frozen before it logs and waits again.
-const FREEZE_WAIT: Duration = Duration::from_secs(5);
+/// How often requests waiting for a frozen block are retried.
+const DEFERRED_RETRY: Duration = Duration::from_micros(200);
 
 /// Guest mistakes logged at warn level per queue before they are only counted, so a
 /// misbehaving guest cannot flood the daemon's log.
 const GUEST_ERRORS_LOGGED: u64 = 8;
+
+/// A request cut to blocks, before it is issued.
+enum Work {
+    Read(SmallVec<[Piece; 2]>),
+    Write(SmallVec<[Piece; 2]>),
+    /// Discard and write-zeroes: spans, and whether each covers its whole block.
+    Free(Vec<(route::BlockSpan, bool)>),
+    Flush,
+    GetId,
+}
+
+impl Work {
+    fn of(request: &Request, block_size: u64, size: u64) -> Work {
+        match &request.kind {
+            Kind::Read { offset } => Work::Read(route::split(*offset, &request.data, block_size)),
+            Kind::Write { offset } => Work::Write(route::split(*offset, &request.data, block_size)),
+            Kind::Discard(ranges) | Kind::WriteZeroes { ranges, .. } => Work::Free(
+                ranges
+                    .iter()
+                    .flat_map(|r| route::spans(r.offset, r.len, block_size))
+                    .map(|span| {
+                        let block_len = block_size.min(size - span.block * block_size);
+                        (span, span.offset == 0 && span.len == block_len)
+                    })
+                    .collect(),
+            ),
+            Kind::Flush => Work::Flush,
+            Kind::GetId => Work::GetId,
+        }
+    }
+
+    /// The blocks it changes (one per piece or span), for writes and discards.
+    fn blocks(&self) -> Option<SmallVec<[u64; 4]>> {
+        match self {
+            Work::Write(pieces) => Some(pieces.iter().map(|p| p.block).collect()),
+            Work::Free(spans) => Some(spans.iter().map(|(s, _)| s.block).collect()),
+            _ => None,
+        }
+    }
+}
+
+enum Begin {
+    Go(Vec<Vec<Location>>),
+    Frozen,
+    Refused(String),
+}
 
 /// Where a read is served from.
 enum Source {
@@ -116,6 +162,8 @@ pub struct Worker {
     vring: Option<Vring>,
     /// Set when the worker stopped popping because too much was in flight.
     throttled: bool,
+    /// Requests waiting for a block a resync froze (see `disk::Frozen`).
+    deferred: Vec<(u16, Request)>,
     /// Set when the guest kicked before the connection was admitted (see [`Worker::park`]).
     parked: bool,
     poll_window: Duration,
@@ -150,6 +198,7 @@ impl Worker {
             done: Vec::new(),
             vring: None,
             throttled: false,
+            deferred: Vec::new(),
             parked: false,
             poll_window: Duration::ZERO,
             slept_at: None,
@@ -213,6 +262,12 @@ impl Worker {
 
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
+        if let Some(vring) = self.vring.clone() {
+            let mem = self.mem.memory().into_inner();
+            while self.retry_deferred(&vring, &mem) > 0 {
+                std::thread::sleep(DEFERRED_RETRY);
+            }
+        }
         while self.in_flight() > 0 {
             if let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
                 if let Err(e) = uring.wait() {
@@ -248,10 +303,16 @@ impl Worker {
         let _ = vring.disable_notification();
         let mut idle_since: Option<Instant> = None;
         loop {
+            let waiting = self.retry_deferred(vring, &mem);
             let popped = self.pop_batch(vring, &mem);
             self.submit();
             self.complete(vring);
             self.signal(vring);
+            if waiting > 0 {
+                // Frozen blocks thaw after one block's copy: check back soon.
+                std::thread::sleep(DEFERRED_RETRY);
+                continue;
+            }
             if self.ops_in_flight() >= MAX_IN_FLIGHT_OPS {
                 // Resumed by completions; the kick stays off meanwhile.
                 self.throttled = true;
@@ -347,6 +408,24 @@ impl Worker {
     }
 
     fn execute(&mut self, vring: &Vring, head: u16, request: Request, mem: &Arc<Mem>) {
+        let (block_size, size) = {
+            let meta = self.disk.meta();
+            (meta.block_size, meta.size)
+        };
+        let work = Work::of(&request, block_size, size);
+        let targets = match work.blocks() {
+            None => Ok(Vec::new()),
+            Some(blocks) => match self.begin_writes(&blocks) {
+                Begin::Frozen => {
+                    // A resync is copying one of its blocks: try again shortly, without
+                    // holding up this queue's other requests or completions.
+                    self.deferred.push((head, request));
+                    return;
+                }
+                Begin::Refused(e) => Err(e),
+                Begin::Go(targets) => Ok(targets),
+            },
+        };
         let used_len = match request.kind {
             Kind::Read { .. } => request.data_len as u32 + 1,
             Kind::GetId => (request.data_len as u32).min(VIRTIO_BLK_ID_BYTES) + 1,
@@ -369,28 +448,68 @@ impl Worker {
             volume_writes: SmallVec::new(),
             written: Vec::new(),
         });
-        let block_size = self.disk.meta().block_size;
         self.count(&request);
-        match request.kind {
-            Kind::Read { offset } => {
-                for piece in route::split(offset, &request.data, block_size) {
+        match (work, targets) {
+            (_, Err(e)) => self.fail(slot, &e),
+            (Work::Read(pieces), _) => {
+                for piece in pieces {
                     self.read_piece(slot, piece, mem);
                 }
             }
-            Kind::Write { offset } => {
-                for piece in route::split(offset, &request.data, block_size) {
-                    self.write_piece(slot, piece, mem);
+            (Work::Write(pieces), Ok(targets)) => {
+                for (piece, locations) in pieces.into_iter().zip(targets) {
+                    self.write_piece(slot, piece, locations, mem);
                 }
             }
-            Kind::Flush => self.flush(slot),
-            Kind::GetId => self.get_id(slot, &request.data, mem),
-            Kind::Discard(ranges) | Kind::WriteZeroes { ranges, .. } => {
-                self.free_ranges(slot, &ranges)
+            (Work::Free(spans), Ok(targets)) => {
+                for ((span, whole), locations) in spans.into_iter().zip(targets) {
+                    if let Err(e) = self.free_span(span, whole, locations) {
+                        self.fail(slot, &e);
+                    }
+                }
             }
+            (Work::Flush, _) => self.flush(slot),
+            (Work::GetId, _) => self.get_id(slot, &request.data, mem),
         }
         if let Some(request) = self.piece_done(tag(slot, 0), true) {
             self.finish(vring, request);
         }
+    }
+
+    /// Counts the writes to `blocks` as started and returns each block's copies — all under
+    /// one hold of the metadata lock, so a resync sees every write that chose its copies, and
+    /// a block a resync froze is never written until it thaws.
+    fn begin_writes(&self, blocks: &[u64]) -> Begin {
+        let meta = self.disk.meta();
+        if &meta.owner != self.disk.me() {
+            // Fenced: the image moved to another node; this guest must not write.
+            return Begin::Refused(format!(
+                "write refused: the image is owned by {} now",
+                meta.owner
+            ));
+        }
+        if blocks.iter().any(|&b| self.disk.frozen().is_frozen(b)) {
+            return Begin::Frozen;
+        }
+        let mut targets = Vec::with_capacity(blocks.len());
+        for &block in blocks {
+            match meta.table.locations(block) {
+                Some(locations) => targets.push(locations.to_vec()),
+                None => return Begin::Refused(format!("block {block} is past the end")),
+            }
+        }
+        for &block in blocks {
+            self.disk.writes().start(block);
+        }
+        Begin::Go(targets)
+    }
+
+    /// Runs the requests that waited for a frozen block; returns how many are still waiting.
+    fn retry_deferred(&mut self, vring: &Vring, mem: &Arc<Mem>) -> usize {
+        for (head, request) in std::mem::take(&mut self.deferred) {
+            self.execute(vring, head, request, mem);
+        }
+        self.deferred.len()
     }
 
     fn count(&self, request: &Request) {
@@ -496,10 +615,7 @@ impl Worker {
     /// Writes one block's part to every copy of the block, in sync or not (an out-of-sync
     /// copy that takes writes converges under resync). The request's status comes from the
     /// acknowledgement rule once every copy has answered.
-    fn write_piece(&mut self, slot: usize, piece: Piece, mem: &Mem) {
-        let Some(locations) = self.start_write(piece.block) else {
-            return self.fail(slot, &format!("block {} is past the end", piece.block));
-        };
+    fn write_piece(&mut self, slot: usize, piece: Piece, locations: Vec<Location>, mem: &Mem) {
         let Some(request) = self.requests[slot].as_mut() else {
             return;
         };
@@ -602,59 +718,14 @@ impl Worker {
 
     /// Discard and write-zeroes: whole blocks lose their file, partial ones get a hole. Both
     /// read back as zeros, which is what write-zeroes promises.
-    fn free_ranges(&mut self, slot: usize, ranges: &[ByteRange]) {
-        let (block_size, size) = {
-            let meta = self.disk.meta();
-            (meta.block_size, meta.size)
-        };
-        for range in ranges {
-            for span in route::spans(range.offset, range.len, block_size) {
-                let block_len = block_size.min(size - span.block * block_size);
-                let whole = span.offset == 0 && span.len == block_len;
-                if let Err(e) = self.free_span(span, whole) {
-                    return self.fail(slot, &e);
-                }
-            }
-        }
-    }
-
-    /// Counts a write to `block` as started and returns the copies it goes to. Done under
-    /// the metadata lock, so a resync sees every write that chose its copies; a block a
-    /// resync has frozen is waited for (briefly: one block's copy).
-    fn start_write(&self, block: u64) -> Option<Vec<Location>> {
-        loop {
-            {
-                let meta = self.disk.meta();
-                if &meta.owner != self.disk.me() {
-                    // Fenced: the image moved to another node; this guest must not write.
-                    log::warn!(
-                        "image {}: write refused: owned by {} now",
-                        self.disk.name(),
-                        meta.owner
-                    );
-                    return None;
-                }
-                let locations = meta.table.locations(block)?;
-                if !self.disk.frozen().is_frozen(block) {
-                    self.disk.writes().start(block);
-                    return Some(locations.to_vec());
-                }
-            }
-            if !self.disk.frozen().wait(block, FREEZE_WAIT) {
-                log::warn!(
-                    "image {}: block {block} stayed frozen by a resync for {FREEZE_WAIT:?}",
-                    self.disk.name()
-                );
-            }
-        }
-    }
-
     /// Frees one block's span on every copy; like a write, it counts as one for resync and
     /// follows the acknowledgement rule.
-    fn free_span(&self, span: route::BlockSpan, whole: bool) -> Result<(), String> {
-        let locations = self
-            .start_write(span.block)
-            .ok_or_else(|| format!("block {} is past the end", span.block))?;
+    fn free_span(
+        &self,
+        span: route::BlockSpan,
+        whole: bool,
+        locations: Vec<Location>,
+    ) -> Result<(), String> {
         let results: Vec<CopyResult> = locations
             .into_iter()
             .map(|location| {
