@@ -610,6 +610,7 @@ impl Daemon {
         if let Some(export) = entry.export {
             export.stop();
         }
+        entry.disk.mark_removed();
         ImageMeta::remove(&self.config.meta_dir(), name).map_err(|e| e.to_string())?;
         for tier in [Tier::Ram, Tier::Volume] {
             entry

@@ -23,6 +23,9 @@ pub struct Disk {
     resync: Mutex<()>,
     metrics: ImageMetrics,
     take_over: Mutex<()>,
+    /// Set when the image is removed: background work (a fill, a resync) must not save its
+    /// metadata or recreate its files afterwards.
+    removed: AtomicBool,
     /// Run once this node took the image over (moves the blocks here in the background).
     on_take_over: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     ram: BlockFiles,
@@ -204,6 +207,7 @@ impl Disk {
             resync: Mutex::new(()),
             metrics: ImageMetrics::default(),
             take_over: Mutex::new(()),
+            removed: AtomicBool::new(false),
             on_take_over: Mutex::new(None),
             meta: RwLock::new(meta),
             ram,
@@ -246,6 +250,16 @@ impl Disk {
             .iter()
             .map(|e| e.blocks.len() * e.locations.iter().filter(|l| !l.synced).count() as u64)
             .sum()
+    }
+
+    /// Marks the image removed (see `removed`); waits for a resync in progress to notice.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+        drop(self.resync_lock());
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     pub fn take_over_lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -293,6 +307,9 @@ impl Disk {
         change: impl FnOnce(&mut ImageMeta) -> Result<T, String>,
     ) -> Result<T, String> {
         let mut live = self.meta.write().unwrap_or_else(|p| p.into_inner());
+        if self.is_removed() {
+            return Err(format!("image {} was removed", self.name));
+        }
         let mut next = live.clone();
         let result = change(&mut next)?;
         if next != *live {
@@ -300,6 +317,34 @@ impl Disk {
             *live = next;
         }
         Ok(result)
+    }
+
+    /// Peers in `failed` could not make their copies durable: their copies go out of sync
+    /// wherever another in-sync copy exists. Returns false when some block's only in-sync
+    /// copies were on them (the flush must then fail).
+    pub fn flush_failed(&self, failed: &[NodeId]) -> Result<bool, String> {
+        for node in failed {
+            log::warn!("image {}: flush failed on {node}", self.name);
+        }
+        self.update_meta(|meta| {
+            let mut durable = true;
+            let all = BlockRange::new(0, meta.blocks()).map_err(|e| e.to_string())?;
+            meta.table
+                .update(all, |locations| {
+                    let elsewhere = locations
+                        .iter()
+                        .any(|l| l.synced && !failed.contains(&l.node));
+                    if elsewhere {
+                        for l in locations.iter_mut().filter(|l| failed.contains(&l.node)) {
+                            l.synced = false;
+                        }
+                    } else if locations.iter().any(|l| l.synced) {
+                        durable = false;
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(durable)
+        })
     }
 
     /// Marks the copies in `stale` of `block` out of sync, durably.

@@ -141,9 +141,7 @@ impl RemoteEngine {
         }
     }
 
-    /// Asks `node` to make `image`'s writes durable. A peer that cannot answer is on the
-    /// failure list by then and its copies are caught by the next write; the flush of the
-    /// copies that can be reached still succeeds.
+    /// Asks `node` to make `image`'s writes durable; the completion says whether it did.
     pub fn flush(&self, node: &NodeId, image: &ImageName, tag: u64) {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let pending = Arc::new(Pending {
@@ -154,12 +152,13 @@ impl RemoteEngine {
             chunks_left: AtomicUsize::new(1),
             error: Mutex::new(None),
         });
-        let node_name = node.clone();
         let done = Box::new(move |result: Result<Response, PeerError>| {
-            if let Err(e) = result {
-                log::warn!("peer {node_name}: flush failed: {e}");
-            }
-            pending.chunk_done(Ok(()));
+            let outcome = match result {
+                Ok(Response::Ok) => Ok(()),
+                Ok(other) => Err(io::Error::other(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(io_error(e)),
+            };
+            pending.chunk_done(outcome);
         });
         let request = Request::Flush {
             image: image.clone(),

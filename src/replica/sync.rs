@@ -88,6 +88,12 @@ pub fn sync(
     let started = Instant::now();
     let mut batch: Vec<(u64, Location, u32)> = Vec::new();
     for block in range.iter() {
+        if disk.is_removed() {
+            return Err(SyncError::Meta(format!(
+                "image {} was removed",
+                disk.name()
+            )));
+        }
         let (stale, len) = {
             let meta = disk.meta();
             let locations = meta.table.locations(block).unwrap_or(&[]);

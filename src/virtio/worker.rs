@@ -677,12 +677,26 @@ impl Worker {
             return self.fail(slot, &format!("cannot sync block directory: {e}"));
         }
         let me = self.disk.me().clone();
+        let tier = self.disk.meta().tier;
         for node in self.disk.meta().table.nodes() {
             if node != me {
-                if let Some(request) = self.requests[slot].as_mut() {
+                // Each peer's answer is recorded like a copy's: see `finish`.
+                let copy = {
+                    let Some(request) = self.requests[slot].as_mut() else {
+                        return;
+                    };
                     request.pending += 1;
-                }
-                self.remote.flush(&node, self.disk.name(), tag(slot, 0));
+                    request.copies.push(CopyResult {
+                        location: Location {
+                            node: node.clone(),
+                            tier,
+                            synced: true,
+                        },
+                        stored: false,
+                    });
+                    request.copies.len()
+                };
+                self.remote.flush(&node, self.disk.name(), tag(slot, copy));
             }
         }
         let (files, ticket) = self.disk.dirty().snapshot();
@@ -756,12 +770,18 @@ impl Worker {
     fn free_copy(&self, location: &Location, span: route::BlockSpan, whole: bool) -> bool {
         let freed = if &location.node == self.disk.me() {
             let files = self.disk.files(location.tier);
-            if whole {
+            let freed = if whole {
                 files.drop_block(span.block)
             } else {
                 files.punch(span.block, span.offset, span.len)
+            };
+            if freed.is_ok() && !whole && location.tier == Tier::Volume {
+                // The hole must survive a power cut like data would: the next flush syncs it.
+                if let Ok(Some(file)) = files.for_read(span.block) {
+                    self.disk.dirty().mark(span.block, &file);
+                }
             }
-            .map_err(|e| e.to_string())
+            freed.map_err(|e| e.to_string())
         } else if self.peers.failures().is_failed(&location.node) {
             Err("on the failure list".to_string())
         } else {
@@ -937,6 +957,25 @@ impl Worker {
                 slice.bitmap().mark_dirty(0, slice.len());
             }
         }
+        if request.flush.is_some() {
+            let failed: Vec<_> = request
+                .copies
+                .iter()
+                .filter(|c| !c.stored)
+                .map(|c| c.location.node.clone())
+                .collect();
+            if !failed.is_empty() {
+                match self.disk.flush_failed(&failed) {
+                    Ok(true) => {}
+                    Ok(false) => request.status_byte = VIRTIO_BLK_S_IOERR as u8,
+                    Err(e) => {
+                        log::error!("image {}: {e}", self.disk.name());
+                        request.status_byte = VIRTIO_BLK_S_IOERR as u8;
+                    }
+                }
+            }
+        }
+        let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
         if let (true, Some(ticket)) = (ok, &request.flush) {
             self.disk.dirty().clear(ticket);
         }
@@ -967,6 +1006,11 @@ impl Drop for Worker {
     /// The kernel may still be writing into guest memory: wait for it before the mapping
     /// (held by the in-flight requests) is released.
     fn drop(&mut self) {
+        // Peer reads copy into guest memory from their own threads; they end by answer or by
+        // their timeout.
+        while self.remote.in_flight() > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if let Some(uring) = self.uring.as_mut() {
             while uring.in_flight() > 0 && uring.wait().is_ok() {
                 let mut done = Vec::new();
