@@ -424,7 +424,12 @@ impl Daemon {
     ) -> Result<Value, String> {
         let disk = self.disk(name)?;
         let range = placement::range_of(&disk, blocks)?;
-        let removed = placement::remove(&disk, range, at)?;
+        // Waits for a resync in progress: one that copied to this copy must not commit it
+        // after it was removed (and perhaps added again).
+        let removed = {
+            let _no_resync = disk.resync_lock();
+            placement::remove(&disk, range, at)?
+        };
         if at.node == self.config.node {
             let files = disk.files(at.tier);
             for &block in &removed {
