@@ -1,0 +1,399 @@
+//! The daemon's state: the images of this node, each opened as a disk and exported on its
+//! socket. Control actions are applied here, one owner for every change to that state.
+
+mod cluster;
+mod transfer;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::cluster::Peers;
+pub use crate::config::Config;
+use crate::control::protocol::Request;
+use crate::disk::Disk;
+use crate::export::{socket_path, Export};
+use crate::image::meta::{self, SECTOR_SIZE};
+use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
+use crate::peer::ClusterKey;
+use crate::placement;
+use crate::replica::sync;
+
+struct Entry {
+    disk: Arc<Disk>,
+    /// None while an import fills the image: no frontend may see it half-written.
+    export: Option<Export>,
+}
+
+pub struct Daemon {
+    config: Config,
+    images: Mutex<BTreeMap<ImageName, Entry>>,
+    peers: Arc<Peers>,
+}
+
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+impl Daemon {
+    /// Loads and exports every image found in the metadata directory. An image whose
+    /// metadata cannot be read is logged and left alone; the others are served.
+    pub fn start(config: Config, key: Option<&ClusterKey>) -> io::Result<Daemon> {
+        let meta_dir = config.meta_dir();
+        fs::create_dir_all(&meta_dir)?;
+        let daemon = Daemon {
+            peers: Arc::new(Peers::new(&config, key)),
+            config,
+            images: Mutex::new(BTreeMap::new()),
+        };
+        let names = meta::list(&meta_dir).map_err(io::Error::other)?;
+        for name in names {
+            match ImageMeta::load(&meta_dir, &name) {
+                Ok(meta) => {
+                    if let Err(e) = daemon.open_and_export(meta) {
+                        log::error!("image {name}: cannot serve: {e}");
+                    }
+                }
+                Err(e) => log::error!("image {name}: skipped: {e}"),
+            }
+        }
+        Ok(daemon)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ImageName, Entry>> {
+        self.images.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_and_export(&self, meta: ImageMeta) -> io::Result<()> {
+        let name = meta.name.clone();
+        let (disk, changed) = Disk::open(
+            meta,
+            &self.config.dirs,
+            self.config.node.clone(),
+            self.config.meta_dir(),
+        );
+        if changed {
+            disk.meta()
+                .save(&self.config.meta_dir())
+                .map_err(io::Error::other)?;
+        }
+        // Only the owner exports an image; other nodes hold copies of its blocks for it.
+        let export = if disk.meta().owner == self.config.node {
+            Some(self.export(&disk)?)
+        } else {
+            None
+        };
+        self.lock().insert(name, Entry { disk, export });
+        Ok(())
+    }
+
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Any image this node knows, owned or held.
+    pub fn find(&self, name: &ImageName) -> Option<Arc<Disk>> {
+        self.lock().get(name).map(|e| e.disk.clone())
+    }
+
+    fn export(&self, disk: &Arc<Disk>) -> io::Result<Export> {
+        let socket = socket_path(&self.config.run_dir, disk.name());
+        Export::start(
+            disk.clone(),
+            socket,
+            self.config.use_uring,
+            self.peers.clone(),
+        )
+    }
+
+    /// Applies one control request.
+    pub fn apply(&self, request: Request, progress: Progress) -> Result<Value, String> {
+        match request {
+            Request::ImageCreate {
+                name,
+                size,
+                block_size,
+                tier,
+                read_only,
+                at,
+            } => {
+                let disk = self.create(name, size, block_size, tier, read_only, &at)?;
+                self.publish(&disk)?;
+                Ok(self.summary(&disk))
+            }
+            Request::ImageList => Ok(Value::Array(
+                self.lock()
+                    .values()
+                    .map(|e| self.summary(&e.disk))
+                    .collect(),
+            )),
+            Request::ImageInfo { name } => self.info(&name),
+            Request::ImageRm { name } => self.remove(&name).map(|()| json!({"removed": name})),
+            Request::ImageImport {
+                name,
+                path,
+                block_size,
+                tier,
+            } => self.import(name, Path::new(&path), block_size, tier, progress),
+            Request::LocationAdd { name, blocks, at } => self.location_add(&name, blocks, &at),
+            Request::LocationRm { name, blocks, at } => self.location_rm(&name, blocks, &at),
+            Request::Sync { name, blocks, rate } => {
+                let disk = self.disk(&name)?;
+                let range = placement::range_of(&disk, blocks)?;
+                let copies = self.copies(&disk);
+                let report =
+                    sync::sync(&disk, &copies, range, rate, progress).map_err(|e| e.to_string())?;
+                Ok(json!(report))
+            }
+            Request::Stats { name } => self.stats(name.as_ref()),
+            Request::ImageAdopt { name, from } => self.adopt(&name, &from),
+            Request::ImageExport { name, path } => {
+                let disk = self.disk(&name)?;
+                transfer::export_raw(&disk, Path::new(&path), progress)
+                    .map_err(|e| format!("cannot export to {path}: {e}"))?;
+                Ok(json!({"exported": name, "path": path}))
+            }
+        }
+    }
+
+    /// Per-image and per-peer metrics as JSON.
+    fn stats(&self, name: Option<&ImageName>) -> Result<Value, String> {
+        if let Some(name) = name {
+            let disk = self.disk(name)?;
+            return Ok(disk.metrics().json(disk.out_of_sync_copies()));
+        }
+        let images: serde_json::Map<String, Value> = self
+            .lock()
+            .iter()
+            .map(|(n, e)| {
+                let m = e.disk.metrics().json(e.disk.out_of_sync_copies());
+                (n.to_string(), m)
+            })
+            .collect();
+        let failures = self.peers.failures();
+        let peers: serde_json::Map<String, Value> = self
+            .peers
+            .metrics()
+            .map(|(id, m)| (id.to_string(), m.json(failures.is_failed(id))))
+            .collect();
+        Ok(json!({"node": self.config.node, "images": images, "peers": peers}))
+    }
+
+    /// The same metrics in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, entry) in self.lock().iter() {
+            let disk = &entry.disk;
+            disk.metrics()
+                .prometheus(&mut out, name.as_str(), disk.out_of_sync_copies());
+        }
+        let failures = self.peers.failures();
+        for (id, m) in self.peers.metrics() {
+            m.prometheus(&mut out, id.as_str(), failures.is_failed(id));
+        }
+        out
+    }
+
+    fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
+        self.lock()
+            .get(name)
+            .map(|e| e.disk.clone())
+            .ok_or_else(|| format!("no image named '{name}'"))
+    }
+
+    /// Creates an image, unexported: the caller publishes it once it is ready.
+    fn create(
+        &self,
+        name: ImageName,
+        size: u64,
+        block_size: u64,
+        tier: Tier,
+        read_only: bool,
+        at: &[Placement],
+    ) -> Result<Arc<Disk>, String> {
+        let mut images = self.lock();
+        if images.contains_key(&name) {
+            return Err(format!("image '{name}' already exists"));
+        }
+        let locations = self.placements(tier, at)?;
+        let meta = ImageMeta::new(
+            name.clone(),
+            self.config.node.clone(),
+            size,
+            block_size,
+            read_only,
+            locations,
+        )
+        .map_err(|e| e.to_string())?;
+        let (disk, _) = {
+            let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name);
+            files
+                .create_dir()
+                .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
+            self.tell_holders(&meta, &meta.table.nodes())?;
+            meta.save(&self.config.meta_dir())
+                .map_err(|e| e.to_string())?;
+            Disk::open(
+                meta,
+                &self.config.dirs,
+                self.config.node.clone(),
+                self.config.meta_dir(),
+            )
+        };
+        images.insert(
+            name.clone(),
+            Entry {
+                disk: disk.clone(),
+                export: None,
+            },
+        );
+        log::info!("image {name}: created, {size} bytes in blocks of {block_size} on {tier}");
+        Ok(disk)
+    }
+
+    /// The copies a new image's blocks get: `at`, or this node on `tier`. Every copy starts in
+    /// sync: an unwritten block reads as zeros everywhere.
+    fn placements(&self, tier: Tier, at: &[Placement]) -> Result<Vec<Location>, String> {
+        let me = Placement {
+            node: self.config.node.clone(),
+            tier,
+        };
+        let at = if at.is_empty() {
+            std::slice::from_ref(&me)
+        } else {
+            at
+        };
+        let mut locations: Vec<Location> = Vec::new();
+        for placement in at {
+            if !self.config.knows(&placement.node) {
+                return Err(format!(
+                    "node '{}' is neither this node nor a peer",
+                    placement.node
+                ));
+            }
+            if locations.iter().any(|l| l.at(placement)) {
+                return Err(format!("{placement} is given twice"));
+            }
+            locations.push(Location {
+                node: placement.node.clone(),
+                tier: placement.tier,
+                synced: true,
+            });
+        }
+        Ok(locations)
+    }
+
+    /// Exports a created image on its socket.
+    fn publish(&self, disk: &Arc<Disk>) -> Result<(), String> {
+        let export = self
+            .export(disk)
+            .map_err(|e| format!("cannot export image '{}': {e}", disk.name()))?;
+        if let Some(entry) = self.lock().get_mut(disk.name()) {
+            entry.export = Some(export);
+        }
+        Ok(())
+    }
+
+    fn summary(&self, disk: &Disk) -> Value {
+        let meta = disk.meta();
+        json!({
+            "name": meta.name,
+            "size": meta.size,
+            "block_size": meta.block_size,
+            "tier": meta.tier,
+            "read_only": meta.read_only,
+            "in_use": disk.in_use(),
+            "socket": socket_path(&self.config.run_dir, &meta.name),
+        })
+    }
+
+    /// The UKAI metadata shape, extended: one entry per block with its locations.
+    fn info(&self, name: &ImageName) -> Result<Value, String> {
+        let disk = self.disk(name)?;
+        let used = disk.used_bytes().map_err(|e| e.to_string())?;
+        let mut value = self.summary(&disk);
+        let meta = disk.meta();
+        let blocks: Vec<Value> = (0..meta.blocks())
+            .map(|index| {
+                json!({"index": index, "locations": meta.table.locations(index).unwrap_or(&[])})
+            })
+            .collect();
+        value["used_size"] = json!(used);
+        value["blocks"] = Value::Array(blocks);
+        Ok(value)
+    }
+
+    fn remove(&self, name: &ImageName) -> Result<(), String> {
+        let entry = {
+            let mut images = self.lock();
+            let entry = images
+                .get(name)
+                .ok_or_else(|| format!("no image named '{name}'"))?;
+            if entry.disk.in_use() {
+                return Err(format!(
+                    "image '{name}' is in use by a frontend; stop the VM first"
+                ));
+            }
+            images.remove(name).expect("checked above")
+        };
+        if let Some(export) = entry.export {
+            export.stop();
+        }
+        entry.disk.mark_removed();
+        ImageMeta::remove(&self.config.meta_dir(), name).map_err(|e| e.to_string())?;
+        for tier in [Tier::Ram, Tier::Volume] {
+            entry
+                .disk
+                .files(tier)
+                .remove_all()
+                .map_err(|e| format!("cannot remove block files: {e}"))?;
+        }
+        log::info!("image {name}: removed");
+        Ok(())
+    }
+
+    fn import(
+        &self,
+        name: ImageName,
+        path: &Path,
+        block_size: u64,
+        tier: Tier,
+        progress: Progress,
+    ) -> Result<Value, String> {
+        let mut source =
+            File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = source.metadata().map_err(|e| e.to_string())?.len();
+        let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
+        let disk = self.create(name.clone(), size, block_size, tier, false, &[])?;
+        let claim = disk.claim().ok_or("image is busy")?;
+        let copied = transfer::import_raw(&disk, &mut source, progress);
+        drop(claim);
+        if let Err(e) = copied {
+            let _ = self.remove(&name);
+            return Err(format!("cannot import {}: {e}", path.display()));
+        }
+        disk.sync_all().map_err(|e| e.to_string())?;
+        self.publish(&disk)?;
+        Ok(self.summary(&disk))
+    }
+
+    /// Stops every export (draining its requests), syncs and saves every image. Called on
+    /// SIGTERM; the process exits afterwards.
+    pub fn shutdown(&self) {
+        let entries: Vec<Entry> = std::mem::take(&mut *self.lock()).into_values().collect();
+        for entry in entries {
+            if let Some(export) = entry.export {
+                export.stop();
+            }
+            let name = entry.disk.name().clone();
+            if let Err(e) = entry.disk.sync_all() {
+                log::error!("image {name}: sync at shutdown failed: {e}");
+            }
+            if let Err(e) = entry.disk.meta().save(&self.config.meta_dir()) {
+                log::error!("image {name}: saving metadata at shutdown failed: {e}");
+            }
+        }
+    }
+}
