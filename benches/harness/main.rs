@@ -1,0 +1,266 @@
+//! `cormorant-bench`: Cormorant side by side with qemu-storage-daemon, virtio-blk on a raw file
+//! and fio on the host, in one run, on both tiers. See benches/README.md.
+//!
+//!     cargo run --release --bin cormorant-bench -- --suite quick
+//!
+//! Writes `results.json`, `results.md` and PNG plots to `--out` (default
+//! `target/bench/<date>/`) and prints the markdown table.
+
+mod backend;
+mod fio;
+mod load;
+mod procs;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use load::{LoadSpec, Pattern};
+use procs::ProcError;
+use report::{HostInfo, Measurement, Report};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark Cormorant against qemu-storage-daemon and virtio-blk, side by side")]
+struct Args {
+    /// Which cases and how long each runs.
+    #[arg(long, value_enum, default_value = "quick")]
+    suite: Suite,
+    /// Output directory (default target/bench/<date>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only cases whose `group case` name contains one of these strings (e.g. `backend ram`,
+    /// `randread 4k qd32`); repeatable.
+    #[arg(long)]
+    only: Vec<String>,
+    /// The cormorant binary (default: built with cargo next to this one).
+    #[arg(long)]
+    cormorant: Option<PathBuf>,
+    /// Directory for RAM-tier files (must be tmpfs).
+    #[arg(long, default_value = "/dev/shm")]
+    ram_dir: PathBuf,
+    /// Directory for volume-tier files (a disk file system).
+    #[arg(long, default_value = "target/bench-work")]
+    volume_dir: PathBuf,
+}
+
+/// Suites: how many cases and how long each runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    /// About a second per case: for CI, proves the harness works, measures nothing useful.
+    Smoke,
+    /// Every case once, short runs: under 15 minutes on 2 cores.
+    Quick,
+    /// Longer runs and the long in-guest cases.
+    Full,
+}
+
+/// Storage tier under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Ram,
+    Volume,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Ram => "ram",
+            Tier::Volume => "volume",
+        }
+    }
+}
+
+/// Sizes and times of a suite.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub suite: Suite,
+    pub runtime: Duration,
+    pub warmup: Duration,
+    /// Bytes of data written and then read by the backend cases.
+    pub span: u64,
+    /// Add `cormorant --no-uring` on the volume tier.
+    pub engine_compare: bool,
+}
+
+impl Params {
+    fn new(suite: Suite) -> Params {
+        let (runtime, warmup, span) = match suite {
+            Suite::Smoke => (
+                Duration::from_millis(700),
+                Duration::from_millis(200),
+                64 << 20,
+            ),
+            Suite::Quick => (Duration::from_secs(4), Duration::from_secs(1), 1 << 30),
+            Suite::Full => (Duration::from_secs(15), Duration::from_secs(2), 4 << 30),
+        };
+        Params {
+            suite,
+            runtime,
+            warmup,
+            span,
+            engine_compare: true,
+        }
+    }
+
+    /// The backend-only loads of a tier.
+    pub fn backend_specs(&self, _tier: Tier) -> Vec<LoadSpec> {
+        let spec = |pattern, bs: u32, qd, queues| LoadSpec {
+            pattern,
+            bs,
+            qd,
+            queues,
+            runtime: self.runtime,
+            warmup: self.warmup,
+            span: self.span,
+            client_poll: false,
+        };
+        let polled = LoadSpec {
+            client_poll: true,
+            ..spec(Pattern::RandRead, 4096, 1, 1)
+        };
+        let mut v = vec![
+            spec(Pattern::RandRead, 4096, 1, 1),
+            polled,
+            spec(Pattern::RandRead, 4096, 32, 1),
+            spec(Pattern::RandWrite, 4096, 1, 1),
+            spec(Pattern::RandWrite, 4096, 32, 1),
+        ];
+        if self.suite != Suite::Smoke {
+            v.extend([
+                spec(Pattern::RandRead, 4096, 32, 2),
+                spec(Pattern::RandWrite, 4096, 32, 2),
+                spec(Pattern::Read, 1 << 20, 8, 1),
+                spec(Pattern::Write, 1 << 20, 8, 1),
+            ]);
+        }
+        v
+    }
+}
+
+/// What every part of a run needs.
+pub struct Ctx {
+    pub params: Params,
+    pub cormorant_bin: PathBuf,
+    ram_dir: PathBuf,
+    volume_dir: PathBuf,
+    only: Vec<String>,
+}
+
+impl Ctx {
+    pub fn tier_dir(&self, tier: Tier) -> &Path {
+        match tier {
+            Tier::Ram => &self.ram_dir,
+            Tier::Volume => &self.volume_dir,
+        }
+    }
+
+    /// Whether a case (`group case`, e.g. `backend ram randread 4k qd1 x1`) is selected by
+    /// `--only`.
+    pub fn selected(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| name.contains(o.as_str()))
+    }
+
+    /// One line per measurement while the suite runs.
+    pub fn progress(&self, m: &Measurement) {
+        let r = &m.result;
+        eprintln!(
+            "  {:<14} {:<24} {:<18} {:>9.0} IOPS {:>8.1} MB/s  p50 {:>7.1} us  p99 {:>7.1} us",
+            m.group, m.case, m.system, r.iops, r.mbps, r.lat_p50_us, r.lat_p99_us
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cormorant-bench: {e}{}", backend::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), ProcError> {
+    let date = today();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench").join(&date));
+    std::fs::create_dir_all(&out).map_err(procs::io_ctx("create output dir"))?;
+    std::fs::create_dir_all(&args.volume_dir).map_err(procs::io_ctx("create volume dir"))?;
+    let ctx = Ctx {
+        params: Params::new(args.suite),
+        cormorant_bin: cormorant_bin(args.cormorant.as_deref())?,
+        ram_dir: args.ram_dir.clone(),
+        volume_dir: std::fs::canonicalize(&args.volume_dir).map_err(procs::io_ctx("volume dir"))?,
+        only: args.only.clone(),
+    };
+    let mut report = Report {
+        date,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        suite: format!("{:?}", args.suite).to_lowercase(),
+        host: HostInfo::probe(),
+        measurements: Vec::new(),
+        figures: Vec::new(),
+        notes: Vec::new(),
+    };
+    for tier in [Tier::Ram, Tier::Volume] {
+        backend::run_tier(&ctx, tier, &mut report.measurements)?;
+    }
+    let md = report::markdown(&report);
+    let json = serde_json::to_string_pretty(&report).expect("report serializes");
+    std::fs::write(out.join("results.json"), json).map_err(procs::io_ctx("write results.json"))?;
+    std::fs::write(out.join("results.md"), &md).map_err(procs::io_ctx("write results.md"))?;
+    println!("{md}");
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The daemon binary: `--cormorant`, else the `cormorant` beside this binary, built first with
+/// the same cargo and profile when we were started by `cargo run` (so it is never stale).
+fn cormorant_bin(explicit: Option<&Path>) -> Result<PathBuf, ProcError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe().map_err(procs::io_ctx("current_exe"))?;
+    let bin = me.with_file_name("cormorant");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--bin", "cormorant", "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        procs::run_cmd(&mut cmd)?;
+    }
+    if !bin.exists() {
+        return Err(ProcError::Io {
+            what: format!("{} (build it, or pass --cormorant)", bin.display()),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    Ok(bin)
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock (civil-from-days, no time crate).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
