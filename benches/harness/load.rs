@@ -78,7 +78,8 @@ pub struct LoadSpec {
     /// Time run before measuring (caches, ring state, CPU frequency).
     #[serde(serialize_with = "ser_secs")]
     pub warmup: Duration,
-    /// Bytes of the device addressed, from offset 0 (reads: only over written data).
+    /// Bytes of the device addressed, from offset 0 (reads: only over written data); 0 means
+    /// the whole device.
     pub span: u64,
     /// Busy-poll the used ring instead of sleeping on the call eventfd: takes the client's own
     /// wake-up out of the latency, to show the backend's share (costs a core while it runs).
@@ -181,7 +182,6 @@ pub fn client_options(spec: &LoadSpec) -> ClientOptions {
 
 /// Connects to `socket` and runs `spec` on it.
 pub fn run(socket: &Path, spec: &LoadSpec) -> Result<LoadResult, LoadError> {
-    check(spec)?;
     let mut client =
         BlkClient::connect(socket, &client_options(spec)).map_err(|source| LoadError::Connect {
             path: socket.display().to_string(),
@@ -194,7 +194,12 @@ pub fn run(socket: &Path, spec: &LoadSpec) -> Result<LoadResult, LoadError> {
             span: spec.span,
         });
     }
-    let result = run_on(&mut client, spec);
+    let mut spec = spec.clone();
+    if spec.span == 0 {
+        spec.span = capacity / u64::from(spec.bs) * u64::from(spec.bs);
+    }
+    check(&spec)?;
+    let result = run_on(&mut client, &spec);
     let _ = client.close();
     result
 }

@@ -26,6 +26,9 @@ use report::{HostInfo, Measurement, Report};
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark Cormorant against qemu-storage-daemon and virtio-blk, side by side")]
 struct Args {
+    /// Without a subcommand: run a suite.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Which cases and how long each runs.
     #[arg(long, value_enum, default_value = "quick")]
     suite: Suite,
@@ -45,6 +48,92 @@ struct Args {
     /// Directory for volume-tier files (a disk file system).
     #[arg(long, default_value = "target/bench-work")]
     volume_dir: PathBuf,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Drive one vhost-user-blk socket with one load and print the result as JSON.
+    Load(LoadArgs),
+}
+
+/// One load on one socket (reads only touch `--span` bytes from offset 0: write them first).
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The backend's vhost-user-blk socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// read, write, randread, randwrite or randrw<read percent> (e.g. randrw70).
+    #[arg(long, default_value = "randread", value_parser = parse_pattern)]
+    rw: Pattern,
+    /// Request size in bytes (K and M suffixes accepted).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 1)]
+    qd: u16,
+    /// Queues, one thread each.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0)]
+    runtime: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Bytes addressed from offset 0 (default: the whole device).
+    #[arg(long, value_parser = parse_size)]
+    span: Option<u64>,
+    /// Spin on the used ring instead of sleeping on the call eventfd.
+    #[arg(long)]
+    poll: bool,
+}
+
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    Ok(match s {
+        "read" => Pattern::Read,
+        "write" => Pattern::Write,
+        "randread" => Pattern::RandRead,
+        "randwrite" => Pattern::RandWrite,
+        _ => {
+            let pct = s
+                .strip_prefix("randrw")
+                .and_then(|p| p.parse::<u8>().ok())
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| format!("unknown pattern {s}"))?;
+            Pattern::Mixed { read_pct: pct }
+        }
+    })
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s}"))
+}
+
+fn run_load(a: &LoadArgs) -> Result<(), String> {
+    let spec = LoadSpec {
+        pattern: a.rw,
+        bs: u32::try_from(a.bs).map_err(|_| "bs too large".to_string())?,
+        qd: a.qd,
+        queues: a.queues,
+        runtime: Duration::from_secs_f64(a.runtime),
+        warmup: Duration::from_secs_f64(a.warmup),
+        span: a.span.map_or(0, |s| s / a.bs * a.bs),
+        client_poll: a.poll,
+    };
+    let r = load::run(&a.socket, &spec).map_err(|e| format!("{e}{}", backend::error_chain(&e)))?;
+    let out = serde_json::json!({ "spec": spec, "result": r });
+    println!("{}", serde_json::to_string_pretty(&out).expect("serializes"));
+    Ok(())
 }
 
 /// Suites: how many cases and how long each runs.
@@ -177,6 +266,15 @@ impl Ctx {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Load(a)) = &args.cmd {
+        return match run_load(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cormorant-bench load: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
