@@ -11,6 +11,16 @@ mod fio;
 mod load;
 mod procs;
 mod report;
+mod vm;
+
+/// The guest-boot code of the integration tests, included rather than copied (one copy), with
+/// the helpers it expects from its parent module.
+#[path = "../../tests/common"]
+#[allow(dead_code)]
+mod common {
+    pub mod guest;
+    pub use crate::procs::{kill_child, read_lossy, spawn_logged, wait_until, which};
+}
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -132,7 +142,10 @@ fn run_load(a: &LoadArgs) -> Result<(), String> {
     };
     let r = load::run(&a.socket, &spec).map_err(|e| format!("{e}{}", backend::error_chain(&e)))?;
     let out = serde_json::json!({ "spec": spec, "result": r });
-    println!("{}", serde_json::to_string_pretty(&out).expect("serializes"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).expect("serializes")
+    );
     Ok(())
 }
 
@@ -174,18 +187,27 @@ pub struct Params {
     pub span: u64,
     /// Add `cormorant --no-uring` on the volume tier.
     pub engine_compare: bool,
+    /// Measured and ramp time of each fio job in a guest.
+    pub guest_runtime: Duration,
+    pub guest_ramp: Duration,
+    /// Size of the guest's disk (and the span of its jobs): at least twice the guest RAM.
+    pub guest_span: u64,
+    /// How long idle figures are measured.
+    pub idle_secs: u64,
 }
 
 impl Params {
     fn new(suite: Suite) -> Params {
+        let ms = Duration::from_millis;
         let (runtime, warmup, span) = match suite {
-            Suite::Smoke => (
-                Duration::from_millis(700),
-                Duration::from_millis(200),
-                64 << 20,
-            ),
-            Suite::Quick => (Duration::from_secs(4), Duration::from_secs(1), 1 << 30),
-            Suite::Full => (Duration::from_secs(15), Duration::from_secs(2), 4 << 30),
+            Suite::Smoke => (ms(700), ms(200), 64 << 20),
+            Suite::Quick => (ms(3000), ms(500), 1 << 30),
+            Suite::Full => (ms(15_000), ms(2000), 4 << 30),
+        };
+        let (guest_runtime, guest_ramp, guest_span, idle_secs) = match suite {
+            Suite::Smoke => (ms(1000), ms(0), 64 << 20, 2),
+            Suite::Quick => (ms(3000), ms(1000), 1 << 30, 5),
+            Suite::Full => (ms(20_000), ms(3000), 2 << 30, 20),
         };
         Params {
             suite,
@@ -193,6 +215,10 @@ impl Params {
             warmup,
             span,
             engine_compare: true,
+            guest_runtime,
+            guest_ramp,
+            guest_span,
+            idle_secs,
         }
     }
 
@@ -311,6 +337,16 @@ fn run(args: Args) -> Result<(), ProcError> {
     for tier in [Tier::Ram, Tier::Volume] {
         backend::run_tier(&ctx, tier, &mut report.measurements)?;
     }
+    for tier in [Tier::Ram, Tier::Volume] {
+        vm::run_tier(
+            &ctx,
+            tier,
+            &mut report.measurements,
+            &mut report.figures,
+            &mut report.notes,
+        )?;
+    }
+    vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     let md = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     std::fs::write(out.join("results.json"), json).map_err(procs::io_ctx("write results.json"))?;

@@ -49,23 +49,10 @@ pub struct Guarded {
 impl Guarded {
     /// Spawns `cmd` with stdin from /dev/null and stdout+stderr to `log`.
     pub fn spawn(cmd: &mut Command, log: &Path, what: &str) -> Result<Guarded, ProcError> {
-        let spawn_err = |source| ProcError::Spawn {
+        let child = spawn_logged(cmd, log, log).map_err(|source| ProcError::Spawn {
             what: what.to_string(),
             source,
-        };
-        let out = File::create(log).map_err(spawn_err)?;
-        let err = out.try_clone().map_err(spawn_err)?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(spawn_err)?;
+        })?;
         Ok(Guarded {
             child,
             log: log.to_path_buf(),
@@ -111,10 +98,52 @@ impl Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
+        kill_child(&mut self.child);
+    }
+}
+
+/// Spawns `cmd` with stdin from /dev/null, stdout and stderr to files (may be the same) and
+/// `PR_SET_PDEATHSIG` = SIGKILL, so it cannot outlive a harness killed before `Drop` runs.
+/// (Same contract as the tests' helper: tests/common/guest.rs, shared with the tests, uses it.)
+pub fn spawn_logged(cmd: &mut Command, stdout: &Path, stderr: &Path) -> io::Result<Child> {
+    let out = File::create(stdout)?;
+    let err = if stderr == stdout {
+        out.try_clone()?
+    } else {
+        File::create(stderr)?
+    };
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Kills (SIGKILL) and reaps `child` if it is still running.
+pub fn kill_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Polls `cond` every 20 ms until it is true (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
         }
-        let _ = self.child.wait();
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
