@@ -11,6 +11,7 @@ mod fio;
 mod load;
 mod procs;
 mod report;
+mod resources;
 mod vm;
 
 /// The guest-boot code of the integration tests, included rather than copied (one copy), with
@@ -347,6 +348,8 @@ fn run(args: Args) -> Result<(), ProcError> {
         )?;
     }
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
+    resources::idle_client_cpu(&ctx, &mut report.figures)?;
+    resources::thin_image(&ctx, &mut report.figures)?;
     let md = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     std::fs::write(out.join("results.json"), json).map_err(procs::io_ctx("write results.json"))?;

@@ -176,7 +176,10 @@ pub fn run_cmd(cmd: &mut Command) -> Result<String, ProcError> {
 /// CPU time (user + system, all threads) and memory of a process, from /proc.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct ProcSample {
+    /// User + system time of the process, exited threads included (10 ms ticks).
     pub cpu_secs: f64,
+    /// On-CPU time of the threads alive now, in ns precision: for idle figures.
+    pub live_threads_cpu_secs: f64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
 }
@@ -207,9 +210,25 @@ pub fn sample(pid: u32) -> ProcSample {
     };
     ProcSample {
         cpu_secs,
+        live_threads_cpu_secs: sched_cpu_secs(pid).unwrap_or(0.0),
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     }
+}
+
+/// CPU time of all threads of `pid` in nanoseconds from each `/proc/PID/task/TID/schedstat`
+/// (first field: time on CPU): finer than the 10 ms ticks of `/proc/PID/stat`, which matters
+/// for idle figures. Threads that already exited are missed.
+fn sched_cpu_secs(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
 
 /// A `cormorant serve` daemon with its directories under one work directory.
@@ -288,6 +307,13 @@ impl Cormorant {
     ) -> Result<PathBuf, ProcError> {
         let file = file.to_string_lossy();
         self.cli(&["image", "import", name, &file, "--tier", tier])?;
+        let sock = self.socket(name);
+        self.proc.wait_for_path(&sock, "image socket")?;
+        Ok(sock)
+    }
+
+    /// Waits for the socket of image `name` (exported at start and at creation).
+    pub fn wait_socket(&mut self, name: &str) -> Result<PathBuf, ProcError> {
         let sock = self.socket(name);
         self.proc.wait_for_path(&sock, "image socket")?;
         Ok(sock)

@@ -200,7 +200,7 @@ pub fn markdown(r: &Report) -> String {
         for f in &r.figures {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.2} {} | {} | {} |",
+                "| {} | {} | {:.3} {} | {} | {} |",
                 f.name,
                 f.system,
                 f.value,

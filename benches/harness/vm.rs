@@ -322,7 +322,9 @@ pub fn idle_guest_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcEr
         let t0 = Instant::now();
         g.wait_for_console("IDLE-END", Duration::from_secs(secs + 60));
         let after = procs::sample(pid);
-        let pct = (after.cpu_secs - before.cpu_secs) / t0.elapsed().as_secs_f64() * 100.0;
+        let pct = (after.live_threads_cpu_secs - before.live_threads_cpu_secs)
+            / t0.elapsed().as_secs_f64()
+            * 100.0;
         figures.push(Figure {
             name: "CPU with an idle guest".into(),
             system: system.into(),
