@@ -114,7 +114,7 @@ pub fn human_size(n: u64) -> String {
 }
 
 /// What a load measured.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct LoadResult {
     pub ops: u64,
     pub errors: u64,

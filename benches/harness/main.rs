@@ -9,6 +9,7 @@
 mod backend;
 mod fio;
 mod load;
+mod plot;
 mod procs;
 mod report;
 mod resources;
@@ -66,6 +67,11 @@ struct Args {
 enum Cmd {
     /// Drive one vhost-user-blk socket with one load and print the result as JSON.
     Load(LoadArgs),
+    /// Rewrite results.md and the plots of an output directory from its results.json.
+    Report {
+        /// The output directory of a run.
+        dir: PathBuf,
+    },
 }
 
 /// One load on one socket (reads only touch `--span` bytes from offset 0: write them first).
@@ -293,11 +299,16 @@ impl Ctx {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Cmd::Load(a)) = &args.cmd {
-        return match run_load(a) {
+    let sub = match &args.cmd {
+        Some(Cmd::Load(a)) => Some(run_load(a)),
+        Some(Cmd::Report { dir }) => Some(rewrite_report(dir)),
+        None => None,
+    };
+    if let Some(result) = sub {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cormorant-bench load: {e}");
+                eprintln!("cormorant-bench: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -350,13 +361,27 @@ fn run(args: Args) -> Result<(), ProcError> {
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;
     resources::thin_image(&ctx, &mut report.figures)?;
-    let md = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     std::fs::write(out.join("results.json"), json).map_err(procs::io_ctx("write results.json"))?;
+    write_outputs(&out, &report)
+}
+
+/// Writes results.md and the plots, and prints the table.
+fn write_outputs(out: &Path, report: &Report) -> Result<(), ProcError> {
+    let md = report::markdown(report);
     std::fs::write(out.join("results.md"), &md).map_err(procs::io_ctx("write results.md"))?;
+    for p in plot::write_all(out, &report.measurements) {
+        eprintln!("plot {}", p.display());
+    }
     println!("{md}");
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+fn rewrite_report(dir: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join("results.json")).map_err(|e| e.to_string())?;
+    let report: Report = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    write_outputs(dir, &report).map_err(|e| e.to_string())
 }
 
 /// The daemon binary: `--cormorant`, else the `cormorant` beside this binary, built first with

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::LoadResult;
 use crate::procs::ProcSample;
 
 /// One system on one case.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
     /// e.g. `backend ram`, `guest volume`.
     pub group: String,
@@ -56,7 +56,7 @@ impl Measurement {
 }
 
 /// A one-off figure that is not a load (idle CPU, open time, RSS of a large image).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Figure {
     pub name: String,
     pub system: String,
@@ -68,7 +68,7 @@ pub struct Figure {
 }
 
 /// Everything a run produced.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub date: String,
     pub command: String,
@@ -80,7 +80,7 @@ pub struct Report {
 }
 
 /// What the numbers were measured on.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostInfo {
     pub cpus: usize,
     pub kernel: String,
