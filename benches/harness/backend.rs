@@ -20,7 +20,7 @@ struct Target {
 
 /// Systems of one tier, alive for all of its cases; all are stopped on drop.
 pub struct Systems {
-    cormorant: Cormorant,
+    _cormorant: Cormorant,
     _sync: Option<Cormorant>,
     _qsd: Vec<Qsd>,
     targets: Vec<Target>,
@@ -82,21 +82,13 @@ impl Systems {
             None
         };
         Ok(Systems {
-            cormorant,
+            _cormorant: cormorant,
             _sync: sync,
             _qsd: qsds,
             targets,
             data,
             _dir: dir,
         })
-    }
-
-    pub fn cormorant_pid(&self) -> u32 {
-        self.cormorant.pid()
-    }
-
-    pub fn cormorant_socket(&self) -> PathBuf {
-        self.cormorant.socket("bench")
     }
 }
 
