@@ -27,68 +27,91 @@ struct GuestJob {
     job: FioJob,
 }
 
-/// The jobs of a suite: 4K random read/write at QD1 and QD32 and 1M sequential read/write,
-/// all O_DIRECT in the guest (every request reaches the device); and the UKAI paper's cases,
-/// buffered through the guest page cache over a span twice the guest RAM.
+/// The in-guest jobs: name, pattern, block size, iodepth, O_DIRECT, engine. The first six are
+/// O_DIRECT in the guest (every request reaches the device); the UKAI paper's cases go through
+/// the guest page cache over a span twice the guest RAM.
+const JOBS: [(&str, Pattern, u32, u16, bool, &str); 9] = [
+    (
+        "randread 4k qd1",
+        Pattern::RandRead,
+        4096,
+        1,
+        true,
+        "libaio",
+    ),
+    (
+        "randread 4k qd32",
+        Pattern::RandRead,
+        4096,
+        32,
+        true,
+        "libaio",
+    ),
+    (
+        "randwrite 4k qd1",
+        Pattern::RandWrite,
+        4096,
+        1,
+        true,
+        "libaio",
+    ),
+    (
+        "randwrite 4k qd32",
+        Pattern::RandWrite,
+        4096,
+        32,
+        true,
+        "libaio",
+    ),
+    ("read 1m qd4", Pattern::Read, 1 << 20, 4, true, "libaio"),
+    ("write 1m qd4", Pattern::Write, 1 << 20, 4, true, "libaio"),
+    (
+        "ukai seqwrite 1m",
+        Pattern::Write,
+        1 << 20,
+        1,
+        false,
+        "psync",
+    ),
+    (
+        "ukai randwrite 4k",
+        Pattern::RandWrite,
+        4096,
+        1,
+        false,
+        "psync",
+    ),
+    (
+        "ukai randread 4k",
+        Pattern::RandRead,
+        4096,
+        1,
+        false,
+        "psync",
+    ),
+];
+
+/// Jobs of the smoke suite: enough to prove every path works.
+const SMOKE_JOBS: [&str; 2] = ["randread 4k qd1", "write 1m qd4"];
+
+/// The jobs of this run, after the suite and `--only`.
 fn jobs(ctx: &Ctx, group: &str, span: u64) -> Vec<GuestJob> {
     let p = &ctx.params;
-    let job = |pattern, bs: u32, iodepth: u16, direct: bool, engine| FioJob {
-        pattern,
-        bs,
-        iodepth,
-        engine,
-        direct,
-        runtime_secs: p.guest_runtime.as_secs_f64(),
-        ramp_secs: p.guest_ramp.as_secs_f64(),
-        size: span,
-    };
-    let mut v = vec![
-        (
-            "randread 4k qd1",
-            job(Pattern::RandRead, 4096, 1, true, "libaio"),
-        ),
-        (
-            "randread 4k qd32",
-            job(Pattern::RandRead, 4096, 32, true, "libaio"),
-        ),
-        (
-            "randwrite 4k qd1",
-            job(Pattern::RandWrite, 4096, 1, true, "libaio"),
-        ),
-        (
-            "randwrite 4k qd32",
-            job(Pattern::RandWrite, 4096, 32, true, "libaio"),
-        ),
-        (
-            "read 1m qd4",
-            job(Pattern::Read, 1 << 20, 4, true, "libaio"),
-        ),
-        (
-            "write 1m qd4",
-            job(Pattern::Write, 1 << 20, 4, true, "libaio"),
-        ),
-    ];
-    if p.suite != Suite::Smoke {
-        v.extend([
-            (
-                "ukai seqwrite 1m",
-                job(Pattern::Write, 1 << 20, 1, false, "psync"),
-            ),
-            (
-                "ukai randwrite 4k",
-                job(Pattern::RandWrite, 4096, 1, false, "psync"),
-            ),
-            (
-                "ukai randread 4k",
-                job(Pattern::RandRead, 4096, 1, false, "psync"),
-            ),
-        ]);
-    }
-    v.into_iter()
-        .filter(|(name, _)| ctx.selected(&format!("{group} {name}")))
-        .map(|(name, job)| GuestJob {
+    JOBS.iter()
+        .filter(|j| p.suite != Suite::Smoke || SMOKE_JOBS.contains(&j.0))
+        .filter(|j| ctx.selected(&format!("{group} {}", j.0)))
+        .map(|&(name, pattern, bs, iodepth, direct, engine)| GuestJob {
             name: name.to_string(),
-            job,
+            job: FioJob {
+                pattern,
+                bs,
+                iodepth,
+                engine,
+                direct,
+                runtime_secs: p.guest_runtime.as_secs_f64(),
+                ramp_secs: p.guest_ramp.as_secs_f64(),
+                size: span,
+            },
         })
         .collect()
 }
@@ -142,6 +165,9 @@ pub fn run_tier(
     notes: &mut Vec<String>,
 ) -> Result<(), ProcError> {
     let group = format!("guest {}", tier.name());
+    if ctx.params.suite == Suite::Smoke && tier == Tier::Volume {
+        return Ok(());
+    }
     let span = ctx.params.guest_span;
     let jobs = jobs(ctx, &group, span);
     if jobs.is_empty() {
