@@ -393,6 +393,46 @@ pub fn write_data_file(path: &Path, size: u64) -> Result<(), ProcError> {
     f.sync_all().map_err(io_ctx("sync data file"))
 }
 
+/// Reads `path` once to bring it into the page cache.
+pub fn read_whole_file(path: &Path) -> Result<(), ProcError> {
+    let mut f = File::open(path).map_err(io_ctx(format!("open {}", path.display())))?;
+    io::copy(&mut f, &mut io::sink()).map_err(io_ctx(format!("read {}", path.display())))?;
+    Ok(())
+}
+
+/// Puts every regular file under `dir` in the same page-cache state: written back, dropped from
+/// the cache, then read once sequentially. Without it the files of the systems differ in how
+/// they came to be cached (large folios from `image import`'s big writes, small ones from a
+/// copy), and on ext4 with large folios a 4 KiB buffered write into a large folio costs several
+/// times more (`ext4_block_write_begin`), which would decide the volume-tier write cases.
+/// On tmpfs dropping is a no-op and the read is cheap.
+pub fn recache_dir(dir: &Path) -> Result<(), ProcError> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io_ctx(format!("list {}", d.display())))? {
+            let e = e.map_err(io_ctx("list entry"))?;
+            let ft = e.file_type().map_err(io_ctx("file type"))?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                drop_cache(&e.path())?;
+                read_whole_file(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn drop_cache(path: &Path) -> Result<(), ProcError> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).map_err(io_ctx(format!("open {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_ctx(format!("sync {}", path.display())))?;
+    // SAFETY: posix_fadvise on a descriptor we own, plain integer arguments.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
+}
+
 /// Fills a 1 MiB chunk with bytes derived from its index (cheap, never all zero).
 pub fn fill_chunk(buf: &mut [u8], chunk: u64) {
     let mut x = chunk.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -222,6 +222,7 @@ pub fn run_tier(
         Some(Box::new(c)),
     ));
 
+    procs::recache_dir(d)?;
     for (system, backing, _guard) in &runs {
         let (opts, pid) = guest_opts(&d.join(format!("guest-{system}")), &script, backing);
         let before = pid.map(procs::sample);
