@@ -52,7 +52,7 @@ fn parse(c: &mut Criterion) {
     let limits = limits();
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(1));
-    let read4k = vec![
+    let read4k = [
         header(&mem, VIRTIO_BLK_T_IN, 4096),
         Descriptor::new(0x1_0000, 4096, VRING_DESC_F_WRITE as u16, 0),
         Descriptor::new(0x100, 1, VRING_DESC_F_WRITE as u16, 0),

@@ -130,7 +130,7 @@ pub fn run_tier(ctx: &Ctx, tier: Tier, out: &mut Vec<Measurement>) -> Result<(),
 /// The host ceiling for a spec: one fio psync thread per queue on the same file (psync has no
 /// queue depth; it is what a plain `pread` costs with the data in the page cache or tmpfs).
 fn ceiling_job(spec: &LoadSpec) -> Option<FioJob> {
-    (spec.queues == 1).then(|| FioJob {
+    (spec.queues == 1).then_some(FioJob {
         pattern: spec.pattern,
         bs: spec.bs,
         iodepth: 1,

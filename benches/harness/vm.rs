@@ -192,19 +192,10 @@ pub fn run_tier(
     std::fs::copy(&data, d.join("raw.raw")).map_err(io_ctx("copy data for raw"))?;
     notes.push(format!("{group}: virtio-blk raw file uses {raw_note}"));
 
-    let mut runs: Vec<(&str, Backing, Option<Box<dyn std::any::Any>>)> =
-        vec![("virtio-blk-raw", Backing::Raw { args: raw_args }, None)];
     let qimg = d.join("qsd.raw");
     std::fs::copy(&data, &qimg).map_err(io_ctx("copy data for qsd"))?;
+    // Both daemons stay up (idle) for all three boots and are stopped when these drop.
     let qsd = Qsd::start(&qimg, &d.join("qsd.sock"), QsdAio::IoUring, 1)?;
-    runs.push((
-        "qsd-io_uring",
-        Backing::VhostUser {
-            socket: qsd.socket.clone(),
-            pid: qsd.pid(),
-        },
-        Some(Box::new(qsd)),
-    ));
     let mut c = Cormorant::start(
         &ctx.cormorant_bin,
         &d.join("c"),
@@ -213,17 +204,25 @@ pub fn run_tier(
         true,
     )?;
     let sock = c.import_image("guest", &data, tier.name())?;
-    runs.push((
-        "cormorant",
-        Backing::VhostUser {
-            socket: sock,
-            pid: c.pid(),
-        },
-        Some(Box::new(c)),
-    ));
-
+    let runs = [
+        ("virtio-blk-raw", Backing::Raw { args: raw_args }),
+        (
+            "qsd-io_uring",
+            Backing::VhostUser {
+                socket: qsd.socket.clone(),
+                pid: qsd.pid(),
+            },
+        ),
+        (
+            "cormorant",
+            Backing::VhostUser {
+                socket: sock,
+                pid: c.pid(),
+            },
+        ),
+    ];
     procs::recache_dir(d)?;
-    for (system, backing, _guard) in &runs {
+    for (system, backing) in &runs {
         let (opts, pid) = guest_opts(&d.join(format!("guest-{system}")), &script, backing);
         let before = pid.map(procs::sample);
         let output = Guest::run(&opts);
