@@ -72,7 +72,13 @@ impl FioJob {
 
 /// Runs `job` on the host against `file` (which must exist with at least `job.size` bytes).
 pub fn run_host(job: &FioJob, file: &Path) -> Result<LoadResult, ProcError> {
-    let out = run_cmd(Command::new("fio").args(job.args(&file.to_string_lossy())))?;
+    // invalidate=0: fio drops the file's page cache before a job by default, which on a disk
+    // file system turns the ceiling into a disk measurement while the daemons read cached data.
+    let out = run_cmd(
+        Command::new("fio")
+            .args(job.args(&file.to_string_lossy()))
+            .arg("--invalidate=0"),
+    )?;
     parse(&out, job.bs).ok_or_else(|| ProcError::Command {
         cmd: format!("fio {}", job.label()),
         stderr: format!("unparsable output:\n{out}"),

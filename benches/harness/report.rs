@@ -138,7 +138,106 @@ pub fn ratios(ours: &LoadResult, other: &LoadResult) -> (f64, f64) {
     (iops, p50)
 }
 
-/// The markdown report: the ratio table, then the raw numbers, then the figures.
+/// A ratio target of issue 4: Cormorant against `other` on `group case`.
+struct Target {
+    group: &'static str,
+    case: &'static str,
+    other: &'static str,
+    /// IOPS ratio at least this.
+    min_iops: Option<f64>,
+    /// p50 latency ratio at most this.
+    max_p50: Option<f64>,
+}
+
+const fn iops(group: &'static str, case: &'static str, other: &'static str, min: f64) -> Target {
+    Target {
+        group,
+        case,
+        other,
+        min_iops: Some(min),
+        max_p50: None,
+    }
+}
+
+/// The ratio targets of issue 4 (the resource targets are figures).
+const TARGETS: [Target; 15] = [
+    iops("backend ram", "randread 4k qd32 x1", "qsd-io_uring", 2.5),
+    iops("backend ram", "randread 4k qd32 x1", "host-fio-psync", 0.5),
+    Target {
+        group: "backend ram",
+        case: "randread 4k qd1 x1",
+        other: "qsd-io_uring",
+        min_iops: None,
+        max_p50: Some(0.3),
+    },
+    iops("guest ram", "randread 4k qd1", "virtio-blk-raw", 1.0),
+    iops("guest ram", "randread 4k qd32", "virtio-blk-raw", 1.0),
+    iops("guest ram", "randwrite 4k qd1", "virtio-blk-raw", 1.0),
+    iops("guest ram", "randwrite 4k qd32", "virtio-blk-raw", 1.0),
+    iops("guest ram", "read 1m qd4", "virtio-blk-raw", 1.0),
+    iops("guest ram", "write 1m qd4", "virtio-blk-raw", 0.9),
+    iops("guest volume", "randread 4k qd1", "virtio-blk-raw", 1.0),
+    iops("guest volume", "randread 4k qd32", "virtio-blk-raw", 1.0),
+    iops("guest volume", "randwrite 4k qd1", "virtio-blk-raw", 1.0),
+    iops("guest volume", "randwrite 4k qd32", "virtio-blk-raw", 1.0),
+    iops("guest volume", "read 1m qd4", "virtio-blk-raw", 1.0),
+    iops("guest volume", "write 1m qd4", "virtio-blk-raw", 0.9),
+];
+
+fn find<'a>(
+    ms: &'a [Measurement],
+    group: &str,
+    case: &str,
+    system: &str,
+) -> Option<&'a LoadResult> {
+    ms.iter()
+        .find(|m| m.group == group && m.case == case && m.system == system)
+        .map(|m| &m.result)
+}
+
+/// The targets table: each target, the measured ratio, met or not.
+fn targets(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| target | measured | met |");
+    let _ = writeln!(s, "| --- | ---: | --- |");
+    for t in &TARGETS {
+        let (Some(ours), Some(other)) = (
+            find(&r.measurements, t.group, t.case, "cormorant"),
+            find(&r.measurements, t.group, t.case, t.other),
+        ) else {
+            continue;
+        };
+        let (ri, rl) = ratios(ours, other);
+        let (what, value, met) = match (t.min_iops, t.max_p50) {
+            (Some(min), _) => (format!("IOPS >= {min}x"), ri, ri >= min),
+            (_, Some(max)) => (format!("p50 latency <= {max}x"), rl, rl <= max),
+            _ => continue,
+        };
+        let _ = writeln!(
+            s,
+            "| {} {} vs {}: {what} | {value:.2}x | {} |",
+            t.group,
+            t.case,
+            t.other,
+            if met { "yes" } else { "**no**" }
+        );
+    }
+    for f in r.figures.iter().filter(|f| f.met.is_some()) {
+        let _ = writeln!(
+            s,
+            "| {} ({}): {} | {:.3} {} | {} |",
+            f.name,
+            f.system,
+            f.target.as_deref().unwrap_or(""),
+            f.value,
+            f.unit,
+            if f.met == Some(true) { "yes" } else { "**no**" }
+        );
+    }
+    s
+}
+
+/// The markdown report: the targets, the ratio table, the raw numbers, then the figures.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -146,7 +245,9 @@ pub fn markdown(r: &Report) -> String {
         "Measured {} with `{}` ({} CPUs, kernel {}, load average at start {}).\n",
         r.date, r.command, r.host.cpus, r.host.kernel, r.host.load_avg_start
     );
-    let _ = writeln!(s, "### Ratios (Cormorant / other, same run)\n");
+    let _ = writeln!(s, "### Targets of issue 4\n");
+    s += &targets(r);
+    let _ = writeln!(s, "\n### Ratios (Cormorant / other, same run)\n");
     let _ = writeln!(
         s,
         "| group | case | against | IOPS ratio | p50 latency ratio |"

@@ -1,7 +1,8 @@
-//! In-guest cases: the same fio jobs inside a QEMU (TCG) guest whose disk is, in turn, virtio-blk
-//! on a raw file, vhost-user-blk to qemu-storage-daemon (io_uring), and vhost-user-blk to
-//! Cormorant, all over the same data on the same tier. One boot per system runs every job, so a
-//! boot's cost is paid once. Also the daemons' CPU use under an idle guest.
+//! In-guest cases: the same fio jobs inside one QEMU (TCG) guest with three disks over copies of
+//! the same data on the same tier: virtio-blk on a raw file, vhost-user-blk to
+//! qemu-storage-daemon (io_uring), and vhost-user-blk to Cormorant. Each job runs on the three
+//! disks one after the other, the order rotating from job to job, so the three share the
+//! machine's noise. Also the daemons' CPU use under an idle guest.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -116,44 +117,62 @@ fn jobs(ctx: &Ctx, group: &str, span: u64) -> Vec<GuestJob> {
         .collect()
 }
 
-/// The guest script: wait for the disk, then each job between markers.
+/// The systems of a guest run, each a disk of the one guest, found by its serial.
+const SYSTEMS: [(&str, &str); 3] = [
+    ("virtio-blk-raw", RAW_SERIAL),
+    ("qsd-io_uring", QSD_SERIAL),
+    ("cormorant", IMAGE),
+];
+/// Serial of the plain virtio-blk disk (a `virtio-blk-pci` property).
+const RAW_SERIAL: &str = "rawdisk";
+/// qsd answers GET_ID with its export id... or nothing: the disk left over is qsd's.
+const QSD_SERIAL: &str = "";
+/// Cormorant's image name, which is its serial.
+const IMAGE: &str = "guest";
+
+/// The guest script: wait for the three disks, name them by serial, then run each job on each
+/// disk between markers, rotating the order per job so no system always goes first.
 fn script(jobs: &[GuestJob]) -> String {
     let mut s = String::from(
-        "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n",
+        "i=0; while [ $(ls /sys/block | grep -c '^vd') -lt 3 ] && [ $i -lt 100 ]; do \
+         sleep 0.1; i=$((i+1)); done\n\
+         for d in /sys/block/vd*; do\n\
+           case \"$(cat $d/serial 2>/dev/null)\" in\n",
     );
-    for j in jobs {
-        let mut args = j.job.args("/dev/vda");
-        if !j.job.direct && matches!(j.job.pattern, Pattern::Write | Pattern::RandWrite) {
-            // Buffered writes count only once they reach the device.
-            args.push("--end_fsync=1".to_string());
+    s += &format!(
+        "    {RAW_SERIAL}) RAW=/dev/${{d##*/}} ;;\n    {IMAGE}) COR=/dev/${{d##*/}} ;;\n    \
+         *) QSD=/dev/${{d##*/}} ;;\n  esac\ndone\necho disks raw=$RAW qsd=$QSD cormorant=$COR\n"
+    );
+    let vars = ["$RAW", "$QSD", "$COR"];
+    for (n, j) in jobs.iter().enumerate() {
+        for k in 0..SYSTEMS.len() {
+            let which = (n + k) % SYSTEMS.len();
+            let mut args = j.job.args(vars[which]);
+            if !j.job.direct && matches!(j.job.pattern, Pattern::Write | Pattern::RandWrite) {
+                // Buffered writes count only once they reach the device.
+                args.push("--end_fsync=1".to_string());
+            }
+            let tag = marker(&j.name, SYSTEMS[which].0);
+            s += &format!(
+                "echo {BEGIN} {tag}\nfio {}\necho {END} {tag}\n",
+                args.join(" ")
+            );
         }
-        s += &format!(
-            "echo {BEGIN} {name}\nfio {}\necho {END} {name}\n",
-            args.join(" "),
-            name = j.name.replace(' ', "_")
-        );
     }
     s
 }
 
-/// The text between the markers of job `name` on the console.
+/// The marker tag of one job on one system (no spaces: it is a shell word).
+fn marker(job: &str, system: &str) -> String {
+    format!("{}@{system}", job.replace(' ', "_"))
+}
+
+/// The text between the markers `name` on the console.
 fn job_output<'a>(console: &'a str, name: &str) -> Option<&'a str> {
-    let name = name.replace(' ', "_");
     let begin = format!("{BEGIN} {name}\n");
     let start = console.find(&begin)? + begin.len();
     let end = start + console[start..].find(&format!("{END} {name}"))?;
     Some(&console[start..end])
-}
-
-/// A system a guest can use: the QEMU arguments or vhost-user disk, and the serving process.
-enum Backing {
-    Raw {
-        args: Vec<String>,
-    },
-    VhostUser {
-        socket: std::path::PathBuf,
-        pid: u32,
-    },
 }
 
 /// Runs every in-guest case of `tier`.
@@ -194,7 +213,6 @@ pub fn run_tier(
 
     let qimg = d.join("qsd.raw");
     std::fs::copy(&data, &qimg).map_err(io_ctx("copy data for qsd"))?;
-    // Both daemons stay up (idle) for all three boots and are stopped when these drop.
     let qsd = Qsd::start(&qimg, &d.join("qsd.sock"), QsdAio::IoUring, 1)?;
     let mut c = Cormorant::start(
         &ctx.cormorant_bin,
@@ -203,62 +221,60 @@ pub fn run_tier(
         &d.join("vol"),
         true,
     )?;
-    let sock = c.import_image("guest", &data, tier.name())?;
-    let runs = [
-        ("virtio-blk-raw", Backing::Raw { args: raw_args }),
-        (
-            "qsd-io_uring",
-            Backing::VhostUser {
-                socket: qsd.socket.clone(),
-                pid: qsd.pid(),
-            },
-        ),
-        (
-            "cormorant",
-            Backing::VhostUser {
-                socket: sock,
-                pid: c.pid(),
-            },
-        ),
-    ];
+    let sock = c.import_image(IMAGE, &data, tier.name())?;
     procs::recache_dir(d)?;
-    for (system, backing) in &runs {
-        let (opts, pid) = guest_opts(&d.join(format!("guest-{system}")), &script, backing);
-        let before = pid.map(procs::sample);
-        let output = Guest::run(&opts);
-        let after = pid.map(procs::sample);
-        if output.exit_code != Some(0) {
-            notes.push(format!(
-                "{group} {system}: guest failed (exit {:?}, timed out {}); console {}",
-                output.exit_code,
-                output.timed_out,
-                output.console_path.display()
-            ));
-        }
-        let mut ops = 0;
-        for j in &jobs {
-            let parsed = job_output(&output.console, &j.name).and_then(|t| fio::parse(t, j.job.bs));
-            let Some(r) = parsed else {
+    let raw_args: Vec<&str> = raw_args.iter().map(String::as_str).collect();
+    let opts = GuestOpts::new(d.join("guest"), &script)
+        .memory_mib(GUEST_MIB)
+        .fio(true)
+        .timeout(Duration::from_secs(1800))
+        .disk(Disk::new(&qsd.socket))
+        .disk(Disk::new(&sock))
+        .qemu_args(&raw_args);
+    let pids = [None, Some(qsd.pid()), Some(c.pid())];
+    let before = pids.map(|p| p.map(procs::sample));
+    let output = Guest::run(&opts);
+    let after = pids.map(|p| p.map(procs::sample));
+    if output.exit_code != Some(0) {
+        notes.push(format!(
+            "{group}: guest failed (exit {:?}, timed out {}); console {}",
+            output.exit_code,
+            output.timed_out,
+            output.console_path.display()
+        ));
+    }
+    // The guest names the disk of each system by serial: record it, so a mix-up would show.
+    if let Some(line) = output.console.lines().find(|l| l.starts_with("disks raw=")) {
+        notes.push(format!("{group}: guest {line}"));
+    }
+    for j in &jobs {
+        for (k, (system, _)) in SYSTEMS.iter().enumerate() {
+            let text = job_output(&output.console, &marker(&j.name, system));
+            let Some(r) = text.and_then(|t| fio::parse(t, j.job.bs)) else {
                 notes.push(format!("{group} {system} {}: no fio result", j.name));
                 continue;
             };
-            ops += r.ops;
             let mut m = Measurement::new(&group, &j.name, system, r);
-            m.rss_kib = after.map(|a| a.rss_kib);
+            m.rss_kib = after[k].map(|a| a.rss_kib);
             ctx.progress(&m);
             out.push(m);
         }
-        if let (Some(b), Some(a)) = (before, after) {
-            if ops > 0 {
-                figures.push(Figure {
-                    name: format!("{group}: CPU per M requests (whole boot, all jobs)"),
-                    system: system.to_string(),
-                    value: (a.cpu_secs - b.cpu_secs) / (ops as f64 / 1e6),
-                    unit: "CPU s".into(),
-                    target: None,
-                    met: None,
-                });
-            }
+    }
+    for (k, (system, _)) in SYSTEMS.iter().enumerate() {
+        let ops: u64 = out
+            .iter()
+            .filter(|m| m.group == group && m.system == *system)
+            .map(|m| m.result.ops)
+            .sum();
+        if let (Some(b), Some(a), true) = (before[k], after[k], ops > 0) {
+            figures.push(Figure {
+                name: format!("{group}: CPU s per M requests (whole boot, all jobs)"),
+                system: system.to_string(),
+                value: (a.cpu_secs - b.cpu_secs) / (ops as f64 / 1e6),
+                unit: "CPU s".into(),
+                target: None,
+                met: None,
+            });
         }
     }
     Ok(())
@@ -282,23 +298,9 @@ fn raw_drive(file: &Path, tier: Tier) -> (&'static str, Vec<String>) {
         "-drive".to_string(),
         drive,
         "-device".to_string(),
-        "virtio-blk-pci,drive=rawd,num-queues=1,addr=0x10".to_string(),
+        format!("virtio-blk-pci,drive=rawd,num-queues=1,serial={RAW_SERIAL},addr=0x18"),
     ];
     (note, args)
-}
-
-fn guest_opts(dir: &Path, script: &str, backing: &Backing) -> (GuestOpts, Option<u32>) {
-    let opts = GuestOpts::new(dir, script)
-        .memory_mib(GUEST_MIB)
-        .fio(true)
-        .timeout(Duration::from_secs(900));
-    match backing {
-        Backing::Raw { args } => {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            (opts.qemu_args(&args), None)
-        }
-        Backing::VhostUser { socket, pid } => (opts.disk(Disk::new(socket)), Some(*pid)),
-    }
 }
 
 /// CPU used by the daemons while a guest that has them as its disk sits idle for `secs`.
