@@ -41,10 +41,7 @@ pub const CORMORANT_SYNC: &str = "cormorant-no-uring";
 impl Systems {
     /// Writes `span` bytes of data on `tier`, imports it into Cormorant, copies it for each qsd.
     pub fn start(ctx: &Ctx, tier: Tier, queues: u16) -> Result<Systems, ProcError> {
-        let dir = tempfile::Builder::new()
-            .prefix("cormorant-bench-")
-            .tempdir_in(ctx.tier_dir(tier))
-            .map_err(io_ctx("create work dir"))?;
+        let dir = procs::work_dir(ctx.tier_dir(tier), "backend")?;
         let d = dir.path();
         let data = d.join("data.raw");
         procs::write_data_file(&data, ctx.params.span)?;
@@ -94,7 +91,14 @@ impl Systems {
 }
 
 /// Runs every backend case of `tier`.
-pub fn run_tier(ctx: &Ctx, tier: Tier, out: &mut Vec<Measurement>) -> Result<(), ProcError> {
+/// A case that fails (a backend that stalls, fio that errors) becomes a note and the run goes
+/// on; failing to set the systems up ends the run.
+pub fn run_tier(
+    ctx: &Ctx,
+    tier: Tier,
+    out: &mut Vec<Measurement>,
+    notes: &mut Vec<String>,
+) -> Result<(), ProcError> {
     let group = format!("backend {}", tier.name());
     let specs: Vec<LoadSpec> = ctx
         .params
@@ -109,19 +113,31 @@ pub fn run_tier(ctx: &Ctx, tier: Tier, out: &mut Vec<Measurement>) -> Result<(),
     let queues = specs.iter().map(|s| s.queues).max().unwrap_or(1);
     let systems = Systems::start(ctx, tier, queues)?;
     for spec in &specs {
+        let mut record = |m: Result<Measurement, ProcError>, system: &str| match m {
+            Ok(m) => {
+                ctx.progress(&m);
+                out.push(m);
+            }
+            Err(e) => {
+                let note = format!(
+                    "{group} {} {system}: failed: {e}{}",
+                    spec.label(),
+                    error_chain(&e)
+                );
+                eprintln!("  {note}");
+                notes.push(note);
+            }
+        };
         for t in &systems.targets {
-            let m = measure(&group, spec, t)?;
-            ctx.progress(&m);
-            out.push(m);
+            record(measure(&group, spec, t), t.name);
         }
         if let Some(job) = ceiling_job(spec) {
             // The daemons' files are in the page cache (just written, or read by the previous
             // cases); the ceiling's file must be too, or the volume tier measures the disk.
-            procs::read_whole_file(&systems.data)?;
-            let r = fio::run_host(&job, &systems.data)?;
-            let m = Measurement::new(&group, &spec.label(), "host-fio-psync", r);
-            ctx.progress(&m);
-            out.push(m);
+            let m = procs::read_whole_file(&systems.data)
+                .and_then(|()| fio::run_host(&job, &systems.data))
+                .map(|r| Measurement::new(&group, &spec.label(), "host-fio-psync", r));
+            record(m, "host-fio-psync");
         }
     }
     Ok(())

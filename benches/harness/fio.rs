@@ -27,7 +27,7 @@ pub struct FioJob {
 impl FioJob {
     fn rw(&self) -> String {
         match self.pattern {
-            Pattern::Mixed { read_pct } => format!("randrw --rwmixread={read_pct}"),
+            Pattern::Mixed { .. } => "randrw".to_string(),
             p => p.name(),
         }
     }
@@ -51,6 +51,9 @@ impl FioJob {
             "--group_reporting=1".to_string(),
             "--output-format=json".to_string(),
         ];
+        if let Pattern::Mixed { read_pct } = self.pattern {
+            a.push(format!("--rwmixread={read_pct}"));
+        }
         if self.iodepth > 1 {
             // Submit and reap in batches, as a guest's block layer does under load.
             a.push(format!("--iodepth_batch_submit={}", self.iodepth / 4 + 1));

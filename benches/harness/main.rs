@@ -209,7 +209,7 @@ impl Params {
         let (runtime, warmup, span) = match suite {
             Suite::Smoke => (ms(700), ms(200), 64 << 20),
             Suite::Quick => (ms(3000), ms(500), 1 << 30),
-            Suite::Full => (ms(15_000), ms(2000), 4 << 30),
+            Suite::Full => (ms(15_000), ms(2000), 2 << 30),
         };
         let (guest_runtime, guest_ramp, guest_span, idle_secs) = match suite {
             Suite::Smoke => (ms(1000), ms(0), 64 << 20, 2),
@@ -258,6 +258,13 @@ impl Params {
                 spec(Pattern::RandWrite, 4096, 32, 2),
                 spec(Pattern::Read, 1 << 20, 8, 1),
                 spec(Pattern::Write, 1 << 20, 8, 1),
+            ]);
+        }
+        if self.suite == Suite::Full {
+            v.extend([
+                spec(Pattern::Mixed { read_pct: 70 }, 4096, 32, 1),
+                spec(Pattern::RandRead, 4096, 32, 4),
+                spec(Pattern::RandRead, 64 << 10, 16, 1),
             ]);
         }
         v
@@ -337,6 +344,8 @@ fn run(args: Args) -> Result<(), ProcError> {
         volume_dir: std::fs::canonicalize(&args.volume_dir).map_err(procs::io_ctx("volume dir"))?,
         only: args.only.clone(),
     };
+    procs::remove_stale_work_dirs(&ctx.ram_dir);
+    procs::remove_stale_work_dirs(&ctx.volume_dir);
     let mut report = Report {
         date,
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -347,7 +356,7 @@ fn run(args: Args) -> Result<(), ProcError> {
         notes: Vec::new(),
     };
     for tier in [Tier::Ram, Tier::Volume] {
-        backend::run_tier(&ctx, tier, &mut report.measurements)?;
+        backend::run_tier(&ctx, tier, &mut report.measurements, &mut report.notes)?;
     }
     for tier in [Tier::Ram, Tier::Volume] {
         vm::run_tier(

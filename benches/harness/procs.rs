@@ -393,6 +393,49 @@ pub fn write_data_file(path: &Path, size: u64) -> Result<(), ProcError> {
     f.sync_all().map_err(io_ctx("sync data file"))
 }
 
+/// Prefix of every work directory the harness makes (under the tier directories).
+const WORK_PREFIX: &str = "cormorant-bench-";
+/// File in a work directory naming the harness process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// A work directory under `parent`, removed on drop, with the owner's pid inside so that a later
+/// run can remove it if this one is killed before its destructors run (a RAM-tier run leaves
+/// gigabytes in /dev/shm otherwise).
+pub fn work_dir(parent: &Path, what: &str) -> Result<tempfile::TempDir, ProcError> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{WORK_PREFIX}{what}-"))
+        .tempdir_in(parent)
+        .map_err(io_ctx(format!(
+            "create {what} work dir in {}",
+            parent.display()
+        )))?;
+    std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+        .map_err(io_ctx("write owner pid"))?;
+    Ok(dir)
+}
+
+/// Removes work directories under `parent` whose owner process is gone.
+pub fn remove_stale_work_dirs(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(WORK_PREFIX) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(e.path().join(OWNER_FILE)).unwrap_or_default();
+        let alive = owner
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            eprintln!("removing stale {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Reads `path` once to bring it into the page cache.
 pub fn read_whole_file(path: &Path) -> Result<(), ProcError> {
     let mut f = File::open(path).map_err(io_ctx(format!("open {}", path.display())))?;

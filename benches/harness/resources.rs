@@ -43,7 +43,7 @@ pub fn idle_client_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcE
         return Ok(());
     }
     eprintln!("== idle client");
-    let dir = work_dir(ctx.tier_dir(Tier::Ram), "idle")?;
+    let dir = procs::work_dir(ctx.tier_dir(Tier::Ram), "idle")?;
     let d = dir.path();
     let mut c = Cormorant::start(
         &ctx.cormorant_bin,
@@ -94,7 +94,7 @@ pub fn thin_image(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcError>
         return Ok(());
     }
     eprintln!("== 1 TiB thin image");
-    let dir = work_dir(ctx.tier_dir(Tier::Volume), "thin")?;
+    let dir = procs::work_dir(ctx.tier_dir(Tier::Volume), "thin")?;
     let d = dir.path();
     let (work, ram, vol) = (d.join("c"), d.join("r"), d.join("v"));
     let mut c = Cormorant::start(&ctx.cormorant_bin, &work, &ram, &vol, true)?;
@@ -151,13 +151,6 @@ pub fn thin_image(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcError>
         ),
     ]);
     Ok(())
-}
-
-fn work_dir(parent: &Path, what: &str) -> Result<tempfile::TempDir, ProcError> {
-    tempfile::Builder::new()
-        .prefix(&format!("cormorant-bench-{what}-"))
-        .tempdir_in(parent)
-        .map_err(io_ctx(format!("create {what} work dir")))
 }
 
 fn connect(socket: &Path) -> Result<BlkClient, ProcError> {

@@ -199,10 +199,7 @@ pub fn run_tier(
         return Ok(());
     }
     eprintln!("== {group}");
-    let dir = tempfile::Builder::new()
-        .prefix("cormorant-bench-guest-")
-        .tempdir_in(ctx.tier_dir(tier))
-        .map_err(io_ctx("create guest work dir"))?;
+    let dir = procs::work_dir(ctx.tier_dir(tier), "guest")?;
     let d = dir.path();
     let data = d.join("data.raw");
     procs::write_data_file(&data, span)?;
@@ -310,10 +307,7 @@ pub fn idle_guest_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcEr
     }
     eprintln!("== idle guest");
     let secs = ctx.params.idle_secs;
-    let dir = tempfile::Builder::new()
-        .prefix("cormorant-bench-idle-")
-        .tempdir_in(ctx.tier_dir(Tier::Ram))
-        .map_err(io_ctx("create idle work dir"))?;
+    let dir = procs::work_dir(ctx.tier_dir(Tier::Ram), "idle")?;
     let d = dir.path();
     let mut c = Cormorant::start(
         &ctx.cormorant_bin,
