@@ -73,7 +73,7 @@ echo "RESULT done=yes"
         &GuestOpts::new(dir.join("src"), &script)
             .disk(Disk::new(a.socket("mig")))
             .timeout(Duration::from_secs(300))
-            .extra_args(&[
+            .qemu_args(&[
                 "-monitor",
                 &format!("unix:{},server=on,wait=off", monitor.display()),
             ]),
@@ -92,7 +92,7 @@ echo "RESULT done=yes"
         &GuestOpts::new(dir.join("dst"), &script)
             .disk(Disk::new(b.socket("mig")))
             .timeout(Duration::from_secs(300))
-            .extra_args(&["-incoming", &incoming]),
+            .qemu_args(&["-incoming", &incoming]),
     );
     std::thread::sleep(Duration::from_secs(1));
     hmp(&monitor, &format!("migrate -d {incoming}"));

@@ -58,11 +58,12 @@ impl GuestImage {
         let has_fio = super::which("fio").is_some();
         let key = format!("{kver}-{:016x}-fio{}", fnv1a(&text), has_fio as u8);
 
-        // CARGO_TARGET_TMPDIR is <target dir>/tmp, also with a custom target dir.
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .unwrap()
-            .join("guest");
+        // CARGO_TARGET_TMPDIR is <target dir>/tmp, also with a custom target dir. Binaries (the
+        // benchmark harness includes this file) do not get it: they use <manifest>/target.
+        let cache = match option_env!("CARGO_TARGET_TMPDIR") {
+            Some(tmp) => Path::new(tmp).parent().unwrap().join("guest"),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"),
+        };
         std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
         let lock = File::create(cache.join(".lock")).map_err(|e| e.to_string())?;
         // SAFETY: plain syscall on an fd we own; the lock is released when `lock` is closed.
@@ -173,8 +174,9 @@ pub struct GuestOpts {
     /// Wall-clock limit from QEMU's start; then QEMU is killed (default 120 s: a plain boot takes
     /// about 3 s under TCG, but CI machines can be slow and busy).
     pub timeout: Duration,
-    /// More QEMU arguments (a monitor, `-incoming` for a migration target, ...).
-    pub extra_args: Vec<String>,
+    /// More QEMU arguments, after the vhost-user disks: e.g. a plain virtio-blk `-drive` for
+    /// comparison (it is not counted in `cormorant_disks`, so the script waits for it itself).
+    pub qemu_args: Vec<String>,
 }
 
 impl GuestOpts {
@@ -187,13 +189,8 @@ impl GuestOpts {
             cpus: 1,
             fio: false,
             timeout: Duration::from_secs(120),
-            extra_args: Vec::new(),
+            qemu_args: Vec::new(),
         }
-    }
-
-    pub fn extra_args(mut self, args: &[&str]) -> GuestOpts {
-        self.extra_args.extend(args.iter().map(|a| a.to_string()));
-        self
     }
 
     pub fn disk(mut self, disk: Disk) -> GuestOpts {
@@ -218,6 +215,11 @@ impl GuestOpts {
 
     pub fn timeout(mut self, t: Duration) -> GuestOpts {
         self.timeout = t;
+        self
+    }
+
+    pub fn qemu_args(mut self, args: &[&str]) -> GuestOpts {
+        self.qemu_args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 }
@@ -277,7 +279,7 @@ impl Guest {
             }
             cmd.args(["-chardev", &chardev, "-device", &device]);
         }
-        cmd.args(&opts.extra_args);
+        cmd.args(&opts.qemu_args);
 
         let console = opts.dir.join("console.log");
         let stderr = opts.dir.join("qemu-stderr.log");
