@@ -14,9 +14,14 @@ set -euo pipefail
 QEMU_PKGS="qemu-system-x86 qemu-system-common qemu-utils"
 # The test guest (scripts/build-guest.sh) and the rest of the tests; gcc/libc6-dev for linking.
 OTHER_PKGS="fio busybox-static linux-image-cloud-amd64 cpio kmod xz-utils zstd iproute2 gcc libc6-dev"
+# The libvirt tests run their own libvirtd (tests/common/libvirt.rs); the unit test runs
+# systemd-analyze (systemd need not be running). On bookworm libvirt stays on the stable
+# release: its libvirt 9.0 drives QEMU 10 from backports (define, start, hot-plug, reconnect,
+# ACPI shutdown all tested).
+LIBVIRT_PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients systemd"
 
 missing=""
-for p in $QEMU_PKGS $OTHER_PKGS; do
+for p in $QEMU_PKGS $OTHER_PKGS $LIBVIRT_PKGS; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" != installed ]; then
         missing="$missing $p"
     fi
@@ -44,11 +49,11 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends "${qemu_target[@]}" $QEMU_PKGS
     # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $OTHER_PKGS
+    apt-get install -y -q --no-install-recommends $OTHER_PKGS $LIBVIRT_PKGS
 fi
 
 # Checks that catch a half-working install early, with a clear message.
-for tool in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio zstd xz; do
+for tool in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio zstd xz libvirtd virsh systemd-analyze unshare; do
     command -v "$tool" >/dev/null || { echo "setup: $tool still missing" >&2; exit 1; }
 done
 compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null ||

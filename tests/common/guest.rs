@@ -306,10 +306,29 @@ fn write_initrd(path: &Path, image: &GuestImage, opts: &GuestOpts) {
         parts.push(std::fs::read(fio).expect("read fio archive"));
     }
     parts.push(newc_archive(&[("test.sh", 0o755, opts.script.as_bytes())]));
+    write_concatenated(path, &parts);
+}
 
+/// Writes the initrd of a guest that something else boots (libvirt starts QEMU itself): the
+/// base initramfs plus one archive with `/test.sh` and the `extra` files (path in the guest
+/// without the leading `/`, permission bits, data). Their directories must exist in the base
+/// (`lib/modules`, `tmp`, ...).
+pub fn write_initrd_with(
+    path: &Path,
+    image: &GuestImage,
+    script: &str,
+    extra: &[(&str, u32, &[u8])],
+) {
+    let mut files = vec![("test.sh", 0o755, script.as_bytes())];
+    files.extend_from_slice(extra);
+    let base = std::fs::read(&image.initramfs).expect("read base initramfs");
+    write_concatenated(path, &[base, newc_archive(&files)]);
+}
+
+fn write_concatenated(path: &Path, parts: &[Vec<u8>]) {
     let mut out = Vec::new();
     for part in parts {
-        out.extend_from_slice(&part);
+        out.extend_from_slice(part);
         out.resize(out.len().next_multiple_of(4), 0);
     }
     std::fs::write(path, out).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
@@ -401,20 +420,10 @@ impl RunningGuest {
 
     fn output(&mut self, timed_out: bool) -> GuestOutput {
         let status = self.child.wait().ok();
-        // \r\n from the serial line discipline; strip \r so lines compare cleanly.
-        let console = read_lossy(&self.console).replace('\r', "");
-        let exit_code = console.lines().rev().find_map(|l| {
-            let pos = l.find(EXIT_MARKER)?;
-            l[pos + EXIT_MARKER.len()..].trim().parse().ok()
-        });
-        GuestOutput {
-            console,
-            exit_code,
-            timed_out,
-            qemu_status: status,
-            qemu_stderr: read_lossy(&self.stderr),
-            console_path: self.console.clone(),
-        }
+        let mut out = GuestOutput::from_console(&self.console, read_lossy(&self.stderr));
+        out.timed_out = timed_out;
+        out.qemu_status = status;
+        out
     }
 }
 
@@ -441,6 +450,25 @@ pub struct GuestOutput {
 }
 
 impl GuestOutput {
+    /// What a guest printed on its serial console, logged to `console_path`, for a guest that
+    /// was started some other way (libvirt); `qemu_stderr` for the failure message.
+    pub fn from_console(console_path: &Path, qemu_stderr: String) -> GuestOutput {
+        // \r\n from the serial line discipline; strip \r so lines compare cleanly.
+        let console = read_lossy(console_path).replace('\r', "");
+        let exit_code = console.lines().rev().find_map(|l| {
+            let pos = l.find(EXIT_MARKER)?;
+            l[pos + EXIT_MARKER.len()..].trim().parse().ok()
+        });
+        GuestOutput {
+            console,
+            exit_code,
+            timed_out: false,
+            qemu_status: None,
+            qemu_stderr,
+            console_path: console_path.to_path_buf(),
+        }
+    }
+
     /// Panics, with the whole console and QEMU's stderr, unless the script exited with 0.
     pub fn expect_ok(&self) -> &GuestOutput {
         if self.exit_code != Some(0) {

@@ -3,6 +3,7 @@
 //! - [`guest`]: boot a throwaway Linux guest under QEMU (TCG) with vhost-user-blk disks and run a
 //!   shell script in it.
 //! - [`qsd`]: qemu-storage-daemon as a reference vhost-user-blk backend.
+//! - [`libvirt`]: a private libvirtd (own config, sockets and state) for one test.
 //!
 //! Every process started here is killed when its handle is dropped, and, as a backstop for a
 //! test binary that is itself killed, when the thread that started it exits
@@ -13,6 +14,7 @@
 
 pub mod daemon;
 pub mod guest;
+pub mod libvirt;
 pub mod qsd;
 
 use std::fs::File;
