@@ -7,6 +7,7 @@
 //! `target/bench/<date>/`) and prints the markdown table.
 
 mod backend;
+mod cluster;
 mod fio;
 mod load;
 mod plot;
@@ -367,6 +368,7 @@ fn run(args: Args) -> Result<(), ProcError> {
             &mut report.notes,
         )?;
     }
+    cluster::run(&ctx, &mut report.figures, &mut report.notes)?;
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;
     resources::thin_image(&ctx, &mut report.figures)?;

@@ -247,6 +247,18 @@ impl Cormorant {
         volume_dir: &Path,
         uring: bool,
     ) -> Result<Cormorant, ProcError> {
+        Self::start_with(bin, work, ram_dir, volume_dir, uring, &[])
+    }
+
+    /// [`Cormorant::start`] with more `serve` arguments (a node id, peers, ...).
+    pub fn start_with(
+        bin: &Path,
+        work: &Path,
+        ram_dir: &Path,
+        volume_dir: &Path,
+        uring: bool,
+        extra: &[String],
+    ) -> Result<Cormorant, ProcError> {
         let run_dir = work.join("run");
         std::fs::create_dir_all(&run_dir).map_err(io_ctx("create run dir"))?;
         let mut cmd = Command::new(bin);
@@ -261,6 +273,7 @@ impl Cormorant {
         if !uring {
             cmd.arg("--no-uring");
         }
+        cmd.args(extra);
         let mut proc = Guarded::spawn(&mut cmd, &work.join("cormorant.log"), "cormorant serve")?;
         proc.wait_for_path(&run_dir.join("control.sock"), "cormorant serve")?;
         Ok(Cormorant {

@@ -20,7 +20,7 @@ const RSS_TARGET_MIB: f64 = 64.0;
 /// Open-time target for a 1 TiB thin image (issue 4).
 const OPEN_TARGET_MS: f64 = 100.0;
 
-fn figure(
+pub fn figure(
     name: &str,
     system: &str,
     value: f64,

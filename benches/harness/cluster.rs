@@ -1,0 +1,149 @@
+//! Issue 5's cases: two daemons on loopback addresses, one image per placement. Remote 4K
+//! random reads at QD32 against the same reads of local blocks (target >= 0.5x), 2-copy random
+//! writes against 1-copy ones (target >= 0.6x), and resync throughput while a client writes.
+//! Reported as figures (ratios of two loads measured back to back in the same run).
+
+use std::time::Instant;
+
+use crate::load::{self, LoadSpec, Pattern};
+use crate::procs::{self, io_ctx, Cormorant, ProcError};
+use crate::report::Figure;
+use crate::resources::figure;
+use crate::{Ctx, Tier};
+
+/// Data per image: enough for random reads to miss the CPU caches, small enough to fill over
+/// the peer protocol in a few seconds.
+const SPAN: u64 = 256 << 20;
+
+fn free_port(ip: &str) -> Result<u16, ProcError> {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_ctx("pick a port"))
+}
+
+fn node(
+    ctx: &Ctx,
+    work: &std::path::Path,
+    me: (&str, &str),
+    peer: (&str, &str),
+    key: &std::path::Path,
+) -> Result<Cormorant, ProcError> {
+    let dir = work.join(me.0);
+    std::fs::create_dir_all(&dir).map_err(io_ctx("node dir"))?;
+    let args = [
+        "--node",
+        me.0,
+        "--listen",
+        me.1,
+        "--peer",
+        &format!("{}={}", peer.0, peer.1),
+        "--cluster-key-file",
+        &key.to_string_lossy(),
+    ]
+    .map(String::from);
+    Cormorant::start_with(
+        &ctx.cormorant_bin,
+        &dir,
+        &dir.join("ram"),
+        &dir.join("vol"),
+        true,
+        &args,
+    )
+}
+
+pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<(), ProcError> {
+    if !ctx.selected("cluster") {
+        return Ok(());
+    }
+    eprintln!("== cluster");
+    let work = procs::work_dir(ctx.tier_dir(Tier::Ram), "cluster")?;
+    let w = work.path();
+    let key = w.join("cluster.key");
+    std::fs::write(&key, "c3".repeat(32)).map_err(io_ctx("key file"))?;
+    let (pa, pb) = (free_port("127.0.0.2")?, free_port("127.0.0.3")?);
+    let (aa, ab) = (format!("127.0.0.2:{pa}"), format!("127.0.0.3:{pb}"));
+    let mut a = node(ctx, w, ("a", &aa), ("b", &ab), &key)?;
+    let _b = node(ctx, w, ("b", &ab), ("a", &aa), &key)?;
+    let size = format!("{}M", SPAN >> 20);
+    let data = w.join("data.raw");
+    procs::write_data_file(&data, SPAN)?;
+    for name in ["local", "remote"] {
+        a.import_image(name, &data, "ram")?;
+    }
+    for (name, at) in [("one", vec!["a:ram"]), ("two", vec!["a:ram", "b:ram"])] {
+        let mut args = vec!["image", "create", name, "--size", &size];
+        for p in &at {
+            args.extend(["--at", p]);
+        }
+        a.cli(&args)?;
+        a.wait_socket(name)?;
+    }
+    let spec = |pattern, bs: u32, qd| LoadSpec {
+        pattern,
+        bs,
+        qd,
+        queues: 1,
+        runtime: ctx.params.runtime,
+        warmup: ctx.params.warmup,
+        span: SPAN,
+        client_poll: false,
+    };
+
+    // "remote" moves to node b while a client writes to it: the resync's throughput, then
+    // every block of it lives on b only.
+    a.cli(&["location", "add", "remote", "--at", "b:ram"])?;
+    let started = Instant::now();
+    let writer = {
+        let socket = a.socket("remote");
+        let s = spec(Pattern::RandWrite, 4096, 4);
+        std::thread::spawn(move || load::run(&socket, &s))
+    };
+    a.cli(&["sync", "remote"])?;
+    let secs = started.elapsed().as_secs_f64();
+    let wrote = writer
+        .join()
+        .map_err(|_| "panicked".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = wrote {
+        notes.push(format!("cluster resync: the concurrent writer failed: {e}"));
+    }
+    figures.push(figure(
+        "resync of a 256 MiB image to another node while a client writes",
+        "cormorant",
+        SPAN as f64 / 1e6 / secs,
+        "MB/s",
+        None,
+    ));
+    a.cli(&["sync", "remote"])?;
+    a.cli(&["location", "rm", "remote", "--at", "a:ram"])?;
+
+    let measure = |name: &str, s: &LoadSpec| {
+        load::run(&a.socket(name), s).map_err(|e| ProcError::Command {
+            cmd: format!("{} on {name}", s.label()),
+            stderr: e.to_string(),
+        })
+    };
+    let read = spec(Pattern::RandRead, 4096, 32);
+    let (local, remote) = (measure("local", &read)?, measure("remote", &read)?);
+    let ratio = remote.iops / local.iops.max(1.0);
+    figures.push(figure(
+        "remote 4K randread QD32 vs local: IOPS",
+        "cormorant",
+        ratio,
+        "x",
+        Some((">= 0.5x", ratio >= 0.5)),
+    ));
+    let write = spec(Pattern::RandWrite, 4096, 32);
+    let (one, two) = (measure("one", &write)?, measure("two", &write)?);
+    let ratio = two.iops / one.iops.max(1.0);
+    figures.push(figure(
+        "2-copy 4K randwrite QD32 vs 1 copy: IOPS",
+        "cormorant",
+        ratio,
+        "x",
+        Some((">= 0.6x", ratio >= 0.6)),
+    ));
+
+    Ok(())
+}
