@@ -16,7 +16,8 @@ use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use cormorant::image::{table::MAX_BLOCKS, BlockRange, BlockTable, Location, NodeId, Tier};
+use cormorant::image::table::{Extent, MAX_BLOCKS};
+use cormorant::image::{BlockRange, BlockTable, Location, NodeId, Tier};
 use cormorant::route;
 use cormorant::virtio::request::{self, Limits, Segment};
 
@@ -93,20 +94,22 @@ fn split(c: &mut Criterion) {
 }
 
 /// A table at the block limit whose placements alternate every 1000 blocks (a resync or a
-/// partial move in progress), so lookups cannot all hit one shared entry.
+/// partial move in progress), so lookups cannot all hit one shared entry. Built from extents in
+/// one pass (per-range updates would compact the whole table each time).
 fn fragmented_table() -> BlockTable {
-    let local = Location {
+    let location = |synced| Location {
         node: NodeId::local(),
         tier: Tier::Ram,
-        synced: true,
+        synced,
     };
-    let mut t = BlockTable::uniform(MAX_BLOCKS, vec![local]).expect("table");
-    for start in (0..MAX_BLOCKS).step_by(2000) {
-        let range = BlockRange::new(start, (start + 1000).min(MAX_BLOCKS)).expect("range");
-        t.update(range, |locs| locs[0].synced = false)
-            .expect("update");
-    }
-    t
+    let extents: Vec<Extent> = (0..MAX_BLOCKS)
+        .step_by(1000)
+        .map(|start| Extent {
+            blocks: BlockRange::new(start, (start + 1000).min(MAX_BLOCKS)).expect("range"),
+            locations: vec![location(start % 2000 == 0)],
+        })
+        .collect();
+    BlockTable::from_extents(MAX_BLOCKS, &extents).expect("table")
 }
 
 fn lookup(c: &mut Criterion) {
