@@ -22,7 +22,8 @@ mod vm;
 #[allow(dead_code)]
 mod common {
     pub mod guest;
-    pub use crate::procs::{kill_child, read_lossy, spawn_logged, wait_until, which};
+    pub mod process;
+    pub use process::{kill_child, read_lossy, spawn_logged, wait_until, which};
 }
 
 use std::path::{Path, PathBuf};

@@ -3,9 +3,9 @@
 //! daemon and qemu-storage-daemon exporting a raw file. Also per-process CPU time and RSS from
 //! /proc, and small helpers for files and commands.
 
+pub use crate::common::process::{kill_child, read_lossy, spawn_logged};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,58 +100,6 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         kill_child(&mut self.child);
     }
-}
-
-/// Spawns `cmd` with stdin from /dev/null, stdout and stderr to files (may be the same) and
-/// `PR_SET_PDEATHSIG` = SIGKILL, so it cannot outlive a harness killed before `Drop` runs.
-/// (Same contract as the tests' helper: tests/common/guest.rs, shared with the tests, uses it.)
-pub fn spawn_logged(cmd: &mut Command, stdout: &Path, stderr: &Path) -> io::Result<Child> {
-    let out = File::create(stdout)?;
-    let err = if stderr == stdout {
-        out.try_clone()?
-    } else {
-        File::create(stderr)?
-    };
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-}
-
-/// Kills (SIGKILL) and reaps `child` if it is still running.
-pub fn kill_child(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-}
-
-/// Polls `cond` every 20 ms until it is true (true) or `timeout` passes (false).
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Reads a log for an error message, tolerating a missing file and invalid UTF-8.
-pub fn read_lossy(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 /// Runs a command to completion; its stdout on success, its stderr in the error otherwise.
@@ -498,12 +446,4 @@ pub fn fill_chunk(buf: &mut [u8], chunk: u64) {
         x ^= x << 17;
         word.copy_from_slice(&x.to_le_bytes());
     }
-}
-
-/// Finds `name` on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
