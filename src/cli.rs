@@ -91,6 +91,13 @@ pub struct ServeArgs {
     /// File holding the cluster's shared secret (64 hex characters or at least 32 bytes).
     #[arg(long)]
     pub cluster_key_file: Option<PathBuf>,
+    /// Group that owns the image sockets, so QEMU running as that group (libvirt's
+    /// libvirt-qemu) can connect; the sockets then get mode 0660 unless --socket-mode says.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Mode of the image sockets, in octal (e.g. 0660).
+    #[arg(long)]
+    pub socket_mode: Option<String>,
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9750).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,

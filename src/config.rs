@@ -20,6 +20,15 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     pub failure_timeout: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    /// Owner group and mode for the image sockets; None keeps the process's defaults.
+    pub socket_access: Option<SocketAccess>,
+}
+
+/// Who may connect to the image sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub gid: Option<u32>,
+    pub mode: u32,
 }
 
 /// How this node reaches the others.
@@ -42,6 +51,10 @@ pub enum ConfigError {
     DuplicatePeer(NodeId),
     #[error("--failure-timeout must be at least 1 second")]
     FailureTimeout,
+    #[error("no group named '{0}'")]
+    NoSuchGroup(String),
+    #[error("--socket-mode '{0}' is not an octal mode like 0660")]
+    BadMode(String),
 }
 
 impl Config {
@@ -70,6 +83,10 @@ impl Config {
             cluster,
             failure_timeout: Duration::from_secs(args.failure_timeout),
             metrics_listen: args.metrics_listen,
+            socket_access: socket_access(
+                args.socket_group.as_deref(),
+                args.socket_mode.as_deref(),
+            )?,
         })
     }
 
@@ -87,6 +104,41 @@ impl Config {
                 .as_ref()
                 .is_some_and(|c| c.peers.contains_key(node))
     }
+}
+
+fn socket_access(
+    group: Option<&str>,
+    mode: Option<&str>,
+) -> Result<Option<SocketAccess>, ConfigError> {
+    if group.is_none() && mode.is_none() {
+        return Ok(None);
+    }
+    let mode = match mode {
+        Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ConfigError::BadMode(text.to_string()))?,
+        None => 0o660,
+    };
+    let gid = group.map(group_id).transpose()?;
+    Ok(Some(SocketAccess { gid, mode }))
+}
+
+/// A group's id, by name or as a number.
+fn group_id(name: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| ConfigError::NoSuchGroup(name.to_string()))?;
+    // SAFETY: getgrnam reads a NUL-terminated name; the result is copied out at once (this
+    // runs once, at start, before any other thread could call it).
+    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if group.is_null() {
+        return Err(ConfigError::NoSuchGroup(name.to_string()));
+    }
+    // SAFETY: non-null pointer to the static group entry getgrnam returned.
+    Ok(unsafe { (*group).gr_gid })
 }
 
 fn peers(
@@ -118,6 +170,29 @@ mod tests {
             crate::cli::Command::Serve(serve) => Config::from_args(cli.run_dir, serve),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn socket_access_is_parsed() {
+        assert_eq!(parse(&[]).unwrap().socket_access, None);
+        let c = parse(&["--socket-group", "0"]).unwrap();
+        assert_eq!(
+            c.socket_access,
+            Some(SocketAccess {
+                gid: Some(0),
+                mode: 0o660
+            })
+        );
+        let c = parse(&["--socket-mode", "0600"]).unwrap();
+        assert_eq!(
+            c.socket_access,
+            Some(SocketAccess {
+                gid: None,
+                mode: 0o600
+            })
+        );
+        assert!(parse(&["--socket-mode", "999"]).is_err());
+        assert!(parse(&["--socket-group", "no-such-group-here"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::cluster::Peers;
+use crate::config::SocketAccess;
 use crate::disk::Disk;
 use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
 
@@ -56,12 +57,16 @@ impl Export {
         socket: PathBuf,
         use_uring: bool,
         peers: Arc<Peers>,
+        access: Option<SocketAccess>,
     ) -> std::io::Result<Export> {
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
         let listener = UnixListener::bind(&socket)?;
+        if let Some(access) = access {
+            set_access(&socket, access)?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));
         let accept_thread = {
@@ -192,6 +197,15 @@ fn new_daemon(
             .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
     }
     Ok(daemon)
+}
+
+/// Gives the socket its group and mode, so QEMU running as that group can connect.
+fn set_access(path: &Path, access: SocketAccess) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
 }
 
 /// The socket path of an image.

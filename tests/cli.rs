@@ -188,3 +188,21 @@ fn sigterm_saves_and_removes_sockets() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("another cormorant daemon"));
     assert_eq!(daemon.cli(&["image", "list"])[0]["name"], "a");
 }
+
+#[test]
+fn image_sockets_get_the_configured_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = TestDir::new();
+    let args = ["--socket-group", "0", "--socket-mode", "0660"].map(String::from);
+    let daemon = Daemon::start_with(dir.path(), args.to_vec());
+    daemon.cli(&["image", "create", "s", "--size", "1M"]);
+    let meta = std::fs::metadata(daemon.socket("s")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 0);
+    let control = std::fs::metadata(daemon.run_dir.join("control.sock")).unwrap();
+    assert_eq!(
+        control.permissions().mode() & 0o777,
+        0o600,
+        "control stays private"
+    );
+}

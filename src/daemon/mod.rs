@@ -105,6 +105,7 @@ impl Daemon {
             socket,
             self.config.use_uring,
             self.peers.clone(),
+            self.config.socket_access,
         )
     }
 
