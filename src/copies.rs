@@ -100,13 +100,7 @@ pub fn block_digest(disk: &Disk, tier: Tier, block: u64) -> io::Result<Option<[u
 
 fn read_file(file: &std::fs::File, len: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], n as u64)? {
-            0 => break,
-            k => n += k,
-        }
-    }
+    let n = crate::store::read_full_at(file, &mut buf, 0)?;
     buf.truncate(n);
     Ok(buf)
 }

@@ -157,7 +157,9 @@ fn accept_loop(
             .spawn(move || {
                 match daemon.wait() {
                     Ok(()) => log::info!("image {thread_name}: frontend disconnected"),
-                    Err(e) => log::warn!("image {thread_name}: connection ended: {e}"),
+                    // The frontend going away (guest power-off, hot-unplug, QEMU exit) is the
+                    // normal end of a connection, whatever error the socket reports.
+                    Err(e) => log::info!("image {thread_name}: frontend disconnected ({e})"),
                 }
                 backend.drain();
                 // Nothing is in flight and the old rings are gone: the next frontend may come

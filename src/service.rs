@@ -11,6 +11,7 @@ use crate::disk::Disk;
 use crate::image::meta::MetaFile;
 use crate::image::{ImageMeta, ImageName, NodeId, Tier};
 use crate::peer::{code, PeerHandler, Request, Response};
+use crate::store::read_full_at;
 
 pub struct PeerService {
     daemon: Arc<Daemon>,
@@ -73,16 +74,7 @@ impl PeerService {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
                 let mut data = vec![0u8; len as usize];
                 if let Some(file) = disk.files(tier).for_read(block).map_err(io)? {
-                    let mut n = 0;
-                    while n < data.len() {
-                        match file
-                            .read_at(&mut data[n..], u64::from(offset) + n as u64)
-                            .map_err(io)?
-                        {
-                            0 => break,
-                            k => n += k,
-                        }
-                    }
+                    read_full_at(&file, &mut data, u64::from(offset)).map_err(io)?;
                 }
                 Ok(Response::Data(data))
             }

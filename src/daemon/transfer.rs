@@ -10,6 +10,7 @@ use super::Progress;
 use crate::disk::Disk;
 use crate::image::Tier;
 use crate::route;
+use crate::store::read_full_at;
 
 /// How often an import or export reports progress, in blocks.
 const PROGRESS_EVERY: u64 = 16;
@@ -53,7 +54,7 @@ pub fn export_raw(disk: &Disk, path: &Path, progress: Progress) -> io::Result<()
         let tier = local_tier(disk, block)?;
         if let Some(file) = disk.files(tier).for_read(block)? {
             let len = block_size.min(size - block * block_size) as usize;
-            let n = read_full_at(&file, &mut buf[..len])?;
+            let n = read_full_at(&file, &mut buf[..len], 0)?;
             buf[n..len].fill(0);
             if buf[..len].iter().any(|&b| b != 0) {
                 out.write_all_at(&buf[..len], block * block_size)?;
@@ -84,16 +85,5 @@ fn read_full(source: &mut File, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     buf[n..].fill(0);
-    Ok(n)
-}
-
-fn read_full_at(file: &File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], n as u64)? {
-            0 => break,
-            k => n += k,
-        }
-    }
     Ok(n)
 }

@@ -241,6 +241,20 @@ impl BlockFiles {
     }
 }
 
+/// Reads into `buf` from `offset` until it is full or the file ends; returns the bytes read
+/// (block files are sparse and may end early: the rest of a block reads as zeros).
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 fn to_off(value: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
