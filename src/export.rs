@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -17,6 +16,7 @@ use crate::cluster::Peers;
 use crate::config::SocketAccess;
 use crate::disk::Disk;
 use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
+use crate::virtio::relay;
 
 /// How long a new frontend waits for the previous connection to finish draining before it is
 /// turned away: a QEMU that reconnects (guest reboot, restart) comes back within milliseconds
@@ -67,13 +67,16 @@ impl Export {
         if let Some(access) = access {
             set_access(&socket, access)?;
         }
+        let relay_path = relay_path(&socket);
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));
         let accept_thread = {
             let (disk, stop, active) = (disk.clone(), stop.clone(), active.clone());
             thread::Builder::new()
                 .name(format!("accept-{}", disk.name()))
-                .spawn(move || accept_loop(disk, listener.into(), stop, active, use_uring, peers))?
+                .spawn(move || {
+                    accept_loop(disk, listener, relay_path, stop, active, use_uring, peers)
+                })?
         };
         log::info!("image {}: exported on {}", disk.name(), socket.display());
         Ok(Export {
@@ -109,7 +112,8 @@ impl Export {
 
 fn accept_loop(
     disk: Arc<Disk>,
-    mut listener: Listener,
+    listener: UnixListener,
+    relay_path: PathBuf,
     stop: Arc<AtomicBool>,
     active: Arc<Mutex<Option<Active>>>,
     use_uring: bool,
@@ -117,6 +121,21 @@ fn accept_loop(
 ) {
     let name = disk.name().clone();
     while !stop.load(Ordering::Acquire) {
+        let frontend = match listener.accept() {
+            Ok((frontend, _)) => frontend,
+            Err(e) => {
+                log::error!("image {name}: accept failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let Some(claim) = claim_within(&disk, RECONNECT_GRACE) else {
+            log::warn!("image {name}: refusing a second frontend while one is connected");
+            continue;
+        };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = match BlkBackend::new(disk.clone(), mem.clone(), use_uring, peers.clone()) {
             Ok(backend) => Arc::new(backend),
@@ -132,19 +151,22 @@ fn accept_loop(
                 return;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            log::error!("image {name}: accept failed: {e}");
-            continue;
-        }
-        if stop.load(Ordering::Acquire) {
-            daemon.request_shutdown();
-            break;
-        }
-        let Some(claim) = claim_within(&disk, RECONNECT_GRACE) else {
-            log::warn!("image {name}: refusing a second frontend while one is connected");
-            daemon.request_shutdown();
-            let _ = daemon.wait();
-            continue;
+        let library = relay::connect_library(&relay_path, |path| {
+            daemon
+                .start_client(path)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        let relay = library.and_then(|library| {
+            relay::start(&name.to_string(), frontend, library, backend.clone())
+        });
+        let relay = match relay {
+            Ok(relay) => relay,
+            Err(e) => {
+                log::error!("image {name}: cannot serve the frontend: {e}");
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                continue;
+            }
         };
         backend.admit();
         log::info!("image {name}: frontend connected");
@@ -162,6 +184,9 @@ fn accept_loop(
                     Err(e) => log::info!("image {thread_name}: frontend disconnected ({e})"),
                 }
                 backend.drain();
+                for thread in relay {
+                    let _ = thread.join();
+                }
                 // Nothing is in flight and the old rings are gone: the next frontend may come
                 // in while this connection's threads wind down.
                 drop(claim);
@@ -208,6 +233,13 @@ fn set_access(path: &Path, access: SocketAccess) -> std::io::Result<()> {
         std::os::unix::fs::chown(path, None, Some(gid))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+}
+
+/// Where the image's vhost-user handler listens for the relay (see `virtio::relay`): next to
+/// the image's socket, hidden, and only for the moment it takes to connect.
+fn relay_path(socket: &Path) -> PathBuf {
+    let name = socket.file_name().unwrap_or_default().to_string_lossy();
+    socket.with_file_name(format!(".{name}.relay"))
 }
 
 /// The socket path of an image.

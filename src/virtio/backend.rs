@@ -19,6 +19,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::BlkConfig;
+use super::inflight;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
 use crate::cluster::Peers;
@@ -115,6 +116,14 @@ impl BlkBackend {
         }
     }
 
+    /// QEMU's in-flight region (SET_INFLIGHT_FD, answered by `relay`): each queue records its
+    /// requests there and replays what a previous daemon left before serving new ones.
+    pub fn set_inflight(&self, region: Arc<inflight::Region>) {
+        for index in 0..self.workers.len() {
+            self.worker(index).set_inflight(region.queue(index as u16));
+        }
+    }
+
     /// Completes everything in flight on every queue (the connection is ending).
     pub fn drain(&self) {
         for index in 0..self.workers.len() {
@@ -158,6 +167,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -2,6 +2,9 @@
 //! vhost-user backend glue.
 
 pub mod backend;
+pub mod chain;
 pub mod config;
+pub mod inflight;
+pub mod relay;
 pub mod request;
 pub mod worker;

@@ -31,6 +31,8 @@ use crate::engine::{Done, Engine, InlineEngine, IoVecs, Op, OpKind, UringEngine}
 use crate::image::{Location, Tier};
 use crate::replica::ack::{self, CopyResult, Outcome};
 use crate::route::{self, Piece};
+use crate::virtio::chain;
+use crate::virtio::inflight::QueueInflight;
 use crate::virtio::request::{self, Kind, Limits, Request, Segment, Segments};
 
 /// Guest memory with a dirty-page bitmap that QEMU's log (VHOST_USER_SET_LOG_BASE) plugs
@@ -171,6 +173,8 @@ pub struct Worker {
     slept_at: Option<Instant>,
     needs_signal: bool,
     guest_errors: u64,
+    /// This queue's part of QEMU's in-flight region, when QEMU shares one.
+    inflight: Option<QueueInflight>,
 }
 
 impl Worker {
@@ -204,12 +208,18 @@ impl Worker {
             slept_at: None,
             needs_signal: false,
             guest_errors: 0,
+            inflight: None,
         })
     }
 
     /// The eventfd io_uring signals completions on; the queue thread's epoll watches it.
     pub fn completion_fd(&self) -> &EventFd {
         &self.eventfd
+    }
+
+    /// Where to record requests in flight (set before the queue starts).
+    pub fn set_inflight(&mut self, inflight: Option<QueueInflight>) {
+        self.inflight = inflight;
     }
 
     /// The guest kicked the queue.
@@ -301,6 +311,7 @@ impl Worker {
     fn process(&mut self, vring: &Vring) {
         let mem = self.mem.memory().into_inner();
         let _ = vring.disable_notification();
+        self.replay(vring, &mem);
         let mut idle_since: Option<Instant> = None;
         loop {
             let waiting = self.retry_deferred(vring, &mem);
@@ -364,16 +375,68 @@ impl Worker {
             let Some(chain) = chain else { break };
             popped += 1;
             let head = chain.head_index();
-            match request::parse(&**mem, chain, &self.limits) {
-                Ok(request) => self.execute(vring, head, request, mem),
-                Err(rejected) => {
-                    self.guest_error(&rejected.error);
-                    let status = rejected.error.status();
-                    self.answer_now(vring, head, rejected.status, status, mem);
-                }
+            if let Some(inflight) = self.inflight.as_mut() {
+                inflight.begin(head);
             }
+            self.take(vring, head, chain, mem);
         }
         popped
+    }
+
+    /// Parses a request and starts it, or answers it at once when the guest got it wrong.
+    fn take(
+        &mut self,
+        vring: &Vring,
+        head: u16,
+        chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+        mem: &Arc<Mem>,
+    ) {
+        match request::parse(&**mem, chain, &self.limits) {
+            Ok(request) => self.execute(vring, head, request, mem),
+            Err(rejected) => {
+                self.guest_error(&rejected.error);
+                let status = rejected.error.status();
+                self.answer_now(vring, head, rejected.status, status, mem);
+            }
+        }
+    }
+
+    /// Once per connection, before the queue is served: restarts the requests a previous
+    /// daemon (or connection) took off the ring but never completed, oldest first, and
+    /// resumes the avail ring after them.
+    fn replay(&mut self, vring: &Vring, mem: &Arc<Mem>) {
+        let Some(inflight) = self.inflight.as_mut().filter(|i| i.needs_recovery()) else {
+            return;
+        };
+        let (table, size, used) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            let used = queue.used_idx(&**mem, std::sync::atomic::Ordering::Acquire);
+            (queue.desc_table(), queue.size(), used)
+        };
+        let Ok(used) = used else {
+            log::warn!(
+                "image {}: used ring unreadable, nothing replayed",
+                self.disk.name()
+            );
+            return;
+        };
+        let heads = inflight.recover(used.0);
+        vring
+            .get_mut()
+            .get_queue_mut()
+            .set_next_avail(used.0.wrapping_add(heads.len() as u16));
+        if !heads.is_empty() {
+            log::info!(
+                "image {}: replaying {} requests left in flight",
+                self.disk.name(),
+                heads.len()
+            );
+        }
+        for head in heads {
+            let chain = chain::descriptors(&**mem, GuestAddress(table), size, head);
+            self.take(vring, head, chain, mem);
+        }
     }
 
     fn guest_error(&mut self, error: &request::ParseError) {
@@ -401,8 +464,19 @@ impl Worker {
             Some(addr) if mem.write_obj(byte, addr).is_ok() => 1,
             _ => 0,
         };
-        if let Err(e) = vring.add_used(head, used) {
+        self.put_used(vring, head, used);
+    }
+
+    /// Puts a request on the used ring, with the in-flight region's bookkeeping around it.
+    fn put_used(&mut self, vring: &Vring, head: u16, len: u32) {
+        if let Some(inflight) = &self.inflight {
+            inflight.before_used(head);
+        }
+        if let Err(e) = vring.add_used(head, len) {
             log::warn!("image {}: cannot complete request: {e}", self.disk.name());
+        }
+        if let Some(inflight) = &self.inflight {
+            inflight.after_used(head, vring.get_ref().get_queue().next_used());
         }
         self.needs_signal = true;
     }
@@ -992,10 +1066,7 @@ impl Worker {
             Ok(()) => 1,
             Err(_) => 0,
         };
-        if let Err(e) = vring.add_used(request.head, used) {
-            log::warn!("image {}: cannot complete request: {e}", self.disk.name());
-        }
-        self.needs_signal = true;
+        self.put_used(vring, request.head, used);
     }
 
     fn signal(&mut self, vring: &Vring) {
