@@ -240,3 +240,71 @@ fn many_requests_in_flight_on_two_queues() {
         }
     }
 }
+
+/// The in-flight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a frontend that asks for one,
+/// as QEMU does, gets a region sized for its queues and is served with it; regions that do not
+/// match what they claim, or requests for none, are refused, and the connection keeps serving.
+#[test]
+fn inflight_region_requests_are_checked() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::VhostUserProtocolFeatures;
+
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    daemon.cli(&["image", "create", "d", "--size", "16M"]);
+    let opts = ClientOptions {
+        num_queues: 2,
+        inflight: true,
+        ..ClientOptions::default()
+    };
+    let mut client = BlkClient::connect(daemon.socket("d"), &opts).expect("connect");
+    assert!(client
+        .negotiated()
+        .protocol_acked
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    // Two queues of 256 entries: a 16-byte header and 16 bytes per entry each.
+    let region = client
+        .inflight_region()
+        .expect("a region")
+        .metadata()
+        .unwrap();
+    assert!(
+        region.len() >= 2 * (16 + 256 * 16),
+        "{} bytes",
+        region.len()
+    );
+    let serves = |client: &mut BlkClient, byte: u8| {
+        for queue in 0..2 {
+            assert_eq!(client.write(queue, 8, &[byte; 4096]).unwrap(), S_OK);
+            assert_eq!(
+                client.read(queue, 8, 4096).unwrap(),
+                (S_OK, vec![byte; 4096])
+            );
+        }
+    };
+    serves(&mut client, 1);
+
+    let (info, file) = client.get_inflight(1, 128).expect("a second region");
+    assert_eq!(info.num_queues, 1);
+    assert_eq!(info.queue_size, 128);
+    for bad in [
+        // Smaller than its queues need.
+        VhostUserInflight::new(64, 0, 1, 128),
+        // Past the end of the file.
+        VhostUserInflight::new(info.mmap_size, 1 << 20, 1, 128),
+        // Not a power-of-two queue size.
+        VhostUserInflight::new(info.mmap_size, 0, 1, 100),
+    ] {
+        assert!(
+            client.set_inflight(&bad, &file).is_err(),
+            "accepted {} bytes at {} for a queue of {}",
+            bad.mmap_size,
+            bad.mmap_offset,
+            bad.queue_size
+        );
+    }
+    // No region for a queue size no ring can have: an empty answer, no descriptor.
+    assert!(client.get_inflight(1, 100).is_err());
+    serves(&mut client, 2);
+    assert!(daemon.log().contains("SET_INFLIGHT_FD"));
+}

@@ -17,8 +17,10 @@
 //!   message; a watchdog thread shuts the socket down instead (`Control`).
 //! - GET_CONFIG: see [`CONFIG_READ_LEN`] for the sizes qemu-storage-daemon accepts.
 
+use std::fs::File;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +28,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -71,6 +73,9 @@ pub struct ClientOptions {
     pub control_timeout: Duration,
     /// Timeout of the blocking calls (`read`, `write`, ...).
     pub io_timeout: Duration,
+    /// Ask for an in-flight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) and hand it back,
+    /// before the queues start, as QEMU does.
+    pub inflight: bool,
 }
 
 impl Default for ClientOptions {
@@ -84,6 +89,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             control_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
+            inflight: false,
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct BlkClient {
     negotiated: Negotiated,
     queues: Vec<BlkQueue>,
     closed: bool,
+    /// The in-flight region the backend gave us, kept like QEMU keeps it.
+    inflight: Option<File>,
 }
 
 impl std::fmt::Debug for BlkClient {
@@ -193,6 +201,19 @@ impl BlkClient {
         let mem = GuestMem::new(opts.mem_size)?;
         let region = mem.region_info()?;
         ctl.call("SET_MEM_TABLE", |f| f.set_mem_table(&[region]))?;
+        let inflight = if negotiated
+            .protocol_acked
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            let asked = VhostUserInflight::new(0, 0, opts.num_queues, opts.queue_size);
+            let (info, file) = ctl.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&asked))?;
+            ctl.call("SET_INFLIGHT_FD", |f| {
+                f.set_inflight_fd(&info, file.as_raw_fd())
+            })?;
+            Some(file)
+        } else {
+            None
+        };
         let setup = QueueSetup {
             size: opts.queue_size,
             event_idx: negotiated.acked & F_EVENT_IDX != 0,
@@ -215,7 +236,32 @@ impl BlkClient {
             negotiated,
             queues,
             closed: false,
+            inflight,
         })
+    }
+
+    /// GET_INFLIGHT_FD, as a test of the backend: asks for a region for `num_queues` queues
+    /// of `queue_size` entries.
+    pub fn get_inflight(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(VhostUserInflight, File)> {
+        let asked = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        self.ctl
+            .call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&asked))
+    }
+
+    /// SET_INFLIGHT_FD, as a test of the backend: hands it `file` as described by `info`.
+    pub fn set_inflight(&mut self, info: &VhostUserInflight, file: &File) -> Result<()> {
+        self.ctl.call("SET_INFLIGHT_FD", |f| {
+            f.set_inflight_fd(info, file.as_raw_fd())
+        })
+    }
+
+    /// The in-flight region negotiated at connect time, if any.
+    pub fn inflight_region(&self) -> Option<&File> {
+        self.inflight.as_ref()
     }
 
     /// The config space read at connect time.
@@ -424,9 +470,12 @@ fn negotiate(ctl: &mut Control, opts: &ClientOptions) -> Result<Negotiated> {
     if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(Error::MissingFeature("VHOST_USER_PROTOCOL_F_CONFIG"));
     }
-    let wanted = VhostUserProtocolFeatures::CONFIG
+    let mut wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK;
+    if opts.inflight {
+        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
     let protocol_acked = protocol_offered & wanted;
     ctl.call("SET_PROTOCOL_FEATURES", |f| {
         f.set_protocol_features(protocol_acked)
