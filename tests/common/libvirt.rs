@@ -48,14 +48,18 @@ auth_unix_ro = "none"
 auth_unix_rw = "none"
 "#;
 
-/// Runs inside the new namespaces with the test's libvirt directory as `$1`. As the
-/// namespace's PID 1 this shell also reaps the QEMU processes libvirtd daemonizes (they are
-/// reparented to it); `wait` returns when libvirtd exits.
+/// Runs inside the new namespaces with the test's libvirt directory as `$1`, then any extra
+/// `HOST_DIR:PATH` bind mounts. As the namespace's PID 1 this shell also reaps the QEMU
+/// processes libvirtd daemonizes (they are reparented to it); `wait` returns when libvirtd exits.
 const START_SCRIPT: &str = r#"set -eu
 d=$1
+shift
 for m in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/cache/libvirt \
          log:/var/log/libvirt passwd:/etc/passwd group:/etc/group; do
     mount --bind "$d/${m%%:*}" "${m#*:}"
+done
+for m in "$@"; do
+    mount --bind "${m%%:*}" "${m#*:}"
 done
 libvirtd --config "$d/etc/libvirtd.conf" --pid-file "$d/libvirtd.pid" &
 wait
@@ -79,12 +83,24 @@ impl Libvirtd {
     /// Starts libvirtd with all its state under `dir` and waits until it answers (it probes
     /// QEMU's capabilities first: about a second).
     pub fn start(dir: &Path) -> Libvirtd {
+        Self::start_node(dir, None, &[])
+    }
+
+    /// Like [`Libvirtd::start`], as one node of several on this machine: libvirt refuses to
+    /// migrate a guest to a daemon with its own host UUID, so each node gets `host_uuid`; and
+    /// `binds` (host directory, path in the namespace) give each node its own view of paths
+    /// such as `/run/cormorant`, so one domain XML serves on every node.
+    pub fn start_node(dir: &Path, host_uuid: Option<&str>, binds: &[(&Path, &str)]) -> Libvirtd {
         // libvirtd creates the others; QEMU's logs go to log/qemu, which it does not.
         for sub in ["etc", "run", "lib", "cache", "log/qemu"] {
             std::fs::create_dir_all(dir.join(sub)).expect("create libvirt dir");
         }
         std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF).expect("write qemu.conf");
-        std::fs::write(dir.join("etc/libvirtd.conf"), LIBVIRTD_CONF).expect("write libvirtd.conf");
+        let mut conf = LIBVIRTD_CONF.to_string();
+        if let Some(uuid) = host_uuid {
+            conf += &format!("host_uuid = \"{uuid}\"\n");
+        }
+        std::fs::write(dir.join("etc/libvirtd.conf"), conf).expect("write libvirtd.conf");
         write_with_entry(
             Path::new("/etc/passwd"),
             &dir.join("passwd"),
@@ -95,7 +111,7 @@ impl Libvirtd {
             &dir.join("group"),
             "libvirt-qemu:x:64055:",
         );
-        for point in MOUNT_POINTS {
+        for point in MOUNT_POINTS.iter().chain(binds.iter().map(|(_, to)| to)) {
             std::fs::create_dir_all(point)
                 .unwrap_or_else(|e| panic!("create mount point {point}: {e}"));
         }
@@ -107,7 +123,12 @@ impl Libvirtd {
             // kernel then kills everything else in the PID namespace.
             .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
             .args(["sh", "-c", START_SCRIPT, "sh"])
-            .arg(dir);
+            .arg(dir)
+            .args(
+                binds
+                    .iter()
+                    .map(|(from, to)| format!("{}:{to}", from.display())),
+            );
         let child = spawn_logged(&mut cmd, &log, &log).expect("spawn unshare ... libvirtd");
         let mut libvirtd = Libvirtd {
             dir: dir.to_path_buf(),
