@@ -202,3 +202,77 @@ fn move_a_disk_to_the_node_that_uses_it() {
         "b forgot the image"
     );
 }
+
+/// Discards reach every copy: a peer's copy of a discarded block goes there too. With the peer
+/// stopped, a discard waits for it (until the peer's timeout) but holds up nothing else: a read
+/// submitted after it on the same queue is answered at once. Then the discard succeeds on the
+/// copy that took it and the peer's copy goes out of sync.
+#[test]
+fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
+    use cormorant::frontend::{BlkRequest, DiscardRange};
+    use std::time::Instant;
+
+    let dir = TestDir::new();
+    let cluster = Cluster::start(dir.path(), 2, None);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "d",
+        "--size",
+        "4M",
+        "--block-size",
+        "1M",
+        "--at",
+        "a:ram",
+        "--at",
+        "b:ram",
+    ]);
+    let mut c = client(a, "d");
+    for block in 0..4u64 {
+        assert_eq!(c.write(0, block * 2048, &pattern(block, 1)).unwrap(), S_OK);
+    }
+    let whole_block = |block: u64| DiscardRange {
+        sector: block * 2048,
+        num_sectors: 2048,
+        flags: 0,
+    };
+    assert_eq!(
+        c.queue(0).unwrap().discard(&[whole_block(1)]).unwrap(),
+        S_OK
+    );
+    assert!(!a.block_file("ram", "d", 1).exists());
+    assert!(!b.block_file("ram", "d", 1).exists(), "b kept block 1");
+    assert_eq!(
+        c.read(0, 2048, 64 << 10).unwrap(),
+        (S_OK, vec![0; 64 << 10])
+    );
+
+    // SAFETY: kill(2) on the test's own child.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
+    let q = c.queue(0).unwrap();
+    let ranges = q.alloc(16).unwrap();
+    q.memory()
+        .write(ranges.addr, &whole_block(2).to_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let discard = q.submit(&BlkRequest::discard(ranges)).unwrap();
+    let buf = q.alloc(64 << 10).unwrap();
+    let read = q.submit(&BlkRequest::read(0, buf)).unwrap();
+    let read_done = q.wait_for(read, Duration::from_secs(10)).unwrap();
+    let read_took = started.elapsed();
+    let discard_done = q.wait_for(discard, Duration::from_secs(10)).unwrap();
+    let discard_took = started.elapsed();
+    unsafe { libc::kill(b.pid() as i32, libc::SIGCONT) };
+    assert_eq!(read_done.status, S_OK);
+    let mut data = vec![0; 64 << 10];
+    q.memory().read(buf.addr, &mut data).unwrap();
+    assert_eq!(data, pattern(0, 1));
+    assert!(
+        read_took < Duration::from_secs(1) && discard_took >= Duration::from_secs(2),
+        "the read took {read_took:?}, the discard {discard_took:?}"
+    );
+    assert_eq!(discard_done.status, S_OK);
+    assert!(!a.block_file("ram", "d", 2).exists());
+    assert_eq!(copies_on(a, "d", "b").1, 1, "b's copy of block 2 is stale");
+}

@@ -321,12 +321,13 @@ fn guest_on_cormorant_disks_under_libvirt() {
 }
 
 /// The daemon restarted (SIGTERM, as `systemctl restart`) 25 times while the guest writes and
-/// verifies. Before the in-flight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), about one
-/// restart in a hundred completed a request twice: QEMU, finding the connection closed, rewinds
-/// the avail ring to the used index, while the old daemon was still completing what it had
-/// taken. The restarted daemon now resumes the ring from its own record instead (150 restarts
-/// under writes passed when this was changed); on a failure the message shows the avail and
-/// used indexes.
+/// verifies. Two failures this has caught, each about once in a hundred restarts: a request
+/// completed twice (QEMU, finding the connection closed, rewinds the avail ring to the used
+/// index while the old daemon is still completing what it took; the restarted daemon now
+/// resumes the ring from the in-flight region instead), and a guest waiting forever with its
+/// rings even (the old daemon completed a request after QEMU had dropped its call eventfd; the
+/// restarted daemon now signals every queue once). On a failure the message shows the avail
+/// and used indexes.
 #[test]
 fn daemon_restarts_under_guest_writes() {
     if libvirt_available() {

@@ -141,8 +141,9 @@ impl RemoteEngine {
         }
     }
 
-    /// Asks `node` to make `image`'s writes durable; the completion says whether it did.
-    pub fn flush(&self, node: &NodeId, image: &ImageName, tag: u64) {
+    /// Sends `node` one request answered by a plain Ok (a flush, a discard); the completion
+    /// says whether it was.
+    pub fn call(&self, node: &NodeId, request: Request, tag: u64) {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let pending = Arc::new(Pending {
             shared: self.shared.clone(),
@@ -160,9 +161,6 @@ impl RemoteEngine {
             };
             pending.chunk_done(outcome);
         });
-        let request = Request::Flush {
-            image: image.clone(),
-        };
         self.peers.call(node, request, done);
     }
 
