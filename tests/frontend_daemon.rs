@@ -243,7 +243,8 @@ fn many_requests_in_flight_on_two_queues() {
 
 /// The in-flight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a frontend that asks for one,
 /// as QEMU does, gets a region sized for its queues and is served with it; regions that do not
-/// match what they claim, or requests for none, are refused, and the connection keeps serving.
+/// match what they claim, a region while the queues run, or requests for none, are refused,
+/// and the connection keeps serving.
 #[test]
 fn inflight_region_requests_are_checked() {
     use vhost::vhost_user::message::VhostUserInflight;
@@ -303,6 +304,8 @@ fn inflight_region_requests_are_checked() {
             bad.queue_size
         );
     }
+    // A sound region, but the queues run: taking it would reset their place in the ring.
+    assert!(client.set_inflight(&info, &file).is_err());
     // No region for a queue size no ring can have: an empty answer, no descriptor.
     assert!(client.get_inflight(1, 100).is_err());
     serves(&mut client, 2);

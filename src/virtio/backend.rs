@@ -118,10 +118,19 @@ impl BlkBackend {
 
     /// QEMU's in-flight region (SET_INFLIGHT_FD, answered by `relay`): each queue records its
     /// requests there and replays what a previous daemon left before serving new ones.
-    pub fn set_inflight(&self, region: Arc<inflight::Region>) {
-        for index in 0..self.workers.len() {
-            self.worker(index).set_inflight(region.queue(index as u16));
+    /// Refused while a queue runs: QEMU hands a region over only before it starts the queues.
+    pub fn set_inflight(&self, region: Arc<inflight::Region>) -> io::Result<()> {
+        let mut workers: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
+        if workers.iter().any(|w| w.is_running()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an in-flight region while the queues run",
+            ));
         }
+        for (index, worker) in workers.iter_mut().enumerate() {
+            worker.set_inflight(region.queue(index as u16));
+        }
+        Ok(())
     }
 
     /// Completes everything in flight on every queue (the connection is ending).

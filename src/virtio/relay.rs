@@ -273,8 +273,7 @@ fn set_inflight(message: Message, backend: &BlkBackend) -> io::Result<()> {
         .into_iter()
         .next()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file descriptor"))?;
-    backend.set_inflight(inflight::Region::map(File::from(file), &info)?);
-    Ok(())
+    backend.set_inflight(inflight::Region::map(File::from(file), &info)?)
 }
 
 /// The message's payload as a `T`, which must be exactly its size.

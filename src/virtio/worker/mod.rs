@@ -165,6 +165,14 @@ impl Worker {
         self.inflight = inflight;
     }
 
+    /// Whether the queue is being served: started (kicked) and not stopped since. Its place
+    /// in the ring is then its own, and a new in-flight region must not reset it.
+    pub fn is_running(&self) -> bool {
+        self.vring
+            .as_ref()
+            .is_some_and(|vring| vring.get_ref().get_queue().ready())
+    }
+
     /// The guest kicked the queue.
     pub fn on_kick(&mut self, vring: &Vring) {
         if self.vring.is_none() {
