@@ -88,6 +88,7 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
         warmup: ctx.params.warmup,
         span: SPAN,
         client_poll: false,
+        inflight: false,
     };
 
     // "remote" moves to node b while a client writes to it: the resync's throughput, then

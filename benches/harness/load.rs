@@ -84,6 +84,9 @@ pub struct LoadSpec {
     /// Busy-poll the used ring instead of sleeping on the call eventfd: takes the client's own
     /// wake-up out of the latency, to show the backend's share (costs a core while it runs).
     pub client_poll: bool,
+    /// Share an in-flight region with the backend (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), as
+    /// QEMU does, to measure what its bookkeeping costs.
+    pub inflight: bool,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -94,12 +97,13 @@ impl LoadSpec {
     /// Short label, e.g. `randread 4k qd32 x1`.
     pub fn label(&self) -> String {
         format!(
-            "{} {} qd{} x{}{}",
+            "{} {} qd{} x{}{}{}",
             self.pattern.name(),
             human_size(u64::from(self.bs)),
             self.qd,
             self.queues,
-            if self.client_poll { " poll" } else { "" }
+            if self.client_poll { " poll" } else { "" },
+            if self.inflight { " inflight" } else { "" }
         )
     }
 }
@@ -176,6 +180,7 @@ pub fn client_options(spec: &LoadSpec) -> ClientOptions {
         queue_size: u16::max(spec.qd, 128).next_power_of_two(),
         mem_size: (data + MEM_OVERHEAD).next_multiple_of(1 << 20),
         io_timeout: STALL_TIMEOUT,
+        inflight: spec.inflight,
         ..ClientOptions::default()
     }
 }

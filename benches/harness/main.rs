@@ -106,6 +106,9 @@ struct LoadArgs {
     /// Spin on the used ring instead of sleeping on the call eventfd.
     #[arg(long)]
     poll: bool,
+    /// Share an in-flight region with the backend, as QEMU does.
+    #[arg(long)]
+    inflight: bool,
 }
 
 fn parse_pattern(s: &str) -> Result<Pattern, String> {
@@ -148,6 +151,7 @@ fn run_load(a: &LoadArgs) -> Result<(), String> {
         warmup: Duration::from_secs_f64(a.warmup),
         span: a.span.map_or(0, |s| s / a.bs * a.bs),
         client_poll: a.poll,
+        inflight: a.inflight,
     };
     let r = load::run(&a.socket, &spec).map_err(|e| format!("{e}{}", backend::error_chain(&e)))?;
     let out = serde_json::json!({ "spec": spec, "result": r });
@@ -242,6 +246,7 @@ impl Params {
             warmup: self.warmup,
             span: self.span,
             client_poll: false,
+            inflight: false,
         };
         let polled = LoadSpec {
             client_poll: true,
