@@ -121,7 +121,7 @@ pub struct BlkClient {
     queues: Vec<BlkQueue>,
     closed: bool,
     /// The in-flight region the backend gave us, kept like QEMU keeps it.
-    inflight: Option<File>,
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl std::fmt::Debug for BlkClient {
@@ -210,7 +210,7 @@ impl BlkClient {
             ctl.call("SET_INFLIGHT_FD", |f| {
                 f.set_inflight_fd(&info, file.as_raw_fd())
             })?;
-            Some(file)
+            Some((info, file))
         } else {
             None
         };
@@ -222,7 +222,7 @@ impl BlkClient {
         };
         let queues = build_queues(&mem, opts.num_queues, setup, &sock)?;
         for q in &queues {
-            start_queue(&mut ctl, &mem, q)?;
+            start_queue(&mut ctl, &mem, q, 0)?;
         }
         for q in &queues {
             let i = q.index() as usize;
@@ -261,7 +261,50 @@ impl BlkClient {
 
     /// The in-flight region negotiated at connect time, if any.
     pub fn inflight_region(&self) -> Option<&File> {
-        self.inflight.as_ref()
+        self.inflight.as_ref().map(|(_, file)| file)
+    }
+
+    /// Connects again to a backend that went away (killed, restarted) and resumes the same
+    /// queues in the same guest memory, as QEMU does: each avail ring resumes at its used
+    /// ring's index, and the in-flight region, if one was shared, goes back to the backend so
+    /// that it can replay what it had taken. Requests in flight stay in flight.
+    pub fn reconnect(&mut self, path: impl AsRef<Path>, opts: &ClientOptions) -> Result<()> {
+        let stream = connect_with_retry(path.as_ref(), opts.connect_timeout)?;
+        let sock = Arc::new(
+            stream
+                .try_clone()
+                .map_err(|source| Error::Socket { source })?,
+        );
+        let mut ctl = Control {
+            frontend: Frontend::from_stream(stream, self.queues.len() as u64),
+            sock: Arc::clone(&sock),
+            timeout: opts.control_timeout,
+        };
+        let negotiated = negotiate(&mut ctl, opts)?;
+        ctl.call("SET_FEATURES", |f| f.set_features(negotiated.acked))?;
+        let region = self.mem.region_info()?;
+        ctl.call("SET_MEM_TABLE", |f| f.set_mem_table(&[region]))?;
+        if let Some((info, file)) = &self.inflight {
+            ctl.call("SET_INFLIGHT_FD", |f| {
+                f.set_inflight_fd(info, file.as_raw_fd())
+            })?;
+        }
+        for q in &mut self.queues {
+            q.set_socket(Arc::clone(&sock));
+            let used = self
+                .mem
+                .load_u16(q.ring_addrs().used + 2, Ordering::Acquire)?;
+            start_queue(&mut ctl, &self.mem, q, used)?;
+        }
+        for q in &self.queues {
+            let i = q.index() as usize;
+            ctl.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
+        }
+        self.ctl = ctl;
+        self.sock = sock;
+        self.negotiated = negotiated;
+        self.closed = false;
+        Ok(())
     }
 
     /// The config space read at connect time.
@@ -568,7 +611,8 @@ fn build_queues(
     Ok(queues)
 }
 
-fn start_queue(ctl: &mut Control, mem: &GuestMem, q: &BlkQueue) -> Result<()> {
+/// Starts queue `q`, its avail ring resuming at index `base`.
+fn start_queue(ctl: &mut Control, mem: &GuestMem, q: &BlkQueue, base: u16) -> Result<()> {
     let i = q.index() as usize;
     let a = q.ring_addrs();
     let config = VringConfigData {
@@ -581,7 +625,7 @@ fn start_queue(ctl: &mut Control, mem: &GuestMem, q: &BlkQueue) -> Result<()> {
         log_addr: None,
     };
     ctl.call("SET_VRING_NUM", |f| f.set_vring_num(i, q.size()))?;
-    ctl.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
+    ctl.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
     ctl.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
     ctl.call("SET_VRING_KICK", |f| f.set_vring_kick(i, q.kick_fd()))?;
     ctl.call("SET_VRING_CALL", |f| f.set_vring_call(i, q.call_fd()))?;

@@ -147,6 +147,11 @@ impl BlkQueue {
         })
     }
 
+    /// The control socket to watch for hang-ups (a new one after a reconnect).
+    pub(crate) fn set_socket(&mut self, sock: Arc<UnixStream>) {
+        self.sock = sock;
+    }
+
     pub(crate) fn set_arena(&mut self, arena: BumpAlloc) {
         self.arena = arena;
     }
