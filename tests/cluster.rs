@@ -46,17 +46,7 @@ fn blocks_on_another_node_are_read_and_written_remotely() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "r",
-        "--size",
-        "4M",
-        "--block-size",
-        "1M",
-        "--at",
-        "b:ram",
-    ]);
+    a.create_image("r", "4M", "1M", &["b:ram"]);
     let mut c = client(a, "r");
     for block in 0..4u64 {
         assert_eq!(c.write(0, block * 2048, &pattern(block, 1)).unwrap(), S_OK);
@@ -81,19 +71,7 @@ fn blocks_on_another_node_are_read_and_written_remotely() {
 fn a_killed_replica_is_marked_stale_and_resynced() {
     let dir = TestDir::new();
     let mut cluster = Cluster::start(dir.path(), 2, None);
-    cluster.nodes[0].cli(&[
-        "image",
-        "create",
-        "m",
-        "--size",
-        "2M",
-        "--block-size",
-        "256K",
-        "--at",
-        "a:ram",
-        "--at",
-        "b:volume",
-    ]);
+    cluster.nodes[0].create_image("m", "2M", "256K", &["a:ram", "b:volume"]);
     let mut c = client(&cluster.nodes[0], "m");
     for block in 0..8u64 {
         assert_eq!(c.write(0, block * 512, &pattern(block, 1)).unwrap(), S_OK);
@@ -144,17 +122,7 @@ fn move_a_disk_to_the_node_that_uses_it() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "vm",
-        "--size",
-        "4M",
-        "--block-size",
-        "512K",
-        "--at",
-        "b:volume",
-    ]);
+    a.create_image("vm", "4M", "512K", &["b:volume"]);
     let mut c = client(a, "vm");
     for block in 0..8u64 {
         assert_eq!(c.write(0, block * 1024, &pattern(block, 0)).unwrap(), S_OK);
@@ -215,19 +183,7 @@ fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "d",
-        "--size",
-        "4M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:ram",
-        "--at",
-        "b:ram",
-    ]);
+    a.create_image("d", "4M", "1M", &["a:ram", "b:ram"]);
     let mut c = client(a, "d");
     for block in 0..4u64 {
         assert_eq!(c.write(0, block * 2048, &pattern(block, 1)).unwrap(), S_OK);

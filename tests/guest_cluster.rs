@@ -19,21 +19,7 @@ fn a_replica_killed_under_a_guest_workload_loses_nothing() {
     }
     let dir = TestDir::new();
     let mut cluster = Cluster::start(dir.path(), 3, None);
-    cluster.nodes[0].cli(&[
-        "image",
-        "create",
-        "g",
-        "--size",
-        "32M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:ram",
-        "--at",
-        "b:ram",
-        "--at",
-        "c:volume",
-    ]);
+    cluster.nodes[0].create_image("g", "32M", "1M", &["a:ram", "b:ram", "c:volume"]);
     let script = format!(
         r#"
 for i in $(seq 0 {last}); do

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Cluster, Daemon};
-use common::guest::{write_initrd_with, GuestImage, GuestOutput};
+use common::guest::{rounds_script, write_initrd_with, GuestImage, GuestOutput};
 use common::libvirt::Libvirtd;
 use common::{md5_prefix, read_lossy, tools_available, wait_until, TestDir};
 
@@ -445,22 +445,6 @@ fn run_guest(restarts_under_writes: u32) {
     eprintln!("whole test {:.1?}", t0.elapsed());
 }
 
-/// Rounds of the migration guest: each writes a fresh 256 KiB chunk and verifies every chunk
-/// written so far, so that what was written on the source is checked on the destination too.
-const MIGRATION_SCRIPT: &str = r#"
-for i in $(seq 1 40); do
-  printf "%0262144d" $i > /tmp/c
-  dd if=/tmp/c of=/dev/vda bs=64k seek=$((i*4)) oflag=direct conv=fsync 2>/dev/null || echo "RESULT write_error=$i"
-  md5sum < /tmp/c | cut -d' ' -f1 > /tmp/sum.$i
-  for j in $(seq 1 $i); do
-    b=$(dd if=/dev/vda bs=64k skip=$((j*4)) count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-    [ "$b" = "$(cat /tmp/sum.$j)" ] || echo "RESULT mismatch=$i/$j"
-  done
-  echo "ROUND $i"
-done
-echo "RESULT done=yes"
-"#;
-
 /// `virsh migrate --live` between two libvirtd, one per node, each in its own namespaces with
 /// its own host UUID and its node's sockets at `/run/cormorant`, as on two machines: the
 /// example domain as it stands (but for the test kernel), `cormorant image adopt` on the
@@ -475,17 +459,7 @@ fn virsh_migrate_moves_the_guest_and_its_disk_follows() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "vm1-root",
-        "--size",
-        "16M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:ram",
-    ]);
+    a.create_image("vm1-root", "16M", "1M", &["a:ram"]);
     let node = |name: &str, uuid: &str, daemon: &Daemon| {
         Libvirtd::start_node(
             &dir.join(&format!("libvirt-{name}")),
@@ -498,7 +472,7 @@ fn virsh_migrate_moves_the_guest_and_its_disk_follows() {
 
     let image = GuestImage::get();
     let initrd = dir.join("initrd.img");
-    write_initrd_with(&initrd, image, MIGRATION_SCRIPT, &[]);
+    write_initrd_with(&initrd, image, &rounds_script(40), &[]);
     let domain_xml = dir.join("vm1.xml");
     let domain = test_domain(image, &initrd, "/run/cormorant/", "");
     std::fs::write(&domain_xml, domain).unwrap();

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::daemon::Cluster;
-use common::guest::{Disk, Guest, GuestOpts};
+use common::guest::{rounds_script, Disk, Guest, GuestOpts};
 use common::{tools_available, wait_until, TestDir};
 
 const ROUNDS: u32 = 40;
@@ -40,34 +40,8 @@ fn a_guest_migrates_and_its_disk_follows() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "mig",
-        "--size",
-        "16M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:ram",
-    ]);
-    // Each round writes a fresh 256 KiB chunk (the round number, repeated) and verifies every
-    // chunk written so far.
-    let script = format!(
-        r#"
-for i in $(seq 1 {ROUNDS}); do
-  printf "%0262144d" $i > /tmp/c
-  dd if=/tmp/c of=/dev/vda bs=64k seek=$((i*4)) oflag=direct conv=fsync 2>/dev/null || echo "RESULT write_error=$i"
-  md5sum < /tmp/c | cut -d' ' -f1 > /tmp/sum.$i
-  for j in $(seq 1 $i); do
-    b=$(dd if=/dev/vda bs=64k skip=$((j*4)) count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-    [ "$b" = "$(cat /tmp/sum.$j)" ] || echo "RESULT mismatch=$i/$j"
-  done
-  echo "ROUND $i"
-done
-echo "RESULT done=yes"
-"#
-    );
+    a.create_image("mig", "16M", "1M", &["a:ram"]);
+    let script = rounds_script(ROUNDS);
     let monitor = dir.join("monitor.sock");
     let mut source = Guest::spawn(
         &GuestOpts::new(dir.join("src"), &script)

@@ -89,19 +89,7 @@ fn a_partitioned_replica_is_failure_listed_and_recovered() {
     let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
     let cluster = Cluster::start_at(dir.path(), &ips, &[None, Some(ns.name.clone())], None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "p",
-        "--size",
-        "2M",
-        "--block-size",
-        "256K",
-        "--at",
-        "a:ram",
-        "--at",
-        "b:ram",
-    ]);
+    a.create_image("p", "2M", "256K", &["a:ram", "b:ram"]);
     let opts = ClientOptions {
         io_timeout: Duration::from_secs(30),
         ..ClientOptions::default()

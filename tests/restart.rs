@@ -91,19 +91,7 @@ fn kill_9_under_guest_writes_loses_nothing() {
     let [a, b] = &mut cluster.nodes[..] else {
         unreachable!("two nodes")
     };
-    a.cli(&[
-        "image",
-        "create",
-        "g",
-        "--size",
-        "32M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:volume",
-        "--at",
-        "b:ram",
-    ]);
+    a.create_image("g", "32M", "1M", &["a:volume", "b:ram"]);
     a.cli(&["image", "create", "ctl", "--size", "1M", "--at", "a:ram"]);
     let opts = GuestOpts::new(dir.join("guest"), SCRIPT)
         .disk(Disk::new(a.socket("g")).reconnect_ms(100))
@@ -197,19 +185,7 @@ fn a_write_left_in_flight_behind_a_completed_read_is_replayed_once() {
     let [a, b] = &mut cluster.nodes[..] else {
         unreachable!("two nodes")
     };
-    a.cli(&[
-        "image",
-        "create",
-        "g",
-        "--size",
-        "4M",
-        "--block-size",
-        "1M",
-        "--at",
-        "a:ram",
-        "--at",
-        "b:ram",
-    ]);
+    a.create_image("g", "4M", "1M", &["a:ram", "b:ram"]);
     let opts = ClientOptions {
         inflight: true,
         ..ClientOptions::default()

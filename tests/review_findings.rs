@@ -213,17 +213,7 @@ fn flush_fails_when_the_only_copy_cannot_be_flushed() {
     let dir = TestDir::new();
     let cluster = Cluster::start(dir.path(), 2, None);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.cli(&[
-        "image",
-        "create",
-        "r",
-        "--size",
-        "4M",
-        "--block-size",
-        "1M",
-        "--at",
-        "b:volume",
-    ]);
+    a.create_image("r", "4M", "1M", &["b:volume"]);
     let mut c = BlkClient::connect(a.socket("r"), &ClientOptions::default()).unwrap();
     assert_eq!(c.write(0, 0, &[0x77; 4096]).unwrap(), S_OK);
     // b stops answering (hung, partitioned): its page cache holds the write, not its disk.

@@ -149,6 +149,23 @@ struct Control {
 }
 
 impl Control {
+    /// Connects to the backend at `path`; also returns the socket, which the queues watch for
+    /// hang-ups.
+    fn connect(path: &Path, opts: &ClientOptions) -> Result<(Control, Arc<UnixStream>)> {
+        let stream = connect_with_retry(path, opts.connect_timeout)?;
+        let sock = Arc::new(
+            stream
+                .try_clone()
+                .map_err(|source| Error::Socket { source })?,
+        );
+        let ctl = Control {
+            frontend: Frontend::from_stream(stream, u64::from(opts.num_queues)),
+            sock: Arc::clone(&sock),
+            timeout: opts.control_timeout,
+        };
+        Ok((ctl, sock))
+    }
+
     fn call<T>(
         &mut self,
         op: &'static str,
@@ -183,17 +200,7 @@ impl BlkClient {
     /// Connects to the backend at `path`, negotiates, and starts `opts.num_queues` queues.
     pub fn connect(path: impl AsRef<Path>, opts: &ClientOptions) -> Result<Self> {
         check_options(opts)?;
-        let stream = connect_with_retry(path.as_ref(), opts.connect_timeout)?;
-        let sock = Arc::new(
-            stream
-                .try_clone()
-                .map_err(|source| Error::Socket { source })?,
-        );
-        let mut ctl = Control {
-            frontend: Frontend::from_stream(stream, u64::from(opts.num_queues)),
-            sock: Arc::clone(&sock),
-            timeout: opts.control_timeout,
-        };
+        let (mut ctl, sock) = Control::connect(path.as_ref(), opts)?;
         let negotiated = negotiate(&mut ctl, opts)?;
         let config = read_config(&mut ctl)?;
         check_queue_count(opts, &negotiated, &config)?;
@@ -269,17 +276,7 @@ impl BlkClient {
     /// ring's index, and the in-flight region, if one was shared, goes back to the backend so
     /// that it can replay what it had taken. Requests in flight stay in flight.
     pub fn reconnect(&mut self, path: impl AsRef<Path>, opts: &ClientOptions) -> Result<()> {
-        let stream = connect_with_retry(path.as_ref(), opts.connect_timeout)?;
-        let sock = Arc::new(
-            stream
-                .try_clone()
-                .map_err(|source| Error::Socket { source })?,
-        );
-        let mut ctl = Control {
-            frontend: Frontend::from_stream(stream, self.queues.len() as u64),
-            sock: Arc::clone(&sock),
-            timeout: opts.control_timeout,
-        };
+        let (mut ctl, sock) = Control::connect(path.as_ref(), opts)?;
         let negotiated = negotiate(&mut ctl, opts)?;
         ctl.call("SET_FEATURES", |f| f.set_features(negotiated.acked))?;
         let region = self.mem.region_info()?;

@@ -89,6 +89,29 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("CLI prints JSON")
     }
 
+    /// `image create NAME --size SIZE --block-size BLOCK` with a copy at each `node:tier`.
+    pub fn create_image(
+        &self,
+        name: &str,
+        size: &str,
+        block: &str,
+        at: &[&str],
+    ) -> serde_json::Value {
+        let mut args = vec![
+            "image",
+            "create",
+            name,
+            "--size",
+            size,
+            "--block-size",
+            block,
+        ];
+        for place in at {
+            args.extend(["--at", place]);
+        }
+        self.cli(&args)
+    }
+
     /// Runs the CLI and returns its whole output, success or not.
     pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)

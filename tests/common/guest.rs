@@ -506,3 +506,26 @@ impl GuestOutput {
         })
     }
 }
+
+/// A guest script of `rounds` rounds on vda: each writes a fresh 256 KiB chunk (the round
+/// number, repeated), flushes it, and verifies every chunk written so far, then prints
+/// `ROUND i`; `RESULT write_error=i` or `RESULT mismatch=i/j` on a failure, `RESULT done=yes`
+/// at the end. For guests that move between nodes while they write: what was written before
+/// is checked after.
+pub fn rounds_script(rounds: u32) -> String {
+    format!(
+        r#"
+for i in $(seq 1 {rounds}); do
+  printf "%0262144d" $i > /tmp/c
+  dd if=/tmp/c of=/dev/vda bs=64k seek=$((i*4)) oflag=direct conv=fsync 2>/dev/null || echo "RESULT write_error=$i"
+  md5sum < /tmp/c | cut -d' ' -f1 > /tmp/sum.$i
+  for j in $(seq 1 $i); do
+    b=$(dd if=/dev/vda bs=64k skip=$((j*4)) count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$b" = "$(cat /tmp/sum.$j)" ] || echo "RESULT mismatch=$i/$j"
+  done
+  echo "ROUND $i"
+done
+echo "RESULT done=yes"
+"#
+    )
+}
