@@ -204,8 +204,7 @@ fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
         (S_OK, vec![0; 64 << 10])
     );
 
-    // SAFETY: kill(2) on the test's own child.
-    unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
+    b.pause();
     let q = c.queue(0).unwrap();
     let ranges = q.alloc(16).unwrap();
     q.memory()
@@ -219,7 +218,7 @@ fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
     let read_took = started.elapsed();
     let discard_done = q.wait_for(discard, Duration::from_secs(10)).unwrap();
     let discard_took = started.elapsed();
-    unsafe { libc::kill(b.pid() as i32, libc::SIGCONT) };
+    b.resume();
     assert_eq!(read_done.status, S_OK);
     let mut data = vec![0; 64 << 10];
     q.memory().read(buf.addr, &mut data).unwrap();

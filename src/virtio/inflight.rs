@@ -41,6 +41,10 @@ const USED_IDX_AT: usize = 14;
 const INFLIGHT_AT: usize = 0;
 const COUNTER_AT: usize = 8;
 
+/// More queues than any device of ours has (the backend offers 8): a bound on what a frontend
+/// can make us allocate.
+const MAX_QUEUES: u16 = 64;
+
 /// Bytes one queue's part takes.
 fn queue_bytes(queue_size: u16) -> usize {
     (HEADER + ENTRY * usize::from(queue_size)).next_multiple_of(ALIGN)
@@ -48,7 +52,7 @@ fn queue_bytes(queue_size: u16) -> usize {
 
 /// A zero-filled region for `num_queues` queues of `queue_size` entries (GET_INFLIGHT_FD).
 pub fn create(num_queues: u16, queue_size: u16) -> io::Result<(File, VhostUserInflight)> {
-    if num_queues == 0 || queue_size == 0 || !queue_size.is_power_of_two() {
+    if num_queues == 0 || num_queues > MAX_QUEUES || !queue_size.is_power_of_two() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("no in-flight region for {num_queues} queues of {queue_size} entries"),
@@ -81,7 +85,7 @@ impl Region {
     pub fn map(file: File, info: &VhostUserInflight) -> io::Result<Arc<Region>> {
         let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
         let (queues, queue_size) = (info.num_queues, info.queue_size);
-        if queues == 0 || queue_size == 0 || !queue_size.is_power_of_two() {
+        if queues == 0 || queues > MAX_QUEUES || !queue_size.is_power_of_two() {
             return Err(invalid(format!(
                 "in-flight region for {queues} queues of {queue_size} entries"
             )));
@@ -300,6 +304,7 @@ mod tests {
     #[test]
     fn bad_messages_are_refused() {
         assert!(create(0, 128).is_err());
+        assert!(create(65, 128).is_err());
         assert!(create(1, 100).is_err());
         let (file, _) = create(1, 16).unwrap();
         let short = VhostUserInflight::new(16, 0, 1, 16);

@@ -139,6 +139,32 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// SIGSTOP, and waits until every thread has stopped: from then on nothing sent to it is
+    /// answered, as with a hung node.
+    pub fn pause(&self) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let stopped = wait_until(Duration::from_secs(10), || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.flatten().all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+        });
+        assert!(stopped, "daemon {pid} did not stop");
+    }
+
+    /// SIGCONT after [`Daemon::pause`].
+    pub fn resume(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGCONT) };
+    }
+
     /// SIGKILL: no drain, no save, sockets left behind.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
