@@ -1,7 +1,7 @@
 //! Resource figures that are not loads: the daemons' CPU use with an idle connected client, and
 //! Cormorant's RSS and open time with a 1 TiB thin image.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cormorant::frontend::{BlkClient, ClientOptions};
@@ -37,6 +37,59 @@ pub fn figure(
     }
 }
 
+/// The backends the idle figures compare, each serving a 64 MiB RAM-backed image from `dir`;
+/// they stop when this is dropped.
+pub struct IdleBackends {
+    cormorant: Cormorant,
+    cormorant_socket: PathBuf,
+    qsd: Qsd,
+}
+
+impl IdleBackends {
+    pub fn start(ctx: &Ctx, dir: &Path) -> Result<IdleBackends, ProcError> {
+        let mut cormorant = Cormorant::start(
+            &ctx.cormorant_bin,
+            &dir.join("c"),
+            &dir.join("ram"),
+            &dir.join("vol"),
+            true,
+        )?;
+        let cormorant_socket = cormorant.create_image("idle", IDLE_IMAGE, "ram")?;
+        let img = dir.join("qsd.raw");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(IDLE_IMAGE))
+            .map_err(io_ctx("create qsd image"))?;
+        let qsd = Qsd::start(&img, &dir.join("qsd.sock"), QsdAio::IoUring, 1)?;
+        Ok(IdleBackends {
+            cormorant,
+            cormorant_socket,
+            qsd,
+        })
+    }
+
+    /// (system name, socket, pid) of each.
+    pub fn systems(&self) -> [(&'static str, PathBuf, u32); 2] {
+        [
+            (
+                "cormorant",
+                self.cormorant_socket.clone(),
+                self.cormorant.pid(),
+            ),
+            ("qsd-io_uring", self.qsd.socket.clone(), self.qsd.pid()),
+        ]
+    }
+}
+
+/// Size of the images the idle figures serve.
+const IDLE_IMAGE: u64 = 64 << 20;
+
+/// Percent of a core the live threads of `pid` used since `before`, taken at `since`.
+pub fn cpu_percent(pid: u32, before: &procs::ProcSample, since: Instant) -> f64 {
+    let after = procs::sample(pid);
+    (after.live_threads_cpu_secs - before.live_threads_cpu_secs) / since.elapsed().as_secs_f64()
+        * 100.0
+}
+
 /// CPU use of Cormorant and qsd while a VM-less client is connected (queues running) and idle.
 pub fn idle_client_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcError> {
     if !ctx.selected("idle client") {
@@ -44,25 +97,9 @@ pub fn idle_client_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcE
     }
     eprintln!("== idle client");
     let dir = procs::work_dir(ctx.tier_dir(Tier::Ram), "idle")?;
-    let d = dir.path();
-    let mut c = Cormorant::start(
-        &ctx.cormorant_bin,
-        &d.join("c"),
-        &d.join("r"),
-        &d.join("v"),
-        true,
-    )?;
-    let sock = c.create_image("idle", 64 << 20, "ram")?;
-    let img = d.join("qsd.raw");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(64 << 20))
-        .map_err(io_ctx("create qsd image"))?;
-    let qsd = Qsd::start(&img, &d.join("qsd.sock"), QsdAio::IoUring, 1)?;
+    let backends = IdleBackends::start(ctx, dir.path())?;
     let secs = ctx.params.idle_secs as f64;
-    for (system, socket, pid) in [
-        ("cormorant", sock, c.pid()),
-        ("qsd-io_uring", qsd.socket.clone(), qsd.pid()),
-    ] {
+    for (system, socket, pid) in backends.systems() {
         let mut client = connect(&socket)?;
         // One request, so any polling the backend does after work has started and stopped.
         let _ = client.read(0, 0, 4096);
@@ -70,10 +107,7 @@ pub fn idle_client_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcE
         let before = procs::sample(pid);
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(secs));
-        let after = procs::sample(pid);
-        let pct = (after.live_threads_cpu_secs - before.live_threads_cpu_secs)
-            / t0.elapsed().as_secs_f64()
-            * 100.0;
+        let pct = cpu_percent(pid, &before, t0);
         figures.push(figure(
             "CPU with an idle connected client",
             system,

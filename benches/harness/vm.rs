@@ -12,6 +12,7 @@ use crate::fio::{self, FioJob};
 use crate::load::Pattern;
 use crate::procs::{self, io_ctx, Cormorant, ProcError, Qsd, QsdAio};
 use crate::report::{Figure, Measurement};
+use crate::resources::{cpu_percent, IdleBackends};
 use crate::{Ctx, Suite, Tier};
 
 /// Guest RAM: room for the fio archive unpacked in the initramfs (about 80 MiB) and fio's
@@ -309,23 +310,8 @@ pub fn idle_guest_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcEr
     let secs = ctx.params.idle_secs;
     let dir = procs::work_dir(ctx.tier_dir(Tier::Ram), "idle")?;
     let d = dir.path();
-    let mut c = Cormorant::start(
-        &ctx.cormorant_bin,
-        &d.join("c"),
-        &d.join("ram"),
-        &d.join("vol"),
-        true,
-    )?;
-    let sock = c.create_image("idle", 64 << 20, "ram")?;
-    let img = d.join("qsd.raw");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(64 << 20))
-        .map_err(io_ctx("create qsd image"))?;
-    let qsd = Qsd::start(&img, &d.join("qsd.sock"), QsdAio::IoUring, 1)?;
-    for (system, socket, pid) in [
-        ("cormorant", sock, c.pid()),
-        ("qsd-io_uring", qsd.socket.clone(), qsd.pid()),
-    ] {
+    let backends = IdleBackends::start(ctx, d)?;
+    for (system, socket, pid) in backends.systems() {
         let script = format!(
             "dd if=/dev/vda of=/dev/null bs=4k count=16 iflag=direct 2>/dev/null\n\
              echo IDLE-BEGIN\nsleep {secs}\necho IDLE-END\n"
@@ -343,10 +329,7 @@ pub fn idle_guest_cpu(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<(), ProcEr
         let before = procs::sample(pid);
         let t0 = Instant::now();
         g.wait_for_console("IDLE-END", Duration::from_secs(secs + 60));
-        let after = procs::sample(pid);
-        let pct = (after.live_threads_cpu_secs - before.live_threads_cpu_secs)
-            / t0.elapsed().as_secs_f64()
-            * 100.0;
+        let pct = cpu_percent(pid, &before, t0);
         figures.push(Figure {
             name: "CPU with an idle guest".into(),
             system: system.into(),
