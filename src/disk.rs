@@ -173,8 +173,8 @@ impl Disk {
         meta_dir: PathBuf,
     ) -> (Arc<Disk>, bool) {
         let name = meta.name.clone();
-        let ram = BlockFiles::open(dirs, Tier::Ram, &name);
-        let volume = BlockFiles::open(dirs, Tier::Volume, &name);
+        let ram = BlockFiles::open(dirs, Tier::Ram, &name, meta.id);
+        let volume = BlockFiles::open(dirs, Tier::Volume, &name, meta.id);
         let mut meta = meta;
         let mut changed = false;
         for tier in [Tier::Ram, Tier::Volume] {

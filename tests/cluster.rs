@@ -108,7 +108,7 @@ fn a_peer_with_the_wrong_key_is_refused() {
         "placing copies on a node with another key must fail"
     );
     assert!(
-        !cluster.nodes[1].ram_dir.join("x").exists(),
+        !cluster.nodes[1].image_dir("ram", "x").exists(),
         "b learned nothing"
     );
     let log = cluster.nodes[1].log();

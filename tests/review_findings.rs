@@ -75,6 +75,7 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
         &dirs,
         cormorant::image::Tier::Ram,
         &"img".parse().unwrap(),
+        cormorant::image::ImageId::LEGACY,
     ));
     files.create_dir().unwrap();
     const ROUNDS: u64 = 20_000;

@@ -116,7 +116,7 @@ impl Daemon {
             return Ok(());
         }
         for tier in [Tier::Ram, Tier::Volume] {
-            crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name)
+            crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name, meta.id)
                 .create_dir()
                 .map_err(|e| format!("cannot create the block directory: {e}"))?;
         }

@@ -229,7 +229,7 @@ impl Daemon {
         )
         .map_err(|e| e.to_string())?;
         let (disk, _) = {
-            let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name);
+            let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
                 .create_dir()
                 .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
@@ -301,6 +301,8 @@ impl Daemon {
         let meta = disk.meta();
         json!({
             "name": meta.name,
+            "id": meta.id,
+            "owner": meta.owner,
             "size": meta.size,
             "block_size": meta.block_size,
             "tier": meta.tier,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::id::ImageId;
 use super::location::{Location, NodeId, Tier};
 use super::name::ImageName;
 use super::table::{BlockTable, Extent, TableError, MAX_BLOCKS};
@@ -29,6 +30,10 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
 pub struct MetaFile {
     pub version: u32,
     pub name: ImageName,
+    /// Unique per creation; names the block directories. Absent in files from before ids
+    /// (their directories are the bare name).
+    #[serde(default = "legacy_id")]
+    pub id: ImageId,
     /// The node that exports the image and decides where its blocks go.
     #[serde(default = "NodeId::local")]
     pub owner: NodeId,
@@ -48,6 +53,7 @@ pub struct MetaFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageMeta {
     pub name: ImageName,
+    pub id: ImageId,
     pub owner: NodeId,
     pub generation: u64,
     pub size: u64,
@@ -112,6 +118,7 @@ impl ImageMeta {
         let tier = locations.first().map_or(Tier::Ram, |l| l.tier);
         Ok(ImageMeta {
             name,
+            id: ImageId::random(),
             owner,
             generation: 0,
             size,
@@ -136,6 +143,7 @@ impl ImageMeta {
         MetaFile {
             version: FORMAT_VERSION,
             name: self.name.clone(),
+            id: self.id,
             owner: self.owner.clone(),
             generation: self.generation,
             size: self.size,
@@ -154,6 +162,7 @@ impl ImageMeta {
         Ok(ImageMeta {
             table: BlockTable::from_extents(blocks, &file.extents)?,
             name: file.name,
+            id: file.id,
             owner: file.owner,
             generation: file.generation,
             size: file.size,
@@ -230,6 +239,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), MetaError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("cannot sync directory", dir))
+}
+
+fn legacy_id() -> ImageId {
+    ImageId::LEGACY
 }
 
 fn check_shape(size: u64, block_size: u64) -> Result<u64, MetaError> {

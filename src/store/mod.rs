@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::image::{ImageName, Tier};
+use crate::image::{ImageId, ImageName, Tier};
 
 /// Open block files kept per image and tier. Each costs one descriptor; the daemon raises
 /// RLIMIT_NOFILE at start, and 1024 open blocks of 4 MiB cover a 4 GiB working set.
@@ -34,8 +34,8 @@ impl TierDirs {
         }
     }
 
-    pub fn image_dir(&self, tier: Tier, name: &ImageName) -> PathBuf {
-        self.root(tier).join(name.as_str())
+    pub fn image_dir(&self, tier: Tier, name: &ImageName, id: ImageId) -> PathBuf {
+        self.root(tier).join(id.dir_name(name))
     }
 }
 
@@ -63,8 +63,8 @@ impl BlockFiles {
     /// The image's block files on `tier`. The directory is made by [`BlockFiles::create_dir`]
     /// when the image is created; a missing one later means the tier lost its contents (a
     /// RAM tier after a reboot) and is made again only by the first write.
-    pub fn open(dirs: &TierDirs, tier: Tier, name: &ImageName) -> Self {
-        let dir = dirs.image_dir(tier, name);
+    pub fn open(dirs: &TierDirs, tier: Tier, name: &ImageName, id: ImageId) -> Self {
+        let dir = dirs.image_dir(tier, name, id);
         BlockFiles {
             dir,
             tier,
@@ -270,7 +270,12 @@ mod tests {
             ram: root.path().join("ram"),
             volume: root.path().join("vol"),
         };
-        let files = BlockFiles::open(&dirs, Tier::Volume, &"img".parse().unwrap());
+        let files = BlockFiles::open(
+            &dirs,
+            Tier::Volume,
+            &"img".parse().unwrap(),
+            ImageId::LEGACY,
+        );
         files.create_dir().unwrap();
         (root, files)
     }

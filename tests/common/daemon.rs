@@ -126,13 +126,38 @@ impl Daemon {
         self.run_dir.join(format!("{image}.sock"))
     }
 
+    /// Where block `block` of `image` lives on `tier` of this node. Block directories are
+    /// `<name>@<id>`; with no directory yet (nothing written) the path is under `<name>@`,
+    /// which does not exist either. Panics when several incarnations of the name are left.
     pub fn block_file(&self, tier: &str, image: &str, block: u64) -> PathBuf {
+        self.image_dir(tier, image).join(format!("{block:08}"))
+    }
+
+    /// The block directory of `image` on `tier` (see [`Daemon::block_file`]).
+    pub fn image_dir(&self, tier: &str, image: &str) -> PathBuf {
         let root = if tier == "ram" {
             &self.ram_dir
         } else {
             &self.volume_dir
         };
-        root.join(image).join(format!("{block:08}"))
+        let prefix = format!("{image}@");
+        let found: Vec<PathBuf> = std::fs::read_dir(root)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            found.len() <= 1,
+            "several directories for {image}: {found:?}"
+        );
+        found
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| root.join(prefix))
     }
 
     pub fn pid(&self) -> u32 {
