@@ -41,7 +41,7 @@ impl DiskCopies<'_> {
         while (data.len() as u64) < len {
             let chunk = (len - data.len() as u64).min(u64::from(MAX_CHUNK)) as u32;
             let request = Request::Read {
-                image: self.disk.name().clone(),
+                image: self.disk.image_ref(),
                 tier: at.tier,
                 block,
                 offset: data.len() as u32,
@@ -58,7 +58,7 @@ impl DiskCopies<'_> {
     /// Replaces a remote copy: the bytes, a hole for the rest of the block, then a flush so
     /// the copy is durable before it is marked in sync.
     fn remote_write(&self, at: &Location, block: u64, data: Option<&[u8]>) -> io::Result<()> {
-        let image = self.disk.name().clone();
+        let image = self.disk.image_ref();
         let len = self.disk.meta().block_len(block);
         let data = data.unwrap_or(&[]);
         for (i, chunk) in data.chunks(MAX_CHUNK as usize).enumerate() {
@@ -114,7 +114,7 @@ impl Copies for DiskCopies<'_> {
             block_digest(self.disk, at.tier, block)?
         } else {
             let request = Request::Checksums {
-                image: self.disk.name().clone(),
+                image: self.disk.image_ref(),
                 tier: at.tier,
                 blocks: BlockRange::new(block, block + 1).map_err(io::Error::other)?,
             };

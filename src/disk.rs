@@ -32,6 +32,9 @@ pub struct Disk {
     volume: BlockFiles,
     dirty: DirtyFiles,
     claimed: AtomicBool,
+    /// The newest owner epoch seen for this image, from the metadata or from a peer's
+    /// request: requests carrying an older one are refused (see [`Disk::admit_epoch`]).
+    newest_epoch: AtomicU64,
 }
 
 /// Volume-tier block files written since their last sync. Entries carry the sequence number
@@ -198,6 +201,7 @@ impl Disk {
                 "image {name}: its local block directory is gone (tier lost, e.g. RAM after a reboot); those copies are now out of sync"
             );
         }
+        let meta_epoch = meta.generation;
         let disk = Disk {
             name,
             me,
@@ -214,12 +218,32 @@ impl Disk {
             volume,
             dirty: DirtyFiles::default(),
             claimed: AtomicBool::new(false),
+            newest_epoch: AtomicU64::new(meta_epoch),
         };
         (Arc::new(disk), changed)
     }
 
     pub fn name(&self) -> &ImageName {
         &self.name
+    }
+
+    /// The image as peer requests name it: name and the owner epoch this node acts under.
+    pub fn image_ref(&self) -> crate::peer::ImageRef {
+        crate::peer::ImageRef::new(self.name.clone(), self.meta().generation)
+    }
+
+    /// Admits a peer request made under owner epoch `epoch`, unless a newer epoch was seen;
+    /// `Err` carries that newer epoch. A newer `epoch` becomes the newest seen.
+    pub fn admit_epoch(&self, epoch: u64) -> Result<(), u64> {
+        let known = self.meta().generation;
+        let newest = self
+            .newest_epoch
+            .fetch_max(epoch.max(known), Ordering::AcqRel)
+            .max(known);
+        if epoch < newest {
+            return Err(newest);
+        }
+        Ok(())
     }
 
     pub fn me(&self) -> &NodeId {

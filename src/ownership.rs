@@ -39,7 +39,7 @@ pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), String> {
     }
     for node in holders {
         let hold = Request::Hold {
-            image: meta.name.clone(),
+            image: crate::peer::ImageRef::new(meta.name.clone(), meta.generation),
             meta_json: json.clone(),
         };
         if let Err(e) = peers.call_ok(&node, hold) {
@@ -112,7 +112,7 @@ pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
             }
             Ok(_) => {
                 let release = Request::Release {
-                    image: name.clone(),
+                    image: disk.image_ref(),
                     tier: other.tier,
                     blocks: all,
                 };

@@ -9,8 +9,8 @@ use crate::copies::block_digest;
 use crate::daemon::Daemon;
 use crate::disk::Disk;
 use crate::image::meta::MetaFile;
-use crate::image::{ImageMeta, ImageName, NodeId, Tier};
-use crate::peer::{code, PeerHandler, Request, Response};
+use crate::image::{ImageMeta, NodeId, Tier};
+use crate::peer::{code, ImageRef, PeerHandler, Request, Response};
 use crate::store::read_full_at;
 
 pub struct PeerService {
@@ -22,16 +22,58 @@ impl PeerService {
         PeerService { daemon }
     }
 
-    fn disk(&self, image: &ImageName) -> Result<Arc<Disk>, Response> {
-        self.daemon
-            .find(image)
-            .ok_or_else(|| refuse(code::NOT_FOUND, format!("no image {image} here")))
+    /// The disk of `image`, once the request's epoch is found current: a request from an
+    /// owner that has since been replaced is refused, whatever it asks.
+    fn disk(&self, image: &ImageRef) -> Result<Arc<Disk>, Response> {
+        let disk = self
+            .daemon
+            .find(&image.name)
+            .ok_or_else(|| refuse(code::NOT_FOUND, format!("no image {} here", image.name)))?;
+        disk.admit_epoch(image.epoch).map_err(|newest| {
+            refuse(
+                code::STALE_EPOCH,
+                format!("{image} is older than epoch {newest}: the sender no longer owns it"),
+            )
+        })?;
+        Ok(disk)
+    }
+
+    /// The disk, after checking this node holds every block of `blocks` on `tier`.
+    fn held_range(
+        &self,
+        image: &ImageRef,
+        tier: Tier,
+        blocks: crate::image::BlockRange,
+    ) -> Result<(Arc<Disk>, crate::image::BlockRange), Response> {
+        let disk = self.disk(image)?;
+        let blocks = blocks
+            .within(disk.meta().blocks())
+            .map_err(|e| refuse(code::INVALID, e.to_string()))?;
+        {
+            let meta = disk.meta();
+            for extent in meta.table.extents() {
+                if extent.blocks.end() <= blocks.start() || extent.blocks.start() >= blocks.end() {
+                    continue;
+                }
+                if !extent
+                    .locations
+                    .iter()
+                    .any(|l| &l.node == disk.me() && l.tier == tier)
+                {
+                    return Err(refuse(
+                        code::NOT_HELD,
+                        format!("blocks {} are not held here on {tier}", extent.blocks),
+                    ));
+                }
+            }
+        }
+        Ok((disk, blocks))
     }
 
     /// The disk, after checking this node holds `block` on `tier` and the span fits in it.
     fn held(
         &self,
-        image: &ImageName,
+        image: &ImageRef,
         tier: Tier,
         block: u64,
         offset: u32,
@@ -113,6 +155,12 @@ impl PeerService {
                     files
                         .punch(block, u64::from(offset), u64::from(len))
                         .map_err(io)?;
+                    // A hole is a change like a write: the next flush makes it durable.
+                    if tier == Tier::Volume {
+                        if let Some(file) = files.for_read(block).map_err(io)? {
+                            disk.dirty().mark(block, &file);
+                        }
+                    }
                 }
                 Ok(Response::Ok)
             }
@@ -121,10 +169,7 @@ impl PeerService {
                 tier,
                 blocks,
             } => {
-                let disk = self.disk(&image)?;
-                let blocks = blocks
-                    .within(disk.meta().blocks())
-                    .map_err(|e| refuse(code::INVALID, e.to_string()))?;
+                let (disk, blocks) = self.held_range(&image, tier, blocks)?;
                 let mut sums = Vec::with_capacity(blocks.len() as usize);
                 for block in blocks.iter() {
                     sums.push(block_digest(&disk, tier, block).map_err(io)?);
@@ -136,7 +181,7 @@ impl PeerService {
                     .map_err(|e| refuse(code::INVALID, format!("bad metadata: {e}")))?;
                 let meta =
                     ImageMeta::from_file(file).map_err(|e| refuse(code::INVALID, e.to_string()))?;
-                if meta.name != image {
+                if meta.name != image.name {
                     return Err(refuse(code::INVALID, "metadata names another image".into()));
                 }
                 self.daemon
@@ -150,12 +195,15 @@ impl PeerService {
                 blocks,
             } => {
                 self.daemon
-                    .release(from, &image, tier, blocks)
+                    .release(from, &image.name, tier, blocks)
                     .map_err(|e| refuse(code::INVALID, e))?;
                 Ok(Response::Ok)
             }
             Request::Meta { image } => {
-                let disk = self.disk(&image)?;
+                // Reading metadata changes nothing: no epoch check.
+                let disk = self.daemon.find(&image.name).ok_or_else(|| {
+                    refuse(code::NOT_FOUND, format!("no image {} here", image.name))
+                })?;
                 let json = serde_json::to_vec(&disk.meta().to_file())
                     .map_err(|e| refuse(code::INTERNAL, e.to_string()))?;
                 Ok(Response::MetaJson(json))

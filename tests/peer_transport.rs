@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cormorant::image::{BlockRange, ImageName, NodeId, Tier};
+use cormorant::image::{BlockRange, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
 use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
 use cormorant::peer::server::MAX_HANDSHAKES;
 use cormorant::peer::{
-    code, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
+    code, ClusterKey, ImageRef, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
 
 const KEY: &[u8] = b"f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed\n";
@@ -30,8 +30,8 @@ fn node(id: &str) -> NodeId {
     id.parse().unwrap()
 }
 
-fn image() -> ImageName {
-    "disk0".parse().unwrap()
+fn image() -> ImageRef {
+    ImageRef::new("disk0".parse().unwrap(), 1)
 }
 
 /// Bytes a toy read of `block` returns: they name the block, so a mixed-up answer shows.
@@ -340,7 +340,7 @@ fn garbage_closes_only_its_own_connection() {
         code::BAD_REQUEST
     );
     sloppy
-        .write_all(&frame::encode(Kind::Flush, 8, b"\x05disk0").unwrap())
+        .write_all(&frame::encode(Kind::Flush, 8, b"\x05disk0\x01\0\0\0\0\0\0\0").unwrap())
         .unwrap();
     sloppy.read_exact(&mut answer).unwrap();
     assert_eq!((answer[4], answer[8]), (Kind::Ok as u8, 8));

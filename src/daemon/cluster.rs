@@ -35,7 +35,7 @@ impl Daemon {
         let json = match self.peers.call_wait(
             from,
             PeerRequest::Meta {
-                image: name.clone(),
+                image: crate::peer::ImageRef::new(name.clone(), 0),
             },
         ) {
             Ok(crate::peer::Response::MetaJson(json)) => json,
@@ -253,7 +253,7 @@ impl Daemon {
             }
         } else if !removed.is_empty() {
             let release = PeerRequest::Release {
-                image: name.clone(),
+                image: disk.image_ref(),
                 tier: at.tier,
                 blocks: range,
             };
@@ -274,7 +274,7 @@ impl Daemon {
         let json = serde_json::to_vec(&meta.to_file()).map_err(|e| e.to_string())?;
         for node in nodes.iter().filter(|n| **n != self.config.node) {
             let hold = PeerRequest::Hold {
-                image: meta.name.clone(),
+                image: crate::peer::ImageRef::new(meta.name.clone(), meta.generation),
                 meta_json: json.clone(),
             };
             self.peers

@@ -10,13 +10,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Done, IoVecs, OpKind};
 use crate::cluster::Peers;
-use crate::image::{ImageName, NodeId, Tier};
+use crate::image::{NodeId, Tier};
+use crate::peer::ImageRef;
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
 
 pub struct RemoteOp {
     pub kind: OpKind,
     pub node: NodeId,
-    pub image: ImageName,
+    pub image: ImageRef,
     pub tier: Tier,
     pub block: u64,
     /// Byte offset inside the block.

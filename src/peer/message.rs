@@ -54,6 +54,30 @@ pub mod code {
     pub const INTERNAL: u16 = 7;
     /// The node is shutting down or otherwise cannot serve now; try another copy.
     pub const UNAVAILABLE: u16 = 8;
+    /// The request's owner epoch is older than one this node has seen: the sender was
+    /// replaced as the image's owner and must not change anything.
+    pub const STALE_EPOCH: u16 = 9;
+}
+
+/// Which image a request is about, and the owner epoch the sender acts under. A holder
+/// refuses a request whose epoch is older than the newest it has seen for that image, so a
+/// fenced owner (or a request it sent before it was fenced) can change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: ImageName,
+    pub epoch: u64,
+}
+
+impl ImageRef {
+    pub fn new(name: ImageName, epoch: u64) -> ImageRef {
+        ImageRef { name, epoch }
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (epoch {})", self.name, self.epoch)
+    }
 }
 
 /// What a node asks another.
@@ -61,7 +85,7 @@ pub mod code {
 pub enum Request {
     /// `len` bytes of `block` from `offset`; answered by `Data` of exactly `len` bytes.
     Read {
-        image: ImageName,
+        image: ImageRef,
         tier: Tier,
         block: u64,
         offset: u32,
@@ -69,17 +93,17 @@ pub enum Request {
     },
     /// `data` into `block` at `offset`; answered by `Ok`.
     Write {
-        image: ImageName,
+        image: ImageRef,
         tier: Tier,
         block: u64,
         offset: u32,
         data: Vec<u8>,
     },
     /// Makes every write answered before it durable; answered by `Ok`.
-    Flush { image: ImageName },
+    Flush { image: ImageRef },
     /// Frees `len` bytes of `block` from `offset`; answered by `Ok`.
     Discard {
-        image: ImageName,
+        image: ImageRef,
         tier: Tier,
         block: u64,
         offset: u32,
@@ -88,23 +112,20 @@ pub enum Request {
     /// One digest per block of `blocks` (`None`: the block has no file); answered by
     /// `Checksums` with exactly `blocks.len()` entries.
     Checksums {
-        image: ImageName,
+        image: ImageRef,
         tier: Tier,
         blocks: BlockRange,
     },
     /// The owner tells a node that it holds copies of `image`; `meta_json` is opaque here.
-    Hold {
-        image: ImageName,
-        meta_json: Vec<u8>,
-    },
+    Hold { image: ImageRef, meta_json: Vec<u8> },
     /// The node no longer holds `blocks` of `image` on `tier`; answered by `Ok`.
     Release {
-        image: ImageName,
+        image: ImageRef,
         tier: Tier,
         blocks: BlockRange,
     },
     /// The image's metadata as this node knows it; answered by `MetaJson`.
-    Meta { image: ImageName },
+    Meta { image: ImageRef },
 }
 
 /// What a node answers.
@@ -200,8 +221,13 @@ fn tier_byte(tier: Tier) -> u8 {
     }
 }
 
-fn put_place(out: &mut Vec<u8>, image: &ImageName, tier: Tier) {
-    put_name(out, image);
+fn put_image(out: &mut Vec<u8>, image: &ImageRef) {
+    put_name(out, &image.name);
+    out.extend_from_slice(&image.epoch.to_le_bytes());
+}
+
+fn put_place(out: &mut Vec<u8>, image: &ImageRef, tier: Tier) {
+    put_image(out, image);
     out.push(tier_byte(tier));
 }
 
@@ -285,6 +311,11 @@ impl<'a> Fields<'a> {
         Ok(text.parse()?)
     }
 
+    fn image(&mut self) -> Result<ImageRef, MessageError> {
+        let name = self.name()?;
+        Ok(ImageRef::new(name, self.u64()?))
+    }
+
     fn tier(&mut self) -> Result<Tier, MessageError> {
         match self.u8()? {
             0 => Ok(Tier::Ram),
@@ -327,7 +358,7 @@ impl Request {
     }
 
     /// The image the request is about.
-    pub fn image(&self) -> &ImageName {
+    pub fn image(&self) -> &ImageRef {
         match self {
             Request::Read { image, .. }
             | Request::Write { image, .. }
@@ -393,7 +424,7 @@ impl Request {
                 head.extend_from_slice(&offset.to_le_bytes());
                 body = data;
             }
-            Request::Flush { image } | Request::Meta { image } => put_name(&mut head, &image),
+            Request::Flush { image } | Request::Meta { image } => put_image(&mut head, &image),
             Request::Checksums {
                 image,
                 tier,
@@ -412,7 +443,7 @@ impl Request {
             }
             Request::Hold { image, meta_json } => {
                 check_json(meta_json.len())?;
-                put_name(&mut head, &image);
+                put_image(&mut head, &image);
                 body = meta_json;
             }
         }
@@ -424,7 +455,7 @@ impl Request {
         let mut f = Fields::new(kind, &payload);
         let request = match kind {
             Kind::Read | Kind::Discard => {
-                let (image, tier) = (f.name()?, f.tier()?);
+                let (image, tier) = (f.image()?, f.tier()?);
                 let (block, offset, len) = (f.u64()?, f.u32()?, f.u32()?);
                 f.finish()?;
                 if kind == Kind::Read {
@@ -449,7 +480,7 @@ impl Request {
                 }
             }
             Kind::Write => {
-                let (image, tier) = (f.name()?, f.tier()?);
+                let (image, tier) = (f.image()?, f.tier()?);
                 let (block, offset) = (f.u64()?, f.u32()?);
                 let start = f.offset();
                 check_chunk(kind, payload.len() - start)?;
@@ -463,7 +494,7 @@ impl Request {
                 }
             }
             Kind::Flush | Kind::Meta => {
-                let image = f.name()?;
+                let image = f.image()?;
                 f.finish()?;
                 if kind == Kind::Flush {
                     Request::Flush { image }
@@ -472,7 +503,7 @@ impl Request {
                 }
             }
             Kind::Checksums | Kind::Release => {
-                let (image, tier, blocks) = (f.name()?, f.tier()?, f.range()?);
+                let (image, tier, blocks) = (f.image()?, f.tier()?, f.range()?);
                 f.finish()?;
                 if kind == Kind::Checksums {
                     check_checksum_range(blocks)?;
@@ -490,7 +521,7 @@ impl Request {
                 }
             }
             Kind::Hold => {
-                let image = f.name()?;
+                let image = f.image()?;
                 let start = f.offset();
                 check_json(payload.len() - start)?;
                 payload.drain(..start);
@@ -668,8 +699,8 @@ mod tests {
         (payload.kind, [payload.head, payload.body].concat())
     }
 
-    fn name(text: &str) -> ImageName {
-        text.parse().unwrap()
+    fn name(text: &str) -> ImageRef {
+        ImageRef::new(text.parse().unwrap(), 7)
     }
 
     fn round_trip(request: Request) {
@@ -734,7 +765,9 @@ mod tests {
         let (kind, bytes) = joined(request.encode().unwrap());
         assert_eq!(kind, Kind::Read);
         let expected = [
-            &[2u8, b'a', b'b', 1][..],
+            &[2u8, b'a', b'b'][..],
+            &7u64.to_le_bytes(),
+            &[1u8],
             &2u64.to_le_bytes(),
             &3u32.to_le_bytes(),
             &4u32.to_le_bytes(),
@@ -779,14 +812,25 @@ mod tests {
             Err(MessageError::TooManyBlocks { .. })
         ));
         // The same, hand-encoded, is refused on decode.
-        let mut raw = vec![1, b'd', 0];
+        let mut raw = vec![1, b'd'];
+        raw.extend_from_slice(&7u64.to_le_bytes());
+        raw.push(0);
         raw.extend_from_slice(&0u64.to_le_bytes());
         raw.extend_from_slice(&(MAX_CHECKSUM_BLOCKS + 1).to_le_bytes());
         assert!(matches!(
             Request::decode(Kind::Checksums, raw),
             Err(MessageError::TooManyBlocks { .. })
         ));
-        let read = |len: u32| [&[1u8, b'd', 0][..], &[0; 12], &len.to_le_bytes()].concat();
+        let read = |len: u32| {
+            [
+                &[1u8, b'd'][..],
+                &[0; 8],
+                &[0],
+                &[0; 12],
+                &len.to_le_bytes(),
+            ]
+            .concat()
+        };
         assert!(matches!(
             Request::decode(Kind::Read, read(MAX_CHUNK + 1)),
             Err(MessageError::ChunkTooLarge { .. })
@@ -810,20 +854,22 @@ mod tests {
             Err(MessageError::Truncated(Kind::Flush))
         );
         assert_eq!(
-            Request::decode(Kind::Flush, vec![1, b'a', 0]),
+            Request::decode(Kind::Flush, vec![1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(MessageError::Trailing(Kind::Flush, 1))
         );
         assert_eq!(
             Request::decode(Kind::Flush, vec![1, 0xff]),
             Err(MessageError::NameNotUtf8)
         );
-        let tier9 = [&[1u8, b'a', 9][..], &[0; 16]].concat();
+        let tier9 = [&[1u8, b'a'][..], &[0; 8], &[9], &[0; 16]].concat();
         assert_eq!(
             Request::decode(Kind::Release, tier9),
             Err(MessageError::BadTier(9))
         );
         let empty_range = [
-            &[1u8, b'a', 0][..],
+            &[1u8, b'a'][..],
+            &[0; 8],
+            &[0],
             &5u64.to_le_bytes(),
             &5u64.to_le_bytes(),
         ]
@@ -913,8 +959,9 @@ mod tests {
         assert!(!Expect::MetaJson.accepts(&Response::Ok));
     }
 
-    fn image() -> impl Strategy<Value = ImageName> {
-        "[a-z0-9][a-z0-9._-]{0,63}".prop_map(|s| s.parse().unwrap())
+    fn image() -> impl Strategy<Value = ImageRef> {
+        ("[a-z0-9][a-z0-9._-]{0,63}", any::<u64>())
+            .prop_map(|(s, epoch)| ImageRef::new(s.parse().unwrap(), epoch))
     }
 
     fn tier() -> impl Strategy<Value = Tier> {

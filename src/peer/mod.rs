@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use auth::{ClusterKey, KeyError};
 pub use client::{Done, PeerClient};
-pub use message::{code, BlockDigest, Request, Response, MAX_CHUNK};
+pub use message::{code, BlockDigest, ImageRef, Request, Response, MAX_CHUNK};
 pub use server::{PeerHandler, PeerServer};
 
 use message::MessageError;

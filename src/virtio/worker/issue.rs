@@ -239,7 +239,7 @@ impl Worker {
         self.remote.start(RemoteOp {
             kind,
             node: location.node.clone(),
-            image: self.disk.name().clone(),
+            image: self.disk.image_ref(),
             tier: location.tier,
             block: piece.block,
             offset: piece.offset,
@@ -362,7 +362,7 @@ impl Worker {
                     request.copies.len()
                 };
                 let flush = crate::peer::Request::Flush {
-                    image: self.disk.name().clone(),
+                    image: self.disk.image_ref(),
                 };
                 self.remote.call(&node, flush, tag(slot, copy));
             }
@@ -429,7 +429,7 @@ impl Worker {
             if ask {
                 request.pending += 1;
                 let discard = crate::peer::Request::Discard {
-                    image: self.disk.name().clone(),
+                    image: self.disk.image_ref(),
                     tier: location.tier,
                     block: span.block,
                     offset: span.offset as u32,
