@@ -4,18 +4,18 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
+use crate::meta::store::MetaStore;
 use crate::metrics::ImageMetrics;
 use crate::store::{BlockFiles, TierDirs};
 
 pub struct Disk {
     name: ImageName,
     me: NodeId,
-    meta_dir: PathBuf,
+    store: Arc<dyn MetaStore>,
     meta: RwLock<ImageMeta>,
     writes: WriteCounters,
     frozen: Frozen,
@@ -173,7 +173,7 @@ impl Disk {
         meta: ImageMeta,
         dirs: &TierDirs,
         me: NodeId,
-        meta_dir: PathBuf,
+        store: Arc<dyn MetaStore>,
     ) -> (Arc<Disk>, bool) {
         let name = meta.name.clone();
         let ram = BlockFiles::open(dirs, Tier::Ram, &name, meta.id);
@@ -205,7 +205,7 @@ impl Disk {
         let disk = Disk {
             name,
             me,
-            meta_dir,
+            store,
             writes: WriteCounters::new(meta.blocks()),
             frozen: Frozen::default(),
             resync: Mutex::new(()),
@@ -337,7 +337,9 @@ impl Disk {
         let mut next = live.clone();
         let result = change(&mut next)?;
         if next != *live {
-            next.save(&self.meta_dir).map_err(|e| e.to_string())?;
+            self.store
+                .commit(&live, &next)
+                .map_err(|e| e.to_string())?;
             *live = next;
         }
         Ok(result)

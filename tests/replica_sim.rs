@@ -278,7 +278,8 @@ fn run(seed: u64) {
     )
     .unwrap();
     meta.save(&meta_dir).unwrap();
-    let (disk, _) = Disk::open(meta, &dirs, nodes[0].clone(), meta_dir);
+    let store = std::sync::Arc::new(cormorant::meta::store::LocalStore::new(meta_dir));
+    let (disk, _) = Disk::open(meta, &dirs, nodes[0].clone(), store);
     let clock = SimClock(Mutex::new(Instant::now()));
     let failures = FailureList::with_clock(Duration::from_secs(20), &clock);
     let mut rng = Rng(seed);

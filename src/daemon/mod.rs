@@ -18,6 +18,7 @@ use crate::control::protocol::Request;
 use crate::disk::Disk;
 use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
+use crate::meta::store::{LocalStore, MetaStore};
 use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
 use crate::peer::ClusterKey;
 use crate::placement;
@@ -33,6 +34,8 @@ pub struct Daemon {
     config: Config,
     images: Mutex<BTreeMap<ImageName, Entry>>,
     peers: Arc<Peers>,
+    /// Where this node's image metadata changes are made durable.
+    store: Arc<dyn MetaStore>,
 }
 
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -45,6 +48,7 @@ impl Daemon {
         fs::create_dir_all(&meta_dir)?;
         let daemon = Daemon {
             peers: Arc::new(Peers::new(&config, key)),
+            store: Arc::new(LocalStore::new(meta_dir.clone())),
             config,
             images: Mutex::new(BTreeMap::new()),
         };
@@ -72,7 +76,7 @@ impl Daemon {
             meta,
             &self.config.dirs,
             self.config.node.clone(),
-            self.config.meta_dir(),
+            self.store.clone(),
         );
         if changed {
             disk.meta()
@@ -240,7 +244,7 @@ impl Daemon {
                 meta,
                 &self.config.dirs,
                 self.config.node.clone(),
-                self.config.meta_dir(),
+                self.store.clone(),
             )
         };
         images.insert(

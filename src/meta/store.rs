@@ -1,0 +1,52 @@
+//! Where an image's metadata changes are made durable. The owner of an image is the only node
+//! that changes it; each change goes through [`MetaStore::commit`], and only once that returns
+//! does the change take effect (so no request ever acts on a change a crash could undo).
+
+use std::path::PathBuf;
+
+use crate::image::{ImageMeta, MetaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The image's owner or epoch moved on: this node must not change it any more.
+    #[error("image {image}: this node no longer owns it (epoch {epoch} is not current)")]
+    Fenced { image: String, epoch: u64 },
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("cluster metadata: {0}")]
+    Cluster(String),
+}
+
+pub trait MetaStore: Send + Sync {
+    /// Makes `next` the image's metadata in place of `current`, durably.
+    fn commit(&self, current: &ImageMeta, next: &ImageMeta) -> Result<(), StoreError>;
+}
+
+/// A single node's store: one JSON file per image, replaced atomically.
+pub struct LocalStore {
+    dir: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(dir: PathBuf) -> LocalStore {
+        LocalStore { dir }
+    }
+}
+
+impl MetaStore for LocalStore {
+    fn commit(&self, _current: &ImageMeta, next: &ImageMeta) -> Result<(), StoreError> {
+        Ok(next.save(&self.dir)?)
+    }
+}
+
+/// For images this node only holds copies of: their metadata is the owner's to change.
+pub struct NotOwner;
+
+impl MetaStore for NotOwner {
+    fn commit(&self, current: &ImageMeta, _next: &ImageMeta) -> Result<(), StoreError> {
+        Err(StoreError::Fenced {
+            image: current.name.to_string(),
+            epoch: current.generation,
+        })
+    }
+}
