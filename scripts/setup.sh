@@ -12,8 +12,10 @@ set -euo pipefail
 # QEMU packages. qemu-storage-daemon is in qemu-utils from QEMU 8 on (in qemu-system-common
 # before), so both are listed.
 QEMU_PKGS="qemu-system-x86 qemu-system-common qemu-utils"
-# The test guest (scripts/build-guest.sh) and the rest of the tests; gcc/libc6-dev for linking.
-OTHER_PKGS="fio busybox-static linux-image-cloud-amd64 cpio kmod xz-utils zstd iproute2 gcc libc6-dev"
+# The test guest (scripts/build-guest.sh) and the rest of the tests; gcc/libc6-dev for linking;
+# etcd-server (etcd 3.4) and etcd-client (etcdctl) for the cluster metadata tests
+# (tests/common/etcd.rs starts its own members; the package starts nothing without systemd).
+OTHER_PKGS="fio busybox-static linux-image-cloud-amd64 cpio kmod xz-utils zstd iproute2 gcc libc6-dev etcd-server etcd-client"
 # The libvirt tests run their own libvirtd (tests/common/libvirt.rs); the unit test runs
 # systemd-analyze (systemd need not be running). On bookworm libvirt stays on the stable
 # release: its libvirt 9.0 drives QEMU 10 from backports (define, start, hot-plug, reconnect,
@@ -53,7 +55,7 @@ if [ -n "$missing" ]; then
 fi
 
 # Checks that catch a half-working install early, with a clear message.
-for tool in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio zstd xz libvirtd virsh systemd-analyze unshare; do
+for tool in qemu-system-x86_64 qemu-storage-daemon fio busybox cpio zstd xz libvirtd virsh systemd-analyze unshare etcd etcdctl; do
     command -v "$tool" >/dev/null || { echo "setup: $tool still missing" >&2; exit 1; }
 done
 compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null ||
