@@ -8,7 +8,7 @@
 //!
 //! Endpoints: a call goes to the endpoint that answered last; when it cannot be reached
 //! (refused, reset, timed out) the call moves on to the next one, within the call's one
-//! `timeout`. An answer from etcd, an error status included, is final: it is what the cluster
+//! `timeout` (each endpoint but the last gets half of what is left, see [`attempt_budget`]). An answer from etcd, an error status included, is final: it is what the cluster
 //! decided, and another member would decide the same.
 //!
 //! At-least-once: a mutation whose connection broke after it was sent may have been applied
@@ -40,6 +40,10 @@ pub const MAX_ANSWER_BYTES: u64 = 64 << 20;
 /// network, where a connect takes well under a millisecond; a host that is down does not
 /// answer at all, and waiting the whole call timeout for it would leave no time for the others.
 const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+
+/// The least time an attempt on one endpoint gets while the call has it: a round trip to a
+/// healthy member that commits through raft takes a few milliseconds.
+const MIN_ATTEMPT: Duration = Duration::from_millis(250);
 
 /// One key as etcd stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -422,10 +426,11 @@ impl Etcd {
         let mut last: Option<(usize, ureq::Error)> = None;
         for k in 0..n {
             let i = (first + k) % n;
-            let budget = deadline.saturating_duration_since(Instant::now());
-            if budget.is_zero() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
                 break;
             }
+            let budget = attempt_budget(remaining, k + 1 == n);
             match attempt(&inner.endpoints[i], budget) {
                 Ok(answer) => {
                     inner.preferred.store(i, Ordering::Relaxed);
@@ -451,6 +456,18 @@ impl Etcd {
             source,
         })
     }
+}
+
+/// How much of a call's remaining time one endpoint gets: half while others are left to try,
+/// so that a member that holds a request without answering does not use up the whole call.
+/// (etcd 3.4 drops a proposal that reaches a member during an election and lets the request
+/// wait for its own timeout, over 5 s; by the second attempt a new leader is usually in place.)
+/// The last endpoint gets all that is left; no attempt gets less than [`MIN_ATTEMPT`].
+fn attempt_budget(remaining: Duration, last: bool) -> Duration {
+    if last {
+        return remaining;
+    }
+    (remaining / 2).max(MIN_ATTEMPT).min(remaining)
 }
 
 /// Accepts "http://host:port" (a trailing '/' is dropped); nothing else.

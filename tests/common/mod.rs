@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod etcd;
 pub mod guest;
 pub mod libvirt;
 pub mod process;

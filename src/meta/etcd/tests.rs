@@ -251,3 +251,16 @@ fn unknown_event_type_is_a_decode_error() {
     };
     assert!(matches!(decode_event(raw), Err(EtcdError::Decode(_))));
 }
+
+#[test]
+fn attempt_budget_leaves_time_for_the_others() {
+    let s = Duration::from_secs;
+    assert_eq!(attempt_budget(s(2), false), s(1));
+    assert_eq!(attempt_budget(s(2), true), s(2));
+    assert_eq!(
+        attempt_budget(Duration::from_millis(300), false),
+        MIN_ATTEMPT
+    );
+    let tiny = Duration::from_millis(100);
+    assert_eq!(attempt_budget(tiny, false), tiny);
+}
