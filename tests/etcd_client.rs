@@ -296,10 +296,24 @@ fn fail_over_and_quorum_loss() {
     let mut watch = etcd.watch(b"f/", 0, Some(Duration::from_secs(5))).unwrap();
     etcd.put(b"f/3", b"3", 0).unwrap();
     assert_eq!(watch.next().unwrap().0[0].kv.key, b"f/3");
-    drop(watch);
 
-    // Majority gone: a put fails within the timeout, not forever.
+    drop(watch);
+    // A watch on the member that will be left alone.
+    let survivor = Etcd::new(&cluster.endpoints()[2..], TIMEOUT).unwrap();
+    let mut lonely = survivor
+        .watch(b"f/", 0, Some(Duration::from_secs(10)))
+        .unwrap();
+
+    // Majority gone: a put fails within the timeout, not forever; the survivor's watch ends
+    // (the member cancels it once it has had no leader for a while) instead of going quiet.
     cluster.kill(1);
+    let t = Instant::now();
+    let ended = lonely.next().unwrap_err();
+    eprintln!(
+        "watch without quorum ended after {:?}: {ended}",
+        t.elapsed()
+    );
+    assert!(!matches!(ended, EtcdError::WatchIdle(_)), "{ended}");
     let t = Instant::now();
     let err = etcd.put(b"f/4", b"4", 0).unwrap_err();
     let took = t.elapsed();
