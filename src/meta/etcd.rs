@@ -344,6 +344,8 @@ impl Etcd {
     /// `idle` bounds how long next() waits for bytes (None = forever); etcd sends nothing while
     /// nothing changes, so an idle error on a quiet prefix is normal: watch again from the last
     /// revision + 1. A compacted start revision shows as `Compacted` from the first `next()`.
+    /// A member that loses its leader ends the watch after about three election timeouts with
+    /// `Status` code 14 ("etcdserver: no leader") rather than leave it silently stale.
     pub fn watch(
         &self,
         prefix: &[u8],
