@@ -23,6 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only obscure the clap struct
 pub enum Command {
     /// Run the daemon: export every image and serve the control socket.
     Serve(ServeArgs),
@@ -34,6 +35,9 @@ pub enum Command {
     Location(LocationCommand),
     /// Counters and latency per image and per peer, as JSON.
     Stats { name: Option<ImageName> },
+    /// Cluster nodes (with --etcd): liveness, incarnation, tiers and free space.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Bring out-of-sync copies of an image's blocks back in sync.
     Sync {
         name: ImageName,
@@ -44,6 +48,12 @@ pub enum Command {
         #[arg(long)]
         rate: Option<Size>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every node of the cluster (registered nodes are live; others are known by their images).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,9 +95,20 @@ pub struct ServeArgs {
     /// Address the peer protocol listens on (with --node), e.g. 127.0.0.2:7300.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// A peer node, as ID=ADDR (repeatable).
+    /// A peer node, as ID=ADDR (repeatable), for a cluster without etcd. Not needed (and
+    /// refused) with --etcd, where nodes find each other.
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(NodeId, SocketAddr)>,
+    /// etcd endpoints holding the cluster's metadata, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The cluster's name: the prefix of its keys in etcd (several clusters may share one etcd).
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// Seconds of the node's etcd lease. A node that cannot renew it stops acknowledging
+    /// writes before it runs out; its images can be taken over by another node after it.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl: u64,
     /// File holding the cluster's shared secret (64 hex characters or at least 32 bytes).
     #[arg(long)]
     pub cluster_key_file: Option<PathBuf>,
@@ -142,7 +163,7 @@ pub enum ImageCommand {
     Adopt {
         name: ImageName,
         #[arg(long)]
-        from: NodeId,
+        from: Option<NodeId>,
     },
     /// Remove an image and its block files (refused while a VM uses it).
     Rm { name: ImageName },

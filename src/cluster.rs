@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -25,8 +25,15 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
 
+type Client = (PeerClient, Arc<PeerMetrics>);
+
 pub struct Peers {
-    clients: BTreeMap<NodeId, (PeerClient, Arc<PeerMetrics>)>,
+    me: NodeId,
+    key: Option<ClusterKey>,
+    /// With etcd, the registry changes as nodes come and go: clients are added (or replaced
+    /// when a node's address changes) from the registry, and never removed (a node that left
+    /// fails fast through the failure list).
+    clients: RwLock<BTreeMap<NodeId, (std::net::SocketAddr, Arc<Client>)>>,
     failures: Arc<FailureList>,
 }
 
@@ -34,19 +41,52 @@ impl Peers {
     /// Clients for every configured peer (none for a single-node daemon). Connections are
     /// made on first use.
     pub fn new(config: &Config, key: Option<&ClusterKey>) -> Peers {
-        let mut clients = BTreeMap::new();
-        if let (Some(cluster), Some(key)) = (&config.cluster, key) {
+        let peers = Peers {
+            me: config.node.clone(),
+            key: key.cloned(),
+            clients: RwLock::new(BTreeMap::new()),
+            failures: Arc::new(FailureList::new(config.failure_timeout)),
+        };
+        if let Some(cluster) = &config.cluster {
             for (id, addr) in &cluster.peers {
-                let client =
-                    PeerClient::new(config.node.clone(), id.clone(), *addr, key.clone(), POOL)
-                        .with_request_timeout(REQUEST_TIMEOUT);
-                clients.insert(id.clone(), (client, Arc::default()));
+                peers.set(id, *addr);
             }
         }
-        Peers {
-            clients,
-            failures: Arc::new(FailureList::new(config.failure_timeout)),
+        peers
+    }
+
+    /// Reaches `node` at `addr` from now on (a new client when the address changed).
+    pub fn set(&self, node: &NodeId, addr: std::net::SocketAddr) {
+        let Some(key) = &self.key else { return };
+        if node == &self.me {
+            return;
         }
+        let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+        if clients.get(node).is_some_and(|(a, _)| *a == addr) {
+            return;
+        }
+        let client = PeerClient::new(self.me.clone(), node.clone(), addr, key.clone(), POOL)
+            .with_request_timeout(REQUEST_TIMEOUT);
+        log::info!("peer {node} at {addr}");
+        clients.insert(node.clone(), (addr, Arc::new((client, Arc::default()))));
+    }
+
+    /// Whether `node` is this node or a peer this node can call.
+    pub fn knows(&self, node: &NodeId) -> bool {
+        node == &self.me
+            || self
+                .clients
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(node)
+    }
+
+    fn client(&self, node: &NodeId) -> Option<Arc<Client>> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .map(|(_, c)| c.clone())
     }
 
     pub fn failures(&self) -> &Arc<FailureList> {
@@ -54,8 +94,13 @@ impl Peers {
     }
 
     /// Each peer's call metrics.
-    pub fn metrics(&self) -> impl Iterator<Item = (&NodeId, &PeerMetrics)> {
-        self.clients.iter().map(|(id, (_, m))| (id, m.as_ref()))
+    pub fn metrics(&self) -> Vec<(NodeId, Arc<PeerMetrics>)> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, (_, c))| (id.clone(), c.1.clone()))
+            .collect()
     }
 
     /// Calls `node` unless it is on the failure list; a peer that turns out unreachable goes
@@ -65,9 +110,10 @@ impl Peers {
     }
 
     fn call_within(&self, node: &NodeId, request: Request, timeout: Duration, done: Callback) {
-        let Some((client, metrics)) = self.clients.get(node) else {
+        let Some(entry) = self.client(node) else {
             return done(Err(PeerError::Unavailable(format!("{node} is not a peer"))));
         };
+        let (client, metrics) = (&entry.0, &entry.1);
         if self.failures.is_failed(node) {
             return done(Err(PeerError::Unavailable(format!(
                 "{node} is on the failure list"

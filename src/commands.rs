@@ -37,6 +37,7 @@ pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
             call_with_progress(&socket, request, "sync")?
         }
         Command::Stats { name } => call_quiet(&socket, Request::Stats { name })?,
+        Command::Node(crate::cli::NodeCommand::List) => call_quiet(&socket, Request::NodeList)?,
         Command::Serve(_) => unreachable!("serve is not a client command"),
     };
     println!(

@@ -37,6 +37,17 @@ pub struct Cluster {
     pub listen: SocketAddr,
     pub peers: BTreeMap<NodeId, SocketAddr>,
     pub key_file: PathBuf,
+    /// Where the cluster's metadata lives; None for a cluster of `--peer` lists (each node
+    /// keeps its own copy of the metadata).
+    pub etcd: Option<Etcd>,
+}
+
+/// The etcd cluster holding the metadata.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,6 +60,14 @@ pub enum ConfigError {
     PeerIsSelf(NodeId),
     #[error("peer {0} is given twice")]
     DuplicatePeer(NodeId),
+    #[error("--peer is not needed with --etcd: nodes register in etcd and find each other there")]
+    PeersWithEtcd,
+    #[error("--etcd needs --node ID, --listen ADDR and --cluster-key-file FILE")]
+    EtcdWithoutNode,
+    #[error("--lease-ttl must be between 2 and 3600 seconds")]
+    LeaseTtl,
+    #[error("--cluster '{0}' must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
+    ClusterName(String),
     #[error("--failure-timeout must be at least 1 second")]
     FailureTimeout,
     #[error("no group named '{0}'")]
@@ -62,13 +81,22 @@ impl Config {
         if args.failure_timeout == 0 {
             return Err(ConfigError::FailureTimeout);
         }
+        let etcd = etcd(&args)?;
         let cluster = match (&args.node, args.listen, &args.cluster_key_file) {
-            (None, None, None) if args.peers.is_empty() => None,
+            (None, None, None) if args.peers.is_empty() && etcd.is_none() => None,
+            _ if etcd.is_some()
+                && (args.node.is_none()
+                    || args.listen.is_none()
+                    || args.cluster_key_file.is_none()) =>
+            {
+                return Err(ConfigError::EtcdWithoutNode)
+            }
             (None, ..) => return Err(ConfigError::NoNode),
             (Some(_), Some(listen), Some(key_file)) => Some(Cluster {
                 listen,
                 peers: peers(args.node.as_ref().expect("matched"), &args.peers)?,
                 key_file: key_file.clone(),
+                etcd,
             }),
             (Some(_), ..) => return Err(ConfigError::ClusterIncomplete),
         };
@@ -95,15 +123,26 @@ impl Config {
     pub fn meta_dir(&self) -> PathBuf {
         self.dirs.volume.join(".meta")
     }
+}
 
-    /// Whether `node` is this node or a configured peer.
-    pub fn knows(&self, node: &NodeId) -> bool {
-        node == &self.node
-            || self
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.peers.contains_key(node))
+fn etcd(args: &ServeArgs) -> Result<Option<Etcd>, ConfigError> {
+    if args.etcd.is_empty() {
+        return Ok(None);
     }
+    if !args.peers.is_empty() {
+        return Err(ConfigError::PeersWithEtcd);
+    }
+    if !(2..=3600).contains(&args.lease_ttl) {
+        return Err(ConfigError::LeaseTtl);
+    }
+    if args.cluster.parse::<crate::image::ImageName>().is_err() {
+        return Err(ConfigError::ClusterName(args.cluster.clone()));
+    }
+    Ok(Some(Etcd {
+        endpoints: args.etcd.clone(),
+        cluster: args.cluster.clone(),
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+    }))
 }
 
 fn socket_access(
@@ -230,5 +269,36 @@ mod tests {
         let mut twice = full.to_vec();
         twice.extend_from_slice(&["--peer", "b=127.0.0.3:1"]);
         assert!(matches!(parse(&twice), Err(ConfigError::DuplicatePeer(_))));
+    }
+
+    #[test]
+    fn etcd_replaces_peer_lists() {
+        let base = [
+            "--node",
+            "a",
+            "--listen",
+            "127.0.0.1:7300",
+            "--cluster-key-file",
+            "/k",
+            "--etcd",
+            "http://127.0.0.1:2379,http://127.0.0.2:2379",
+        ];
+        let c = parse(&base).unwrap();
+        let etcd = c.cluster.unwrap().etcd.unwrap();
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(etcd.cluster, "default");
+        let mut with_peer = base.to_vec();
+        with_peer.extend_from_slice(&["--peer", "b=127.0.0.2:7300"]);
+        assert_eq!(parse(&with_peer).unwrap_err(), ConfigError::PeersWithEtcd);
+        assert_eq!(
+            parse(&["--etcd", "http://127.0.0.1:2379"]).unwrap_err(),
+            ConfigError::EtcdWithoutNode
+        );
+        let mut short = base.to_vec();
+        short.extend_from_slice(&["--lease-ttl", "1"]);
+        assert_eq!(parse(&short).unwrap_err(), ConfigError::LeaseTtl);
+        let mut bad = base.to_vec();
+        bad.extend_from_slice(&["--cluster", "a/b"]);
+        assert!(matches!(parse(&bad), Err(ConfigError::ClusterName(_))));
     }
 }

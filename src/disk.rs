@@ -35,6 +35,15 @@ pub struct Disk {
     /// The newest owner epoch seen for this image, from the metadata or from a peer's
     /// request: requests carrying an older one are refused (see [`Disk::admit_epoch`]).
     newest_epoch: AtomicU64,
+    /// Set when another node became the owner (or this node could not keep the image): no
+    /// guest request is served from here any more.
+    fenced: AtomicBool,
+    /// With a shared store: the lease generation + 1 under which this node marked the device
+    /// active; 0 when it is not. Writes are acknowledged only while it matches the lease.
+    active_under: AtomicU64,
+    /// Blocks of this node's copies that may have lost data (a RAM tier wiped by a reboot)
+    /// and that the owner has not yet marked out of sync: never served as data.
+    lost: Mutex<HashSet<(Tier, u64)>>,
 }
 
 /// Volume-tier block files written since their last sync. Entries carry the sequence number
@@ -166,41 +175,16 @@ impl Drop for Claim {
 }
 
 impl Disk {
-    /// Opens a disk for serving. Local in-sync copies whose tier directory is gone (a RAM
-    /// tier after a reboot) are marked out of sync, so they are never read as zeros; the
-    /// caller persists the change when `changed` is true.
+    /// Opens a disk for serving. See [`Disk::lost_tiers`] for copies a reboot took away.
     pub fn open(
         meta: ImageMeta,
         dirs: &TierDirs,
         me: NodeId,
         store: Arc<dyn MetaStore>,
-    ) -> (Arc<Disk>, bool) {
+    ) -> Arc<Disk> {
         let name = meta.name.clone();
         let ram = BlockFiles::open(dirs, Tier::Ram, &name, meta.id);
         let volume = BlockFiles::open(dirs, Tier::Volume, &name, meta.id);
-        let mut meta = meta;
-        let mut changed = false;
-        for tier in [Tier::Ram, Tier::Volume] {
-            let files = if tier == Tier::Ram { &ram } else { &volume };
-            if files.dir_exists() {
-                continue;
-            }
-            let range =
-                crate::image::BlockRange::new(0, meta.blocks()).expect("images have blocks");
-            let _ = meta.table.update(range, |locations| {
-                for l in locations.iter_mut() {
-                    if l.node == me && l.tier == tier && l.synced {
-                        l.synced = false;
-                        changed = true;
-                    }
-                }
-            });
-        }
-        if changed {
-            log::error!(
-                "image {name}: its local block directory is gone (tier lost, e.g. RAM after a reboot); those copies are now out of sync"
-            );
-        }
         let meta_epoch = meta.generation;
         let disk = Disk {
             name,
@@ -219,8 +203,61 @@ impl Disk {
             dirty: DirtyFiles::default(),
             claimed: AtomicBool::new(false),
             newest_epoch: AtomicU64::new(meta_epoch),
+            fenced: AtomicBool::new(false),
+            active_under: AtomicU64::new(0),
+            lost: Mutex::new(HashSet::new()),
         };
-        (Arc::new(disk), changed)
+        Arc::new(disk)
+    }
+
+    /// Tiers on which this node has in-sync copies but no block directory: the tier lost its
+    /// contents (a RAM tier after a reboot). Those copies must never be read as zeros.
+    pub fn lost_tiers(&self) -> Vec<Tier> {
+        self.synced_tiers_here()
+            .into_iter()
+            .filter(|&tier| !self.files(tier).dir_exists())
+            .collect()
+    }
+
+    /// Tiers on which this node has in-sync copies of some block.
+    pub fn synced_tiers_here(&self) -> Vec<Tier> {
+        let meta = self.meta();
+        [Tier::Ram, Tier::Volume]
+            .into_iter()
+            .filter(|&tier| {
+                meta.table.extents().iter().any(|e| {
+                    e.locations
+                        .iter()
+                        .any(|l| l.node == self.me && l.tier == tier && l.synced)
+                })
+            })
+            .collect()
+    }
+
+    /// Marks this node's copies on `tiers` out of sync, durably (the owner's way to record a
+    /// lost tier; a holder in a cluster reports it to the owner instead).
+    pub fn mark_tiers_out_of_sync(&self, tiers: &[Tier]) -> Result<(), String> {
+        let me = self.me.clone();
+        self.update_meta(|meta| {
+            let all = BlockRange::new(0, meta.blocks()).map_err(|e| e.to_string())?;
+            meta.table
+                .update(all, |locations| {
+                    for l in locations.iter_mut() {
+                        if l.node == me && tiers.contains(&l.tier) {
+                            l.synced = false;
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })?;
+        for tier in [Tier::Ram, Tier::Volume] {
+            if tiers.contains(&tier) {
+                self.files(tier)
+                    .create_dir()
+                    .map_err(|e| format!("cannot create the block directory: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &ImageName {
@@ -230,6 +267,104 @@ impl Disk {
     /// The image as peer requests name it: name and the owner epoch this node acts under.
     pub fn image_ref(&self) -> crate::peer::ImageRef {
         crate::peer::ImageRef::new(self.name.clone(), self.meta().generation)
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// From now on no guest request is served from this node.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            log::warn!("image {}: fenced: this node no longer serves it", self.name);
+        }
+        self.active_under.store(0, Ordering::Release);
+    }
+
+    /// Whether the device is active here under the lease's current generation.
+    pub fn is_active(&self) -> bool {
+        match self.store.lease() {
+            Some(lease) => self.active_under.load(Ordering::Acquire) == lease.generation() + 1,
+            None => true,
+        }
+    }
+
+    /// Records that the device was marked active under the current lease.
+    pub fn set_active(&self, active: bool) {
+        let value = match (active, self.store.lease()) {
+            (true, Some(lease)) => lease.generation() + 1,
+            _ => 0,
+        };
+        self.active_under.store(value, Ordering::Release);
+    }
+
+    /// Whether a write may be acknowledged now: always for a single node; with etcd, while
+    /// the node's lease is surely valid and the device active under it. When not, waits up to
+    /// `timeout` for that to come back; false if it did not (or the image was fenced).
+    pub fn may_ack(&self, timeout: std::time::Duration) -> bool {
+        let Some(lease) = self.store.lease() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.is_fenced() {
+                return false;
+            }
+            if lease.is_valid() && self.is_active() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            lease.wait_valid((deadline - now).min(std::time::Duration::from_millis(100)));
+        }
+    }
+
+    /// Replaces the metadata with the cluster's (a holder's view, or after a take-over that
+    /// was committed elsewhere). Blocks of `lost` copies that the owner now has out of sync
+    /// are no longer lost: the owner knows.
+    pub fn set_meta(&self, meta: ImageMeta) {
+        let mut live = self.meta.write().unwrap_or_else(|p| p.into_inner());
+        self.newest_epoch
+            .fetch_max(meta.generation, Ordering::AcqRel);
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        lost.retain(|&(tier, block)| {
+            meta.table.locations(block).is_some_and(|ls| {
+                ls.iter()
+                    .any(|l| l.node == self.me && l.tier == tier && l.synced)
+            })
+        });
+        *live = meta;
+    }
+
+    /// Marks this node's in-sync copies on `tier` as lost (see `lost`); returns how many.
+    pub fn mark_lost(&self, tier: Tier) -> usize {
+        let meta = self.meta();
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        for block in 0..meta.blocks() {
+            let held = meta.table.locations(block).is_some_and(|ls| {
+                ls.iter()
+                    .any(|l| l.node == self.me && l.tier == tier && l.synced)
+            });
+            if held {
+                lost.insert((tier, block));
+            }
+        }
+        lost.len()
+    }
+
+    pub fn is_lost(&self, tier: Tier, block: u64) -> bool {
+        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        !lost.is_empty() && lost.contains(&(tier, block))
+    }
+
+    pub fn lost_count(&self) -> usize {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Admits a peer request made under owner epoch `epoch`, unless a newer epoch was seen;
@@ -337,9 +472,7 @@ impl Disk {
         let mut next = live.clone();
         let result = change(&mut next)?;
         if next != *live {
-            self.store
-                .commit(&live, &next)
-                .map_err(|e| e.to_string())?;
+            self.store.commit(&live, &next).map_err(|e| e.to_string())?;
             *live = next;
         }
         Ok(result)

@@ -174,6 +174,7 @@ fn accept_loop(
             continue;
         };
         let thread_name = name.clone();
+        let conn_disk = disk.clone();
         let spawned = thread::Builder::new()
             .name(format!("conn-{name}"))
             .spawn(move || {
@@ -184,6 +185,9 @@ fn accept_loop(
                     Err(e) => log::info!("image {thread_name}: frontend disconnected ({e})"),
                 }
                 backend.drain();
+                // A frontend that went away without stopping the device (QEMU killed) no
+                // longer runs it either.
+                crate::ownership::device_stopped(&conn_disk);
                 for thread in relay {
                     let _ = thread.join();
                 }

@@ -9,9 +9,72 @@ use crate::cluster::Peers;
 use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::image::Placement;
+use crate::meta::store::StoreError;
 use crate::peer::Request;
 use crate::placement;
 use crate::replica::sync;
+
+/// Whether the guest's requests may be served from this node: called when a frontend kicks
+/// a queue. With etcd this makes sure this node owns the image (taking it over when a guest
+/// moved here and no frontend runs it elsewhere) and holds it active under its lease; a node
+/// that loses that race is fenced, and its guest gets I/O errors, never a second version of
+/// the disk.
+pub fn ensure_serving(disk: &Disk, peers: &Peers) -> bool {
+    if disk.is_fenced() {
+        return false;
+    }
+    if !disk.owned_here() {
+        if let Err(e) = take_over(disk, peers) {
+            log::error!("image {}: take-over refused: {e}", disk.name());
+            if disk.store().is_shared() {
+                disk.fence();
+                return false;
+            }
+        }
+        return !disk.is_fenced();
+    }
+    if disk.is_active() {
+        return true;
+    }
+    let _one = disk.take_over_lock();
+    if disk.is_active() {
+        return true;
+    }
+    let meta = disk.meta().clone();
+    match disk.store().activate(&meta) {
+        Ok(()) => {
+            disk.set_active(true);
+            true
+        }
+        Err(StoreError::Cluster(e)) => {
+            log::error!("image {}: cannot mark the device active: {e}", disk.name());
+            false
+        }
+        Err(e) => {
+            log::error!("image {}: {e}", disk.name());
+            disk.fence();
+            false
+        }
+    }
+}
+
+/// The frontend stopped the device here (all queues stopped: a migration's end, a reboot, a
+/// disconnect): another node may take the image over from now on.
+pub fn device_stopped(disk: &Disk) {
+    if !disk.store().is_shared() || !disk.is_active() {
+        return;
+    }
+    let _one = disk.take_over_lock();
+    let meta = disk.meta().clone();
+    match disk.store().deactivate(&meta) {
+        Ok(()) => log::info!(
+            "image {}: device stopped; no longer active here",
+            disk.name()
+        ),
+        Err(e) => log::warn!("image {}: cannot mark the device stopped: {e}", disk.name()),
+    }
+    disk.set_active(false);
+}
 
 /// Makes this node the owner of `disk`'s image, if it is not already. Called by a queue
 /// worker before it serves the first request of a guest that migrated here.
@@ -19,6 +82,24 @@ pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), String> {
     let _one = disk.take_over_lock();
     let (old, me) = (disk.meta().owner.clone(), disk.me().clone());
     if old == me {
+        return Ok(());
+    }
+    if disk.store().is_shared() {
+        let current = disk.meta().clone();
+        let epoch = disk
+            .store()
+            .take_over(&current)
+            .map_err(|e| e.to_string())?;
+        let mut next = current;
+        next.owner = me;
+        next.generation = epoch;
+        disk.set_meta(next);
+        disk.set_active(true);
+        log::info!(
+            "image {}: taken over from {old} (epoch {epoch})",
+            disk.name()
+        );
+        disk.taken_over();
         return Ok(());
     }
     let meta = disk.update_meta(|meta| {
@@ -109,6 +190,9 @@ pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
                 for block in all.iter() {
                     let _ = disk.files(other.tier).drop_block(block);
                 }
+            }
+            Ok(_) if disk.store().is_shared() => {
+                // The holder sees its copy go in etcd and frees its files itself.
             }
             Ok(_) => {
                 let release = Request::Release {

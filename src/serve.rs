@@ -11,6 +11,9 @@ use signal_hook::iterator::Signals;
 use crate::control;
 use crate::daemon::{Config, Daemon};
 use crate::engine::probe_uring;
+use crate::image::Tier;
+use crate::meta::cluster::{ClusterMeta, Join};
+use crate::meta::records::TierRecord;
 use crate::peer::{ClusterKey, PeerServer};
 use crate::service::PeerService;
 
@@ -26,6 +29,8 @@ pub enum ServeError {
     Key { path: String, reason: String },
     #[error("another cormorant daemon is serving {0}")]
     AlreadyRunning(String),
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -69,8 +74,10 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let shared = join_cluster(&config)?;
     let daemon = Arc::new(
-        Daemon::start(config.clone(), key.as_ref()).map_err(io_err("cannot load images"))?,
+        Daemon::start(config.clone(), key.as_ref(), shared)
+            .map_err(io_err("cannot load images"))?,
     );
     let _peer_server = match (&config.cluster, key) {
         (Some(cluster), Some(key)) => Some(
@@ -84,6 +91,7 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
         ),
         _ => None,
     };
+    daemon.follow_cluster();
     if let Some(addr) = config.metrics_listen {
         control::prometheus::start(daemon.clone(), addr).map_err(io_err("cannot serve metrics"))?;
     }
@@ -97,6 +105,51 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
     daemon.shutdown();
     log::info!("stopped");
     Ok(())
+}
+
+/// Joins the etcd cluster when one is configured: registration, incarnation, lease.
+fn join_cluster(config: &Config) -> Result<Option<Arc<ClusterMeta>>, ServeError> {
+    let Some((cluster, etcd)) = config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.etcd.as_ref().map(|e| (c, e)))
+    else {
+        return Ok(None);
+    };
+    let tiers = [Tier::Ram, Tier::Volume]
+        .into_iter()
+        .map(|tier| tier_record(tier, config.dirs.root(tier)))
+        .collect();
+    let joined = ClusterMeta::join(Join {
+        endpoints: &etcd.endpoints,
+        cluster: &etcd.cluster,
+        me: config.node.clone(),
+        addr: cluster.listen,
+        lease_ttl: etcd.lease_ttl,
+        tiers,
+    })
+    .map_err(|e| ServeError::Join(e.to_string()))?;
+    Ok(Some(Arc::new(joined)))
+}
+
+/// A tier's size and free space, from its file system.
+fn tier_record(tier: Tier, dir: &std::path::Path) -> TierRecord {
+    // SAFETY: statvfs is plain data; all zeros is a valid value of it.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let ok = unsafe { libc::statvfs(path.as_ptr(), &mut stat) } == 0;
+    let (capacity, free) = if ok {
+        let unit = stat.f_frsize;
+        (stat.f_blocks * unit, stat.f_bavail * unit)
+    } else {
+        (0, 0)
+    };
+    TierRecord {
+        tier,
+        capacity,
+        free,
+    }
 }
 
 /// One daemon per run directory: a second one would fight over the sockets and block files.

@@ -25,10 +25,22 @@ impl PeerService {
     /// The disk of `image`, once the request's epoch is found current: a request from an
     /// owner that has since been replaced is refused, whatever it asks.
     fn disk(&self, image: &ImageRef) -> Result<Arc<Disk>, Response> {
+        let shared = self.daemon.is_shared();
+        let behind = |d: &Arc<Disk>| d.meta().generation < image.epoch;
+        if shared && self.daemon.find(&image.name).is_none_or(|d| behind(&d)) {
+            // The sender acts under an epoch this node has not seen yet: etcd decides.
+            self.daemon.refresh(&image.name);
+        }
         let disk = self
             .daemon
             .find(&image.name)
             .ok_or_else(|| refuse(code::NOT_FOUND, format!("no image {} here", image.name)))?;
+        if shared && behind(&disk) {
+            return Err(refuse(
+                code::STALE_EPOCH,
+                format!("{image} is newer than the image's epoch in etcd"),
+            ));
+        }
         disk.admit_epoch(image.epoch).map_err(|newest| {
             refuse(
                 code::STALE_EPOCH,
@@ -71,7 +83,28 @@ impl PeerService {
     }
 
     /// The disk, after checking this node holds `block` on `tier` and the span fits in it.
+    /// With etcd, a block this node's view does not place here is looked up there first (the
+    /// owner may have just placed it).
     fn held(
+        &self,
+        image: &ImageRef,
+        tier: Tier,
+        block: u64,
+        offset: u32,
+        len: u64,
+    ) -> Result<Arc<Disk>, Response> {
+        match self.held_in_view(image, tier, block, offset, len) {
+            Err(Response::Error { code: c, .. })
+                if c == code::NOT_HELD && self.daemon.is_shared() =>
+            {
+                self.daemon.refresh(&image.name);
+                self.held_in_view(image, tier, block, offset, len)
+            }
+            other => other,
+        }
+    }
+
+    fn held_in_view(
         &self,
         image: &ImageRef,
         tier: Tier,
@@ -104,6 +137,17 @@ impl PeerService {
         Ok(disk)
     }
 
+    /// Whether any of `blocks` is a lost copy the owner has not marked out of sync yet; asks
+    /// etcd before saying so (the owner may have just marked it).
+    fn still_lost(&self, disk: &Disk, tier: Tier, blocks: &[u64]) -> bool {
+        let lost = |d: &Disk| blocks.iter().any(|&b| d.is_lost(tier, b));
+        if !lost(disk) {
+            return false;
+        }
+        self.daemon.refresh(disk.name());
+        lost(disk)
+    }
+
     fn serve(&self, from: &NodeId, request: Request) -> Result<Response, Response> {
         match request {
             Request::Read {
@@ -114,6 +158,12 @@ impl PeerService {
                 len,
             } => {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
+                if self.still_lost(&disk, tier, &[block]) {
+                    return Err(refuse(
+                        code::LOST,
+                        format!("block {block}: this node's copy on {tier} was lost (restart after a reboot); its owner has not marked it out of sync yet"),
+                    ));
+                }
                 let mut data = vec![0u8; len as usize];
                 if let Some(file) = disk.files(tier).for_read(block).map_err(io)? {
                     read_full_at(&file, &mut data, u64::from(offset)).map_err(io)?;
@@ -170,6 +220,13 @@ impl PeerService {
                 blocks,
             } => {
                 let (disk, blocks) = self.held_range(&image, tier, blocks)?;
+                let all: Vec<u64> = blocks.iter().collect();
+                if self.still_lost(&disk, tier, &all) {
+                    return Err(refuse(
+                        code::LOST,
+                        format!("blocks {blocks}: this node's copy on {tier} was lost"),
+                    ));
+                }
                 let mut sums = Vec::with_capacity(blocks.len() as usize);
                 for block in blocks.iter() {
                     sums.push(block_digest(&disk, tier, block).map_err(io)?);

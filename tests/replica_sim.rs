@@ -279,7 +279,7 @@ fn run(seed: u64) {
     .unwrap();
     meta.save(&meta_dir).unwrap();
     let store = std::sync::Arc::new(cormorant::meta::store::LocalStore::new(meta_dir));
-    let (disk, _) = Disk::open(meta, &dirs, nodes[0].clone(), store);
+    let disk = Disk::open(meta, &dirs, nodes[0].clone(), store);
     let clock = SimClock(Mutex::new(Instant::now()));
     let failures = FailureList::with_clock(Duration::from_secs(20), &clock);
     let mut rng = Rng(seed);

@@ -23,6 +23,8 @@ pub enum Request {
         at: Vec<Placement>,
     },
     ImageList,
+    /// The cluster's nodes (a single node lists itself).
+    NodeList,
     ImageInfo {
         name: ImageName,
     },
@@ -58,11 +60,14 @@ pub enum Request {
         blocks: Option<BlockRange>,
         rate: Option<u64>,
     },
-    /// Live migration, on the destination node: fetch the image's metadata from its owner
-    /// `from` and export it here in standby; ownership moves when the guest here starts.
+    /// Live migration or a restart elsewhere, on the node that is to serve the image: export
+    /// it here in standby; ownership moves when a guest here starts the device (and only if
+    /// no frontend runs it elsewhere then). With etcd the metadata comes from there and
+    /// `from` may be left out; without, it is fetched from the owner `from`.
     ImageAdopt {
         name: ImageName,
-        from: NodeId,
+        #[serde(default)]
+        from: Option<NodeId>,
     },
     /// Counters and latency for one image, or for every image and peer.
     Stats {

@@ -83,6 +83,9 @@ impl Daemon {
     /// The owner of `meta.name` tells this node it holds copies: remember the image (durably)
     /// so its blocks are served, also after a restart.
     pub fn hold(&self, from: &NodeId, meta: ImageMeta) -> Result<(), String> {
+        if self.shared.is_some() {
+            return Err("this node follows etcd: copies are not pushed to it".into());
+        }
         if &meta.owner != from {
             return Err(format!("{from} does not own image {}", meta.name));
         }
@@ -135,6 +138,9 @@ impl Daemon {
         tier: Tier,
         blocks: BlockRange,
     ) -> Result<(), String> {
+        if self.shared.is_some() {
+            return Err("this node follows etcd: copies are not released by push".into());
+        }
         let disk = self.find(name).ok_or_else(|| format!("no image {name}"))?;
         if &disk.meta().owner != from {
             return Err(format!("{from} does not own image {name}"));
@@ -192,7 +198,7 @@ impl Daemon {
         at: &Placement,
     ) -> Result<Value, String> {
         let disk = self.disk(name)?;
-        if !self.config.knows(&at.node) {
+        if !self.peers.knows(&at.node) {
             return Err(format!(
                 "node '{}' is neither this node nor a peer",
                 at.node
@@ -251,7 +257,7 @@ impl Daemon {
                     log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
                 }
             }
-        } else if !removed.is_empty() {
+        } else if !removed.is_empty() && self.shared.is_none() {
             let release = PeerRequest::Release {
                 image: disk.image_ref(),
                 tier: at.tier,
@@ -271,6 +277,9 @@ impl Daemon {
     /// Sends the image's metadata to the other nodes in `nodes` (those that hold copies), so
     /// they serve its blocks.
     pub(super) fn tell_holders(&self, meta: &ImageMeta, nodes: &[NodeId]) -> Result<(), String> {
+        if self.shared.is_some() {
+            return Ok(()); // holders follow etcd
+        }
         let json = serde_json::to_vec(&meta.to_file()).map_err(|e| e.to_string())?;
         for node in nodes.iter().filter(|n| **n != self.config.node) {
             let hold = PeerRequest::Hold {

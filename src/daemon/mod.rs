@@ -2,6 +2,7 @@
 //! socket. Control actions are applied here, one owner for every change to that state.
 
 mod cluster;
+mod etcd;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -18,8 +19,9 @@ use crate::control::protocol::Request;
 use crate::disk::Disk;
 use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
-use crate::meta::store::{LocalStore, MetaStore};
 use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
+use crate::meta::cluster::ClusterMeta;
+use crate::meta::store::{LocalStore, MetaStore};
 use crate::peer::ClusterKey;
 use crate::placement;
 use crate::replica::sync;
@@ -36,22 +38,71 @@ pub struct Daemon {
     peers: Arc<Peers>,
     /// Where this node's image metadata changes are made durable.
     store: Arc<dyn MetaStore>,
+    /// The cluster's metadata in etcd; None for a single node or a `--peer` cluster.
+    shared: Option<Arc<ClusterMeta>>,
+    /// The etcd revision the watch goes on from.
+    watch_from: Mutex<i64>,
+    /// Tiers found wiped at this start (their marker file was gone): every in-sync copy this
+    /// node held there is lost. Emptied once the start is done.
+    wiped: Mutex<Vec<Tier>>,
+}
+
+/// A file each tier's root keeps while its contents are this node's: a tier found without it
+/// lost everything (a RAM tier after a reboot, a replaced volume).
+const TIER_MARKER: &str = ".cormorant-tier";
+
+/// The tiers whose marker is missing; each gets one from now on.
+fn wiped_tiers(dirs: &crate::store::TierDirs) -> io::Result<Vec<Tier>> {
+    let mut wiped = Vec::new();
+    for tier in [Tier::Ram, Tier::Volume] {
+        let marker = dirs.root(tier).join(TIER_MARKER);
+        if !marker.exists() {
+            wiped.push(tier);
+            fs::create_dir_all(dirs.root(tier))?;
+            File::create(&marker)?.sync_all()?;
+            File::open(dirs.root(tier))?.sync_all()?;
+        }
+    }
+    Ok(wiped)
 }
 
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 impl Daemon {
-    /// Loads and exports every image found in the metadata directory. An image whose
-    /// metadata cannot be read is logged and left alone; the others are served.
-    pub fn start(config: Config, key: Option<&ClusterKey>) -> io::Result<Daemon> {
+    /// Loads and exports every image found in the metadata directory (or, with etcd, every
+    /// image of the cluster this node owns or holds copies of). An image whose metadata
+    /// cannot be read is logged and left alone; the others are served.
+    pub fn start(
+        config: Config,
+        key: Option<&ClusterKey>,
+        shared: Option<Arc<ClusterMeta>>,
+    ) -> io::Result<Daemon> {
         let meta_dir = config.meta_dir();
         fs::create_dir_all(&meta_dir)?;
+        let store: Arc<dyn MetaStore> = match &shared {
+            Some(cluster) => cluster.clone(),
+            None => Arc::new(LocalStore::new(meta_dir.clone())),
+        };
         let daemon = Daemon {
             peers: Arc::new(Peers::new(&config, key)),
-            store: Arc::new(LocalStore::new(meta_dir.clone())),
+            store,
+            shared,
             config,
             images: Mutex::new(BTreeMap::new()),
+            watch_from: Mutex::new(0),
+            wiped: Mutex::new(Vec::new()),
         };
+        if daemon.shared.is_some() {
+            *daemon.wiped.lock().unwrap_or_else(|p| p.into_inner()) =
+                wiped_tiers(&daemon.config.dirs)?;
+            daemon.load_shared().map_err(io::Error::other)?;
+            daemon
+                .wiped
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            return Ok(daemon);
+        }
         let names = meta::list(&meta_dir).map_err(io::Error::other)?;
         for name in names {
             match ImageMeta::load(&meta_dir, &name) {
@@ -72,17 +123,13 @@ impl Daemon {
 
     fn open_and_export(&self, meta: ImageMeta) -> io::Result<()> {
         let name = meta.name.clone();
-        let (disk, changed) = Disk::open(
+        let disk = Disk::open(
             meta,
             &self.config.dirs,
             self.config.node.clone(),
             self.store.clone(),
         );
-        if changed {
-            disk.meta()
-                .save(&self.config.meta_dir())
-                .map_err(io::Error::other)?;
-        }
+        self.check_lost_tiers(&disk).map_err(io::Error::other)?;
         // Only the owner exports an image; other nodes hold copies of its blocks for it.
         let export = if disk.meta().owner == self.config.node {
             Some(self.export(&disk)?)
@@ -128,12 +175,8 @@ impl Daemon {
                 self.publish(&disk)?;
                 Ok(self.summary(&disk))
             }
-            Request::ImageList => Ok(Value::Array(
-                self.lock()
-                    .values()
-                    .map(|e| self.summary(&e.disk))
-                    .collect(),
-            )),
+            Request::ImageList => self.list(),
+            Request::NodeList => self.node_list(),
             Request::ImageInfo { name } => self.info(&name),
             Request::ImageRm { name } => self.remove(&name).map(|()| json!({"removed": name})),
             Request::ImageImport {
@@ -153,7 +196,11 @@ impl Daemon {
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
-            Request::ImageAdopt { name, from } => self.adopt(&name, &from),
+            Request::ImageAdopt { name, from } => match (&self.shared, from) {
+                (Some(_), _) => self.adopt_shared(&name),
+                (None, Some(from)) => self.adopt(&name, &from),
+                (None, None) => Err("--from NODE is needed without etcd".into()),
+            },
             Request::ImageExport { name, path } => {
                 let disk = self.disk(&name)?;
                 transfer::export_raw(&disk, Path::new(&path), progress)
@@ -181,7 +228,8 @@ impl Daemon {
         let peers: serde_json::Map<String, Value> = self
             .peers
             .metrics()
-            .map(|(id, m)| (id.to_string(), m.json(failures.is_failed(id))))
+            .into_iter()
+            .map(|(id, m)| (id.to_string(), m.json(failures.is_failed(&id))))
             .collect();
         Ok(json!({"node": self.config.node, "images": images, "peers": peers}))
     }
@@ -196,7 +244,7 @@ impl Daemon {
         }
         let failures = self.peers.failures();
         for (id, m) in self.peers.metrics() {
-            m.prometheus(&mut out, id.as_str(), failures.is_failed(id));
+            m.prometheus(&mut out, id.as_str(), failures.is_failed(&id));
         }
         out
     }
@@ -232,14 +280,20 @@ impl Daemon {
             locations,
         )
         .map_err(|e| e.to_string())?;
-        let (disk, _) = {
+        let mut meta = meta;
+        let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
                 .create_dir()
                 .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
-            self.tell_holders(&meta, &meta.table.nodes())?;
-            meta.save(&self.config.meta_dir())
-                .map_err(|e| e.to_string())?;
+            match &self.shared {
+                Some(cluster) => cluster.create(&mut meta).map_err(|e| e.to_string())?,
+                None => {
+                    self.tell_holders(&meta, &meta.table.nodes())?;
+                    meta.save(&self.config.meta_dir())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             Disk::open(
                 meta,
                 &self.config.dirs,
@@ -272,7 +326,7 @@ impl Daemon {
         };
         let mut locations: Vec<Location> = Vec::new();
         for placement in at {
-            if !self.config.knows(&placement.node) {
+            if !self.peers.knows(&placement.node) {
                 return Err(format!(
                     "node '{}' is neither this node nor a peer",
                     placement.node
@@ -316,8 +370,56 @@ impl Daemon {
         })
     }
 
+    /// Every image: this node's, or with etcd the whole cluster's.
+    fn list(&self) -> Result<Value, String> {
+        if self.shared.is_some() {
+            return self.list_shared();
+        }
+        Ok(Value::Array(
+            self.lock()
+                .values()
+                .map(|e| self.summary(&e.disk))
+                .collect(),
+        ))
+    }
+
+    /// Local in-sync copies whose tier directory is gone (a RAM tier after a reboot) are
+    /// never read as zeros: the owner (or a single node) marks them out of sync at once; a
+    /// holder in a cluster refuses to serve them and reports them to the owner, who marks them.
+    fn check_lost_tiers(&self, disk: &Disk) -> Result<(), String> {
+        let gone = if self.shared.is_some() {
+            let wiped = self.wiped.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            disk.synced_tiers_here()
+                .into_iter()
+                .filter(|t| wiped.contains(t))
+                .collect()
+        } else {
+            disk.lost_tiers()
+        };
+        if gone.is_empty() {
+            return Ok(());
+        }
+        log::error!(
+            "image {}: its block directory on {gone:?} is gone (tier lost, e.g. RAM after a reboot); those copies are out of sync",
+            disk.name()
+        );
+        match &self.shared {
+            Some(cluster) if !disk.owned_here() => {
+                for &tier in &gone {
+                    disk.mark_lost(tier);
+                }
+                let meta = disk.meta().clone();
+                cluster.report_lost(&meta, &gone).map_err(|e| e.to_string())
+            }
+            _ => disk.mark_tiers_out_of_sync(&gone),
+        }
+    }
+
     /// The UKAI metadata shape, extended: one entry per block with its locations.
     fn info(&self, name: &ImageName) -> Result<Value, String> {
+        if self.shared.is_some() && self.find(name).is_none_or(|d| !d.owned_here()) {
+            return self.info_shared(name);
+        }
         let disk = self.disk(name)?;
         let used = disk.used_bytes().map_err(|e| e.to_string())?;
         let mut value = self.summary(&disk);
@@ -333,6 +435,9 @@ impl Daemon {
     }
 
     fn remove(&self, name: &ImageName) -> Result<(), String> {
+        if self.shared.is_some() {
+            return self.remove_shared(name);
+        }
         let entry = {
             let mut images = self.lock();
             let entry = images
@@ -398,9 +503,14 @@ impl Daemon {
             if let Err(e) = entry.disk.sync_all() {
                 log::error!("image {name}: sync at shutdown failed: {e}");
             }
-            if let Err(e) = entry.disk.meta().save(&self.config.meta_dir()) {
+            if self.shared.is_some() {
+                crate::ownership::device_stopped(&entry.disk);
+            } else if let Err(e) = entry.disk.meta().save(&self.config.meta_dir()) {
                 log::error!("image {name}: saving metadata at shutdown failed: {e}");
             }
+        }
+        if let Some(cluster) = &self.shared {
+            cluster.leave();
         }
     }
 }

@@ -10,6 +10,7 @@
 //! | `image/<name>`              | [`ImageRecord`]              | none      | create, take-over |
 //! | `extents/<id>/<chunk %08d>` | [`ChunkRecord`]              | none      | the image's owner |
 //! | `active/<id>`               | [`ActiveRecord`]             | owner's   | the image's owner |
+//! | `lost/<id>/<node>`          | [`LostRecord`]               | none      | a holder, at start|
 //!
 //! An image's **epoch** is the etcd revision at which its `image/<name>` key was last written:
 //! only creation and ownership changes write it, so the epoch goes up exactly when the owner
@@ -42,6 +43,7 @@ pub enum Key {
     Image(ImageName),
     Chunk(ImageId, u64),
     Active(ImageId),
+    Lost(ImageId, NodeId),
 }
 
 impl Keys {
@@ -92,6 +94,10 @@ impl Keys {
         self.key(format!("active/{id}"))
     }
 
+    pub fn lost(&self, id: ImageId, node: &NodeId) -> Vec<u8> {
+        self.key(format!("lost/{id}/{node}"))
+    }
+
     /// What `key` is; `None` for keys this version does not know (they are ignored).
     pub fn parse(&self, key: &[u8]) -> Option<Key> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
@@ -101,6 +107,10 @@ impl Keys {
             "incarnation" => rest.parse().ok().map(Key::Incarnation),
             "image" => rest.parse().ok().map(Key::Image),
             "active" => rest.parse().ok().map(Key::Active),
+            "lost" => {
+                let (id, node) = rest.split_once('/')?;
+                Some(Key::Lost(id.parse().ok()?, node.parse().ok()?))
+            }
             "extents" => {
                 let (id, chunk) = rest.split_once('/')?;
                 let chunk = chunk.parse().ok().filter(|_| chunk.len() == 8)?;
@@ -123,6 +133,10 @@ pub struct NodeRecord {
     /// The lease this record (and the node's `active` keys) live under.
     pub lease: i64,
     pub tiers: Vec<TierRecord>,
+    /// Which process registered it: a restart on the same host can tell that a previous run
+    /// is gone (and revoke its lease) instead of waiting for the lease to run out.
+    pub host: String,
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +174,15 @@ pub struct ChunkRecord {
 pub struct ActiveRecord {
     pub node: NodeId,
     pub epoch: u64,
+}
+
+/// A holder lost its copies on `tiers` (the tier's directory was gone at its start: a RAM
+/// tier after a reboot). The owner marks them out of sync and deletes this record; until
+/// then the holder refuses to serve them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    pub tiers: Vec<Tier>,
+    pub incarnation: u64,
 }
 
 impl ImageRecord {
@@ -287,6 +310,8 @@ mod tests {
         assert_eq!(keys.parse(&keys.image(&name)), Some(Key::Image(name)));
         assert_eq!(keys.parse(&keys.chunk(id, 7)), Some(Key::Chunk(id, 7)));
         assert_eq!(keys.parse(&keys.active(id)), Some(Key::Active(id)));
+        let n: NodeId = "n2".parse().unwrap();
+        assert_eq!(keys.parse(&keys.lost(id, &n)), Some(Key::Lost(id, n)));
         assert_eq!(keys.parse(b"/cormorant/c2/image/disk"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/image/../x"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/extents/zz/00000001"), None);

@@ -20,6 +20,34 @@ pub enum StoreError {
 pub trait MetaStore: Send + Sync {
     /// Makes `next` the image's metadata in place of `current`, durably.
     fn commit(&self, current: &ImageMeta, next: &ImageMeta) -> Result<(), StoreError>;
+
+    /// The store decides who owns an image (etcd), rather than each node's own file.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Makes this node the image's owner; returns the new epoch. Only shared stores can.
+    fn take_over(&self, meta: &ImageMeta) -> Result<u64, StoreError> {
+        Err(StoreError::Cluster(format!(
+            "image {}: ownership is not kept in a shared store",
+            meta.name
+        )))
+    }
+
+    /// A frontend started the image's device on this node.
+    fn activate(&self, _meta: &ImageMeta) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The device stopped on this node.
+    fn deactivate(&self, _meta: &ImageMeta) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The lease under which this node acts, where there is one.
+    fn lease(&self) -> Option<&std::sync::Arc<super::lease::NodeLease>> {
+        None
+    }
 }
 
 /// A single node's store: one JSON file per image, replaced atomically.

@@ -57,6 +57,9 @@ pub mod code {
     /// The request's owner epoch is older than one this node has seen: the sender was
     /// replaced as the image's owner and must not change anything.
     pub const STALE_EPOCH: u16 = 9;
+    /// This node's copy may have lost data (its tier was wiped) and is not served until its
+    /// owner has marked it out of sync; read another copy.
+    pub const LOST: u16 = 10;
 }
 
 /// Which image a request is about, and the owner epoch the sender acts under. A holder

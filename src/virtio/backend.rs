@@ -51,6 +51,7 @@ pub struct BlkBackend {
     config: BlkConfig,
     read_only: bool,
     workers: Vec<Mutex<Worker>>,
+    disk: Arc<Disk>,
 }
 
 impl BlkBackend {
@@ -94,6 +95,7 @@ impl BlkBackend {
             config,
             read_only,
             workers,
+            disk,
         })
     }
 
@@ -203,6 +205,15 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(worker) = self.workers.get(queue_index as usize) {
             worker.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        }
+        let running = self
+            .workers
+            .iter()
+            .any(|w| w.lock().unwrap_or_else(|p| p.into_inner()).is_running());
+        if !running {
+            // The frontend stopped the device (every queue): another node may take the image
+            // over now (the end of a live migration).
+            crate::ownership::device_stopped(&self.disk);
         }
         Ok(())
     }

@@ -243,6 +243,14 @@ impl Drop for Daemon {
 }
 
 /// Several daemons on loopback addresses 127.0.0.2, .3, ..., sharing a cluster key.
+/// How the nodes of a test cluster find each other and keep their metadata.
+pub enum Membership {
+    /// `--peer` lists; each node keeps its own copy of the metadata.
+    Peers,
+    /// etcd.
+    Etcd { endpoints: String, lease_ttl: u64 },
+}
+
 pub struct Cluster {
     pub nodes: Vec<Daemon>,
     pub names: Vec<String>,
@@ -256,12 +264,33 @@ impl Cluster {
         Self::start_at(dir, &ips, &vec![None; n], wrong_key)
     }
 
+    /// Starts `n` nodes a, b, c, ... on 127.0.0.2, .3, ... that keep their metadata in the
+    /// etcd cluster at `etcd` (comma-separated endpoints), with a `lease_ttl` seconds lease.
+    pub fn start_etcd(dir: &Path, n: usize, etcd: &str, lease_ttl: u64) -> Cluster {
+        let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        let membership = Membership::Etcd {
+            endpoints: etcd.to_string(),
+            lease_ttl,
+        };
+        Self::start_with(dir, &ips, &vec![None; n], None, &membership)
+    }
+
     /// Starts one node per entry of `ips`, node i listening on `ips[i]` inside `netns[i]`.
     pub fn start_at(
         dir: &Path,
         ips: &[String],
         netns: &[Option<String>],
         wrong_key: Option<usize>,
+    ) -> Cluster {
+        Self::start_with(dir, ips, netns, wrong_key, &Membership::Peers)
+    }
+
+    fn start_with(
+        dir: &Path,
+        ips: &[String],
+        netns: &[Option<String>],
+        wrong_key: Option<usize>,
+        membership: &Membership,
     ) -> Cluster {
         let n = ips.len();
         let names: Vec<String> = (0..n)
@@ -285,6 +314,8 @@ impl Cluster {
                 let key = node_dir.join("cluster.key");
                 let secret = if wrong_key == Some(i) { "b7" } else { "a5" }.repeat(32);
                 std::fs::write(&key, secret).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
                 let mut args = vec![
                     "--node".to_string(),
                     names[i].clone(),
@@ -295,9 +326,20 @@ impl Cluster {
                     "--failure-timeout".to_string(),
                     "3".to_string(),
                 ];
-                for j in (0..n).filter(|&j| j != i) {
-                    args.push("--peer".to_string());
-                    args.push(format!("{}={}", names[j], addrs[j]));
+                match membership {
+                    Membership::Peers => {
+                        for j in (0..n).filter(|&j| j != i) {
+                            args.push("--peer".to_string());
+                            args.push(format!("{}={}", names[j], addrs[j]));
+                        }
+                    }
+                    Membership::Etcd {
+                        endpoints,
+                        lease_ttl,
+                    } => {
+                        args.extend(["--etcd".to_string(), endpoints.clone()]);
+                        args.extend(["--lease-ttl".to_string(), lease_ttl.to_string()]);
+                    }
                 }
                 Daemon::start_in(&node_dir, args, netns[i].clone())
             })

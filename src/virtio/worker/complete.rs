@@ -3,6 +3,7 @@
 //! used ring exactly once.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::bitmap::Bitmap;
@@ -11,6 +12,12 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 use super::{untag, InFlight, Vring, Worker};
 use crate::engine::{Done, Engine};
 use crate::replica::ack::{self, Outcome};
+
+/// How long one wait for the lease lasts before the worker looks again.
+const ACK_WAIT_STEP: Duration = Duration::from_millis(100);
+/// How long a write waits for etcd to confirm the lease before it fails: past the guest's own
+/// block-layer timeout (30 s) the wait helps nobody.
+const ACK_WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 impl Worker {
     pub(super) fn reap(&mut self) -> Vec<Done> {
@@ -92,6 +99,32 @@ impl Worker {
         }
     }
 
+    /// Whether a write may be acknowledged: with etcd, only while this node's lease is surely
+    /// valid and the device active under it. Otherwise the write waits here (its queue with
+    /// it) until etcd answers again: it goes on if this node still owns the image, and fails
+    /// if it was fenced meanwhile or nothing changed for [`ACK_WAIT_LIMIT`].
+    fn may_ack(&self) -> bool {
+        let started = Instant::now();
+        let mut warned = false;
+        while !self.disk.may_ack(ACK_WAIT_STEP) {
+            if self.disk.is_fenced() || started.elapsed() > ACK_WAIT_LIMIT {
+                return false;
+            }
+            if !warned {
+                log::warn!(
+                    "image {}: the node's lease is in doubt; writes wait",
+                    self.disk.name()
+                );
+                warned = true;
+            }
+            let lease_ok = self.disk.store().lease().is_some_and(|l| l.is_valid());
+            if lease_ok && !self.disk.is_active() {
+                crate::ownership::ensure_serving(&self.disk, &self.peers);
+            }
+        }
+        true
+    }
+
     pub(super) fn finish(&mut self, vring: &Vring, mut request: InFlight) {
         for (copy, block, file) in &request.volume_writes {
             if request.copies.get(copy - 1).is_some_and(|c| c.stored) {
@@ -134,6 +167,9 @@ impl Worker {
                     }
                 }
             }
+        }
+        if (!request.written.is_empty() || request.flush.is_some()) && !self.may_ack() {
+            request.status_byte = VIRTIO_BLK_S_IOERR as u8;
         }
         let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
         if let (true, Some(ticket)) = (ok, &request.flush) {

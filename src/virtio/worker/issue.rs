@@ -81,6 +81,7 @@ impl Worker {
         };
         let work = Work::of(&request, block_size, size);
         let targets = match work.blocks() {
+            _ if self.disk.is_fenced() => Err("this node no longer serves the image".into()),
             None => Ok(Vec::new()),
             Some(blocks) => match self.begin_writes(&blocks) {
                 Begin::Frozen => {

@@ -178,11 +178,10 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        if !self.disk.owned_here() {
-            // A guest migrated here and started the device: the image moves to this node.
-            if let Err(e) = crate::ownership::take_over(&self.disk, &self.peers) {
-                log::error!("image {}: take-over failed: {e}", self.disk.name());
-            }
+        if !self.disk.is_active() || !self.disk.owned_here() {
+            // A guest started the device here (perhaps after migrating here): this node must
+            // own the image and hold it active, or serve nothing.
+            crate::ownership::ensure_serving(&self.disk, &self.peers);
         }
         self.adapt_poll();
         self.process(vring);

@@ -1,0 +1,577 @@
+//! The daemon in a cluster whose metadata lives in etcd: loading what this node owns or
+//! holds, following every change through a watch, and the operations whose answer is the
+//! cluster's (list, info, node list, remove). Nothing here is pushed to other nodes: each
+//! node watches etcd and puts its own files in line with it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{Daemon, Entry};
+use crate::disk::Disk;
+use crate::export::socket_path;
+use crate::image::id::parse_dir_name;
+use crate::image::{ImageId, ImageMeta, ImageName, NodeId, Tier};
+use crate::meta::cluster::ClusterMeta;
+use crate::meta::etcd::{EtcdError, EventKind};
+use crate::meta::lease::Standing;
+use crate::meta::records::{Key, NodeRecord};
+
+/// How long to wait before watching again after the watch failed.
+const REWATCH_PAUSE: Duration = Duration::from_millis(500);
+
+impl Daemon {
+    fn cluster(&self) -> Result<&Arc<ClusterMeta>, String> {
+        self.shared
+            .as_ref()
+            .ok_or_else(|| "this node is not in an etcd cluster".to_string())
+    }
+
+    /// Opens every image this node owns or holds copies of; removes block directories of
+    /// images that no longer exist (deleted while this node was down). Returns the revision
+    /// the state was read at, to watch from.
+    pub(super) fn load_shared(&self) -> Result<i64, String> {
+        let cluster = self.cluster()?;
+        let (images, revision) = cluster.images().map_err(|e| e.to_string())?;
+        for node in cluster.nodes().map_err(|e| e.to_string())? {
+            self.peers.set(&node.id, node.addr);
+        }
+        let mut kept = BTreeSet::new();
+        for meta in images {
+            if !self.concerns_me(&meta) {
+                continue;
+            }
+            kept.insert((meta.name.clone(), meta.id));
+            let name = meta.name.clone();
+            if let Err(e) = self.open_shared(meta) {
+                log::error!("image {name}: cannot serve: {e}");
+            }
+        }
+        self.remove_leftovers(&kept);
+        *self.watch_from.lock().unwrap_or_else(|p| p.into_inner()) = revision + 1;
+        Ok(revision)
+    }
+
+    fn concerns_me(&self, meta: &ImageMeta) -> bool {
+        meta.owner == self.config.node || meta.table.nodes().contains(&self.config.node)
+    }
+
+    /// Opens an image of the cluster here: exported when this node owns it, else held. The
+    /// block directories of the tiers it has copies on are made here (lost copies are told by
+    /// the tier markers, see `wiped_tiers`).
+    fn open_shared(&self, meta: ImageMeta) -> Result<(), String> {
+        for tier in [Tier::Ram, Tier::Volume] {
+            let here = meta.table.extents().iter().any(|e| {
+                e.locations
+                    .iter()
+                    .any(|l| l.node == self.config.node && l.tier == tier)
+            });
+            if here {
+                crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name, meta.id)
+                    .create_dir()
+                    .map_err(|e| format!("cannot create the block directory: {e}"))?;
+            }
+        }
+        self.open_and_export(meta).map_err(|e| e.to_string())
+    }
+
+    /// Block directories under both tiers whose image (name and id) is not one this node
+    /// keeps: the image was removed or moved away while this node was down.
+    fn remove_leftovers(&self, kept: &BTreeSet<(ImageName, ImageId)>) {
+        for tier in [Tier::Ram, Tier::Volume] {
+            let root = self.config.dirs.root(tier);
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let file_name = entry.file_name();
+                let Some((name, id)) = file_name.to_str().and_then(parse_dir_name) else {
+                    continue;
+                };
+                if id.is_legacy() || kept.contains(&(name.clone(), id)) {
+                    continue;
+                }
+                log::info!(
+                    "image {name}: removing leftover block files {} (the image is gone)",
+                    entry.path().display()
+                );
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    log::warn!("cannot remove {}: {e}", entry.path().display());
+                }
+            }
+        }
+    }
+
+    /// Follows the cluster's changes from where [`Daemon::load_shared`] left off, for as long
+    /// as the process lives; and keeps the node's lease.
+    pub fn follow_cluster(self: &Arc<Self>) {
+        let Some(cluster) = self.shared.clone() else {
+            return;
+        };
+        let daemon = self.clone();
+        let watcher = std::thread::Builder::new()
+            .name("etcd-watch".into())
+            .spawn(move || daemon.watch_loop(&cluster));
+        if let Err(e) = watcher {
+            log::error!("cannot start the etcd watch: {e}");
+        }
+        let daemon = self.clone();
+        let keeper = std::thread::Builder::new()
+            .name("etcd-lease".into())
+            .spawn(move || daemon.lease_loop());
+        if let Err(e) = keeper {
+            log::error!("cannot start the lease keeper: {e}");
+        }
+        // Reports of lost copies made while this node was away.
+        let names: Vec<ImageName> = self.lock().keys().cloned().collect();
+        for name in names {
+            self.settle_lost(&name);
+        }
+    }
+
+    fn watch_loop(&self, cluster: &ClusterMeta) {
+        let mut ids: HashMap<ImageId, ImageName> = HashMap::new();
+        loop {
+            let from = *self.watch_from.lock().unwrap_or_else(|p| p.into_inner());
+            let mut watch = match cluster.watch(from) {
+                Ok(watch) => watch,
+                Err(e) => {
+                    log::warn!("etcd watch: {e}");
+                    std::thread::sleep(REWATCH_PAUSE);
+                    continue;
+                }
+            };
+            loop {
+                match watch.next() {
+                    Ok((events, revision)) => {
+                        self.apply_events(cluster, &mut ids, events);
+                        *self.watch_from.lock().unwrap_or_else(|p| p.into_inner()) = revision + 1;
+                    }
+                    Err(EtcdError::Compacted { .. }) => {
+                        log::warn!("etcd watch fell behind compaction; reloading");
+                        self.reload_all();
+                        break;
+                    }
+                    Err(EtcdError::WatchIdle(_)) => break,
+                    Err(e) => {
+                        log::debug!("etcd watch ended: {e}");
+                        std::thread::sleep(REWATCH_PAUSE);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads everything (after the watch missed changes) and puts this node in line.
+    fn reload_all(&self) {
+        let Ok(cluster) = self.cluster() else { return };
+        match cluster.images() {
+            Ok((images, revision)) => {
+                let mut seen: BTreeSet<ImageName> = BTreeSet::new();
+                for meta in images {
+                    seen.insert(meta.name.clone());
+                    let name = meta.name.clone();
+                    self.reconcile(&name, Some(meta));
+                }
+                let known: Vec<ImageName> = self.lock().keys().cloned().collect();
+                for name in known.into_iter().filter(|n| !seen.contains(n)) {
+                    self.reconcile(&name, None);
+                }
+                *self.watch_from.lock().unwrap_or_else(|p| p.into_inner()) = revision + 1;
+            }
+            Err(e) => log::warn!("cannot reload the cluster's images: {e}"),
+        }
+    }
+
+    fn apply_events(
+        &self,
+        cluster: &ClusterMeta,
+        ids: &mut HashMap<ImageId, ImageName>,
+        events: Vec<crate::meta::etcd::Event>,
+    ) {
+        let mut touched: BTreeSet<ImageName> = BTreeSet::new();
+        let mut lost: BTreeSet<ImageName> = BTreeSet::new();
+        for event in events {
+            let Some(key) = cluster.keys().parse(&event.kv.key) else {
+                continue;
+            };
+            match (key, event.kind) {
+                (Key::Node(id), EventKind::Put) => {
+                    match serde_json::from_slice::<NodeRecord>(&event.kv.value) {
+                        Ok(record) => self.peers.set(&id, record.addr),
+                        Err(e) => log::warn!("node {id}: bad record in etcd: {e}"),
+                    }
+                }
+                (Key::Image(name), _) => {
+                    touched.insert(name);
+                }
+                (Key::Chunk(id, _), _) => match ids.get(&id) {
+                    Some(name) => {
+                        touched.insert(name.clone());
+                    }
+                    None => {
+                        // An image this watch has not named yet: find it by its header.
+                        if let Ok((images, _)) = cluster.images() {
+                            for meta in images {
+                                ids.insert(meta.id, meta.name.clone());
+                                if meta.id == id {
+                                    touched.insert(meta.name);
+                                }
+                            }
+                        }
+                    }
+                },
+                (Key::Lost(id, _), EventKind::Put) => {
+                    if let Some(name) = self.name_of(id) {
+                        lost.insert(name);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for name in touched {
+            match cluster.image(&name) {
+                Ok(meta) => {
+                    if let Some(meta) = &meta {
+                        ids.insert(meta.id, name.clone());
+                    }
+                    self.reconcile(&name, meta);
+                }
+                Err(e) => log::warn!("image {name}: cannot read it from etcd: {e}"),
+            }
+        }
+        for name in lost {
+            self.settle_lost(&name);
+        }
+    }
+
+    /// Reads image `name` from etcd and puts this node in line with it (a peer's request
+    /// named a newer epoch, or a block this node's view does not place here yet).
+    pub fn refresh(&self, name: &ImageName) {
+        let Ok(cluster) = self.cluster() else { return };
+        match cluster.image(name) {
+            Ok(meta) => self.reconcile(name, meta),
+            Err(e) => log::warn!("image {name}: cannot read it from etcd: {e}"),
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    fn name_of(&self, id: ImageId) -> Option<ImageName> {
+        self.lock()
+            .iter()
+            .find(|(_, e)| e.disk.meta().id == id)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Puts this node in line with the cluster's metadata of image `name` (`None`: it is
+    /// gone): opens what it newly holds, frees what it no longer holds, fences itself when
+    /// another node became the owner, deletes a removed image's files.
+    pub(super) fn reconcile(&self, name: &ImageName, meta: Option<ImageMeta>) {
+        let me = self.config.node.clone();
+        let known = self.find(name);
+        match (known, meta) {
+            (None, None) => {}
+            (None, Some(meta)) => {
+                if self.concerns_me(&meta) {
+                    if let Err(e) = self.open_shared(meta) {
+                        log::error!("image {name}: cannot hold it: {e}");
+                    }
+                }
+            }
+            (Some(disk), None) => {
+                log::info!("image {name}: removed from the cluster");
+                self.forget(name, disk.meta().id);
+            }
+            (Some(disk), Some(meta)) if disk.meta().id != meta.id => {
+                log::info!("image {name}: removed and created again; dropping the old one");
+                self.forget(name, disk.meta().id);
+                self.reconcile(name, Some(meta));
+            }
+            (Some(disk), Some(meta)) => {
+                if disk.owned_here() {
+                    if meta.owner == me {
+                        return; // this node's own change: its view is exact
+                    }
+                    log::warn!(
+                        "image {name}: {} took it over (epoch {})",
+                        meta.owner,
+                        meta.generation
+                    );
+                    disk.fence();
+                    let export = self.lock().get_mut(name).and_then(|e| e.export.take());
+                    if let Some(export) = export {
+                        export.stop();
+                    }
+                } else if meta.generation < disk.meta().generation {
+                    return; // an older read than what this node has seen
+                }
+                let before = disk.meta().clone();
+                disk.set_meta(meta);
+                self.free_released(&disk, &before);
+                let standby = self.lock().get(name).is_some_and(|e| e.export.is_some());
+                if !self.concerns_me(&disk.meta()) && !standby {
+                    log::info!("image {name}: no copies held here any more; forgotten");
+                    let id = disk.meta().id;
+                    self.forget(name, id);
+                }
+            }
+        }
+    }
+
+    /// Frees the files of blocks whose copy on this node was removed between `before` and the
+    /// disk's current metadata.
+    fn free_released(&self, disk: &Disk, before: &ImageMeta) {
+        let me = &self.config.node;
+        let after = disk.meta().clone();
+        for tier in [Tier::Ram, Tier::Volume] {
+            for block in 0..after.blocks() {
+                let had = before
+                    .table
+                    .locations(block)
+                    .is_some_and(|ls| ls.iter().any(|l| &l.node == me && l.tier == tier));
+                let has = after
+                    .table
+                    .locations(block)
+                    .is_some_and(|ls| ls.iter().any(|l| &l.node == me && l.tier == tier));
+                if had && !has {
+                    if let Err(e) = disk.files(tier).drop_block(block) {
+                        log::warn!("image {}: block {block}: cannot free it: {e}", disk.name());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops image `name` (of id `id`) from this node: export, files, entry.
+    fn forget(&self, name: &ImageName, id: ImageId) {
+        let entry = {
+            let mut images = self.lock();
+            if images.get(name).is_none_or(|e| e.disk.meta().id != id) {
+                return;
+            }
+            images.remove(name)
+        };
+        let Some(Entry { disk, export }) = entry else {
+            return;
+        };
+        if let Some(export) = export {
+            export.stop();
+        }
+        disk.fence();
+        disk.mark_removed();
+        for tier in [Tier::Ram, Tier::Volume] {
+            if let Err(e) = disk.files(tier).remove_all() {
+                log::warn!("image {name}: cannot remove its block files on {tier}: {e}");
+            }
+        }
+    }
+
+    /// As the owner: marks copies that holders reported lost out of sync, then clears the
+    /// reports. A holder never serves a lost copy in the meantime.
+    fn settle_lost(&self, name: &ImageName) {
+        let (Ok(cluster), Some(disk)) = (self.cluster(), self.find(name)) else {
+            return;
+        };
+        if !disk.owned_here() {
+            return;
+        }
+        let id = disk.meta().id;
+        let reports = match cluster.lost_reports(id) {
+            Ok(reports) => reports,
+            Err(e) => return log::warn!("image {name}: cannot read lost-copy reports: {e}"),
+        };
+        for (node, record, revision) in reports {
+            let marked = disk.update_meta(|meta| {
+                let all =
+                    crate::image::BlockRange::new(0, meta.blocks()).map_err(|e| e.to_string())?;
+                meta.table
+                    .update(all, |locations| {
+                        for l in locations.iter_mut() {
+                            if l.node == node && record.tiers.contains(&l.tier) {
+                                l.synced = false;
+                            }
+                        }
+                    })
+                    .map_err(|e| e.to_string())
+            });
+            match marked {
+                Ok(()) => {
+                    log::warn!(
+                        "image {name}: {node} lost its copies on {:?}; marked out of sync",
+                        record.tiers
+                    );
+                    if let Err(e) = cluster.clear_lost(id, &node, revision) {
+                        log::warn!("image {name}: cannot clear the report of {node}: {e}");
+                    }
+                }
+                Err(e) => log::error!("image {name}: cannot mark {node}'s lost copies: {e}"),
+            }
+        }
+    }
+
+    /// Renews the node's lease; when etcd let it expire, takes a new one and claims again the
+    /// devices this node runs (each only if no other node took its image over meanwhile).
+    fn lease_loop(&self) {
+        let Ok(cluster) = self.cluster() else { return };
+        let lease = cluster.lease().clone();
+        loop {
+            std::thread::sleep(lease.renew_every());
+            if lease.renew() != Standing::Lost {
+                continue;
+            }
+            log::error!("the node's etcd lease expired; taking a new one");
+            if let Err(e) = lease
+                .replace()
+                .map_err(|e| e.to_string())
+                .and_then(|_| cluster.register().map_err(|e| e.to_string()))
+            {
+                log::error!("cannot renew the node's registration: {e}");
+                continue;
+            }
+            let disks: Vec<Arc<Disk>> = self.lock().values().map(|e| e.disk.clone()).collect();
+            for disk in disks.into_iter().filter(|d| d.owned_here() && d.in_use()) {
+                let meta = disk.meta().clone();
+                match cluster.activate(&meta) {
+                    Ok(()) => {
+                        disk.set_active(true);
+                        log::info!("image {}: still owned here; writes go on", disk.name());
+                    }
+                    Err(e) => {
+                        log::error!("image {}: {e}", disk.name());
+                        disk.fence();
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn remove_shared(&self, name: &ImageName) -> Result<(), String> {
+        let cluster = self.cluster()?;
+        let meta = cluster
+            .image(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no image named '{name}'"))?;
+        if meta.owner != self.config.node {
+            return Err(format!(
+                "image '{name}' is owned by node {}: run this there",
+                meta.owner
+            ));
+        }
+        if self.find(name).is_some_and(|d| d.in_use()) {
+            return Err(format!(
+                "image '{name}' is in use by a frontend; stop the VM first"
+            ));
+        }
+        cluster.remove(&meta).map_err(|e| e.to_string())?;
+        self.forget(name, meta.id);
+        log::info!("image {name}: removed from the cluster");
+        Ok(())
+    }
+
+    pub(super) fn list_shared(&self) -> Result<Value, String> {
+        let (images, _) = self.cluster()?.images().map_err(|e| e.to_string())?;
+        Ok(Value::Array(
+            images
+                .iter()
+                .map(|meta| match self.find(&meta.name) {
+                    Some(disk) if disk.meta().id == meta.id && disk.owned_here() => {
+                        self.summary(&disk)
+                    }
+                    _ => shared_summary(meta),
+                })
+                .collect(),
+        ))
+    }
+
+    pub(super) fn info_shared(&self, name: &ImageName) -> Result<Value, String> {
+        let meta = self
+            .cluster()?
+            .image(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no image named '{name}'"))?;
+        let mut value = shared_summary(&meta);
+        let blocks: Vec<Value> = (0..meta.blocks())
+            .map(|index| {
+                json!({"index": index, "locations": meta.table.locations(index).unwrap_or(&[])})
+            })
+            .collect();
+        value["blocks"] = Value::Array(blocks);
+        Ok(value)
+    }
+
+    pub(super) fn node_list(&self) -> Result<Value, String> {
+        let Some(cluster) = &self.shared else {
+            return Ok(json!([{"id": self.config.node, "live": true}]));
+        };
+        let nodes = cluster.nodes().map_err(|e| e.to_string())?;
+        let (images, _) = cluster.images().map_err(|e| e.to_string())?;
+        let mut known: BTreeSet<NodeId> = images.iter().flat_map(|m| m.table.nodes()).collect();
+        let mut out: Vec<Value> = Vec::new();
+        for node in &nodes {
+            known.remove(&node.id);
+            out.push(json!({
+                "id": node.id, "live": true, "addr": node.addr,
+                "incarnation": node.incarnation, "tiers": node.tiers,
+                "owns": images.iter().filter(|m| m.owner == node.id).count(),
+            }));
+        }
+        for id in known {
+            out.push(json!({"id": id, "live": false,
+                "owns": images.iter().filter(|m| m.owner == id).count()}));
+        }
+        Ok(Value::Array(out))
+    }
+
+    /// On the node that is to serve the image (live migration, or a restart elsewhere after
+    /// its node died): export it here in standby. The take-over happens when a guest here
+    /// starts the device, and only if no frontend runs it elsewhere then.
+    pub(super) fn adopt_shared(&self, name: &ImageName) -> Result<Value, String> {
+        let meta = self
+            .cluster()?
+            .image(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no image named '{name}'"))?;
+        if meta.owner == self.config.node {
+            return Err(format!("image {name} is already owned by this node"));
+        }
+        let from = meta.owner.clone();
+        let disk = match self.find(name) {
+            Some(disk) => disk,
+            None => {
+                self.open_shared(meta)?;
+                self.find(name).ok_or("image vanished")?
+            }
+        };
+        let (disk_bg, peers) = (disk.clone(), self.peers.clone());
+        disk.on_take_over(Box::new(move || {
+            let spawned = std::thread::Builder::new()
+                .name("localize".into())
+                .spawn(move || crate::ownership::localize(disk_bg, peers));
+            if let Err(e) = spawned {
+                log::error!("cannot start moving the blocks here: {e}");
+            }
+        }));
+        self.publish(&disk)?;
+        log::info!("image {name}: adopted (owner {from}), exported here in standby");
+        Ok(json!({"image": name, "from": from, "socket": socket_path(&self.config.run_dir, name)}))
+    }
+}
+
+fn shared_summary(meta: &ImageMeta) -> Value {
+    json!({
+        "name": meta.name,
+        "id": meta.id,
+        "owner": meta.owner,
+        "epoch": meta.generation,
+        "size": meta.size,
+        "block_size": meta.block_size,
+        "tier": meta.tier,
+        "read_only": meta.read_only,
+    })
+}
