@@ -44,6 +44,10 @@ pub struct Disk {
     /// Blocks of this node's copies that may have lost data (a RAM tier wiped by a reboot)
     /// and that the owner has not yet marked out of sync: never served as data.
     lost: Mutex<HashSet<(Tier, u64)>>,
+    /// The epoch at which this node adopted the image (0: not adopted). A take-over compares
+    /// against it, not against later epochs the watch brought: an adopter that another node
+    /// beat to the image must not take it over from the winner.
+    adopted_at: AtomicU64,
 }
 
 /// Volume-tier block files written since their last sync. Entries carry the sequence number
@@ -206,6 +210,7 @@ impl Disk {
             fenced: AtomicBool::new(false),
             active_under: AtomicU64::new(0),
             lost: Mutex::new(HashSet::new()),
+            adopted_at: AtomicU64::new(0),
         };
         Arc::new(disk)
     }
@@ -271,6 +276,17 @@ impl Disk {
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
         &self.store
+    }
+
+    /// Records that this node adopted the image at its current epoch.
+    pub fn adopt(&self) {
+        self.adopted_at
+            .store(self.meta().generation, Ordering::Release);
+    }
+
+    /// The epoch this node adopted the image at, if it did.
+    pub fn adopted_at(&self) -> Option<u64> {
+        Some(self.adopted_at.load(Ordering::Acquire)).filter(|&e| e != 0)
     }
 
     pub fn is_fenced(&self) -> bool {

@@ -4,6 +4,7 @@
 //! owner among them, which stops exporting: a stale owner is fenced).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cluster::Peers;
 use crate::copies::DiskCopies;
@@ -24,14 +25,16 @@ pub fn ensure_serving(disk: &Disk, peers: &Peers) -> bool {
         return false;
     }
     if !disk.owned_here() {
-        if let Err(e) = take_over(disk, peers) {
-            log::error!("image {}: take-over refused: {e}", disk.name());
-            if disk.store().is_shared() {
-                disk.fence();
-                return false;
+        return match take_over_when_free(disk, peers) {
+            Ok(()) => !disk.is_fenced(),
+            Err(e) => {
+                log::error!("image {}: take-over refused: {e}", disk.name());
+                if matches!(e, StoreError::Fenced { .. }) || !disk.store().is_shared() {
+                    disk.fence();
+                }
+                false
             }
-        }
-        return !disk.is_fenced();
+        };
     }
     if disk.is_active() {
         return true;
@@ -58,6 +61,33 @@ pub fn ensure_serving(disk: &Disk, peers: &Peers) -> bool {
     }
 }
 
+/// Takes the image over; while a frontend still runs it on another node, waits for that to
+/// end, at most as long as that node's lease can keep it (a node that died holds it until its
+/// lease runs out; a live migration's source stops it before the destination starts).
+fn take_over_when_free(disk: &Disk, peers: &Peers) -> Result<(), StoreError> {
+    let wait = disk
+        .store()
+        .lease()
+        .map_or(Duration::ZERO, |l| l.ttl() + Duration::from_secs(2));
+    let deadline = Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        match take_over(disk, peers) {
+            Err(StoreError::InUse { node, .. }) if Instant::now() < deadline => {
+                if !logged {
+                    log::warn!(
+                        "image {}: in use on node {node}; waiting up to {wait:?} for it to stop or its lease to run out",
+                        disk.name()
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The frontend stopped the device here (all queues stopped: a migration's end, a reboot, a
 /// disconnect): another node may take the image over from now on.
 pub fn device_stopped(disk: &Disk) {
@@ -78,21 +108,19 @@ pub fn device_stopped(disk: &Disk) {
 
 /// Makes this node the owner of `disk`'s image, if it is not already. Called by a queue
 /// worker before it serves the first request of a guest that migrated here.
-pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), String> {
+pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), StoreError> {
     let _one = disk.take_over_lock();
     let (old, me) = (disk.meta().owner.clone(), disk.me().clone());
     if old == me {
         return Ok(());
     }
     if disk.store().is_shared() {
-        let current = disk.meta().clone();
-        let epoch = disk
-            .store()
-            .take_over(&current)
-            .map_err(|e| e.to_string())?;
-        let mut next = current;
-        next.owner = me;
-        next.generation = epoch;
+        let mut current = disk.meta().clone();
+        if let Some(epoch) = disk.adopted_at() {
+            current.generation = epoch;
+        }
+        let next = disk.store().take_over(&current)?;
+        let epoch = next.generation;
         disk.set_meta(next);
         disk.set_active(true);
         log::info!(
@@ -102,17 +130,20 @@ pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), String> {
         disk.taken_over();
         return Ok(());
     }
-    let meta = disk.update_meta(|meta| {
-        meta.owner = me.clone();
-        meta.generation += 1;
-        Ok(meta.clone())
-    })?;
+    let meta = disk
+        .update_meta(|meta| {
+            meta.owner = me.clone();
+            meta.generation += 1;
+            Ok(meta.clone())
+        })
+        .map_err(StoreError::Cluster)?;
     log::info!(
         "image {}: taken over from {old} (generation {})",
         meta.name,
         meta.generation
     );
-    let json = serde_json::to_vec(&meta.to_file()).map_err(|e| e.to_string())?;
+    let json =
+        serde_json::to_vec(&meta.to_file()).map_err(|e| StoreError::Cluster(e.to_string()))?;
     let mut holders = meta.table.nodes();
     holders.retain(|n| n != &me);
     if !holders.contains(&old) {

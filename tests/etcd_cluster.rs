@@ -253,3 +253,140 @@ fn two_adopters_one_owner() {
     let (status, data) = winner.read(0, 0, 64 << 10).unwrap();
     assert_eq!((status, data == pattern(0, 1)), (S_OK, true));
 }
+
+/// Issue 10, failure 4: copies marked out of sync by the old owner after the new one adopted
+/// the image are known to the new owner when it takes over: it never reads the stale copy.
+#[test]
+fn the_new_owner_sees_what_the_old_one_marked_after_the_adoption() {
+    let dir = TestDir::new();
+    let Some((_etcd, mut cluster)) = setup(&dir, 3) else {
+        return;
+    };
+    // c's copy is listed first: a reader that trusts it reads there.
+    cluster.nodes[0].create_image("s", "4M", "1M", &["c:ram", "a:ram"]);
+    let mut on_a = client(&cluster.nodes[0], "s");
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 1)).unwrap(),
+            S_OK
+        );
+    }
+    cluster.nodes[1].cli(&["image", "adopt", "s"]);
+    cluster.nodes[2].kill9();
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 2)).unwrap(),
+            S_OK
+        );
+    }
+    assert_eq!(on_a.flush(0).unwrap(), S_OK);
+    assert_eq!(copies_on(&cluster.nodes[0], "s", "c"), (0, 4));
+    drop(on_a);
+    cluster.nodes[2].start_again(); // c serves its stale copy again
+    let b = &cluster.nodes[1];
+    let mut on_b = client(b, "s");
+    for block in 0..4u64 {
+        let (status, data) = on_b.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!(status, S_OK);
+        assert!(
+            data == pattern(block, 2),
+            "block {block}: stale data from c"
+        );
+    }
+    assert_eq!(b.cli(&["image", "info", "s"])["owner"], "b");
+    // The blocks move to b; the good copy is the source, never the stale one.
+    assert!(wait_until(Duration::from_secs(30), || {
+        let (on_b_synced, _) = copies_on(b, "s", "b");
+        on_b_synced == 4 && copies_on(b, "s", "a") == (0, 0)
+    }));
+    for block in 0..4u64 {
+        let copy = std::fs::read(b.block_file("ram", "s", block)).unwrap();
+        assert!(copy[..64 << 10] == pattern(block, 2)[..], "block {block}");
+    }
+}
+
+/// The owner dies (kill -9): another node adopts the image and serves it as soon as the dead
+/// owner's lease runs out; every flushed write is there.
+#[test]
+fn a_dead_owners_image_is_adopted_after_its_lease() {
+    let dir = TestDir::new();
+    let Some((_etcd, mut cluster)) = setup(&dir, 2) else {
+        return;
+    };
+    cluster.nodes[0].create_image("d", "4M", "1M", &["a:ram", "b:ram"]);
+    let mut on_a = client(&cluster.nodes[0], "d");
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 5)).unwrap(),
+            S_OK
+        );
+    }
+    assert_eq!(on_a.flush(0).unwrap(), S_OK);
+    cluster.nodes[0].kill9();
+    let killed = std::time::Instant::now();
+    let b = &cluster.nodes[1];
+    b.cli(&["image", "adopt", "d"]);
+    let mut on_b = client(b, "d");
+    assert_eq!(on_b.write(0, 4 * 2048 - 8, &[7; 4096]).unwrap(), S_OK);
+    let took = killed.elapsed();
+    eprintln!("adopted {took:?} after the owner was killed (lease {LEASE_TTL} s)");
+    assert!(took < Duration::from_secs(2 * LEASE_TTL + 3), "{took:?}");
+    for block in 0..3u64 {
+        let (status, data) = on_b.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!(
+            (status, data == pattern(block, 5)),
+            (S_OK, true),
+            "block {block}"
+        );
+    }
+    assert_eq!(b.cli(&["image", "info", "d"])["owner"], "b");
+    // a comes back: it is no longer the owner and does not export the image.
+    cluster.nodes[0].start_again();
+    let a = &cluster.nodes[0];
+    assert!(
+        !a.socket("d").exists(),
+        "a must not export an image it lost"
+    );
+    assert_eq!(on_b.write(0, 0, &[8; 4096]).unwrap(), S_OK);
+}
+
+/// etcd members die under a writing client: with one gone, writes go on; with the majority
+/// gone, writes wait (none is acknowledged without a valid lease) and go on when it is back.
+#[test]
+fn writes_wait_for_an_etcd_majority_and_go_on_after_it() {
+    let dir = TestDir::new();
+    let Some((mut etcd, cluster)) = setup(&dir, 2) else {
+        return;
+    };
+    let a = &cluster.nodes[0];
+    a.create_image("e", "4M", "1M", &["a:ram", "b:ram"]);
+    let mut on_a = client(a, "e");
+    assert_eq!(on_a.write(0, 0, &pattern(0, 1)).unwrap(), S_OK);
+    etcd.kill(0);
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 2)).unwrap(),
+            S_OK
+        );
+    }
+    etcd.kill(1);
+    // The lease cannot be renewed now: a write must wait until etcd is back.
+    std::thread::sleep(Duration::from_secs(LEASE_TTL + 1));
+    let writer = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let status = on_a.write(0, 2048, &pattern(1, 3)).unwrap();
+        (status, started.elapsed(), on_a)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !writer.is_finished(),
+        "a write was acknowledged without a valid lease"
+    );
+    etcd.restart(0);
+    etcd.restart(1);
+    let (status, waited, mut on_a) = writer.join().unwrap();
+    assert_eq!(status, S_OK, "the write goes on once etcd answers");
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    let (status, data) = on_a.read(0, 2048, 64 << 10).unwrap();
+    assert_eq!((status, data == pattern(1, 3)), (S_OK, true));
+}

@@ -38,6 +38,7 @@ impl Daemon {
         for node in cluster.nodes().map_err(|e| e.to_string())? {
             self.peers.set(&node.id, node.addr);
         }
+        self.remove_stale_sockets();
         let mut kept = BTreeSet::new();
         for meta in images {
             if !self.concerns_me(&meta) {
@@ -52,6 +53,21 @@ impl Daemon {
         self.remove_leftovers(&kept);
         *self.watch_from.lock().unwrap_or_else(|p| p.into_inner()) = revision + 1;
         Ok(revision)
+    }
+
+    /// Image sockets an earlier run left behind (killed before it could remove them): the
+    /// images this node owns get theirs again; the others must not look like a way in.
+    fn remove_stale_sockets(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.config.run_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".sock") && name != "control.sock" {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn concerns_me(&self, meta: &ImageMeta) -> bool {
@@ -548,6 +564,7 @@ impl Daemon {
                 self.find(name).ok_or("image vanished")?
             }
         };
+        disk.adopt();
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         disk.on_take_over(Box::new(move || {
             let spawned = std::thread::Builder::new()

@@ -134,6 +134,9 @@ impl Daemon {
         let export = if disk.meta().owner == self.config.node {
             Some(self.export(&disk)?)
         } else {
+            // A socket left by an earlier run that exported it (killed before it could
+            // remove it) must not look like a way in.
+            let _ = fs::remove_file(socket_path(&self.config.run_dir, &name));
             None
         };
         self.lock().insert(name, Entry { disk, export });

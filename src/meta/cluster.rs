@@ -306,35 +306,68 @@ impl ClusterMeta {
                 Compare::Version(self.keys.active(meta.id), Cmp::Equal, 0),
             ],
             success: vec![Op::Delete(key), Op::DeletePrefix(self.keys.chunks(meta.id))],
-            failure: vec![Op::Get(self.keys.active(meta.id))],
+            failure: self.refusal_reads(meta),
         };
         let result = self.etcd.txn(&txn)?;
         if result.succeeded {
             return Ok(());
         }
-        Err(self.why_refused(meta, result.responses.first()))
+        Err(self.why_refused(meta, &result.responses))
     }
 
-    fn why_refused(&self, meta: &ImageMeta, active: Option<&Vec<Kv>>) -> StoreError {
-        match active.and_then(|kvs| kvs.first()) {
+    /// What a refused transaction on the image reads to say why: its header, its active key.
+    fn refusal_reads(&self, meta: &ImageMeta) -> Vec<Op> {
+        vec![
+            Op::Get(self.keys.image(&meta.name)),
+            Op::Get(self.keys.active(meta.id)),
+        ]
+    }
+
+    /// Why a transaction guarded by [`ClusterMeta::refusal_reads`] was refused: the epoch
+    /// moved on (another node took the image over, or it was removed: final), or a frontend
+    /// runs it on some node (it may stop, or that node's lease run out).
+    fn why_refused(&self, meta: &ImageMeta, reads: &[Vec<Kv>]) -> StoreError {
+        let fenced = StoreError::Fenced {
+            image: meta.name.to_string(),
+            epoch: meta.generation,
+        };
+        let head = reads.first().and_then(|kvs| kvs.first());
+        if head.is_none_or(|kv| kv.mod_revision as u64 != meta.generation) {
+            return fenced;
+        }
+        match reads.get(1).and_then(|kvs| kvs.first()) {
             Some(kv) => match decode::<ActiveRecord>(kv) {
-                Ok(a) => StoreError::Cluster(format!(
-                    "image '{}' is in use by a frontend on node {}",
-                    meta.name, a.node
-                )),
+                Ok(a) => StoreError::InUse {
+                    image: meta.name.to_string(),
+                    node: a.node.to_string(),
+                },
                 Err(e) => e,
             },
-            None => StoreError::Fenced {
-                image: meta.name.to_string(),
-                epoch: meta.generation,
-            },
+            None => fenced,
         }
     }
 
     /// Makes this node the owner of `meta`'s image, if its epoch is still current and no
     /// frontend runs it anywhere; the device is marked active here in the same transaction.
-    /// Returns the new epoch. Of several nodes trying at once, exactly one wins.
-    pub fn take_over(&self, meta: &ImageMeta) -> Result<u64, StoreError> {
+    /// Of several nodes trying at once, exactly one wins. Returns the image's metadata as the
+    /// new owner finds it: read in the same transaction, so every change the old owner made
+    /// (copies it marked out of sync) is in it, whatever this node's watch had seen.
+    pub fn take_over(&self, meta: &ImageMeta) -> Result<ImageMeta, StoreError> {
+        let epoch = self.take_over_epoch(meta)?;
+        let fresh = self.image(&meta.name)?.ok_or_else(|| StoreError::Fenced {
+            image: meta.name.to_string(),
+            epoch,
+        })?;
+        if fresh.generation != epoch || fresh.owner != self.me {
+            return Err(StoreError::Fenced {
+                image: meta.name.to_string(),
+                epoch,
+            });
+        }
+        Ok(fresh)
+    }
+
+    fn take_over_epoch(&self, meta: &ImageMeta) -> Result<u64, StoreError> {
         let key = self.keys.image(&meta.name);
         let mut record = ImageRecord::of(meta);
         record.owner = self.me.clone();
@@ -358,7 +391,7 @@ impl ClusterMeta {
                     lease: self.lease.id(),
                 },
             ],
-            failure: vec![Op::Get(self.keys.active(meta.id))],
+            failure: self.refusal_reads(meta),
         };
         let result = self.etcd.txn(&txn)?;
         if result.succeeded {
@@ -367,7 +400,7 @@ impl ClusterMeta {
         // A retried call may find its own first attempt: this node owns it under its lease.
         let active_is_mine = result
             .responses
-            .first()
+            .get(1)
             .and_then(|kvs| kvs.first())
             .is_some_and(|kv| kv.lease == self.lease.id());
         if active_is_mine {
@@ -377,7 +410,7 @@ impl ClusterMeta {
                 }
             }
         }
-        Err(self.why_refused(meta, result.responses.first()))
+        Err(self.why_refused(meta, &result.responses))
     }
 
     /// Marks the image's device active on this node (a frontend started it). Allowed only to
@@ -398,7 +431,7 @@ impl ClusterMeta {
                 }),
                 lease: self.lease.id(),
             }],
-            failure: vec![Op::Get(active)],
+            failure: self.refusal_reads(meta),
         };
         let result = self.etcd.txn(&txn)?;
         if result.succeeded {
@@ -406,13 +439,13 @@ impl ClusterMeta {
         }
         let mine = result
             .responses
-            .first()
+            .get(1)
             .and_then(|kvs| kvs.first())
             .is_some_and(|kv| kv.lease == self.lease.id());
         if mine && self.epoch_is(meta)? {
             return Ok(());
         }
-        Err(self.why_refused(meta, result.responses.first()))
+        Err(self.why_refused(meta, &result.responses))
     }
 
     fn epoch_is(&self, meta: &ImageMeta) -> Result<bool, StoreError> {
@@ -439,7 +472,7 @@ impl MetaStore for ClusterMeta {
         true
     }
 
-    fn take_over(&self, meta: &ImageMeta) -> Result<u64, StoreError> {
+    fn take_over(&self, meta: &ImageMeta) -> Result<ImageMeta, StoreError> {
         ClusterMeta::take_over(self, meta)
     }
 

@@ -11,6 +11,9 @@ pub enum StoreError {
     /// The image's owner or epoch moved on: this node must not change it any more.
     #[error("image {image}: this node no longer owns it (epoch {epoch} is not current)")]
     Fenced { image: String, epoch: u64 },
+    /// A frontend runs the image on `node` (under that node's lease).
+    #[error("image {image} is in use by a frontend on node {node}")]
+    InUse { image: String, node: String },
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error("cluster metadata: {0}")]
@@ -26,8 +29,9 @@ pub trait MetaStore: Send + Sync {
         false
     }
 
-    /// Makes this node the image's owner; returns the new epoch. Only shared stores can.
-    fn take_over(&self, meta: &ImageMeta) -> Result<u64, StoreError> {
+    /// Makes this node the image's owner; returns the image's metadata under the new epoch.
+    /// Only shared stores can.
+    fn take_over(&self, meta: &ImageMeta) -> Result<ImageMeta, StoreError> {
         Err(StoreError::Cluster(format!(
             "image {}: ownership is not kept in a shared store",
             meta.name
