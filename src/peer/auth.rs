@@ -87,6 +87,11 @@ pub enum KeyError {
     #[error("cluster key file {path} is over {MAX_KEY_FILE} bytes: not a key file")]
     TooLarge { path: PathBuf },
     #[error(
+        "cluster key file {path} has mode {mode:04o}: group or others can read it; run `chmod 600 {path}`",
+        path = path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
         "cluster key is {len} bytes: at least {MIN_KEY_LEN} bytes or 64 hex characters are needed"
     )]
     TooShort { len: usize },
@@ -94,8 +99,8 @@ pub enum KeyError {
 
 impl ClusterKey {
     /// Reads a key file: 64 or more hex characters, or at least 32 raw bytes, with
-    /// surrounding whitespace ignored. A file that group or others can read is accepted
-    /// with a warning.
+    /// surrounding whitespace ignored. A file that group or others can read (or write) is
+    /// refused: a key anyone on the node can copy proves nothing about membership.
     pub fn from_file(path: &Path) -> Result<ClusterKey, KeyError> {
         let read_err = |source| KeyError::Read {
             path: path.to_path_buf(),
@@ -104,11 +109,10 @@ impl ClusterKey {
         let file = File::open(path).map_err(read_err)?;
         let mode = file.metadata().map_err(read_err)?.permissions().mode();
         if mode & 0o077 != 0 {
-            log::warn!(
-                "cluster key file {} is readable by others (mode {:o}): chmod 600 it",
-                path.display(),
-                mode & 0o777
-            );
+            return Err(KeyError::Exposed {
+                path: path.to_path_buf(),
+                mode: mode & 0o7777,
+            });
         }
         let mut bytes = Vec::new();
         file.take(MAX_KEY_FILE + 1)
@@ -518,6 +522,30 @@ mod tests {
             Err(KeyError::Read { .. })
         ));
         assert_eq!(format!("{:?}", key(KEY)), "ClusterKey(..)");
+    }
+
+    #[test]
+    fn key_files_others_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = ClusterKey::from_file(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::Exposed { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            let mode_text = format!("{mode:04o}");
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            assert!(text.contains(&mode_text), "{text}");
+            assert!(text.contains("chmod 600"), "{text}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(ClusterKey::from_file(&path).is_ok());
+        }
     }
 
     #[test]

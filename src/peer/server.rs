@@ -217,7 +217,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
 fn note_auth_failure(shared: &Shared, from: SocketAddr, error: &dyn std::fmt::Display) {
     let n = shared.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n <= AUTH_FAILURES_LOGGED || n.is_power_of_two() {
-        log::warn!("peer connection from {from} refused: {error} ({n} so far)");
+        log::warn!("peer handshake from {from} refused: {error} ({n} so far)");
     }
 }
 
