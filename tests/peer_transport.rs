@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use cormorant::image::{BlockRange, ImageName, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
 use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
-use cormorant::peer::server::MAX_HANDSHAKES;
+use cormorant::peer::server::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS};
 use cormorant::peer::{
     code, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
@@ -276,8 +277,13 @@ fn authenticated(addr: SocketAddr) -> TcpStream {
 }
 
 /// True when the server closes `stream` (end of file or reset) before `WAIT`.
-fn closed_by_server(mut stream: TcpStream) -> bool {
-    stream.set_read_timeout(Some(WAIT)).unwrap();
+fn closed_by_server(stream: TcpStream) -> bool {
+    closed_within(stream, WAIT)
+}
+
+/// True when the server closes `stream` (end of file or reset) within `wait`.
+fn closed_within(mut stream: TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
     let mut buf = [0u8; 256];
     loop {
         match stream.read(&mut buf) {
@@ -530,17 +536,57 @@ fn a_busy_server_stops_reading_and_catches_up() {
     assert_eq!(ids, (1..=sent).collect::<Vec<_>>());
 }
 
+/// A TCP connection to `to` (an IPv4 loopback address) from the loopback address `from`, so
+/// one test can be several hosts.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (local, remote) = (sockaddr(SocketAddrV4::new(from, 0)), sockaddr(to));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) takes no pointers; the descriptor is checked, then owned by the
+    // TcpStream, which closes it.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    // SAFETY: bind(2) and connect(2) on our open socket with pointers to local sockaddr_in
+    // values and their true length.
+    unsafe {
+        let bound = libc::bind(fd, (&raw const local).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let connected = libc::connect(fd, (&raw const remote).cast(), len);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+    }
+    stream
+}
+
+fn loopback(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
 #[test]
 fn handshakes_in_progress_are_bounded() {
     let toy = Arc::new(Toy::default());
     let server = start(&toy, any_port());
     let addr = server.local_addr();
+    // From several addresses, so that the per-address cap is not what stops them.
     let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES)
-        .map(|_| TcpStream::connect(addr).unwrap())
+        .map(|i| connect_from(loopback(10 + (i / MAX_HANDSHAKES_PER_ADDRESS) as u8), addr))
         .collect();
     // Wait until the server has taken them all in.
     thread::sleep(Duration::from_millis(100));
-    assert!(closed_by_server(TcpStream::connect(addr).unwrap()));
+    assert!(closed_by_server(connect_from(loopback(99), addr)));
     drop(silent);
     let good = client(addr, key(), 1);
     let deadline = Instant::now() + WAIT;
@@ -548,4 +594,58 @@ fn handshakes_in_progress_are_bounded() {
         assert!(e.is_unreachable() && Instant::now() < deadline, "{e}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn idle_handshakes_from_one_address_lock_no_one_else_out_and_expire() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let flooder = loopback(2);
+    let started = Instant::now();
+    let idle: Vec<TcpStream> = (0..2 * MAX_HANDSHAKES)
+        .map(|_| connect_from(flooder, addr))
+        .collect();
+    // One that trickles its preamble, a byte at a time, to stretch the handshake out.
+    let trickle = thread::spawn(move || {
+        let mut stream = connect_from(loopback(3), addr);
+        let began = Instant::now();
+        for byte in b"CORMORANT\x02\x00" {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(400));
+        }
+        let closed = closed_within(stream, HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+        (closed, began.elapsed())
+    });
+    thread::sleep(Duration::from_millis(100));
+    // A peer at another address gets through at once, first try.
+    let good = client(addr, key(), 1);
+    assert_eq!(
+        good.call_wait(read(1, 4), WAIT).unwrap(),
+        Response::Data(block_bytes(1, 4))
+    );
+    // The flooder holds MAX_HANDSHAKES_PER_ADDRESS slots; the rest were closed at once.
+    let mut idle = idle.into_iter();
+    let held: Vec<TcpStream> = idle.by_ref().take(MAX_HANDSHAKES_PER_ADDRESS).collect();
+    for extra in idle {
+        let kept = !closed_within(extra, Duration::from_millis(500));
+        assert!(!kept, "an extra idle connection from one address was kept");
+    }
+    // The ones it holds are dropped once the handshake deadline passes.
+    let grace = HANDSHAKE_TIMEOUT + Duration::from_secs(2);
+    for stream in held {
+        assert!(
+            closed_within(stream, grace),
+            "an idle handshake outlived its deadline"
+        );
+    }
+    assert!(started.elapsed() < grace);
+    let (closed, after) = trickle.join().unwrap();
+    assert!(closed, "the trickling handshake was not closed");
+    assert!(
+        after < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+        "a trickling handshake lived {after:?}"
+    );
 }

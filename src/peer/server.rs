@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufReader};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +33,13 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// many is plenty for peers reconnecting together, and a flood of strangers holding
 /// connections open cannot take more slots than this (each for [`HANDSHAKE_TIMEOUT`] at most).
 pub const MAX_HANDSHAKES: usize = 16;
+
+/// Connections from one IP address still in their handshake at once. A node keeps one pooled
+/// connection to each peer (`cluster.rs`), and a client pool that lost every connection opens
+/// at most a few again together; 4 covers that. It means a single address, the cheapest thing
+/// to flood from, can hold at most a quarter of the [`MAX_HANDSHAKES`] slots, so peers at other
+/// addresses still get in while it idles (each slot for [`HANDSHAKE_TIMEOUT`] at most).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 4;
 
 /// Handler calls running at once per connection. A client pool spreads its calls over
 /// several connections, so a peer gets a few times this.
@@ -86,9 +93,28 @@ struct Shared {
 struct Registry {
     next: u64,
     handshaking: usize,
+    /// Connections in their handshake per source address; an address leaves at zero.
+    handshaking_from: HashMap<IpAddr, usize>,
     live: usize,
     /// Every connection thread still running, with its socket (to shut it down on stop).
     threads: HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>,
+}
+
+impl Registry {
+    fn start_handshake(&mut self, from: IpAddr) {
+        self.handshaking += 1;
+        *self.handshaking_from.entry(from).or_default() += 1;
+    }
+
+    fn end_handshake(&mut self, from: IpAddr) {
+        self.handshaking -= 1;
+        if let Some(count) = self.handshaking_from.get_mut(&from) {
+            *count -= 1;
+            if *count == 0 {
+                self.handshaking_from.remove(&from);
+            }
+        }
+    }
 }
 
 impl PeerServer {
@@ -180,17 +206,30 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
 /// Starts a connection's thread, or closes the connection when the server is full.
 fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
     let mut registry = lock(&shared.registry);
-    if registry.handshaking >= MAX_HANDSHAKES
+    let refusal = if registry.handshaking >= MAX_HANDSHAKES
         || registry.handshaking + registry.live >= MAX_CONNECTIONS
     {
+        Some("server full: connection closed")
+    } else if registry
+        .handshaking_from
+        .get(&from.ip())
+        .copied()
+        .unwrap_or(0)
+        >= MAX_HANDSHAKES_PER_ADDRESS
+    {
+        Some("too many handshakes in progress from this address: connection closed")
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
         drop(registry);
-        note_auth_failure(shared, from, &"server full: connection closed");
+        note_auth_failure(shared, from, &refusal);
         return;
     }
     let Ok(handle_stream) = stream.try_clone() else {
         return;
     };
-    registry.handshaking += 1;
+    registry.start_handshake(from.ip());
     registry.next += 1;
     let id = registry.next;
     registry.threads.insert(id, (handle_stream, None));
@@ -207,7 +246,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
             }
         }
         Err(e) => {
-            registry.handshaking -= 1;
+            registry.end_handshake(from.ip());
             registry.threads.remove(&id);
             log::warn!("peer server: cannot start a connection thread: {e}");
         }
@@ -227,7 +266,7 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: TcpStream, from: SocketAddr
     let peer = auth::server_handshake(&stream, &shared.node, &shared.key, HANDSHAKE_TIMEOUT);
     let authenticated = {
         let mut registry = lock(&shared.registry);
-        registry.handshaking -= 1;
+        registry.end_handshake(from.ip());
         registry.live += usize::from(peer.is_ok());
         peer.is_ok()
     };
