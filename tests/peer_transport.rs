@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use cormorant::image::{BlockRange, ImageName, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
-use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
+use cormorant::peer::frame::{self, Decoder, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
+use cormorant::peer::seal::{Session, TAG_LEN};
 use cormorant::peer::server::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS};
 use cormorant::peer::{
     code, ClusterKey, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
@@ -261,10 +262,10 @@ fn a_wrong_key_is_refused_before_any_request() {
     assert_eq!(toy.calls.load(Ordering::SeqCst), 0);
 }
 
-/// Opens a raw connection that has passed the handshake.
-fn authenticated(addr: SocketAddr) -> TcpStream {
+/// Opens a raw connection that has passed the handshake, with its session keys.
+fn authenticated(addr: SocketAddr) -> (TcpStream, Session) {
     let stream = TcpStream::connect(addr).unwrap();
-    auth::client_handshake(
+    let session = auth::client_handshake(
         &stream,
         &node("raw"),
         &node("server"),
@@ -273,7 +274,7 @@ fn authenticated(addr: SocketAddr) -> TcpStream {
     )
     .unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream
+    (stream, session)
 }
 
 /// True when the server closes `stream` (end of file or reset) before `WAIT`.
@@ -311,45 +312,47 @@ fn garbage_closes_only_its_own_connection() {
     assert!(closed_by_server(noise));
 
     // After a good handshake: an oversize length, a bad checksum, a response kind.
-    let mut oversize = authenticated(addr);
+    let (mut oversize, _) = authenticated(addr);
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
     header[4] = Kind::Write as u8;
     oversize.write_all(&header).unwrap();
     assert!(closed_by_server(oversize));
 
-    let mut bad_crc = authenticated(addr);
-    let mut frame = frame::encode(Kind::Flush, 1, b"\x05disk0").unwrap();
+    let (mut bad_crc, mut session) = authenticated(addr);
+    let mut frame =
+        frame::encode_sealed(Kind::Flush, 1, b"\x05disk0", &mut session.sealer).unwrap();
     frame[16] ^= 0xff;
     bad_crc.write_all(&frame).unwrap();
     assert!(closed_by_server(bad_crc));
 
-    let mut wrong_way = authenticated(addr);
+    let (mut wrong_way, mut session) = authenticated(addr);
     wrong_way
-        .write_all(&frame::encode(Kind::Ok, 1, b"").unwrap())
+        .write_all(&frame::encode_sealed(Kind::Ok, 1, b"", &mut session.sealer).unwrap())
         .unwrap();
     assert!(closed_by_server(wrong_way));
 
     // A sound frame whose payload is not a request is answered, and the connection stays.
-    let mut sloppy = authenticated(addr);
+    let (mut sloppy, mut session) = authenticated(addr);
     sloppy
-        .write_all(&frame::encode(Kind::Flush, 7, b"\x05../x0").unwrap())
+        .write_all(
+            &frame::encode_sealed(Kind::Flush, 7, b"\x05../x0", &mut session.sealer).unwrap(),
+        )
         .unwrap();
-    let mut answer = [0u8; HEADER_LEN];
-    sloppy.read_exact(&mut answer).unwrap();
-    assert_eq!((answer[4], answer[8]), (Kind::Error as u8, 7));
-    let len = u32::from_le_bytes(answer[0..4].try_into().unwrap()) as usize;
-    let mut payload = vec![0; len];
-    sloppy.read_exact(&mut payload).unwrap();
+    let mut answers = Decoder::sealed(MAX_PAYLOAD, session.opener);
+    let answer = answers.read_from(&mut sloppy).unwrap().unwrap();
+    assert_eq!((answer.kind, answer.id), (Kind::Error, 7));
     assert_eq!(
-        u16::from_le_bytes([payload[0], payload[1]]),
+        u16::from_le_bytes([answer.payload[0], answer.payload[1]]),
         code::BAD_REQUEST
     );
     sloppy
-        .write_all(&frame::encode(Kind::Flush, 8, b"\x05disk0").unwrap())
+        .write_all(
+            &frame::encode_sealed(Kind::Flush, 8, b"\x05disk0", &mut session.sealer).unwrap(),
+        )
         .unwrap();
-    sloppy.read_exact(&mut answer).unwrap();
-    assert_eq!((answer[4], answer[8]), (Kind::Ok as u8, 8));
+    let answer = answers.read_from(&mut sloppy).unwrap().unwrap();
+    assert_eq!((answer.kind, answer.id), (Kind::Ok, 8));
 
     assert!(good.call_wait(read(2, 8), WAIT).is_ok());
     assert_eq!(toy.calls.load(Ordering::SeqCst), 3);
@@ -484,7 +487,7 @@ fn a_busy_server_stops_reading_and_catches_up() {
     let toy = Arc::new(Toy::default());
     toy.hold.store(true, Ordering::SeqCst);
     let server = start(&toy, any_port());
-    let mut raw = authenticated(server.local_addr());
+    let (mut raw, mut session) = authenticated(server.local_addr());
     raw.set_write_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let payload = [
@@ -497,7 +500,8 @@ fn a_busy_server_stops_reading_and_catches_up() {
     // reading (at most 64 requests or 32 MiB in flight, plus what the kernel buffers).
     let (mut sent, mut partial) = (0u64, None);
     while sent < 200 {
-        let frame = frame::encode(Kind::Write, sent + 1, &payload).unwrap();
+        let frame =
+            frame::encode_sealed(Kind::Write, sent + 1, &payload, &mut session.sealer).unwrap();
         let mut at = 0;
         while at < frame.len() {
             match raw.write(&frame[at..]) {
@@ -527,7 +531,7 @@ fn a_busy_server_stops_reading_and_catches_up() {
     }
     let mut ids = Vec::new();
     for _ in 0..sent {
-        let mut header = [0u8; HEADER_LEN];
+        let mut header = [0u8; HEADER_LEN + TAG_LEN];
         raw.read_exact(&mut header).unwrap();
         assert_eq!((header[4], &header[0..4]), (Kind::Ok as u8, &[0u8; 4][..]));
         ids.push(u64::from_le_bytes(header[8..16].try_into().unwrap()));
@@ -648,4 +652,122 @@ fn idle_handshakes_from_one_address_lock_no_one_else_out_and_expire() {
         after < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
         "a trickling handshake lived {after:?}"
     );
+}
+
+/// Frames that only carry a CRC, as an on-path host can forge them, and sealed frames sent
+/// again, out of order or after one was left out: each closes the connection unanswered.
+#[test]
+fn frames_without_a_good_tag_close_the_connection() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let flush = |id| {
+        Request::Flush { image: image() }
+            .encode()
+            .unwrap()
+            .into_frame(id)
+            .unwrap()
+    };
+
+    // The connection works with sealed frames.
+    let (mut ok, mut session) = authenticated(addr);
+    ok.write_all(&flush(1).to_sealed_bytes(&mut session.sealer))
+        .unwrap();
+    let mut answers = Decoder::sealed(MAX_PAYLOAD, session.opener.clone());
+    assert_eq!(answers.read_from(&mut ok).unwrap().unwrap().kind, Kind::Ok);
+    assert_eq!(toy.calls.load(Ordering::SeqCst), 1);
+
+    // Injected: a sound frame with a good CRC and a made-up tag.
+    let (mut injected, _) = authenticated(addr);
+    injected
+        .write_all(&[flush(1).to_bytes(), vec![0; TAG_LEN]].concat())
+        .unwrap();
+    assert!(closed_by_server(injected));
+
+    // Replayed: the same sealed frame twice.
+    let (mut replayed, mut session) = authenticated(addr);
+    let once = flush(1).to_sealed_bytes(&mut session.sealer);
+    replayed.write_all(&[once.clone(), once].concat()).unwrap();
+    assert!(closed_by_server(replayed));
+
+    // Reordered, or one left out: the second frame sent first.
+    let (mut reordered, mut session) = authenticated(addr);
+    let first = flush(1).to_sealed_bytes(&mut session.sealer);
+    let second = flush(2).to_sealed_bytes(&mut session.sealer);
+    reordered.write_all(&[second, first].concat()).unwrap();
+    assert!(closed_by_server(reordered));
+
+    // Sealed with another connection's keys.
+    let (_, mut other) = authenticated(addr);
+    let (mut crossed, _) = authenticated(addr);
+    crossed
+        .write_all(&flush(1).to_sealed_bytes(&mut other.sealer))
+        .unwrap();
+    assert!(closed_by_server(crossed));
+
+    // Only the frame on `ok` and the first of `replayed` may have got through (that one may
+    // also be dropped unhandled when its connection closes).
+    assert!(toy.calls.load(Ordering::SeqCst) <= 2);
+}
+
+/// A host between two nodes that changes a write's data on the way and fixes the CRC up:
+/// without tags the server would store the altered bytes. Now it closes the connection, the
+/// write is never carried out and the call fails.
+#[test]
+fn a_write_altered_on_the_way_is_refused() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let proxy = std::net::TcpListener::bind(any_port()).unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let upstream = server.local_addr();
+    let on_path = thread::spawn(move || {
+        let (mut from_client, _) = proxy.accept().unwrap();
+        let mut to_server = TcpStream::connect(upstream).unwrap();
+        let mut back = to_server.try_clone().unwrap();
+        let mut to_client = from_client.try_clone().unwrap();
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut back, &mut to_client);
+            let _ = to_client.shutdown(std::net::Shutdown::Both);
+        });
+        let mut preamble = [0u8; 11];
+        from_client.read_exact(&mut preamble).unwrap();
+        to_server.write_all(&preamble).unwrap();
+        // Hello and Proof pass untouched; the next frame is the write.
+        for frame in 0..3 {
+            let mut header = [0u8; HEADER_LEN];
+            from_client.read_exact(&mut header).unwrap();
+            let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; len];
+            from_client.read_exact(&mut payload).unwrap();
+            if frame == 2 {
+                assert_eq!(header[4], Kind::Write as u8);
+                *payload.last_mut().unwrap() ^= 0xff;
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..16]), &payload);
+                header[16..20].copy_from_slice(&crc.to_le_bytes());
+            }
+            to_server
+                .write_all(&[&header[..], &payload].concat())
+                .unwrap();
+        }
+        let _ = std::io::copy(&mut from_client, &mut to_server);
+    });
+    let client = client(proxy_addr, key(), 1);
+    let write = Request::Write {
+        image: image(),
+        tier: Tier::Ram,
+        block: 9,
+        offset: 0,
+        data: vec![0x5a; 4096],
+    };
+    let result = client.call_wait(write, WAIT);
+    assert!(
+        matches!(result, Err(PeerError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        toy.written.lock().unwrap().get(&9).is_none(),
+        "the altered write was carried out"
+    );
+    drop(client);
+    let _ = on_path.join();
 }

@@ -24,6 +24,7 @@ use super::frame::{Decoder, Frame, Outgoing, ReadError, MAX_PAYLOAD};
 use super::lock;
 use super::message::{code, Request, Response};
 use super::outbox::Outbox;
+use super::seal::{Opener, Session};
 use crate::image::NodeId;
 
 /// Authenticated connections at once: 16 peers with a pool of 4 each.
@@ -271,9 +272,9 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: TcpStream, from: SocketAddr
         peer.is_ok()
     };
     match peer {
-        Ok(peer) => {
+        Ok((peer, session)) => {
             log::info!("peer {peer} connected from {from}");
-            match serve(shared, &stream, &peer) {
+            match serve(shared, &stream, &peer, session) {
                 Ok(()) => log::info!("peer {peer} at {from} disconnected"),
                 Err(e) => log::warn!("peer {peer} at {from}: connection closed: {e}"),
             }
@@ -349,8 +350,14 @@ struct Job {
     charge: usize,
 }
 
-/// Serves an authenticated connection until it closes; an `Err` says why it was cut.
-fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), ReadError> {
+/// Serves an authenticated connection until it closes; an `Err` says why it was cut (a frame
+/// whose tag fails is one).
+fn serve(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    peer: &NodeId,
+    session: Session,
+) -> Result<(), ReadError> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let gauge = Arc::new(Gauge::default());
@@ -358,7 +365,7 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
         let gauge = gauge.clone();
         move |frames, charges| gauge.release(frames, charges)
     });
-    outbox.attach(stream.try_clone()?);
+    outbox.attach(stream.try_clone()?, Some(session.sealer));
     let conn = Arc::new(Connection {
         peer: peer.clone(),
         outbox,
@@ -383,7 +390,7 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
             .spawn(move || write_answers(&conn))?
     };
     threads.push(writer);
-    let result = read_requests(&conn, stream, &jobs);
+    let result = read_requests(&conn, stream, &jobs, session.opener);
     conn.outbox.close();
     let _ = stream.shutdown(Shutdown::Both);
     drop(jobs);
@@ -406,9 +413,10 @@ fn read_requests(
     conn: &Connection,
     stream: &TcpStream,
     jobs: &Sender<Job>,
+    opener: Opener,
 ) -> Result<(), ReadError> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-    let mut decoder = Decoder::new(MAX_PAYLOAD);
+    let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
     while conn.gauge.wait_for_room(|| conn.outbox.is_closed()) {
         let Some(frame) = decoder.read_from(&mut reader)? else {
             return Ok(());
