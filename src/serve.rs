@@ -2,7 +2,9 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -25,6 +27,8 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("RAM directory {path}: {reason}")]
+    RamDir { path: String, reason: String },
     #[error("cluster key {path}: {reason}")]
     Key { path: String, reason: String },
     #[error("another cormorant daemon is serving {0}")]
@@ -45,12 +49,13 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ServeError {
 
 /// Runs the daemon until a termination signal; then drains, syncs, saves and cleans up.
 pub fn run(mut config: Config) -> Result<(), ServeError> {
-    for dir in [&config.run_dir, &config.dirs.ram, &config.dirs.volume] {
+    for dir in [&config.run_dir, &config.dirs.volume] {
         fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
             path: dir.display().to_string(),
             source,
         })?;
     }
+    private_dir(&config.dirs.ram)?;
     let _lock = lock_run_dir(&config)?;
     raise_fd_limit();
     if config.use_uring {
@@ -167,6 +172,57 @@ fn lock_run_dir(config: &Config) -> Result<File, ServeError> {
     Ok(file)
 }
 
+/// Creates the RAM tier's directory with mode 0700, or checks the one there. Its default is
+/// under /dev/shm, which every local user may write to: someone could create it first and
+/// then read guests' blocks or plant files in it. So a directory that is not ours, not a
+/// directory (a symlink), or open to group or others is refused rather than used.
+fn private_dir(path: &Path) -> Result<(), ServeError> {
+    let shown = path.display().to_string();
+    let refuse = |reason: String| ServeError::RamDir {
+        path: shown.clone(),
+        reason,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|source| ServeError::Dir {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(ServeError::Dir {
+                path: shown,
+                source: e,
+            })
+        }
+        _ => {}
+    }
+    let meta = fs::symlink_metadata(path).map_err(|source| ServeError::Dir {
+        path: shown.clone(),
+        source,
+    })?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse(
+            "not a directory (a symlink?): remove it and start again".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "owned by uid {}, not by this daemon's uid {me}: someone else created it; remove it (or `chown {me}` it if it is really ours) and start again",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(refuse(format!(
+            "mode {mode:04o} lets group or others in to the block files: run `chmod 700 {shown}`"
+        )));
+    }
+    Ok(())
+}
+
 /// Block files are kept open; let the process use as many descriptors as the hard limit allows.
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
@@ -180,5 +236,55 @@ fn raise_fd_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_ram_dir_is_created_private() {
+        let root = tempfile::tempdir().unwrap();
+        let ram = root.path().join("shm").join("cormorant");
+        private_dir(&ram).unwrap();
+        assert_eq!(mode(&ram), 0o700);
+        // Ours and private: used again at the next start.
+        private_dir(&ram).unwrap();
+    }
+
+    #[test]
+    fn an_open_or_foreign_ram_dir_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let ram = root.path().join("cormorant");
+        fs::create_dir(&ram).unwrap();
+        fs::set_permissions(&ram, fs::Permissions::from_mode(0o755)).unwrap();
+        let text = private_dir(&ram).unwrap_err().to_string();
+        assert!(text.contains(&ram.display().to_string()), "{text}");
+        assert!(
+            text.contains("0755") && text.contains("chmod 700"),
+            "{text}"
+        );
+        assert_eq!(mode(&ram), 0o755, "refused, not silently changed");
+
+        fs::set_permissions(&ram, fs::Permissions::from_mode(0o700)).unwrap();
+        // Only root can give it away; as anyone else this part is skipped.
+        if std::os::unix::fs::chown(&ram, Some(65534), Some(65534)).is_ok() {
+            let text = private_dir(&ram).unwrap_err().to_string();
+            assert!(text.contains("owned by uid 65534"), "{text}");
+        }
+
+        let link = root.path().join("link");
+        let elsewhere = root.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let text = private_dir(&link).unwrap_err().to_string();
+        assert!(text.contains("not a directory"), "{text}");
     }
 }

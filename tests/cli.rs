@@ -206,3 +206,56 @@ fn image_sockets_get_the_configured_group_and_mode() {
         "control stays private"
     );
 }
+
+/// `serve` with `args` in `dir`; it must fail at start. Returns its stderr.
+fn serve_refused(dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
+    let output = std::process::Command::new(common::daemon::BIN)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("serve")
+        .arg("--volume-dir")
+        .arg(dir.join("vol"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "serve started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_an_open_ram_dir_and_a_readable_cluster_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    let ram = dir.path().join("ram");
+    std::fs::create_dir(&ram).unwrap();
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stderr = serve_refused(dir.path(), &["--ram-dir".as_ref(), ram.as_os_str()]);
+    assert!(
+        stderr.contains(&ram.display().to_string())
+            && stderr.contains("0755")
+            && stderr.contains("chmod 700"),
+        "{stderr}"
+    );
+
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, "a5".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = [
+        "--ram-dir".as_ref(),
+        ram.as_os_str(),
+        "--node".as_ref(),
+        "a".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--cluster-key-file".as_ref(),
+        key.as_os_str(),
+    ];
+    let stderr = serve_refused(dir.path(), &args);
+    assert!(
+        stderr.contains(&key.display().to_string())
+            && stderr.contains("0644")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+}

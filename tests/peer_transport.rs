@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use cormorant::image::{BlockRange, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
-use cormorant::peer::frame::{self, Kind, HEADER_LEN, MAX_PAYLOAD};
+use cormorant::peer::frame::{self, Decoder, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
-use cormorant::peer::server::MAX_HANDSHAKES;
+use cormorant::peer::seal::{Session, TAG_LEN};
+use cormorant::peer::server::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS};
 use cormorant::peer::{
     code, ClusterKey, ImageRef, PeerClient, PeerError, PeerHandler, PeerServer, Request, Response,
 };
@@ -260,10 +262,10 @@ fn a_wrong_key_is_refused_before_any_request() {
     assert_eq!(toy.calls.load(Ordering::SeqCst), 0);
 }
 
-/// Opens a raw connection that has passed the handshake.
-fn authenticated(addr: SocketAddr) -> TcpStream {
+/// Opens a raw connection that has passed the handshake, with its session keys.
+fn authenticated(addr: SocketAddr) -> (TcpStream, Session) {
     let stream = TcpStream::connect(addr).unwrap();
-    auth::client_handshake(
+    let session = auth::client_handshake(
         &stream,
         &node("raw"),
         &node("server"),
@@ -272,12 +274,17 @@ fn authenticated(addr: SocketAddr) -> TcpStream {
     )
     .unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream
+    (stream, session)
 }
 
 /// True when the server closes `stream` (end of file or reset) before `WAIT`.
-fn closed_by_server(mut stream: TcpStream) -> bool {
-    stream.set_read_timeout(Some(WAIT)).unwrap();
+fn closed_by_server(stream: TcpStream) -> bool {
+    closed_within(stream, WAIT)
+}
+
+/// True when the server closes `stream` (end of file or reset) within `wait`.
+fn closed_within(mut stream: TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
     let mut buf = [0u8; 256];
     loop {
         match stream.read(&mut buf) {
@@ -305,45 +312,53 @@ fn garbage_closes_only_its_own_connection() {
     assert!(closed_by_server(noise));
 
     // After a good handshake: an oversize length, a bad checksum, a response kind.
-    let mut oversize = authenticated(addr);
+    let (mut oversize, _) = authenticated(addr);
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
     header[4] = Kind::Write as u8;
     oversize.write_all(&header).unwrap();
     assert!(closed_by_server(oversize));
 
-    let mut bad_crc = authenticated(addr);
-    let mut frame = frame::encode(Kind::Flush, 1, b"\x05disk0").unwrap();
+    let (mut bad_crc, mut session) = authenticated(addr);
+    let mut frame =
+        frame::encode_sealed(Kind::Flush, 1, b"\x05disk0", &mut session.sealer).unwrap();
     frame[16] ^= 0xff;
     bad_crc.write_all(&frame).unwrap();
     assert!(closed_by_server(bad_crc));
 
-    let mut wrong_way = authenticated(addr);
+    let (mut wrong_way, mut session) = authenticated(addr);
     wrong_way
-        .write_all(&frame::encode(Kind::Ok, 1, b"").unwrap())
+        .write_all(&frame::encode_sealed(Kind::Ok, 1, b"", &mut session.sealer).unwrap())
         .unwrap();
     assert!(closed_by_server(wrong_way));
 
     // A sound frame whose payload is not a request is answered, and the connection stays.
-    let mut sloppy = authenticated(addr);
+    let (mut sloppy, mut session) = authenticated(addr);
     sloppy
-        .write_all(&frame::encode(Kind::Flush, 7, b"\x05../x0").unwrap())
+        .write_all(
+            &frame::encode_sealed(Kind::Flush, 7, b"\x05../x0", &mut session.sealer).unwrap(),
+        )
         .unwrap();
-    let mut answer = [0u8; HEADER_LEN];
-    sloppy.read_exact(&mut answer).unwrap();
-    assert_eq!((answer[4], answer[8]), (Kind::Error as u8, 7));
-    let len = u32::from_le_bytes(answer[0..4].try_into().unwrap()) as usize;
-    let mut payload = vec![0; len];
-    sloppy.read_exact(&mut payload).unwrap();
+    let mut answers = Decoder::sealed(MAX_PAYLOAD, session.opener);
+    let answer = answers.read_from(&mut sloppy).unwrap().unwrap();
+    assert_eq!((answer.kind, answer.id), (Kind::Error, 7));
     assert_eq!(
-        u16::from_le_bytes([payload[0], payload[1]]),
+        u16::from_le_bytes([answer.payload[0], answer.payload[1]]),
         code::BAD_REQUEST
     );
     sloppy
-        .write_all(&frame::encode(Kind::Flush, 8, b"\x05disk0\x01\0\0\0\0\0\0\0").unwrap())
+        .write_all(
+            &frame::encode_sealed(
+                Kind::Flush,
+                8,
+                b"\x05disk0\x01\0\0\0\0\0\0\0",
+                &mut session.sealer,
+            )
+            .unwrap(),
+        )
         .unwrap();
-    sloppy.read_exact(&mut answer).unwrap();
-    assert_eq!((answer[4], answer[8]), (Kind::Ok as u8, 8));
+    let answer = answers.read_from(&mut sloppy).unwrap().unwrap();
+    assert_eq!((answer.kind, answer.id), (Kind::Ok, 8));
 
     assert!(good.call_wait(read(2, 8), WAIT).is_ok());
     assert_eq!(toy.calls.load(Ordering::SeqCst), 3);
@@ -478,7 +493,7 @@ fn a_busy_server_stops_reading_and_catches_up() {
     let toy = Arc::new(Toy::default());
     toy.hold.store(true, Ordering::SeqCst);
     let server = start(&toy, any_port());
-    let mut raw = authenticated(server.local_addr());
+    let (mut raw, mut session) = authenticated(server.local_addr());
     raw.set_write_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let payload = [
@@ -491,7 +506,8 @@ fn a_busy_server_stops_reading_and_catches_up() {
     // reading (at most 64 requests or 32 MiB in flight, plus what the kernel buffers).
     let (mut sent, mut partial) = (0u64, None);
     while sent < 200 {
-        let frame = frame::encode(Kind::Write, sent + 1, &payload).unwrap();
+        let frame =
+            frame::encode_sealed(Kind::Write, sent + 1, &payload, &mut session.sealer).unwrap();
         let mut at = 0;
         while at < frame.len() {
             match raw.write(&frame[at..]) {
@@ -521,7 +537,7 @@ fn a_busy_server_stops_reading_and_catches_up() {
     }
     let mut ids = Vec::new();
     for _ in 0..sent {
-        let mut header = [0u8; HEADER_LEN];
+        let mut header = [0u8; HEADER_LEN + TAG_LEN];
         raw.read_exact(&mut header).unwrap();
         assert_eq!((header[4], &header[0..4]), (Kind::Ok as u8, &[0u8; 4][..]));
         ids.push(u64::from_le_bytes(header[8..16].try_into().unwrap()));
@@ -530,17 +546,57 @@ fn a_busy_server_stops_reading_and_catches_up() {
     assert_eq!(ids, (1..=sent).collect::<Vec<_>>());
 }
 
+/// A TCP connection to `to` (an IPv4 loopback address) from the loopback address `from`, so
+/// one test can be several hosts.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (local, remote) = (sockaddr(SocketAddrV4::new(from, 0)), sockaddr(to));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) takes no pointers; the descriptor is checked, then owned by the
+    // TcpStream, which closes it.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    // SAFETY: bind(2) and connect(2) on our open socket with pointers to local sockaddr_in
+    // values and their true length.
+    unsafe {
+        let bound = libc::bind(fd, (&raw const local).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let connected = libc::connect(fd, (&raw const remote).cast(), len);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+    }
+    stream
+}
+
+fn loopback(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
 #[test]
 fn handshakes_in_progress_are_bounded() {
     let toy = Arc::new(Toy::default());
     let server = start(&toy, any_port());
     let addr = server.local_addr();
+    // From several addresses, so that the per-address cap is not what stops them.
     let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES)
-        .map(|_| TcpStream::connect(addr).unwrap())
+        .map(|i| connect_from(loopback(10 + (i / MAX_HANDSHAKES_PER_ADDRESS) as u8), addr))
         .collect();
     // Wait until the server has taken them all in.
     thread::sleep(Duration::from_millis(100));
-    assert!(closed_by_server(TcpStream::connect(addr).unwrap()));
+    assert!(closed_by_server(connect_from(loopback(99), addr)));
     drop(silent);
     let good = client(addr, key(), 1);
     let deadline = Instant::now() + WAIT;
@@ -548,4 +604,176 @@ fn handshakes_in_progress_are_bounded() {
         assert!(e.is_unreachable() && Instant::now() < deadline, "{e}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn idle_handshakes_from_one_address_lock_no_one_else_out_and_expire() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let flooder = loopback(2);
+    let started = Instant::now();
+    let idle: Vec<TcpStream> = (0..2 * MAX_HANDSHAKES)
+        .map(|_| connect_from(flooder, addr))
+        .collect();
+    // One that trickles its preamble, a byte at a time, to stretch the handshake out.
+    let trickle = thread::spawn(move || {
+        let mut stream = connect_from(loopback(3), addr);
+        let began = Instant::now();
+        for byte in b"CORMORANT\x02\x00" {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(400));
+        }
+        let closed = closed_within(stream, HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+        (closed, began.elapsed())
+    });
+    thread::sleep(Duration::from_millis(100));
+    // A peer at another address gets through at once, first try.
+    let good = client(addr, key(), 1);
+    assert_eq!(
+        good.call_wait(read(1, 4), WAIT).unwrap(),
+        Response::Data(block_bytes(1, 4))
+    );
+    // The flooder holds MAX_HANDSHAKES_PER_ADDRESS slots; the rest were closed at once.
+    let mut idle = idle.into_iter();
+    let held: Vec<TcpStream> = idle.by_ref().take(MAX_HANDSHAKES_PER_ADDRESS).collect();
+    for extra in idle {
+        let kept = !closed_within(extra, Duration::from_millis(500));
+        assert!(!kept, "an extra idle connection from one address was kept");
+    }
+    // The ones it holds are dropped once the handshake deadline passes.
+    let grace = HANDSHAKE_TIMEOUT + Duration::from_secs(2);
+    for stream in held {
+        assert!(
+            closed_within(stream, grace),
+            "an idle handshake outlived its deadline"
+        );
+    }
+    assert!(started.elapsed() < grace);
+    let (closed, after) = trickle.join().unwrap();
+    assert!(closed, "the trickling handshake was not closed");
+    assert!(
+        after < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+        "a trickling handshake lived {after:?}"
+    );
+}
+
+/// Frames that only carry a CRC, as an on-path host can forge them, and sealed frames sent
+/// again, out of order or after one was left out: each closes the connection unanswered.
+#[test]
+fn frames_without_a_good_tag_close_the_connection() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let addr = server.local_addr();
+    let flush = |id| {
+        Request::Flush { image: image() }
+            .encode()
+            .unwrap()
+            .into_frame(id)
+            .unwrap()
+    };
+
+    // The connection works with sealed frames.
+    let (mut ok, mut session) = authenticated(addr);
+    ok.write_all(&flush(1).to_sealed_bytes(&mut session.sealer))
+        .unwrap();
+    let mut answers = Decoder::sealed(MAX_PAYLOAD, session.opener.clone());
+    assert_eq!(answers.read_from(&mut ok).unwrap().unwrap().kind, Kind::Ok);
+    assert_eq!(toy.calls.load(Ordering::SeqCst), 1);
+
+    // Injected: a sound frame with a good CRC and a made-up tag.
+    let (mut injected, _) = authenticated(addr);
+    injected
+        .write_all(&[flush(1).to_bytes(), vec![0; TAG_LEN]].concat())
+        .unwrap();
+    assert!(closed_by_server(injected));
+
+    // Replayed: the same sealed frame twice.
+    let (mut replayed, mut session) = authenticated(addr);
+    let once = flush(1).to_sealed_bytes(&mut session.sealer);
+    replayed.write_all(&[once.clone(), once].concat()).unwrap();
+    assert!(closed_by_server(replayed));
+
+    // Reordered, or one left out: the second frame sent first.
+    let (mut reordered, mut session) = authenticated(addr);
+    let first = flush(1).to_sealed_bytes(&mut session.sealer);
+    let second = flush(2).to_sealed_bytes(&mut session.sealer);
+    reordered.write_all(&[second, first].concat()).unwrap();
+    assert!(closed_by_server(reordered));
+
+    // Sealed with another connection's keys.
+    let (_, mut other) = authenticated(addr);
+    let (mut crossed, _) = authenticated(addr);
+    crossed
+        .write_all(&flush(1).to_sealed_bytes(&mut other.sealer))
+        .unwrap();
+    assert!(closed_by_server(crossed));
+
+    // Only the frame on `ok` and the first of `replayed` may have got through (that one may
+    // also be dropped unhandled when its connection closes).
+    assert!(toy.calls.load(Ordering::SeqCst) <= 2);
+}
+
+/// A host between two nodes that changes a write's data on the way and fixes the CRC up:
+/// without tags the server would store the altered bytes. Now it closes the connection, the
+/// write is never carried out and the call fails.
+#[test]
+fn a_write_altered_on_the_way_is_refused() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let proxy = std::net::TcpListener::bind(any_port()).unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let upstream = server.local_addr();
+    let on_path = thread::spawn(move || {
+        let (mut from_client, _) = proxy.accept().unwrap();
+        let mut to_server = TcpStream::connect(upstream).unwrap();
+        let mut back = to_server.try_clone().unwrap();
+        let mut to_client = from_client.try_clone().unwrap();
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut back, &mut to_client);
+            let _ = to_client.shutdown(std::net::Shutdown::Both);
+        });
+        let mut preamble = [0u8; 11];
+        from_client.read_exact(&mut preamble).unwrap();
+        to_server.write_all(&preamble).unwrap();
+        // Hello and Proof pass untouched; the next frame is the write.
+        for frame in 0..3 {
+            let mut header = [0u8; HEADER_LEN];
+            from_client.read_exact(&mut header).unwrap();
+            let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; len];
+            from_client.read_exact(&mut payload).unwrap();
+            if frame == 2 {
+                assert_eq!(header[4], Kind::Write as u8);
+                *payload.last_mut().unwrap() ^= 0xff;
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..16]), &payload);
+                header[16..20].copy_from_slice(&crc.to_le_bytes());
+            }
+            to_server
+                .write_all(&[&header[..], &payload].concat())
+                .unwrap();
+        }
+        let _ = std::io::copy(&mut from_client, &mut to_server);
+    });
+    let client = client(proxy_addr, key(), 1);
+    let write = Request::Write {
+        image: image(),
+        tier: Tier::Ram,
+        block: 9,
+        offset: 0,
+        data: vec![0x5a; 4096],
+    };
+    let result = client.call_wait(write, WAIT);
+    assert!(
+        matches!(result, Err(PeerError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        toy.written.lock().unwrap().get(&9).is_none(),
+        "the altered write was carried out"
+    );
+    drop(client);
+    let _ = on_path.join();
 }

@@ -61,6 +61,9 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
     let w = work.path();
     let key = w.join("cluster.key");
     std::fs::write(&key, "c3".repeat(32)).map_err(io_ctx("key file"))?;
+    // A key file group or others can read is refused.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&key, private).map_err(io_ctx("key file"))?;
     let (pa, pb) = (free_port("127.0.0.2")?, free_port("127.0.0.3")?);
     let (aa, ab) = (format!("127.0.0.2:{pa}"), format!("127.0.0.3:{pb}"));
     let mut a = node(ctx, w, ("a", &aa), ("b", &ab), &key)?;

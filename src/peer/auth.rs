@@ -8,7 +8,13 @@
 //!                                                 <-  Accept = HMAC(key, server label | transcript)
 //!                                                     or Refuse (reason), then close
 //! transcript = nonce_c | nonce_s | len | client id | len | server id
+//! client->server key = HMAC(key, "cormorant/2 client frames" | transcript)
+//! server->client key = HMAC(key, "cormorant/2 server frames" | transcript)
 //! ```
+//!
+//! Each side leaves the handshake with a [`Session`]: the key of each direction, with which
+//! every later frame is tagged (see [`super::seal`]). Fresh nonces make every connection's
+//! keys new.
 //!
 //! Both sides prove they hold the key over fresh nonces from both, so a recorded handshake is
 //! worth nothing and a reflected proof fails (the labels differ). The server reads nothing but
@@ -27,13 +33,16 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use super::frame::{self, Decoder, Frame, FrameError, Kind};
+pub use super::seal::Session;
+use super::seal::{Opener, Sealer, SESSION_KEY_LEN};
 use crate::image::NodeId;
 
 /// The first bytes each side sends: anything else is not a Cormorant peer.
 pub const MAGIC: [u8; 9] = *b"CORMORANT";
 
-/// The protocol version this build speaks; a peer speaking another one is refused.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks; a peer speaking another one is refused. 2: every
+/// frame after the handshake carries a tag (version 1 frames had only a CRC).
+pub const VERSION: u16 = 2;
 
 /// Magic and version.
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
@@ -59,8 +68,12 @@ pub const MIN_KEY_LEN: usize = 32;
 /// Largest key file read: a key is a line of hex or a few dozen raw bytes, not a document.
 pub const MAX_KEY_FILE: u64 = 4096;
 
-const CLIENT_LABEL: &[u8] = b"cormorant/1 client proof";
-const SERVER_LABEL: &[u8] = b"cormorant/1 server proof";
+const CLIENT_LABEL: &[u8] = b"cormorant/2 client proof";
+const SERVER_LABEL: &[u8] = b"cormorant/2 server proof";
+/// Labels of the session keys, one per direction; distinct from the proofs' labels, so no
+/// proof (which goes over the wire) is ever a key.
+const CLIENT_FRAMES_LABEL: &[u8] = b"cormorant/2 client frames";
+const SERVER_FRAMES_LABEL: &[u8] = b"cormorant/2 server frames";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -87,6 +100,11 @@ pub enum KeyError {
     #[error("cluster key file {path} is over {MAX_KEY_FILE} bytes: not a key file")]
     TooLarge { path: PathBuf },
     #[error(
+        "cluster key file {path} has mode {mode:04o}: group or others can read it; run `chmod 600 {path}`",
+        path = path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
         "cluster key is {len} bytes: at least {MIN_KEY_LEN} bytes or 64 hex characters are needed"
     )]
     TooShort { len: usize },
@@ -94,8 +112,8 @@ pub enum KeyError {
 
 impl ClusterKey {
     /// Reads a key file: 64 or more hex characters, or at least 32 raw bytes, with
-    /// surrounding whitespace ignored. A file that group or others can read is accepted
-    /// with a warning.
+    /// surrounding whitespace ignored. A file that group or others can read (or write) is
+    /// refused: a key anyone on the node can copy proves nothing about membership.
     pub fn from_file(path: &Path) -> Result<ClusterKey, KeyError> {
         let read_err = |source| KeyError::Read {
             path: path.to_path_buf(),
@@ -104,11 +122,10 @@ impl ClusterKey {
         let file = File::open(path).map_err(read_err)?;
         let mode = file.metadata().map_err(read_err)?.permissions().mode();
         if mode & 0o077 != 0 {
-            log::warn!(
-                "cluster key file {} is readable by others (mode {:o}): chmod 600 it",
-                path.display(),
-                mode & 0o777
-            );
+            return Err(KeyError::Exposed {
+                path: path.to_path_buf(),
+                mode: mode & 0o7777,
+            });
         }
         let mut bytes = Vec::new();
         file.take(MAX_KEY_FILE + 1)
@@ -159,6 +176,22 @@ impl ClusterKey {
         self.keyed(label, t).finalize().into_bytes().to_vec()
     }
 
+    /// The session keys of a connection whose handshake `t` describes, as `side` sees them.
+    fn session(&self, t: &Transcript, side: Side) -> Session {
+        let derive = |label: &[u8]| -> [u8; SESSION_KEY_LEN] {
+            self.keyed(label, t).finalize().into_bytes().into()
+        };
+        let (to_server, to_client) = (derive(CLIENT_FRAMES_LABEL), derive(SERVER_FRAMES_LABEL));
+        let (send, receive) = match side {
+            Side::Client => (to_server, to_client),
+            Side::Server => (to_client, to_server),
+        };
+        Session {
+            sealer: Sealer::new(&send),
+            opener: Opener::new(&receive),
+        }
+    }
+
     /// Constant-time check of a proof.
     fn verify(&self, label: &[u8], t: &Transcript, proof: &[u8]) -> bool {
         self.keyed(label, t).verify_slice(proof).is_ok()
@@ -173,7 +206,13 @@ fn hex(digit: u8) -> u8 {
     }
 }
 
-/// What both proofs cover.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// What both proofs and the session keys cover.
 struct Transcript {
     nonce_c: [u8; NONCE_LEN],
     nonce_s: [u8; NONCE_LEN],
@@ -359,14 +398,15 @@ fn exact<const N: usize>(frame: &Frame) -> Result<[u8; N], AuthError> {
 
 /// Opens a connection as `me` to the node `peer`: proves the key and checks the peer's proof.
 /// Nothing but handshake frames is read or written; on success the stream is ready for
-/// requests. Timeouts set on `stream` are left behind for the caller to reset.
+/// requests, each sealed with the session returned. Timeouts set on `stream` are left behind
+/// for the caller to reset.
 pub fn client_handshake(
     stream: &TcpStream,
     me: &NodeId,
     peer: &NodeId,
     key: &ClusterKey,
     timeout: Duration,
-) -> Result<(), AuthError> {
+) -> Result<Session, AuthError> {
     let mut s = Timed {
         stream,
         deadline: Instant::now() + timeout,
@@ -388,18 +428,19 @@ pub fn client_handshake(
     if !key.verify(SERVER_LABEL, &t, &accept.payload) {
         return Err(AuthError::BadProof);
     }
-    Ok(())
+    Ok(key.session(&t, Side::Client))
 }
 
 /// Accepts a connection as `me`: checks the client's proof, then proves the key back.
-/// Returns the client's node id. A client that fails is sent a Refuse (if it got as far as a
-/// proof) and the error; the caller closes the connection.
+/// Returns the client's node id and the session that seals every later frame. A client that
+/// fails is sent a Refuse (if it got as far as a proof) and the error; the caller closes the
+/// connection.
 pub fn server_handshake(
     stream: &TcpStream,
     me: &NodeId,
     key: &ClusterKey,
     timeout: Duration,
-) -> Result<NodeId, AuthError> {
+) -> Result<(NodeId, Session), AuthError> {
     let mut s = Timed {
         stream,
         deadline: Instant::now() + timeout,
@@ -430,7 +471,7 @@ pub fn server_handshake(
         return Err(error);
     }
     send(&mut s, Kind::Accept, &key.proof(SERVER_LABEL, &t))?;
-    Ok(client)
+    Ok((client, key.session(&t, Side::Server)))
 }
 
 #[cfg(test)]
@@ -459,10 +500,9 @@ mod tests {
         (TcpStream::connect(addr).unwrap(), handle)
     }
 
-    fn serve(
-        k: ClusterKey,
-        me: &'static str,
-    ) -> (TcpStream, thread::JoinHandle<Result<NodeId, AuthError>>) {
+    type Accepted = Result<(NodeId, Session), AuthError>;
+
+    fn serve(k: ClusterKey, me: &'static str) -> (TcpStream, thread::JoinHandle<Accepted>) {
         pair(move |s| server_handshake(&s, &node(me), &k, HANDSHAKE_TIMEOUT))
     }
 
@@ -521,9 +561,33 @@ mod tests {
     }
 
     #[test]
-    fn same_key_authenticates_both_ways() {
+    fn key_files_others_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o644, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = ClusterKey::from_file(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::Exposed { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            let mode_text = format!("{mode:04o}");
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            assert!(text.contains(&mode_text), "{text}");
+            assert!(text.contains("chmod 600"), "{text}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(ClusterKey::from_file(&path).is_ok());
+        }
+    }
+
+    #[test]
+    fn same_key_authenticates_both_ways_and_agrees_on_session_keys() {
         let (client, server) = serve(key(KEY), "b");
-        client_handshake(
+        let mut c = client_handshake(
             &client,
             &node("a"),
             &node("b"),
@@ -531,7 +595,29 @@ mod tests {
             HANDSHAKE_TIMEOUT,
         )
         .unwrap();
-        assert_eq!(server.join().unwrap().unwrap(), node("a"));
+        let (peer, mut s) = server.join().unwrap().unwrap();
+        assert_eq!(peer, node("a"));
+        // Each direction has its own key: a frame checks only the way it was sent.
+        let to_server = c.sealer.tag(&[b"request"]);
+        assert!(!c.opener.clone().check(&[b"request"], &to_server));
+        assert!(s.opener.check(&[b"request"], &to_server));
+        let to_client = s.sealer.tag(&[b"answer"]);
+        assert!(c.opener.check(&[b"answer"], &to_client));
+
+        // A second connection between the same nodes gets other keys (fresh nonces).
+        let (client, server) = serve(key(KEY), "b");
+        let mut again = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap();
+        server.join().unwrap().unwrap();
+        let first = again.sealer.tag(&[b"request"]);
+        assert!(!s.opener.clone().check(&[b"request"], &first));
+        assert!(!Opener::new(&[0; SESSION_KEY_LEN]).check(&[b"request"], &first));
     }
 
     #[test]
@@ -604,14 +690,14 @@ mod tests {
     fn version_mismatch_is_clear_on_both_sides() {
         let (mut raw, server) = serve(key(KEY), "b");
         let mut old = preamble();
-        old[MAGIC.len()] = 2;
+        old[MAGIC.len()] = 1;
         raw.write_all(&old).unwrap();
         let mut reply = Vec::new();
         raw.read_to_end(&mut reply).unwrap();
         assert_eq!(reply, preamble());
         assert!(matches!(
             server.join().unwrap(),
-            Err(AuthError::Version { ours: 1, theirs: 2 })
+            Err(AuthError::Version { ours: 2, theirs: 1 })
         ));
 
         let (client, server) = pair(|mut s| {
@@ -628,7 +714,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(err, AuthError::Version { ours: 1, theirs: 7 }),
+            matches!(err, AuthError::Version { ours: 2, theirs: 7 }),
             "{err}"
         );
         server.join().unwrap();

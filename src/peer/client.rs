@@ -27,6 +27,7 @@ use super::auth::{self, ClusterKey};
 use super::frame::{Decoder, Frame, ReadError, MAX_PAYLOAD};
 use super::message::{Expect, Payload, Request, Response};
 use super::outbox::Outbox;
+use super::seal::{Opener, Session};
 use super::{lock, PeerError};
 use crate::image::NodeId;
 
@@ -365,8 +366,8 @@ impl Conn {
 
     /// The connection's life: connect, authenticate, start the reader, write until done.
     fn run(self: Arc<Self>) {
-        let stream = match self.connect() {
-            Ok(stream) => stream,
+        let (stream, session) = match self.connect() {
+            Ok(connected) => connected,
             Err(e) => {
                 self.note_connect_failure(&e);
                 return self.kill(e, false);
@@ -391,7 +392,7 @@ impl Conn {
         let name = format!("peer-{}-rd", self.ctx.peer);
         if let Err(e) = thread::Builder::new()
             .name(name)
-            .spawn(move || conn.read(reader))
+            .spawn(move || conn.read(reader, session.opener))
         {
             return self.kill(
                 PeerError::Unavailable(format!("cannot start a thread: {e}")),
@@ -399,7 +400,7 @@ impl Conn {
             );
         }
         match stream.try_clone() {
-            Ok(writer) => self.outbox.attach(writer),
+            Ok(writer) => self.outbox.attach(writer, Some(session.sealer)),
             Err(e) => return self.kill(PeerError::Unavailable(e.to_string()), true),
         }
         let error = match self.outbox.run() {
@@ -409,7 +410,7 @@ impl Conn {
         self.kill(error, true);
     }
 
-    fn connect(&self) -> Result<TcpStream, PeerError> {
+    fn connect(&self) -> Result<(TcpStream, Session), PeerError> {
         let ctx = &self.ctx;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             PeerError::Unavailable(format!("{what} {} at {}: {e}", ctx.peer, ctx.addr))
@@ -419,19 +420,19 @@ impl Conn {
         stream
             .set_nodelay(true)
             .map_err(|e| unavailable("cannot set up", &e))?;
-        auth::client_handshake(&stream, &ctx.me, &ctx.peer, &ctx.key, HANDSHAKE_TIMEOUT).map_err(
-            |e| match e.is_io() {
-                true => unavailable("handshake with", &e),
-                false => PeerError::Auth(format!("{} at {}: {e}", ctx.peer, ctx.addr)),
-            },
-        )?;
+        let session =
+            auth::client_handshake(&stream, &ctx.me, &ctx.peer, &ctx.key, HANDSHAKE_TIMEOUT)
+                .map_err(|e| match e.is_io() {
+                    true => unavailable("handshake with", &e),
+                    false => PeerError::Auth(format!("{} at {}: {e}", ctx.peer, ctx.addr)),
+                })?;
         // Reads wake up every tick to time calls out.
         let setup = |s: &TcpStream| -> io::Result<()> {
             s.set_read_timeout(Some(TICK))?;
             s.set_write_timeout(Some(SEND_TIMEOUT))
         };
         setup(&stream).map_err(|e| unavailable("cannot set up", &e))?;
-        Ok(stream)
+        Ok((stream, session))
     }
 
     fn note_connect_failure(&self, error: &PeerError) {
@@ -444,10 +445,11 @@ impl Conn {
         }
     }
 
-    /// Reads answers until the connection ends, then fails whatever is left.
-    fn read(self: Arc<Self>, stream: TcpStream) {
+    /// Reads answers until the connection ends, then fails whatever is left. An answer
+    /// whose tag fails ends the connection.
+    fn read(self: Arc<Self>, stream: TcpStream, opener: Opener) {
         let mut reader = BufReader::with_capacity(READ_BUFFER, &stream);
-        let mut decoder = Decoder::new(MAX_PAYLOAD);
+        let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
         let mut next_scan = Instant::now() + TICK;
         let error = loop {
             match decoder.read_from(&mut reader) {

@@ -1,6 +1,7 @@
 //! The peer protocol: how daemons talk to each other over TCP.
 //!
-//! Layers, each its own file: [`frame`] (length-prefixed, checksummed frames), [`message`]
+//! Layers, each its own file: [`frame`] (length-prefixed, checksummed frames), [`seal`] (the
+//! tag that authenticates each frame after the handshake), [`message`]
 //! (typed requests and responses), [`auth`] (the handshake and the cluster key), [`server`]
 //! (accepts peers, calls a [`PeerHandler`]) and [`client`] (a pool of connections to one
 //! peer, pipelined calls completed by callback). The wire format is written down in
@@ -11,6 +12,7 @@ pub mod client;
 pub mod frame;
 pub mod message;
 mod outbox;
+pub mod seal;
 pub mod server;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

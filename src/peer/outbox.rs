@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::frame::Outgoing;
 use super::lock;
+use super::seal::Sealer;
 
 /// Write buffer per connection: many small frames per system call; bulk data goes past it.
 const WRITE_BUFFER: usize = 64 << 10;
@@ -25,8 +26,9 @@ pub(crate) struct Outbox<W: Write = std::net::TcpStream> {
     queued: Condvar,
     /// Callers wait here for room.
     drained: Condvar,
-    /// The stream, once attached. Only the thread that set `State::writing` touches it.
-    out: Mutex<Option<BufWriter<W>>>,
+    /// The stream, once attached, and the sealer that tags each frame after the handshake
+    /// in the order written. Only the thread that set `State::writing` touches them.
+    out: Mutex<Option<(BufWriter<W>, Option<Sealer>)>>,
     written: Written,
 }
 
@@ -53,8 +55,9 @@ impl<W: Write> Outbox<W> {
     }
 
     /// Gives the outbox its stream; frames queued before are written by the writer thread.
-    pub(crate) fn attach(&self, stream: W) {
-        *lock(&self.out) = Some(BufWriter::with_capacity(WRITE_BUFFER, stream));
+    /// With a sealer every frame is followed by its tag.
+    pub(crate) fn attach(&self, stream: W, sealer: Option<Sealer>) {
+        *lock(&self.out) = Some((BufWriter::with_capacity(WRITE_BUFFER, stream), sealer));
         lock(&self.state).attached = true;
         self.queued.notify_all();
     }
@@ -170,9 +173,12 @@ impl<W: Write> Outbox<W> {
 
     fn write_batch(&self, batch: &VecDeque<(Outgoing, usize)>) -> io::Result<()> {
         let mut out = lock(&self.out);
-        let out = out.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+        let (out, sealer) = out.as_mut().ok_or(io::ErrorKind::NotConnected)?;
         for (frame, _) in batch {
-            frame.write_to(out)?;
+            match sealer {
+                Some(sealer) => frame.write_sealed(out, sealer)?,
+                None => frame.write_to(out)?,
+            }
         }
         out.flush()
     }
@@ -218,7 +224,7 @@ mod tests {
         assert!(outbox.send(ok(0), 10).unwrap());
         assert!(outbox.push(ok(1), 10));
         assert_eq!(charged.load(Ordering::SeqCst), 0);
-        outbox.attach(sink.clone());
+        outbox.attach(sink.clone(), None);
         for id in 2..5 {
             assert!(outbox.send(ok(id), 10).unwrap());
         }
@@ -240,7 +246,7 @@ mod tests {
             std::thread::spawn(move || outbox.run())
         };
         outbox.push(ok(1), 0);
-        outbox.attach(sink.clone());
+        outbox.attach(sink.clone(), None);
         outbox.push(ok(2), 0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while lock(&sink.0).len() < 48 && Instant::now() < deadline {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufReader};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use super::frame::{Decoder, Frame, Outgoing, ReadError, MAX_PAYLOAD};
 use super::lock;
 use super::message::{code, Request, Response};
 use super::outbox::Outbox;
+use super::seal::{Opener, Session};
 use crate::image::NodeId;
 
 /// Authenticated connections at once: 16 peers with a pool of 4 each.
@@ -33,6 +34,13 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// many is plenty for peers reconnecting together, and a flood of strangers holding
 /// connections open cannot take more slots than this (each for [`HANDSHAKE_TIMEOUT`] at most).
 pub const MAX_HANDSHAKES: usize = 16;
+
+/// Connections from one IP address still in their handshake at once. A node keeps one pooled
+/// connection to each peer (`cluster.rs`), and a client pool that lost every connection opens
+/// at most a few again together; 4 covers that. It means a single address, the cheapest thing
+/// to flood from, can hold at most a quarter of the [`MAX_HANDSHAKES`] slots, so peers at other
+/// addresses still get in while it idles (each slot for [`HANDSHAKE_TIMEOUT`] at most).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 4;
 
 /// Handler calls running at once per connection. A client pool spreads its calls over
 /// several connections, so a peer gets a few times this.
@@ -86,9 +94,28 @@ struct Shared {
 struct Registry {
     next: u64,
     handshaking: usize,
+    /// Connections in their handshake per source address; an address leaves at zero.
+    handshaking_from: HashMap<IpAddr, usize>,
     live: usize,
     /// Every connection thread still running, with its socket (to shut it down on stop).
     threads: HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>,
+}
+
+impl Registry {
+    fn start_handshake(&mut self, from: IpAddr) {
+        self.handshaking += 1;
+        *self.handshaking_from.entry(from).or_default() += 1;
+    }
+
+    fn end_handshake(&mut self, from: IpAddr) {
+        self.handshaking -= 1;
+        if let Some(count) = self.handshaking_from.get_mut(&from) {
+            *count -= 1;
+            if *count == 0 {
+                self.handshaking_from.remove(&from);
+            }
+        }
+    }
 }
 
 impl PeerServer {
@@ -180,17 +207,30 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
 /// Starts a connection's thread, or closes the connection when the server is full.
 fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
     let mut registry = lock(&shared.registry);
-    if registry.handshaking >= MAX_HANDSHAKES
+    let refusal = if registry.handshaking >= MAX_HANDSHAKES
         || registry.handshaking + registry.live >= MAX_CONNECTIONS
     {
+        Some("server full: connection closed")
+    } else if registry
+        .handshaking_from
+        .get(&from.ip())
+        .copied()
+        .unwrap_or(0)
+        >= MAX_HANDSHAKES_PER_ADDRESS
+    {
+        Some("too many handshakes in progress from this address: connection closed")
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
         drop(registry);
-        note_auth_failure(shared, from, &"server full: connection closed");
+        note_auth_failure(shared, from, &refusal);
         return;
     }
     let Ok(handle_stream) = stream.try_clone() else {
         return;
     };
-    registry.handshaking += 1;
+    registry.start_handshake(from.ip());
     registry.next += 1;
     let id = registry.next;
     registry.threads.insert(id, (handle_stream, None));
@@ -207,7 +247,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
             }
         }
         Err(e) => {
-            registry.handshaking -= 1;
+            registry.end_handshake(from.ip());
             registry.threads.remove(&id);
             log::warn!("peer server: cannot start a connection thread: {e}");
         }
@@ -217,7 +257,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, from: SocketAddr) {
 fn note_auth_failure(shared: &Shared, from: SocketAddr, error: &dyn std::fmt::Display) {
     let n = shared.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n <= AUTH_FAILURES_LOGGED || n.is_power_of_two() {
-        log::warn!("peer connection from {from} refused: {error} ({n} so far)");
+        log::warn!("peer handshake from {from} refused: {error} ({n} so far)");
     }
 }
 
@@ -227,14 +267,14 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: TcpStream, from: SocketAddr
     let peer = auth::server_handshake(&stream, &shared.node, &shared.key, HANDSHAKE_TIMEOUT);
     let authenticated = {
         let mut registry = lock(&shared.registry);
-        registry.handshaking -= 1;
+        registry.end_handshake(from.ip());
         registry.live += usize::from(peer.is_ok());
         peer.is_ok()
     };
     match peer {
-        Ok(peer) => {
+        Ok((peer, session)) => {
             log::info!("peer {peer} connected from {from}");
-            match serve(shared, &stream, &peer) {
+            match serve(shared, &stream, &peer, session) {
                 Ok(()) => log::info!("peer {peer} at {from} disconnected"),
                 Err(e) => log::warn!("peer {peer} at {from}: connection closed: {e}"),
             }
@@ -310,8 +350,14 @@ struct Job {
     charge: usize,
 }
 
-/// Serves an authenticated connection until it closes; an `Err` says why it was cut.
-fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), ReadError> {
+/// Serves an authenticated connection until it closes; an `Err` says why it was cut (a frame
+/// whose tag fails is one).
+fn serve(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    peer: &NodeId,
+    session: Session,
+) -> Result<(), ReadError> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let gauge = Arc::new(Gauge::default());
@@ -319,7 +365,7 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
         let gauge = gauge.clone();
         move |frames, charges| gauge.release(frames, charges)
     });
-    outbox.attach(stream.try_clone()?);
+    outbox.attach(stream.try_clone()?, Some(session.sealer));
     let conn = Arc::new(Connection {
         peer: peer.clone(),
         outbox,
@@ -344,7 +390,7 @@ fn serve(shared: &Arc<Shared>, stream: &TcpStream, peer: &NodeId) -> Result<(), 
             .spawn(move || write_answers(&conn))?
     };
     threads.push(writer);
-    let result = read_requests(&conn, stream, &jobs);
+    let result = read_requests(&conn, stream, &jobs, session.opener);
     conn.outbox.close();
     let _ = stream.shutdown(Shutdown::Both);
     drop(jobs);
@@ -367,9 +413,10 @@ fn read_requests(
     conn: &Connection,
     stream: &TcpStream,
     jobs: &Sender<Job>,
+    opener: Opener,
 ) -> Result<(), ReadError> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-    let mut decoder = Decoder::new(MAX_PAYLOAD);
+    let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
     while conn.gauge.wait_for_room(|| conn.outbox.is_closed()) {
         let Some(frame) = decoder.read_from(&mut reader)? else {
             return Ok(());

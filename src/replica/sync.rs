@@ -86,7 +86,7 @@ pub fn sync(
     metrics.resync_done.store(0, Ordering::Relaxed);
     let mut report = SyncReport::default();
     let started = Instant::now();
-    let mut batch: Vec<(u64, Location, u32)> = Vec::new();
+    let mut batch: Batch = Vec::new();
     for block in range.iter() {
         if disk.is_removed() {
             return Err(SyncError::Meta(format!(
@@ -116,7 +116,21 @@ pub fn sync(
         if batch.len() as u64 >= COMMIT_BATCH || block + 1 == range.end() {
             let (synced, raced) = commit(disk, &mut batch)?;
             report.synced += synced;
-            report.left += raced;
+            // A write came between the copy and the commit: copy those again with writes held
+            // back, or a guest that keeps writing would leave them out of sync every time.
+            for (block, dest, _) in raced {
+                let len = disk.meta().block_len(block);
+                match copy_frozen(disk, copies, block, len, &dest) {
+                    Some((copied, _)) => {
+                        report.synced += 1;
+                        if copied {
+                            report.copied += 1;
+                            report.bytes += len;
+                        }
+                    }
+                    None => report.left += 1,
+                }
+            }
         }
         metrics
             .resync_done
@@ -242,19 +256,23 @@ fn source_of(disk: &Disk, copies: &dyn Copies, block: u64) -> Option<Location> {
         .cloned()
 }
 
+/// Copies waiting for their commit: block, destination, and the block's write count the copy
+/// is valid for.
+type Batch = Vec<(u64, Location, u32)>;
+
 /// Marks the batch's copies in sync where no write started since they were copied; returns
-/// (committed, raced). The check runs under the metadata write lock, which every write takes
-/// (shared) while it chooses its targets and counts itself started.
-fn commit(disk: &Disk, batch: &mut Vec<(u64, Location, u32)>) -> Result<(u64, u64), SyncError> {
+/// (committed, the items that raced a write). The check runs under the metadata write lock,
+/// which every write takes (shared) while it chooses its targets and counts itself started.
+fn commit(disk: &Disk, batch: &mut Batch) -> Result<(u64, Batch), SyncError> {
     if batch.is_empty() {
-        return Ok((0, 0));
+        return Ok((0, Vec::new()));
     }
     let items = std::mem::take(batch);
     disk.update_meta(|meta| {
-        let (mut committed, mut raced) = (0, 0);
+        let (mut committed, mut raced) = (0, Vec::new());
         for (block, dest, writes) in &items {
             if disk.writes().idle(*block) != Some(*writes) {
-                raced += 1;
+                raced.push((*block, dest.clone(), *writes));
                 continue;
             }
             let range = BlockRange::new(*block, block + 1).map_err(|e| e.to_string())?;

@@ -162,7 +162,12 @@ impl BlockFiles {
     fn open_file(&self, block: u64, create: bool) -> io::Result<Arc<File>> {
         let path = self.path(block);
         let mut options = OpenOptions::new();
-        options.read(true).write(true).custom_flags(libc::O_CLOEXEC);
+        // O_NOFOLLOW: a symlink planted in a block directory is refused (ELOOP), never
+        // followed to a file outside the store.
+        options
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
         let creating = create && !path.exists();
         if creating {
             options.create(true).mode(0o600);
@@ -299,6 +304,23 @@ mod tests {
         assert!(files.for_read(7).unwrap().is_some());
         assert!(files.used_bytes().unwrap() > 0);
         files.sync_dir_if_dirty().unwrap();
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let (root, files) = setup();
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"secret").unwrap();
+        std::os::unix::fs::symlink(&outside, files.dir().join("00000004")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("gone"), files.dir().join("00000005")).unwrap();
+        for block in [4, 5] {
+            let read = files.for_read(block).map(|f| f.is_some());
+            assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::ELOOP));
+            let write = files.for_write(block).map(|_| ());
+            assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+        assert!(!root.path().join("gone").exists());
     }
 
     #[test]

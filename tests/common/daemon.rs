@@ -314,8 +314,9 @@ impl Cluster {
                 let key = node_dir.join("cluster.key");
                 let secret = if wrong_key == Some(i) { "b7" } else { "a5" }.repeat(32);
                 std::fs::write(&key, secret).unwrap();
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                // A key file group or others can read is refused.
+                let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+                std::fs::set_permissions(&key, private).unwrap();
                 let mut args = vec![
                     "--node".to_string(),
                     names[i].clone(),
