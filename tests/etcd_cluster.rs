@@ -390,3 +390,75 @@ fn writes_wait_for_an_etcd_majority_and_go_on_after_it() {
     let (status, data) = on_a.read(0, 2048, 64 << 10).unwrap();
     assert_eq!((status, data == pattern(1, 3)), (S_OK, true));
 }
+
+/// The load on etcd: guest I/O writes nothing there (only creation, location changes,
+/// failures and resync commits do). Prints the keys and bytes per image for docs/SCALING.md.
+#[test]
+fn guest_io_writes_nothing_to_etcd() {
+    let dir = TestDir::new();
+    let Some((etcd, cluster)) = setup(&dir, 2) else {
+        return;
+    };
+    let a = &cluster.nodes[0];
+    let revision = || -> i64 {
+        let out = etcd.etcdctl(&["endpoint", "status", "--write-out=json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+        status[0]["Status"]["header"]["revision"].as_i64().unwrap()
+    };
+    let before_create = revision();
+    for i in 0..10 {
+        a.create_image(&format!("img{i}"), "20G", "4M", &["a:ram", "b:ram"]);
+    }
+    let after_create = revision();
+    let mut c = client(a, "img0");
+    let started = revision();
+    for i in 0..500u64 {
+        assert_eq!(
+            c.write(0, (i * 97 % 4096) * 2048, &pattern(i, 1)).unwrap(),
+            S_OK
+        );
+        if i % 50 == 0 {
+            assert_eq!(c.flush(0).unwrap(), S_OK);
+        }
+    }
+    let after_io = revision();
+    // Connecting marked the device active (one write); the I/O itself wrote nothing.
+    assert!(
+        after_io - started <= 1,
+        "guest I/O wrote to etcd: {started} -> {after_io}"
+    );
+    let keys = etcd.etcdctl(&["get", "/cormorant/", "--prefix", "--write-out=json"]);
+    let keys: serde_json::Value = serde_json::from_str(&keys).unwrap();
+    let kvs = keys["kvs"].as_array().cloned().unwrap_or_default();
+    let image_keys: Vec<&serde_json::Value> = kvs
+        .iter()
+        .filter(|kv| {
+            let key = String::from_utf8(base64_decode(kv["key"].as_str().unwrap())).unwrap();
+            key.contains("/image/img") || key.contains("/extents/")
+        })
+        .collect();
+    let bytes: usize = image_keys
+        .iter()
+        .map(|kv| {
+            kv["key"].as_str().unwrap().len() * 3 / 4 + kv["value"].as_str().unwrap().len() * 3 / 4
+        })
+        .sum();
+    eprintln!(
+        "etcd load: 10 images of 20 GiB (2 copies): {} revisions to create, {} keys, {bytes} bytes of keys and values; 500 guest writes + 10 flushes: {} revisions",
+        after_create - before_create,
+        image_keys.len(),
+        after_io - started
+    );
+    assert_eq!(
+        image_keys.len(),
+        10 * 4,
+        "one header and 3 extents records per image"
+    );
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("etcdctl prints base64")
+}

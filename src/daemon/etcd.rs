@@ -17,7 +17,7 @@ use crate::image::{ImageId, ImageMeta, ImageName, NodeId, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::etcd::{EtcdError, EventKind};
 use crate::meta::lease::Standing;
-use crate::meta::records::{Key, NodeRecord};
+use crate::meta::records::{ChunkRecord, ImageRecord, Key, NodeRecord};
 
 /// How long to wait before watching again after the watch failed.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
@@ -221,25 +221,48 @@ impl Daemon {
                         Err(e) => log::warn!("node {id}: bad record in etcd: {e}"),
                     }
                 }
-                (Key::Image(name), _) => {
-                    touched.insert(name);
-                }
-                (Key::Chunk(id, _), _) => match ids.get(&id) {
-                    Some(name) => {
-                        touched.insert(name.clone());
+                // Only changes to images this node serves, holds or is given copies of are read
+                // back from etcd: the others cost nothing but the event.
+                (Key::Image(name), kind) => {
+                    let record = (kind == EventKind::Put)
+                        .then(|| serde_json::from_slice::<ImageRecord>(&event.kv.value).ok())
+                        .flatten();
+                    if let Some(record) = &record {
+                        ids.insert(record.id, name.clone());
                     }
-                    None => {
-                        // An image this watch has not named yet: find it by its header.
-                        if let Ok((images, _)) = cluster.images() {
-                            for meta in images {
-                                ids.insert(meta.id, meta.name.clone());
-                                if meta.id == id {
-                                    touched.insert(meta.name);
+                    let mine = record.is_some_and(|r| r.owner == self.config.node);
+                    if mine || self.find(&name).is_some() {
+                        touched.insert(name);
+                    }
+                }
+                (Key::Chunk(id, _), kind) => {
+                    let known = self.name_of(id);
+                    let names_me = kind == EventKind::Put
+                        && serde_json::from_slice::<ChunkRecord>(&event.kv.value).is_ok_and(|c| {
+                            c.extents
+                                .iter()
+                                .any(|e| e.locations.iter().any(|l| l.node == self.config.node))
+                        });
+                    if known.is_none() && !names_me {
+                        continue;
+                    }
+                    match known.or_else(|| ids.get(&id).cloned()) {
+                        Some(name) => {
+                            touched.insert(name);
+                        }
+                        None => {
+                            // An image this watch has not named yet: find it by its header.
+                            if let Ok((images, _)) = cluster.images() {
+                                for meta in images {
+                                    ids.insert(meta.id, meta.name.clone());
+                                    if meta.id == id {
+                                        touched.insert(meta.name);
+                                    }
                                 }
                             }
                         }
                     }
-                },
+                }
                 (Key::Lost(id, _), EventKind::Put) => {
                     if let Some(name) = self.name_of(id) {
                         lost.insert(name);
