@@ -270,8 +270,16 @@ impl Disk {
     }
 
     /// The image as peer requests name it: name and the owner epoch this node acts under.
+    /// A node that does not own the image (a holder, a fenced former owner) acts under no
+    /// epoch: epoch 0, which every holder refuses.
     pub fn image_ref(&self) -> crate::peer::ImageRef {
-        crate::peer::ImageRef::new(self.name.clone(), self.meta().generation)
+        let meta = self.meta();
+        let epoch = if meta.owner == self.me && !self.is_fenced() {
+            meta.generation
+        } else {
+            0
+        };
+        crate::peer::ImageRef::new(self.name.clone(), epoch)
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {

@@ -462,3 +462,73 @@ fn base64_decode(text: &str) -> Vec<u8> {
         .decode(text)
         .expect("etcdctl prints base64")
 }
+
+/// A node cut off from etcd stops acknowledging writes before its lease can run out; another
+/// node takes the image over once it has; when the cut heals, the old owner's waiting write
+/// fails (it lost the image) and nothing it held back is ever acknowledged.
+#[test]
+fn an_owner_cut_off_from_etcd_stops_acknowledging_within_its_lease() {
+    let dir = TestDir::new();
+    if !tools_available(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let etcd_dir = dir.path().join("etcd");
+    std::fs::create_dir_all(&etcd_dir).unwrap();
+    let etcd = EtcdCluster::start(&etcd_dir, 3);
+    let first: std::net::SocketAddr = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = common::proxy::Proxy::start(first);
+    let endpoints = vec![proxy.url(), etcd.endpoint_arg(), etcd.endpoint_arg()];
+    let cluster = Cluster::start_etcd_each(dir.path(), &endpoints, LEASE_TTL);
+    let (a, c) = (&cluster.nodes[0], &cluster.nodes[2]);
+    a.create_image("p", "4M", "1M", &["a:ram", "c:ram"]);
+    let mut on_a = client(a, "p");
+    assert_eq!(on_a.write(0, 0, &pattern(0, 1)).unwrap(), S_OK);
+    assert_eq!(on_a.flush(0).unwrap(), S_OK);
+    proxy.cut();
+    let cut = std::time::Instant::now();
+    // Writes are acknowledged for a while, then wait: never past the lease.
+    let mut last_ack = cut;
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for round in 2..240u8 {
+            let status = on_a.write(0, 2048, &pattern(1, round)).unwrap();
+            if status != S_OK {
+                return (acked, Some((round, status)), on_a);
+            }
+            acked.push((round, std::time::Instant::now()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (acked, None, on_a)
+    });
+    // c adopts as soon as a's lease has run out in etcd, and writes.
+    std::thread::sleep(Duration::from_secs(1));
+    c.cli(&["image", "adopt", "p"]);
+    let mut on_c = client(c, "p");
+    assert_eq!(on_c.write(0, 2048, &pattern(1, 250)).unwrap(), S_OK);
+    let took_over = cut.elapsed();
+    proxy.heal();
+    let (acked, failed, _on_a) = writer.join().unwrap();
+    if let Some(&(_, at)) = acked.last() {
+        last_ack = at;
+    }
+    let acked_for = last_ack.duration_since(cut);
+    eprintln!(
+        "a acknowledged writes for {acked_for:?} after the cut; c took over after {took_over:?}"
+    );
+    assert!(
+        acked_for < Duration::from_secs(LEASE_TTL),
+        "a acknowledged a write {acked_for:?} after it lost etcd"
+    );
+    assert!(
+        took_over >= acked_for,
+        "c took over before a stopped acknowledging"
+    );
+    let (round, status) = failed.expect("a's held-back write must fail, not succeed");
+    assert_eq!(status, S_IOERR, "round {round}");
+    let (status, data) = on_c.read(0, 2048, 64 << 10).unwrap();
+    assert_eq!((status, data == pattern(1, 250)), (S_OK, true));
+    assert_eq!(c.cli(&["image", "info", "p"])["owner"], "c");
+}

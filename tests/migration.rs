@@ -106,7 +106,6 @@ fn a_guest_migrates_and_its_disk_follows() {
         "b",
         "the cluster's view"
     );
-    assert!(!a.socket("mig").exists(), "a must stop exporting the image");
     // The blocks move to b in the background; a ends up holding nothing.
     let localized = wait_until(Duration::from_secs(60), || {
         let info = b.cli(&["image", "info", "mig"]);
@@ -122,4 +121,5 @@ fn a_guest_migrates_and_its_disk_follows() {
             .exists()),
         "a keeps files of the image"
     );
+    assert!(!a.socket("mig").exists(), "a must stop exporting the image");
 }

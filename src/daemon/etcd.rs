@@ -342,18 +342,17 @@ impl Daemon {
                         meta.owner,
                         meta.generation
                     );
+                    // Its frontend, if any, stays connected and gets I/O errors from now on;
+                    // the export goes with the image once this node holds nothing of it.
                     disk.fence();
-                    let export = self.lock().get_mut(name).and_then(|e| e.export.take());
-                    if let Some(export) = export {
-                        export.stop();
-                    }
                 } else if meta.generation < disk.meta().generation {
                     return; // an older read than what this node has seen
                 }
                 let before = disk.meta().clone();
                 disk.set_meta(meta);
                 self.free_released(&disk, &before);
-                let standby = self.lock().get(name).is_some_and(|e| e.export.is_some());
+                // Adopted and waiting for its guest: kept even while it holds no copies.
+                let standby = disk.adopted_at().is_some() && !disk.is_fenced();
                 if !self.concerns_me(&disk.meta()) && !standby {
                     log::info!("image {name}: no copies held here any more; forgotten");
                     let id = disk.meta().id;

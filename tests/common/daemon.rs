@@ -247,8 +247,11 @@ impl Drop for Daemon {
 pub enum Membership {
     /// `--peer` lists; each node keeps its own copy of the metadata.
     Peers,
-    /// etcd.
-    Etcd { endpoints: String, lease_ttl: u64 },
+    /// etcd: node i's endpoints (comma-separated) are `endpoints[i]`.
+    Etcd {
+        endpoints: Vec<String>,
+        lease_ttl: u64,
+    },
 }
 
 pub struct Cluster {
@@ -267,9 +270,16 @@ impl Cluster {
     /// Starts `n` nodes a, b, c, ... on 127.0.0.2, .3, ... that keep their metadata in the
     /// etcd cluster at `etcd` (comma-separated endpoints), with a `lease_ttl` seconds lease.
     pub fn start_etcd(dir: &Path, n: usize, etcd: &str, lease_ttl: u64) -> Cluster {
+        Self::start_etcd_each(dir, &vec![etcd.to_string(); n], lease_ttl)
+    }
+
+    /// Like [`Cluster::start_etcd`], node i reaching etcd at `etcd[i]` (e.g. through a
+    /// [`super::proxy::Proxy`] the test can cut).
+    pub fn start_etcd_each(dir: &Path, etcd: &[String], lease_ttl: u64) -> Cluster {
+        let n = etcd.len();
         let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
         let membership = Membership::Etcd {
-            endpoints: etcd.to_string(),
+            endpoints: etcd.to_vec(),
             lease_ttl,
         };
         Self::start_with(dir, &ips, &vec![None; n], None, &membership)
@@ -338,7 +348,7 @@ impl Cluster {
                         endpoints,
                         lease_ttl,
                     } => {
-                        args.extend(["--etcd".to_string(), endpoints.clone()]);
+                        args.extend(["--etcd".to_string(), endpoints[i].clone()]);
                         args.extend(["--lease-ttl".to_string(), lease_ttl.to_string()]);
                     }
                 }

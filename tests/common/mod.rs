@@ -17,6 +17,7 @@ pub mod etcd;
 pub mod guest;
 pub mod libvirt;
 pub mod process;
+pub mod proxy;
 pub mod qsd;
 
 pub use process::{kill_child, read_lossy, spawn_logged, wait_until, which};
