@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::Cluster;
 use common::guest::{Disk, Guest, GuestOpts};
 use common::{tools_available, TestDir};
 
@@ -14,11 +13,11 @@ const CHUNKS: u32 = 16;
 
 #[test]
 fn a_replica_killed_under_a_guest_workload_loses_nothing() {
-    if !tools_available(&["qemu-system-x86_64"]) {
+    if !tools_available(&["qemu-system-x86_64", "etcd"]) {
         return;
     }
     let dir = TestDir::new();
-    let mut cluster = Cluster::start(dir.path(), 3, None);
+    let (_etcd, mut cluster) = common::etcd_cluster(dir.path(), 3);
     cluster.nodes[0].create_image("g", "32M", "1M", &["a:ram", "b:ram", "c:volume"]);
     let script = format!(
         r#"

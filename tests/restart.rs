@@ -16,7 +16,7 @@ mod common;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use common::daemon::{Cluster, Daemon};
+use common::daemon::Daemon;
 use common::guest::{Disk, Guest, GuestOpts};
 use common::{tools_available, wait_until};
 use cormorant::frontend::{BlkClient, BlkRequest, ClientOptions, Error};
@@ -78,11 +78,11 @@ fn replays(a: &Daemon) -> usize {
 
 #[test]
 fn kill_9_under_guest_writes_loses_nothing() {
-    if !tools_available(&["qemu-system-x86_64"]) {
+    if !tools_available(&["qemu-system-x86_64", "etcd"]) {
         return;
     }
     let dir = common::TestDir::new();
-    let mut cluster = Cluster::start(dir.path(), 2, None);
+    let (_etcd, mut cluster) = common::etcd_cluster(dir.path(), 2);
     let [a, b] = &mut cluster.nodes[..] else {
         unreachable!("two nodes")
     };
@@ -175,8 +175,11 @@ fn kill_9_under_guest_writes_loses_nothing() {
 
 #[test]
 fn a_write_left_in_flight_behind_a_completed_read_is_replayed_once() {
+    if !tools_available(&["etcd"]) {
+        return;
+    }
     let dir = common::TestDir::new();
-    let mut cluster = Cluster::start(dir.path(), 2, None);
+    let (_etcd, mut cluster) = common::etcd_cluster(dir.path(), 2);
     let [a, b] = &mut cluster.nodes[..] else {
         unreachable!("two nodes")
     };

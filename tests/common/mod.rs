@@ -109,3 +109,13 @@ pub fn md5_prefix(path: &Path, len: usize) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// A 3-member etcd under `dir/etcd` and `n` nodes (a, b, ...) that keep their metadata in it,
+/// with a 3 s lease. Keep the etcd handle alive as long as the nodes.
+pub fn etcd_cluster(dir: &Path, n: usize) -> (etcd::EtcdCluster, daemon::Cluster) {
+    let etcd_dir = dir.join("etcd");
+    std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
+    let etcd = etcd::EtcdCluster::start(&etcd_dir, 3);
+    let cluster = daemon::Cluster::start_etcd(dir, n, &etcd.endpoint_arg(), 3);
+    (etcd, cluster)
+}
