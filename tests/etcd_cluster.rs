@@ -88,6 +88,22 @@ fn every_node_sees_every_image_and_node() {
     let out = c.cli_raw(&["image", "rm", "one"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("owned by node a"));
+    for command in [
+        &["sync", "one"][..],
+        &["location", "add", "one", "--at", "c:ram"][..],
+        &["location", "rm", "one", "--at", "b:ram"][..],
+    ] {
+        let out = c.cli_raw(command);
+        assert!(
+            !out.status.success(),
+            "{command:?} ran on a node that does not own the image"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("owned by node a"),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // Names are unique in the cluster.
     let out = c.cli_raw(&["image", "create", "one", "--size", "1M"]);
     assert!(!out.status.success());

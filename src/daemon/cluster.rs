@@ -197,7 +197,7 @@ impl Daemon {
         blocks: Option<BlockRange>,
         at: &Placement,
     ) -> Result<Value, String> {
-        let disk = self.disk(name)?;
+        let disk = self.owned_disk(name)?;
         if !self.peers.knows(&at.node) {
             return Err(format!(
                 "node '{}' is neither this node nor a peer",
@@ -242,7 +242,7 @@ impl Daemon {
         blocks: Option<BlockRange>,
         at: &Placement,
     ) -> Result<Value, String> {
-        let disk = self.disk(name)?;
+        let disk = self.owned_disk(name)?;
         let range = placement::range_of(&disk, blocks)?;
         // Waits for a resync in progress: one that copied to this copy must not commit it
         // after it was removed (and perhaps added again).

@@ -191,7 +191,7 @@ impl Daemon {
             Request::LocationAdd { name, blocks, at } => self.location_add(&name, blocks, &at),
             Request::LocationRm { name, blocks, at } => self.location_rm(&name, blocks, &at),
             Request::Sync { name, blocks, rate } => {
-                let disk = self.disk(&name)?;
+                let disk = self.owned_disk(&name)?;
                 let range = placement::range_of(&disk, blocks)?;
                 let copies = self.copies(&disk);
                 let report =
@@ -205,7 +205,7 @@ impl Daemon {
                 (None, None) => Err("--from NODE is needed without etcd".into()),
             },
             Request::ImageExport { name, path } => {
-                let disk = self.disk(&name)?;
+                let disk = self.owned_disk(&name)?;
                 transfer::export_raw(&disk, Path::new(&path), progress)
                     .map_err(|e| format!("cannot export to {path}: {e}"))?;
                 Ok(json!({"exported": name, "path": path}))
@@ -257,6 +257,24 @@ impl Daemon {
             .get(name)
             .map(|e| e.disk.clone())
             .ok_or_else(|| format!("no image named '{name}'"))
+    }
+
+    /// The image, for a command that changes it or reads all of it: only its owner runs
+    /// those. In a cluster, another node refuses and names the owner.
+    fn owned_disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
+        let Some(cluster) = &self.shared else {
+            return self.disk(name);
+        };
+        if let Some(disk) = self.find(name).filter(|d| d.owned_here() && !d.is_fenced()) {
+            return Ok(disk);
+        }
+        match cluster.image(name).map_err(|e| e.to_string())? {
+            Some(meta) => Err(format!(
+                "image '{name}' is owned by node {}: run this there",
+                meta.owner
+            )),
+            None => Err(format!("no image named '{name}'")),
+        }
     }
 
     /// Creates an image, unexported: the caller publishes it once it is ready.
