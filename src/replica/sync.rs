@@ -61,6 +61,38 @@ pub struct SyncReport {
     pub bytes: u64,
     /// Copies left out of sync (no reachable source or destination, or writes kept racing).
     pub left: u64,
+    /// Which copies were left and why: the first [`MAX_LEFT_LISTED`] of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_copies: Vec<LeftCopy>,
+}
+
+/// How many copies left out of sync a report names (the count covers them all).
+pub const MAX_LEFT_LISTED: usize = 32;
+
+/// A copy a sync could not bring in sync, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeftCopy {
+    pub block: u64,
+    pub at: String,
+    pub why: String,
+}
+
+impl SyncReport {
+    fn leave(&mut self, block: u64, dest: &Location, copies: &dyn Copies) {
+        self.left += 1;
+        if self.left_copies.len() < MAX_LEFT_LISTED {
+            let why = if copies.reachable(&dest.node) {
+                "the copy failed (the daemon's log says how)"
+            } else {
+                "the node is unreachable (down, or on the failure list)"
+            };
+            self.left_copies.push(LeftCopy {
+                block,
+                at: format!("{}:{}", dest.node, dest.tier),
+                why: why.to_string(),
+            });
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +142,7 @@ pub fn sync(
                     }
                     batch.push((block, dest, writes));
                 }
-                None => report.left += 1,
+                None => report.leave(block, &dest, copies),
             }
         }
         if batch.len() as u64 >= COMMIT_BATCH || block + 1 == range.end() {
@@ -128,7 +160,7 @@ pub fn sync(
                             report.bytes += len;
                         }
                     }
-                    None => report.left += 1,
+                    None => report.leave(block, &dest, copies),
                 }
             }
         }
