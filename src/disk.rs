@@ -35,6 +35,10 @@ pub struct Disk {
     /// The newest owner epoch seen for this image, from the metadata or from a peer's
     /// request: requests carrying an older one are refused (see [`Disk::admit_epoch`]).
     newest_epoch: AtomicU64,
+    /// Held (shared) across a check of a request's epoch and the block I/O it allows; a newer
+    /// epoch is admitted only under it exclusively, so no write checked under an older epoch
+    /// can land after the first request of a newer one.
+    epoch_gate: RwLock<()>,
     /// Set when another node became the owner (or this node could not keep the image): no
     /// guest request is served from here any more.
     fenced: AtomicBool,
@@ -207,6 +211,7 @@ impl Disk {
             dirty: DirtyFiles::default(),
             claimed: AtomicBool::new(false),
             newest_epoch: AtomicU64::new(meta_epoch),
+            epoch_gate: RwLock::new(()),
             fenced: AtomicBool::new(false),
             active_under: AtomicU64::new(0),
             lost: Mutex::new(HashSet::new()),
@@ -326,6 +331,19 @@ impl Disk {
         self.active_under.store(value, Ordering::Release);
     }
 
+    /// Whether this node may serve the guest's requests at all: with a shared store only as
+    /// the image's owner, with the device active here, not fenced. A node whose take-over
+    /// failed or was never tried serves nothing, not even reads of a view that may be stale.
+    pub fn may_serve(&self) -> bool {
+        if self.is_fenced() {
+            return false;
+        }
+        if !self.store.is_shared() {
+            return true;
+        }
+        self.owned_here() && self.is_active()
+    }
+
     /// Whether a write may be acknowledged now: always for a single node; with etcd, while
     /// the node's lease is surely valid and the device active under it. When not, waits up to
     /// `timeout` for that to come back; false if it did not (or the image was fenced).
@@ -353,6 +371,9 @@ impl Disk {
     /// was committed elsewhere). Blocks of `lost` copies that the owner now has out of sync
     /// are no longer lost: the owner knows.
     pub fn set_meta(&self, meta: ImageMeta) {
+        // A newer epoch waits for block I/O admitted under older ones (see `epoch_gate`).
+        let _exclusive = (meta.generation > self.newest_epoch.load(Ordering::Acquire))
+            .then(|| self.epoch_gate.write().unwrap_or_else(|p| p.into_inner()));
         let mut live = self.meta.write().unwrap_or_else(|p| p.into_inner());
         self.newest_epoch
             .fetch_max(meta.generation, Ordering::AcqRel);
@@ -389,6 +410,28 @@ impl Disk {
 
     pub fn lost_count(&self) -> usize {
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Admits block I/O under owner `epoch` and holds the gate until the returned guard is
+    /// dropped (see `epoch_gate`); `Err` carries the newer epoch seen. Take it right around
+    /// the I/O, with no other lock held.
+    pub fn enter_epoch(&self, epoch: u64) -> Result<RwLockReadGuard<'_, ()>, u64> {
+        loop {
+            let gate = self.epoch_gate.read().unwrap_or_else(|p| p.into_inner());
+            let newest = self
+                .newest_epoch
+                .load(Ordering::Acquire)
+                .max(self.meta().generation);
+            if epoch < newest {
+                return Err(newest);
+            }
+            if epoch == newest {
+                return Ok(gate);
+            }
+            drop(gate);
+            let _exclusive = self.epoch_gate.write().unwrap_or_else(|p| p.into_inner());
+            self.newest_epoch.fetch_max(epoch, Ordering::AcqRel);
+        }
     }
 
     /// Admits a peer request made under owner epoch `epoch`, unless a newer epoch was seen;

@@ -148,6 +148,20 @@ impl PeerService {
         lost(disk)
     }
 
+    /// Holds the image's epoch gate for a write: refused if a newer epoch came meanwhile.
+    fn gate<'d>(
+        &self,
+        disk: &'d Disk,
+        image: &ImageRef,
+    ) -> Result<std::sync::RwLockReadGuard<'d, ()>, Response> {
+        disk.enter_epoch(image.epoch).map_err(|newest| {
+            refuse(
+                code::STALE_EPOCH,
+                format!("{image} is older than epoch {newest}: the sender no longer owns it"),
+            )
+        })
+    }
+
     fn serve(&self, from: &NodeId, request: Request) -> Result<Response, Response> {
         match request {
             Request::Read {
@@ -178,6 +192,7 @@ impl PeerService {
                 data,
             } => {
                 let disk = self.held(&image, tier, block, offset, data.len() as u64)?;
+                let _gate = self.gate(&disk, &image)?;
                 let file = disk.files(tier).for_write(block).map_err(io)?;
                 file.write_all_at(&data, u64::from(offset)).map_err(io)?;
                 if tier == Tier::Volume {
@@ -197,6 +212,7 @@ impl PeerService {
                 len,
             } => {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
+                let _gate = self.gate(&disk, &image)?;
                 let files = disk.files(tier);
                 let whole = offset == 0 && u64::from(len) == disk.meta().block_len(block);
                 if whole {

@@ -198,7 +198,7 @@ impl Daemon {
         at: &Placement,
     ) -> Result<Value, String> {
         let disk = self.owned_disk(name)?;
-        if !self.peers.knows(&at.node) {
+        if !self.knows(&at.node) {
             return Err(format!(
                 "node '{}' is neither this node nor a peer",
                 at.node

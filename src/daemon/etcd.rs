@@ -45,9 +45,20 @@ impl Daemon {
                 continue;
             }
             kept.insert((meta.name.clone(), meta.id));
-            let name = meta.name.clone();
-            if let Err(e) = self.open_shared(meta) {
-                log::error!("image {name}: cannot serve: {e}");
+            let (name, id) = (meta.name.clone(), meta.id);
+            // A copy whose loss is not recorded in etcd would be served as data: not
+            // starting is the safe answer (the next start tries again).
+            self.open_shared(meta)
+                .map_err(|e| format!("image {name}: cannot serve: {e}"))?;
+            // Losses this node reported before and the owner has not recorded yet.
+            if let Some(disk) = self.find(&name) {
+                for (node, record, _) in cluster.lost_reports(id).map_err(|e| e.to_string())? {
+                    if node == self.config.node {
+                        for tier in record.tiers {
+                            disk.mark_lost(tier);
+                        }
+                    }
+                }
             }
         }
         self.remove_leftovers(&kept);
@@ -297,6 +308,23 @@ impl Daemon {
         }
     }
 
+    /// Whether `node` is this node or a peer; with etcd, a node this node's watch has not
+    /// reported yet is looked up there (it may have just registered).
+    pub(super) fn knows(&self, node: &NodeId) -> bool {
+        if self.peers.knows(node) {
+            return true;
+        }
+        let Ok(cluster) = self.cluster() else {
+            return false;
+        };
+        if let Ok(nodes) = cluster.nodes() {
+            for record in nodes {
+                self.peers.set(&record.id, record.addr);
+            }
+        }
+        self.peers.knows(node)
+    }
+
     pub fn is_shared(&self) -> bool {
         self.shared.is_some()
     }
@@ -351,14 +379,34 @@ impl Daemon {
                 let before = disk.meta().clone();
                 disk.set_meta(meta);
                 self.free_released(&disk, &before);
-                // Adopted and waiting for its guest: kept even while it holds no copies.
-                let standby = disk.adopted_at().is_some() && !disk.is_fenced();
-                if !self.concerns_me(&disk.meta()) && !standby {
+                if self.forgettable(&disk) {
                     log::info!("image {name}: no copies held here any more; forgotten");
                     let id = disk.meta().id;
                     self.forget(name, id);
                 }
             }
+        }
+    }
+
+    /// Whether this node is done with `disk`: it holds no copy, does not own it, and is not
+    /// waiting for a guest (adopted), or was fenced and its frontend has gone (a fenced
+    /// node's frontend stays connected and gets I/O errors until it leaves).
+    fn forgettable(&self, disk: &Disk) -> bool {
+        let standby = disk.adopted_at().is_some() && !disk.is_fenced();
+        !self.concerns_me(&disk.meta()) && !standby && !disk.in_use()
+    }
+
+    /// Forgets the images [`Daemon::forgettable`] says this node is done with.
+    fn sweep(&self) {
+        let done: Vec<(ImageName, ImageId)> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| self.forgettable(&e.disk))
+            .map(|(n, e)| (n.clone(), e.disk.meta().id))
+            .collect();
+        for (name, id) in done {
+            log::info!("image {name}: nothing of it is kept here any more; forgotten");
+            self.forget(&name, id);
         }
     }
 
@@ -460,6 +508,7 @@ impl Daemon {
         let lease = cluster.lease().clone();
         loop {
             std::thread::sleep(lease.renew_every());
+            self.sweep();
             if lease.renew() != Standing::Lost {
                 continue;
             }

@@ -51,19 +51,23 @@ pub struct Daemon {
 /// lost everything (a RAM tier after a reboot, a replaced volume).
 const TIER_MARKER: &str = ".cormorant-tier";
 
-/// The tiers whose marker is missing; each gets one from now on.
-fn wiped_tiers(dirs: &crate::store::TierDirs) -> io::Result<Vec<Tier>> {
-    let mut wiped = Vec::new();
-    for tier in [Tier::Ram, Tier::Volume] {
-        let marker = dirs.root(tier).join(TIER_MARKER);
-        if !marker.exists() {
-            wiped.push(tier);
-            fs::create_dir_all(dirs.root(tier))?;
-            File::create(&marker)?.sync_all()?;
-            File::open(dirs.root(tier))?.sync_all()?;
-        }
+/// The tiers whose marker is missing.
+fn wiped_tiers(dirs: &crate::store::TierDirs) -> Vec<Tier> {
+    [Tier::Ram, Tier::Volume]
+        .into_iter()
+        .filter(|&tier| !dirs.root(tier).join(TIER_MARKER).exists())
+        .collect()
+}
+
+/// Gives `tiers` their marker, durably. Only once the loss of their copies is recorded in
+/// etcd: a start that fails before that finds the tiers still wiped the next time.
+fn mark_tiers(dirs: &crate::store::TierDirs, tiers: &[Tier]) -> io::Result<()> {
+    for &tier in tiers {
+        fs::create_dir_all(dirs.root(tier))?;
+        File::create(dirs.root(tier).join(TIER_MARKER))?.sync_all()?;
+        File::open(dirs.root(tier))?.sync_all()?;
     }
-    Ok(wiped)
+    Ok(())
 }
 
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -93,9 +97,10 @@ impl Daemon {
             wiped: Mutex::new(Vec::new()),
         };
         if daemon.shared.is_some() {
-            *daemon.wiped.lock().unwrap_or_else(|p| p.into_inner()) =
-                wiped_tiers(&daemon.config.dirs)?;
+            let wiped = wiped_tiers(&daemon.config.dirs);
+            *daemon.wiped.lock().unwrap_or_else(|p| p.into_inner()) = wiped.clone();
             daemon.load_shared().map_err(io::Error::other)?;
+            mark_tiers(&daemon.config.dirs, &wiped)?;
             daemon
                 .wiped
                 .lock()
@@ -347,7 +352,7 @@ impl Daemon {
         };
         let mut locations: Vec<Location> = Vec::new();
         for placement in at {
-            if !self.peers.knows(&placement.node) {
+            if !self.knows(&placement.node) {
                 return Err(format!(
                     "node '{}' is neither this node nor a peer",
                     placement.node

@@ -168,7 +168,9 @@ impl Worker {
                 }
             }
         }
-        if (!request.written.is_empty() || request.flush.is_some()) && !self.may_ack() {
+        // Every answer, reads too, waits for a lease in doubt: a replaced owner cut off from
+        // etcd must not serve its old view either.
+        if self.disk.store().is_shared() && !self.may_ack() {
             request.status_byte = VIRTIO_BLK_S_IOERR as u8;
         }
         let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;

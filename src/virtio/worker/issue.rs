@@ -80,8 +80,15 @@ impl Worker {
             (meta.block_size, meta.size)
         };
         let work = Work::of(&request, block_size, size);
+        // Local writes land under the epoch gate: none checked under this node's epoch can
+        // land after a newer owner's first request here (held only while issuing).
+        let disk = self.disk.clone();
+        let changes = matches!(work, Work::Write(_) | Work::Free(_));
+        let gate =
+            (changes && disk.store().is_shared()).then(|| disk.enter_epoch(disk.meta().generation));
         let targets = match work.blocks() {
-            _ if self.disk.is_fenced() => Err("this node no longer serves the image".into()),
+            _ if !self.disk.may_serve() => Err("this node does not serve the image now".into()),
+            _ if matches!(gate, Some(Err(_))) => Err("the image moved on to a newer epoch".into()),
             None => Ok(Vec::new()),
             Some(blocks) => match self.begin_writes(&blocks) {
                 Begin::Frozen => {
@@ -137,6 +144,7 @@ impl Worker {
             (Work::Flush, _) => self.flush(slot),
             (Work::GetId, _) => self.get_id(slot, &request.data, mem),
         }
+        drop(gate);
         if let Some(request) = self.piece_done(tag(slot, 0), true) {
             self.finish(vring, request);
         }
