@@ -23,24 +23,6 @@ fn pattern(block: u64, round: u8) -> Vec<u8> {
         .collect()
 }
 
-/// (in-sync, out-of-sync) copies over all blocks, per node.
-fn copies_on(node: &Daemon, image: &str, on: &str) -> (usize, usize) {
-    let info = node.cli(&["image", "info", image]);
-    let mut counts = (0, 0);
-    for block in info["blocks"].as_array().unwrap() {
-        for l in block["locations"].as_array().unwrap() {
-            if l["node"] == on {
-                if l["synced"].as_bool().unwrap() {
-                    counts.0 += 1;
-                } else {
-                    counts.1 += 1;
-                }
-            }
-        }
-    }
-    counts
-}
-
 #[test]
 fn blocks_on_another_node_are_read_and_written_remotely() {
     let dir = TestDir::new();
@@ -81,7 +63,7 @@ fn a_killed_replica_is_marked_stale_and_resynced() {
     for block in 0..8u64 {
         assert_eq!(c.write(0, block * 512, &pattern(block, 2)).unwrap(), S_OK);
     }
-    let (in_sync, stale) = copies_on(&cluster.nodes[0], "m", "b");
+    let (in_sync, stale) = cluster.nodes[0].copies_on("m", "b");
     assert!(
         stale > 0,
         "b's copies should be stale, got {in_sync} in sync"
@@ -89,7 +71,7 @@ fn a_killed_replica_is_marked_stale_and_resynced() {
     cluster.nodes[1].start_again();
     std::thread::sleep(Duration::from_secs(3)); // the failure list entry expires
     let report = cluster.nodes[0].cli(&["sync", "m"]);
-    assert_eq!(copies_on(&cluster.nodes[0], "m", "b"), (8, 0), "{report}");
+    assert_eq!(cluster.nodes[0].copies_on("m", "b"), (8, 0), "{report}");
     for block in 0..8u64 {
         let a_bytes = std::fs::read(cluster.nodes[0].block_file("ram", "m", block)).unwrap();
         let b_bytes = std::fs::read(cluster.nodes[1].block_file("volume", "m", block)).unwrap();
@@ -153,13 +135,13 @@ fn move_a_disk_to_the_node_that_uses_it() {
     a.cli(&["location", "add", "vm", "--at", "a:ram"]);
     a.cli(&["sync", "vm"]);
     a.cli(&["sync", "vm"]);
-    assert_eq!(copies_on(a, "vm", "a"), (8, 0));
+    assert_eq!(a.copies_on("vm", "a"), (8, 0));
     a.cli(&["location", "rm", "vm", "--at", "b:volume"]);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let (mut c, round) = writer.join().expect("the guest saw no error");
     assert!(round > 0);
-    assert_eq!(copies_on(a, "vm", "b"), (0, 0));
+    assert_eq!(a.copies_on("vm", "b"), (0, 0));
     for block in 0..8u64 {
         assert!(
             !b.block_file("volume", "vm", block).exists(),
@@ -232,5 +214,5 @@ fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
     );
     assert_eq!(discard_done.status, S_OK);
     assert!(!a.block_file("ram", "d", 2).exists());
-    assert_eq!(copies_on(a, "d", "b").1, 1, "b's copy of block 2 is stale");
+    assert_eq!(a.copies_on("d", "b").1, 1, "b's copy of block 2 is stale");
 }

@@ -30,29 +30,7 @@ fn setup(dir: &TestDir, nodes: usize) -> Option<(EtcdCluster, Cluster)> {
     if !tools_available(&["etcd", "etcdctl"]) {
         return None;
     }
-    let etcd_dir = dir.path().join("etcd");
-    std::fs::create_dir_all(&etcd_dir).unwrap();
-    let etcd = EtcdCluster::start(&etcd_dir, 3);
-    let cluster = Cluster::start_etcd(dir.path(), nodes, &etcd.endpoint_arg(), LEASE_TTL);
-    Some((etcd, cluster))
-}
-
-/// (in-sync, out-of-sync) copies of `image` on node `on`, as the cluster records them.
-fn copies_on(node: &Daemon, image: &str, on: &str) -> (usize, usize) {
-    let info = node.cli(&["image", "info", image]);
-    let mut counts = (0, 0);
-    for block in info["blocks"].as_array().unwrap() {
-        for l in block["locations"].as_array().unwrap() {
-            if l["node"] == on {
-                if l["synced"].as_bool().unwrap() {
-                    counts.0 += 1;
-                } else {
-                    counts.1 += 1;
-                }
-            }
-        }
-    }
-    counts
+    Some(common::etcd_cluster(dir.path(), nodes))
 }
 
 #[test]
@@ -204,9 +182,9 @@ fn a_wiped_ram_holder_is_never_read_as_in_sync() {
     cluster.nodes[0].start_again();
     let b = &cluster.nodes[1];
     assert!(
-        wait_until(Duration::from_secs(10), || copies_on(b, "w", "a") == (0, 4)),
+        wait_until(Duration::from_secs(10), || b.copies_on("w", "a") == (0, 4)),
         "a's lost copies are still in sync: {:?}",
-        copies_on(b, "w", "a")
+        b.copies_on("w", "a")
     );
     for round in 0..3 {
         for block in 0..4u64 {
@@ -216,7 +194,7 @@ fn a_wiped_ram_holder_is_never_read_as_in_sync() {
         }
     }
     b.cli(&["sync", "w"]);
-    assert_eq!(copies_on(b, "w", "a"), (4, 0));
+    assert_eq!(b.copies_on("w", "a"), (4, 0));
     let a_copy = std::fs::read(cluster.nodes[0].block_file("ram", "w", 2)).unwrap();
     assert!(a_copy[..64 << 10] == pattern(2, 3)[..]);
 }
@@ -296,7 +274,7 @@ fn the_new_owner_sees_what_the_old_one_marked_after_the_adoption() {
         );
     }
     assert_eq!(on_a.flush(0).unwrap(), S_OK);
-    assert_eq!(copies_on(&cluster.nodes[0], "s", "c"), (0, 4));
+    assert_eq!(cluster.nodes[0].copies_on("s", "c"), (0, 4));
     drop(on_a);
     cluster.nodes[2].start_again(); // c serves its stale copy again
     let b = &cluster.nodes[1];
@@ -312,8 +290,8 @@ fn the_new_owner_sees_what_the_old_one_marked_after_the_adoption() {
     assert_eq!(b.cli(&["image", "info", "s"])["owner"], "b");
     // The blocks move to b; the good copy is the source, never the stale one.
     assert!(wait_until(Duration::from_secs(30), || {
-        let (on_b_synced, _) = copies_on(b, "s", "b");
-        on_b_synced == 4 && copies_on(b, "s", "a") == (0, 0)
+        let (on_b_synced, _) = b.copies_on("s", "b");
+        on_b_synced == 4 && b.copies_on("s", "a") == (0, 0)
     }));
     for block in 0..4u64 {
         let copy = std::fs::read(b.block_file("ram", "s", block)).unwrap();

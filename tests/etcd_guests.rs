@@ -11,8 +11,6 @@ use common::etcd::EtcdCluster;
 use common::guest::{Disk, Guest, GuestOpts, GuestOutput};
 use common::{tools_available, wait_until, TestDir};
 
-const LEASE_TTL: u64 = 3;
-
 /// Shell that makes chunk `$i` of tag `$tag` (256 KiB, a number padded with zeros) in /tmp/c.
 const MAKE_CHUNK: &str = r#"printf "%0262144d" $((i*1000+tag)) > /tmp/c"#;
 
@@ -53,11 +51,7 @@ fn setup(dir: &TestDir, nodes: usize) -> Option<(EtcdCluster, Cluster)> {
     if !tools_available(&["qemu-system-x86_64", "etcd"]) {
         return None;
     }
-    let etcd_dir = dir.join("etcd");
-    std::fs::create_dir_all(&etcd_dir).unwrap();
-    let etcd = EtcdCluster::start(&etcd_dir, 3);
-    let cluster = Cluster::start_etcd(dir.path(), nodes, &etcd.endpoint_arg(), LEASE_TTL);
-    Some((etcd, cluster))
+    Some(common::etcd_cluster(dir.path(), nodes))
 }
 
 fn run(dir: &TestDir, name: &str, node: &Daemon, image: &str, script: &str) -> GuestOutput {

@@ -7,8 +7,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::Cluster;
-use common::etcd::EtcdCluster;
 use common::guest::{Disk, Guest, GuestOpts};
 use common::{tools_available, TestDir};
 
@@ -20,10 +18,7 @@ fn a_disk_moves_twenty_times_under_a_writing_guest() {
         return;
     }
     let dir = TestDir::new();
-    let etcd_dir = dir.join("etcd");
-    std::fs::create_dir_all(&etcd_dir).unwrap();
-    let etcd = EtcdCluster::start(&etcd_dir, 3);
-    let cluster = Cluster::start_etcd(dir.path(), 2, &etcd.endpoint_arg(), 3);
+    let (_etcd, cluster) = common::etcd_cluster(dir.path(), 2);
     let a = &cluster.nodes[0];
     a.create_image("mv", "8M", "1M", &["a:ram"]);
     // For its first 110 s of uptime (the moves take well under that), rewrite chunk i of 32

@@ -11,8 +11,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::daemon::Cluster;
-use common::etcd::EtcdCluster;
 use common::guest::{rounds_script, Disk, Guest, GuestOpts};
 use common::{tools_available, wait_until, TestDir};
 
@@ -40,10 +38,7 @@ fn a_guest_migrates_and_its_disk_follows() {
         return;
     }
     let dir = TestDir::new();
-    let etcd_dir = dir.join("etcd");
-    std::fs::create_dir_all(&etcd_dir).unwrap();
-    let etcd = EtcdCluster::start(&etcd_dir, 3);
-    let cluster = Cluster::start_etcd(dir.path(), 2, &etcd.endpoint_arg(), 3);
+    let (_etcd, cluster) = common::etcd_cluster(dir.path(), 2);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.create_image("mig", "16M", "1M", &["a:ram"]);
     let script = rounds_script(ROUNDS);

@@ -1,6 +1,8 @@
 //! The images this node holds for others and the ones it moves: location changes, hold and
 //! release on behalf of an owner, adoption and fencing for live migration.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::Daemon;
@@ -66,6 +68,14 @@ impl Daemon {
                 self.find(name).ok_or("image vanished")?
             }
         };
+        self.localize_on_take_over(&disk);
+        self.publish(&disk)?;
+        log::info!("image {name}: adopted from {from}, exported here in standby");
+        Ok(json!({"image": name, "from": from, "socket": socket_path(&self.config.run_dir, name)}))
+    }
+
+    /// Once this node takes the image over, its blocks move here in the background.
+    pub(super) fn localize_on_take_over(&self, disk: &Arc<Disk>) {
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         disk.on_take_over(Box::new(move || {
             let spawned = std::thread::Builder::new()
@@ -75,9 +85,6 @@ impl Daemon {
                 log::error!("cannot start moving the blocks here: {e}");
             }
         }));
-        self.publish(&disk)?;
-        log::info!("image {name}: adopted from {from}, exported here in standby");
-        Ok(json!({"image": name, "from": from, "socket": socket_path(&self.config.run_dir, name)}))
     }
 
     /// The owner of `meta.name` tells this node it holds copies: remember the image (durably)

@@ -538,12 +538,17 @@ impl Daemon {
         }
     }
 
-    pub(super) fn remove_shared(&self, name: &ImageName) -> Result<(), String> {
-        let cluster = self.cluster()?;
-        let meta = cluster
+    /// Image `name` as etcd has it now.
+    fn shared_image(&self, name: &ImageName) -> Result<ImageMeta, String> {
+        self.cluster()?
             .image(name)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no image named '{name}'"))?;
+            .ok_or_else(|| format!("no image named '{name}'"))
+    }
+
+    pub(super) fn remove_shared(&self, name: &ImageName) -> Result<(), String> {
+        let cluster = self.cluster()?;
+        let meta = self.shared_image(name)?;
         if meta.owner != self.config.node {
             return Err(format!(
                 "image '{name}' is owned by node {}: run this there",
@@ -577,11 +582,7 @@ impl Daemon {
     }
 
     pub(super) fn info_shared(&self, name: &ImageName) -> Result<Value, String> {
-        let meta = self
-            .cluster()?
-            .image(name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no image named '{name}'"))?;
+        let meta = self.shared_image(name)?;
         let mut value = shared_summary(&meta);
         let blocks: Vec<Value> = (0..meta.blocks())
             .map(|index| {
@@ -619,11 +620,7 @@ impl Daemon {
     /// its node died): export it here in standby. The take-over happens when a guest here
     /// starts the device, and only if no frontend runs it elsewhere then.
     pub(super) fn adopt_shared(&self, name: &ImageName) -> Result<Value, String> {
-        let meta = self
-            .cluster()?
-            .image(name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no image named '{name}'"))?;
+        let meta = self.shared_image(name)?;
         if meta.owner == self.config.node {
             return Err(format!("image {name} is already owned by this node"));
         }
@@ -636,15 +633,7 @@ impl Daemon {
             }
         };
         disk.adopt();
-        let (disk_bg, peers) = (disk.clone(), self.peers.clone());
-        disk.on_take_over(Box::new(move || {
-            let spawned = std::thread::Builder::new()
-                .name("localize".into())
-                .spawn(move || crate::ownership::localize(disk_bg, peers));
-            if let Err(e) = spawned {
-                log::error!("cannot start moving the blocks here: {e}");
-            }
-        }));
+        self.localize_on_take_over(&disk);
         self.publish(&disk)?;
         log::info!("image {name}: adopted (owner {from}), exported here in standby");
         Ok(json!({"image": name, "from": from, "socket": socket_path(&self.config.run_dir, name)}))

@@ -126,6 +126,25 @@ impl Daemon {
         self.run_dir.join(format!("{image}.sock"))
     }
 
+    /// (in-sync, out-of-sync) copies of `image` on node `on` over all blocks, as this node's
+    /// `image info` reports them.
+    pub fn copies_on(&self, image: &str, on: &str) -> (usize, usize) {
+        let info = self.cli(&["image", "info", image]);
+        let mut counts = (0, 0);
+        for block in info["blocks"].as_array().expect("blocks") {
+            for l in block["locations"].as_array().expect("locations") {
+                if l["node"] == on {
+                    if l["synced"].as_bool().expect("synced") {
+                        counts.0 += 1;
+                    } else {
+                        counts.1 += 1;
+                    }
+                }
+            }
+        }
+        counts
+    }
+
     /// Where block `block` of `image` lives on `tier` of this node. Block directories are
     /// `<name>@<id>`; with no directory yet (nothing written) the path is under `<name>@`,
     /// which does not exist either. Panics when several incarnations of the name are left.
