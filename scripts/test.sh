@@ -13,7 +13,13 @@ cargo test --locked --all-targets
 # holding; long runs are for developers (see fuzz/README.md).
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
     for target in $(cd fuzz && cargo +nightly fuzz list); do
-        (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time=20 -print_final_stats=0) 2>&1 | tail -n 2
+        # Targets with seed inputs (fuzz/seeds/<target>) start from them as well.
+        corpus=()
+        if [ -d "fuzz/seeds/$target" ]; then
+            mkdir -p "fuzz/corpus/$target"
+            corpus=("corpus/$target" "seeds/$target")
+        fi
+        (cd fuzz && cargo +nightly fuzz run "$target" "${corpus[@]}" -- -max_total_time=20 -print_final_stats=0) 2>&1 | tail -n 2
     done
 else
     echo "test: cargo-fuzz or the nightly toolchain is missing: fuzz targets not run"

@@ -13,8 +13,8 @@
 #![no_main]
 
 use cormorant::peer::frame::{self, Decoder, Frame, Kind, MAX_PAYLOAD};
-use cormorant::peer::seal::{Sealer, Session};
 use cormorant::peer::message::{Request, Response};
+use cormorant::peer::seal::{Sealer, Session};
 use libfuzzer_sys::fuzz_target;
 
 fn check_messages(frame: &Frame) {

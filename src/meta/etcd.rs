@@ -226,8 +226,7 @@ impl Etcd {
             key: b64(key),
             range_end: None,
         };
-        let resp: wire::RangeResponse = self.call("/v3/kv/range", &req)?;
-        resp.kvs.into_iter().next().map(decode_kv).transpose()
+        first_kv(self.call("/v3/kv/range", &req)?)
     }
 
     /// Every key under `prefix`, sorted by key, and the revision they were read at (a watch
@@ -238,9 +237,7 @@ impl Etcd {
             key: b64(&key),
             range_end: Some(b64(&end)),
         };
-        let resp: wire::RangeResponse = self.call("/v3/kv/range", &req)?;
-        let kvs = decode_kvs(resp.kvs)?;
-        Ok((kvs, resp.header.revision))
+        all_kvs(self.call("/v3/kv/range", &req)?)
     }
 
     /// Sets `key`, attached to `lease` (0 = none); returns the revision of the write.
@@ -277,43 +274,14 @@ impl Etcd {
             success: txn.success.iter().map(request_op).collect(),
             failure: txn.failure.iter().map(request_op).collect(),
         };
-        let resp: wire::TxnResponse = self.call("/v3/kv/txn", &req)?;
-        let branch = if resp.succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
-        if resp.responses.len() != branch.len() {
-            return Err(EtcdError::Decode(format!(
-                "txn answered {} responses for {} ops",
-                resp.responses.len(),
-                branch.len()
-            )));
-        }
-        let responses = resp
-            .responses
-            .into_iter()
-            .map(|r| decode_kvs(r.response_range.map(|r| r.kvs).unwrap_or_default()))
-            .collect::<Result<_, _>>()?;
-        Ok(TxnResult {
-            succeeded: resp.succeeded,
-            revision: resp.header.revision,
-            responses,
-        })
+        txn_result(self.call("/v3/kv/txn", &req)?, txn)
     }
 
     /// Grants a lease of `ttl_secs` (etcd may raise a TTL below its minimum, about 1.5
     /// election timeouts); keys put under it are deleted when it expires or is revoked.
     pub fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseId, EtcdError> {
         let req = wire::LeaseGrantRequest { ttl: ttl_secs };
-        let resp: wire::LeaseGrantResponse = self.call("/v3/lease/grant", &req)?;
-        if !resp.error.is_empty() {
-            return Err(EtcdError::Status {
-                code: 0,
-                message: resp.error,
-            });
-        }
-        Ok(resp.id)
+        lease_granted(self.call("/v3/lease/grant", &req)?)
     }
 
     /// Renews once; Ok(remaining ttl secs), Ok(0) or an error when the lease is gone.
@@ -324,14 +292,7 @@ impl Etcd {
         // stream at the end of our (single-message) request body.
         let msg: wire::StreamMessage<wire::LeaseKeepAliveResponse> =
             self.call("/v3/lease/keepalive", &req)?;
-        match (msg.result, msg.error) {
-            (_, Some(e)) => Err(EtcdError::Status {
-                code: e.grpc_code,
-                message: e.message,
-            }),
-            (Some(r), None) => Ok(r.ttl),
-            (None, None) => Err(EtcdError::Decode("empty keep-alive answer".into())),
-        }
+        stream_result(msg, "keep-alive answer").map(|r| r.ttl)
     }
 
     /// Revokes a lease, deleting its keys. A lease already gone gives `Status` code 5.
@@ -383,9 +344,7 @@ impl Etcd {
             }
             Ok(Ok((endpoint.to_string(), resp.into_body().into_reader())))
         })?;
-        let mut watch = Watch::new(endpoint, reader, idle);
-        watch.expect_created()?;
-        Ok(watch)
+        Watch::open(endpoint, Box::new(reader), idle)
     }
 
     /// A unary call: JSON in, JSON out, with fail-over.
@@ -393,7 +352,7 @@ impl Etcd {
         let body = encode(req)?;
         let bytes =
             self.each_endpoint(|endpoint, budget| self.post(endpoint, path, &body, budget))?;
-        serde_json::from_slice(&bytes).map_err(|e| EtcdError::Decode(format!("{path}: {e}")))
+        parse(path, &bytes)
     }
 
     fn post(&self, endpoint: &str, path: &str, body: &[u8], budget: Duration) -> Attempt<Vec<u8>> {
@@ -618,6 +577,71 @@ fn decode_kvs(raw: Vec<wire::RawKv>) -> Result<Vec<Kv>, EtcdError> {
     raw.into_iter().map(decode_kv).collect()
 }
 
+/// A successful (HTTP 200) answer of `path` as JSON.
+fn parse<R: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<R, EtcdError> {
+    serde_json::from_slice(bytes).map_err(|e| EtcdError::Decode(format!("{path}: {e}")))
+}
+
+/// A single-key range's answer: its kv, if any.
+fn first_kv(resp: wire::RangeResponse) -> Result<Option<Kv>, EtcdError> {
+    resp.kvs.into_iter().next().map(decode_kv).transpose()
+}
+
+/// A prefix range's answer: every kv, and the revision they were read at.
+fn all_kvs(resp: wire::RangeResponse) -> Result<(Vec<Kv>, i64), EtcdError> {
+    let kvs = decode_kvs(resp.kvs)?;
+    Ok((kvs, resp.header.revision))
+}
+
+/// A txn's answer, checked against the branch it reports taken: one response per op.
+fn txn_result(resp: wire::TxnResponse, txn: &Txn) -> Result<TxnResult, EtcdError> {
+    let branch = if resp.succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
+    if resp.responses.len() != branch.len() {
+        return Err(EtcdError::Decode(format!(
+            "txn answered {} responses for {} ops",
+            resp.responses.len(),
+            branch.len()
+        )));
+    }
+    let responses = resp
+        .responses
+        .into_iter()
+        .map(|r| decode_kvs(r.response_range.map(|r| r.kvs).unwrap_or_default()))
+        .collect::<Result<_, _>>()?;
+    Ok(TxnResult {
+        succeeded: resp.succeeded,
+        revision: resp.header.revision,
+        responses,
+    })
+}
+
+fn lease_granted(resp: wire::LeaseGrantResponse) -> Result<LeaseId, EtcdError> {
+    if !resp.error.is_empty() {
+        return Err(EtcdError::Status {
+            code: 0,
+            message: resp.error,
+        });
+    }
+    Ok(resp.id)
+}
+
+/// One message of a streaming call: its result, or the stream's error. `what` names the
+/// message in the error when it has neither.
+fn stream_result<T>(msg: wire::StreamMessage<T>, what: &str) -> Result<T, EtcdError> {
+    match (msg.result, msg.error) {
+        (_, Some(e)) => Err(EtcdError::Status {
+            code: e.grpc_code,
+            message: e.message,
+        }),
+        (Some(r), None) => Ok(r),
+        (None, None) => Err(EtcdError::Decode(format!("empty {what}"))),
+    }
+}
+
 fn decode_event(raw: wire::RawEvent) -> Result<Event, EtcdError> {
     let kind = match raw.kind.as_str() {
         "" | "PUT" => EventKind::Put,
@@ -652,9 +676,12 @@ impl<R: Read> Read for Counted<R> {
 #[error("watch message larger than {MAX_ANSWER_BYTES} bytes")]
 struct TooLargeMessage;
 
+/// The body of a watch call: a `ureq::BodyReader`, or bytes when fuzzing.
+type WatchBody = Box<dyn Read + Send>;
+
 type WatchStream = serde_json::StreamDeserializer<
     'static,
-    serde_json::de::IoRead<BufReader<Counted<ureq::BodyReader<'static>>>>,
+    serde_json::de::IoRead<BufReader<Counted<WatchBody>>>,
     wire::StreamMessage<wire::WatchResponse>,
 >;
 
@@ -669,7 +696,18 @@ pub struct Watch {
 }
 
 impl Watch {
-    fn new(endpoint: String, reader: ureq::BodyReader<'static>, idle: Option<Duration>) -> Watch {
+    /// A watch on the answer `reader` of a watch call; reads the creation message.
+    fn open(
+        endpoint: String,
+        reader: WatchBody,
+        idle: Option<Duration>,
+    ) -> Result<Watch, EtcdError> {
+        let mut watch = Watch::new(endpoint, reader, idle);
+        watch.expect_created()?;
+        Ok(watch)
+    }
+
+    fn new(endpoint: String, reader: WatchBody, idle: Option<Duration>) -> Watch {
         let since_message = Arc::new(AtomicU64::new(0));
         let counted = Counted {
             inner: reader,
@@ -736,14 +774,7 @@ impl Watch {
         let result = match item {
             None => Err(EtcdError::WatchClosed),
             Some(Err(e)) => Err(self.stream_error(e)),
-            Some(Ok(msg)) => match (msg.result, msg.error) {
-                (_, Some(e)) => Err(EtcdError::Status {
-                    code: e.grpc_code,
-                    message: e.message,
-                }),
-                (Some(r), None) => Ok(r),
-                (None, None) => Err(EtcdError::Decode("empty watch message".into())),
-            },
+            Some(Ok(msg)) => stream_result(msg, "watch message"),
         };
         if result.is_err() {
             self.closed = true;
@@ -787,6 +818,57 @@ fn check_canceled(msg: &wire::WatchResponse) -> Result<(), EtcdError> {
         return Err(EtcdError::WatchCanceled(msg.cancel_reason.clone()));
     }
     Ok(())
+}
+
+/// The answer decoders the client runs on what etcd sends, from raw bytes, for the fuzz
+/// targets (`fuzz/fuzz_targets/etcd_wire.rs`). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// `/v3/kv/range` for one key ([`Etcd::get`]).
+    pub fn get(answer: &[u8]) -> Result<Option<Kv>, EtcdError> {
+        first_kv(parse("/v3/kv/range", answer)?)
+    }
+
+    /// `/v3/kv/range` for a prefix ([`Etcd::get_prefix`]).
+    pub fn get_prefix(answer: &[u8]) -> Result<(Vec<Kv>, i64), EtcdError> {
+        all_kvs(parse("/v3/kv/range", answer)?)
+    }
+
+    /// `/v3/kv/put`, `/v3/kv/deleterange` and `/v3/lease/revoke`: the revision.
+    pub fn header_only(answer: &[u8]) -> Result<i64, EtcdError> {
+        let resp: wire::HeaderOnly = parse("/v3/kv/put", answer)?;
+        Ok(resp.header.revision)
+    }
+
+    /// `/v3/kv/txn`, as an answer to `txn` ([`Etcd::txn`]).
+    pub fn txn(answer: &[u8], txn: &Txn) -> Result<TxnResult, EtcdError> {
+        txn_result(parse("/v3/kv/txn", answer)?, txn)
+    }
+
+    /// `/v3/lease/grant` ([`Etcd::lease_grant`]).
+    pub fn lease_grant(answer: &[u8]) -> Result<LeaseId, EtcdError> {
+        lease_granted(parse("/v3/lease/grant", answer)?)
+    }
+
+    /// `/v3/lease/keepalive` ([`Etcd::lease_keepalive`]).
+    pub fn lease_keepalive(answer: &[u8]) -> Result<i64, EtcdError> {
+        let msg: wire::StreamMessage<wire::LeaseKeepAliveResponse> =
+            parse("/v3/lease/keepalive", answer)?;
+        stream_result(msg, "keep-alive answer").map(|r| r.ttl)
+    }
+
+    /// Any call's answer with an HTTP status other than 200.
+    pub fn error(status: u16, answer: &[u8]) -> EtcdError {
+        error_answer(status, answer)
+    }
+
+    /// A `/v3/watch` stream: the watch once its creation message is read ([`Etcd::watch`]);
+    /// [`Watch::next`] reads the rest.
+    pub fn watch(stream: impl Read + Send + 'static) -> Result<Watch, EtcdError> {
+        Watch::open("fuzz".into(), Box::new(stream), None)
+    }
 }
 
 #[cfg(test)]

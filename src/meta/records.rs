@@ -98,8 +98,27 @@ impl Keys {
         self.key(format!("lost/{id}/{node}"))
     }
 
-    /// What `key` is; `None` for keys this version does not know (they are ignored).
+    /// The key named by `key`.
+    pub fn encode(&self, key: &Key) -> Vec<u8> {
+        match key {
+            Key::Node(node) => self.node(node),
+            Key::Incarnation(node) => self.incarnation(node),
+            Key::Image(name) => self.image(name),
+            Key::Chunk(id, chunk) => self.chunk(*id, *chunk),
+            Key::Active(id) => self.active(*id),
+            Key::Lost(id, node) => self.lost(*id, node),
+        }
+    }
+
+    /// What `key` is; `None` for keys this version does not know (they are ignored). Only
+    /// keys exactly as the builders write them are known: an id in upper case or a chunk
+    /// number with a sign names no key of ours, though the field parsers take them.
     pub fn parse(&self, key: &[u8]) -> Option<Key> {
+        self.parse_fields(key)
+            .filter(|parsed| self.encode(parsed) == key)
+    }
+
+    fn parse_fields(&self, key: &[u8]) -> Option<Key> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
         let (kind, rest) = rest.split_once('/')?;
         match kind {
@@ -316,6 +335,25 @@ mod tests {
         assert_eq!(keys.parse(b"/cormorant/c1/image/../x"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/extents/zz/00000001"), None);
         assert!(keys.chunk(id, 1).starts_with(&keys.chunks(id)));
+    }
+
+    /// Found by the `meta_records` fuzz target (`lost/000A0000000000ab/n1`): keys the builders
+    /// never write parsed as if they had (an upper-case id, a chunk number with a '+'), so a
+    /// stray key could pass for an image's chunk, active or lost record under another spelling.
+    #[test]
+    fn only_canonical_keys_parse() {
+        let keys = Keys::new("c1");
+        let id: ImageId = "00000000000000ab".parse().unwrap();
+        assert_eq!(
+            keys.parse(b"/cormorant/c1/active/00000000000000ab"),
+            Some(Key::Active(id))
+        );
+        assert_eq!(keys.parse(b"/cormorant/c1/active/00000000000000AB"), None);
+        assert_eq!(
+            keys.parse(b"/cormorant/c1/extents/00000000000000ab/+0000001"),
+            None
+        );
+        assert_eq!(keys.parse(b"/cormorant/c1/lost/00000000000000AB/n1"), None);
     }
 
     #[test]
