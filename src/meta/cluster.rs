@@ -35,6 +35,15 @@ fn decode<T: serde::de::DeserializeOwned>(kv: &Kv) -> Result<T, StoreError> {
     serde_json::from_slice(&kv.value).map_err(|e| bad(&kv.key, e))
 }
 
+/// An etcd revision as an epoch. etcd's revisions start at 1; anything else is a broken
+/// answer, refused rather than turned into an epoch that would outrank every real one.
+fn epoch_of(revision: i64) -> Result<u64, StoreError> {
+    u64::try_from(revision)
+        .ok()
+        .filter(|&r| r > 0)
+        .ok_or_else(|| StoreError::Cluster(format!("etcd sent revision {revision}")))
+}
+
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Records are plain data (strings, numbers, vectors): serialising cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -147,7 +156,7 @@ impl ClusterMeta {
         for kv in &kvs {
             match self.keys.parse(&kv.key) {
                 Some(Key::Image(name)) => {
-                    headers.push((name, kv.mod_revision as u64, decode::<ImageRecord>(kv)?))
+                    headers.push((name, epoch_of(kv.mod_revision)?, decode::<ImageRecord>(kv)?))
                 }
                 Some(Key::Chunk(id, chunk)) => {
                     chunks.entry(id).or_default().push((chunk, decode(kv)?))
@@ -192,7 +201,8 @@ impl ClusterMeta {
             for kv in result.responses.first().map(Vec::as_slice).unwrap_or(&[]) {
                 parts.push(decode::<ChunkRecord>(kv)?);
             }
-            let meta = records::meta_of(name.clone(), head.mod_revision as u64, record, &parts)?;
+            let meta =
+                records::meta_of(name.clone(), epoch_of(head.mod_revision)?, record, &parts)?;
             return Ok(Some(meta));
         }
     }
@@ -228,7 +238,7 @@ impl ClusterMeta {
             // A retried call may find its own first attempt: the id is ours alone.
             if let Some(head) = self.etcd.get(&self.keys.image(&meta.name))? {
                 if decode::<ImageRecord>(&head)?.id == meta.id {
-                    meta.generation = head.mod_revision as u64;
+                    meta.generation = epoch_of(head.mod_revision)?;
                     return Ok(());
                 }
             }
@@ -237,7 +247,7 @@ impl ClusterMeta {
                 meta.name
             )));
         }
-        meta.generation = result.revision as u64;
+        meta.generation = epoch_of(result.revision)?;
         Ok(())
     }
 
@@ -332,7 +342,7 @@ impl ClusterMeta {
             epoch: meta.generation,
         };
         let head = reads.first().and_then(|kvs| kvs.first());
-        if head.is_none_or(|kv| kv.mod_revision as u64 != meta.generation) {
+        if head.is_none_or(|kv| kv.mod_revision != meta.generation as i64) {
             return fenced;
         }
         match reads.get(1).and_then(|kvs| kvs.first()) {
@@ -395,7 +405,7 @@ impl ClusterMeta {
         };
         let result = self.etcd.txn(&txn)?;
         if result.succeeded {
-            return Ok(result.revision as u64);
+            return epoch_of(result.revision);
         }
         // A retried call may find its own first attempt: this node owns it under its lease.
         let active_is_mine = result
@@ -406,7 +416,7 @@ impl ClusterMeta {
         if active_is_mine {
             if let Some(head) = self.etcd.get(&self.keys.image(&meta.name))? {
                 if decode::<ImageRecord>(&head)?.owner == self.me {
-                    return Ok(head.mod_revision as u64);
+                    return epoch_of(head.mod_revision);
                 }
             }
         }
@@ -450,7 +460,7 @@ impl ClusterMeta {
 
     fn epoch_is(&self, meta: &ImageMeta) -> Result<bool, StoreError> {
         let head = self.etcd.get(&self.keys.image(&meta.name))?;
-        Ok(head.is_some_and(|kv| kv.mod_revision as u64 == meta.generation))
+        Ok(head.is_some_and(|kv| kv.mod_revision == meta.generation as i64))
     }
 
     /// The device stopped here (the frontend went away or stopped it for a migration):

@@ -274,6 +274,10 @@ pub fn meta_of(
     if record.version > FORMAT_VERSION {
         return Err(MetaError::FutureVersion(record.version));
     }
+    if record.chunk_blocks != CHUNK_BLOCKS {
+        // Written by a version that cut extents differently: its records cannot be read here.
+        return Err(MetaError::FutureVersion(record.version));
+    }
     let extents: Vec<Extent> = chunks.iter().flat_map(|c| c.extents.clone()).collect();
     let file = crate::image::meta::MetaFile {
         version: record.version,
