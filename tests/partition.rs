@@ -87,7 +87,23 @@ fn a_partitioned_replica_is_failure_listed_and_recovered() {
     };
     let dir = TestDir::new();
     let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
-    let cluster = Cluster::start_at(dir.path(), &ips, &[None, Some(ns.name.clone())], None);
+    // b, inside the namespace, reaches etcd through the veth: the cut takes etcd away
+    // from it too.
+    let etcd = common::start_etcd(dir.path());
+    let first: std::net::SocketAddr = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = common::proxy::Proxy::start_on("198.51.100.1", first);
+    let endpoints = [etcd.endpoint_arg(), proxy.url()];
+    let cluster = Cluster::start_etcd_at(
+        dir.path(),
+        &ips,
+        &[None, Some(ns.name.clone())],
+        &endpoints,
+        3,
+        None,
+    );
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.create_image("p", "2M", "256K", &["a:ram", "b:ram"]);
     let opts = ClientOptions {

@@ -210,9 +210,11 @@ fn resync_of_a_hot_block_does_not_stall_the_queue() {
 /// marked in sync.
 #[test]
 fn flush_fails_when_the_only_copy_cannot_be_flushed() {
-    use common::daemon::Cluster;
+    if !common::tools_available(&["etcd"]) {
+        return;
+    }
     let dir = TestDir::new();
-    let cluster = Cluster::start(dir.path(), 2, None);
+    let (_etcd, cluster) = common::etcd_cluster(dir.path(), 2);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.create_image("r", "4M", "1M", &["b:volume"]);
     let mut c = BlkClient::connect(a.socket("r"), &ClientOptions::default()).unwrap();

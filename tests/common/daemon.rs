@@ -295,13 +295,35 @@ impl Cluster {
     /// Like [`Cluster::start_etcd`], node i reaching etcd at `etcd[i]` (e.g. through a
     /// [`super::proxy::Proxy`] the test can cut).
     pub fn start_etcd_each(dir: &Path, etcd: &[String], lease_ttl: u64) -> Cluster {
+        Self::start_etcd_each_with(dir, etcd, lease_ttl, None)
+    }
+
+    /// Like [`Cluster::start_etcd_each`]; node `wrong_key` (if any) gets another cluster key.
+    pub fn start_etcd_each_with(
+        dir: &Path,
+        etcd: &[String],
+        lease_ttl: u64,
+        wrong_key: Option<usize>,
+    ) -> Cluster {
         let n = etcd.len();
         let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        Self::start_etcd_at(dir, &ips, &vec![None; n], etcd, lease_ttl, wrong_key)
+    }
+
+    /// Node i listening on `ips[i]` inside `netns[i]`, reaching etcd at `etcd[i]`.
+    pub fn start_etcd_at(
+        dir: &Path,
+        ips: &[String],
+        netns: &[Option<String>],
+        etcd: &[String],
+        lease_ttl: u64,
+        wrong_key: Option<usize>,
+    ) -> Cluster {
         let membership = Membership::Etcd {
             endpoints: etcd.to_vec(),
             lease_ttl,
         };
-        Self::start_with(dir, &ips, &vec![None; n], None, &membership)
+        Self::start_with(dir, ips, netns, wrong_key, &membership)
     }
 
     /// Starts one node per entry of `ips`, node i listening on `ips[i]` inside `netns[i]`.

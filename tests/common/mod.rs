@@ -113,9 +113,30 @@ pub fn md5_prefix(path: &Path, len: usize) -> String {
 /// A 3-member etcd under `dir/etcd` and `n` nodes (a, b, ...) that keep their metadata in it,
 /// with a 3 s lease. Keep the etcd handle alive as long as the nodes.
 pub fn etcd_cluster(dir: &Path, n: usize) -> (etcd::EtcdCluster, daemon::Cluster) {
-    let etcd_dir = dir.join("etcd");
-    std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
-    let etcd = etcd::EtcdCluster::start(&etcd_dir, 3);
+    let etcd = start_etcd(dir);
     let cluster = daemon::Cluster::start_etcd(dir, n, &etcd.endpoint_arg(), 3);
     (etcd, cluster)
+}
+
+/// Like [`etcd_cluster`], node `wrong` holding another cluster key than the others.
+pub fn etcd_cluster_with_wrong_key(
+    dir: &Path,
+    n: usize,
+    wrong: usize,
+) -> (etcd::EtcdCluster, daemon::Cluster) {
+    let etcd = start_etcd(dir);
+    let endpoints = vec![etcd.endpoint_arg(); n];
+    let cluster = daemon::Cluster::start_etcd_each_with(dir, &endpoints, 3, Some(wrong));
+    (etcd, cluster)
+}
+
+/// A 3-member etcd under `dir/etcd`.
+pub fn start_etcd(dir: &Path) -> etcd::EtcdCluster {
+    assert!(
+        tools_available(&["etcd", "etcdctl"]),
+        "the cluster tests need etcd: run scripts/setup.sh"
+    );
+    let etcd_dir = dir.join("etcd");
+    std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
+    etcd::EtcdCluster::start(&etcd_dir, 3)
 }

@@ -15,7 +15,12 @@ pub struct Proxy {
 impl Proxy {
     /// Forwards a new port on 127.0.0.1 to `target`.
     pub fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        Self::start_on("127.0.0.1", target)
+    }
+
+    /// Forwards a new port on address `ip` of this host to `target`.
+    pub fn start_on(ip: &str, target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind((ip, 0)).expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
