@@ -38,21 +38,15 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Clients for every configured peer (none for a single-node daemon). Connections are
-    /// made on first use.
+    /// No peers yet: they come from etcd's node registry (none for a single-node daemon).
+    /// Connections are made on first use.
     pub fn new(config: &Config, key: Option<&ClusterKey>) -> Peers {
-        let peers = Peers {
+        Peers {
             me: config.node.clone(),
             key: key.cloned(),
             clients: RwLock::new(BTreeMap::new()),
             failures: Arc::new(FailureList::new(config.failure_timeout)),
-        };
-        if let Some(cluster) = &config.cluster {
-            for (id, addr) in &cluster.peers {
-                peers.set(id, *addr);
-            }
         }
-        peers
     }
 
     /// Reaches `node` at `addr` from now on (a new client when the address changed).

@@ -1,6 +1,5 @@
 //! The daemon's configuration, validated from the command line before anything starts.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,11 +34,9 @@ pub struct SocketAccess {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub listen: SocketAddr,
-    pub peers: BTreeMap<NodeId, SocketAddr>,
     pub key_file: PathBuf,
-    /// Where the cluster's metadata lives; None for a cluster of `--peer` lists (each node
-    /// keeps its own copy of the metadata).
-    pub etcd: Option<Etcd>,
+    /// Where the cluster's metadata lives.
+    pub etcd: Etcd,
 }
 
 /// The etcd cluster holding the metadata.
@@ -52,16 +49,14 @@ pub struct Etcd {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("--node needs --listen ADDR and --cluster-key-file FILE")]
+    #[error("--node needs --listen ADDR, --cluster-key-file FILE and --etcd URLS")]
     ClusterIncomplete,
     #[error("--listen, --peer and --cluster-key-file need --node ID")]
     NoNode,
-    #[error("peer {0} is this node")]
-    PeerIsSelf(NodeId),
-    #[error("peer {0} is given twice")]
-    DuplicatePeer(NodeId),
-    #[error("--peer is not needed with --etcd: nodes register in etcd and find each other there")]
-    PeersWithEtcd,
+    #[error(
+        "--peer is not needed any more: nodes register in etcd (--etcd) and find each other there"
+    )]
+    PeerLists,
     #[error("--etcd needs --node ID, --listen ADDR and --cluster-key-file FILE")]
     EtcdWithoutNode,
     #[error("--lease-ttl must be between 2 and 3600 seconds")]
@@ -81,23 +76,19 @@ impl Config {
         if args.failure_timeout == 0 {
             return Err(ConfigError::FailureTimeout);
         }
+        if !args.peers.is_empty() {
+            return Err(ConfigError::PeerLists);
+        }
         let etcd = etcd(&args)?;
-        let cluster = match (&args.node, args.listen, &args.cluster_key_file) {
-            (None, None, None) if args.peers.is_empty() && etcd.is_none() => None,
-            _ if etcd.is_some()
-                && (args.node.is_none()
-                    || args.listen.is_none()
-                    || args.cluster_key_file.is_none()) =>
-            {
-                return Err(ConfigError::EtcdWithoutNode)
-            }
-            (None, ..) => return Err(ConfigError::NoNode),
-            (Some(_), Some(listen), Some(key_file)) => Some(Cluster {
+        let cluster = match (&args.node, args.listen, &args.cluster_key_file, etcd) {
+            (None, None, None, None) => None,
+            (Some(_), Some(listen), Some(key_file), Some(etcd)) => Some(Cluster {
                 listen,
-                peers: peers(args.node.as_ref().expect("matched"), &args.peers)?,
                 key_file: key_file.clone(),
                 etcd,
             }),
+            (_, _, _, Some(_)) => return Err(ConfigError::EtcdWithoutNode),
+            (None, ..) => return Err(ConfigError::NoNode),
             (Some(_), ..) => return Err(ConfigError::ClusterIncomplete),
         };
         Ok(Config {
@@ -128,9 +119,6 @@ impl Config {
 fn etcd(args: &ServeArgs) -> Result<Option<Etcd>, ConfigError> {
     if args.etcd.is_empty() {
         return Ok(None);
-    }
-    if !args.peers.is_empty() {
-        return Err(ConfigError::PeersWithEtcd);
     }
     if !(2..=3600).contains(&args.lease_ttl) {
         return Err(ConfigError::LeaseTtl);
@@ -178,22 +166,6 @@ fn group_id(name: &str) -> Result<u32, ConfigError> {
     }
     // SAFETY: non-null pointer to the static group entry getgrnam returned.
     Ok(unsafe { (*group).gr_gid })
-}
-
-fn peers(
-    me: &NodeId,
-    list: &[(NodeId, SocketAddr)],
-) -> Result<BTreeMap<NodeId, SocketAddr>, ConfigError> {
-    let mut peers = BTreeMap::new();
-    for (id, addr) in list {
-        if id == me {
-            return Err(ConfigError::PeerIsSelf(id.clone()));
-        }
-        if peers.insert(id.clone(), *addr).is_some() {
-            return Err(ConfigError::DuplicatePeer(id.clone()));
-        }
-    }
-    Ok(peers)
 }
 
 #[cfg(test)]
@@ -250,25 +222,23 @@ mod tests {
             "127.0.0.1:7300",
             "--cluster-key-file",
             "/k",
-            "--peer",
-            "b=127.0.0.2:7300",
+            "--etcd",
+            "http://127.0.0.1:2379",
         ];
-        let c = parse(&full).unwrap();
-        assert_eq!(c.cluster.unwrap().peers.len(), 1);
+        assert!(parse(&full).unwrap().cluster.is_some());
+        assert_eq!(
+            parse(&full[..6]).unwrap_err(),
+            ConfigError::ClusterIncomplete
+        );
         assert_eq!(
             parse(&full[..4]).unwrap_err(),
             ConfigError::ClusterIncomplete
         );
+        assert_eq!(parse(&full[2..]).unwrap_err(), ConfigError::EtcdWithoutNode);
         assert_eq!(
-            parse(&["--peer", "b=127.0.0.2:1"]).unwrap_err(),
+            parse(&["--listen", "127.0.0.1:1"]).unwrap_err(),
             ConfigError::NoNode
         );
-        let mut selfish = full.to_vec();
-        selfish[7] = "a=127.0.0.1:1";
-        assert!(matches!(parse(&selfish), Err(ConfigError::PeerIsSelf(_))));
-        let mut twice = full.to_vec();
-        twice.extend_from_slice(&["--peer", "b=127.0.0.3:1"]);
-        assert!(matches!(parse(&twice), Err(ConfigError::DuplicatePeer(_))));
     }
 
     #[test]
@@ -284,12 +254,16 @@ mod tests {
             "http://127.0.0.1:2379,http://127.0.0.2:2379",
         ];
         let c = parse(&base).unwrap();
-        let etcd = c.cluster.unwrap().etcd.unwrap();
+        let etcd = c.cluster.unwrap().etcd;
         assert_eq!(etcd.endpoints.len(), 2);
         assert_eq!(etcd.cluster, "default");
         let mut with_peer = base.to_vec();
         with_peer.extend_from_slice(&["--peer", "b=127.0.0.2:7300"]);
-        assert_eq!(parse(&with_peer).unwrap_err(), ConfigError::PeersWithEtcd);
+        assert_eq!(parse(&with_peer).unwrap_err(), ConfigError::PeerLists);
+        assert_eq!(
+            parse(&["--peer", "b=127.0.0.2:7300"]).unwrap_err(),
+            ConfigError::PeerLists
+        );
         assert_eq!(
             parse(&["--etcd", "http://127.0.0.1:2379"]).unwrap_err(),
             ConfigError::EtcdWithoutNode

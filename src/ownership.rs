@@ -11,7 +11,6 @@ use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::image::Placement;
 use crate::meta::store::StoreError;
-use crate::peer::Request;
 use crate::placement;
 use crate::replica::sync;
 
@@ -20,12 +19,12 @@ use crate::replica::sync;
 /// moved here and no frontend runs it elsewhere) and holds it active under its lease; a node
 /// that loses that race is fenced, and its guest gets I/O errors, never a second version of
 /// the disk.
-pub fn ensure_serving(disk: &Disk, peers: &Peers) -> bool {
+pub fn ensure_serving(disk: &Disk) -> bool {
     if disk.is_fenced() {
         return false;
     }
     if !disk.owned_here() {
-        return match take_over_when_free(disk, peers) {
+        return match take_over_when_free(disk) {
             Ok(()) => !disk.is_fenced(),
             Err(e) => {
                 log::error!("image {}: take-over refused: {e}", disk.name());
@@ -64,7 +63,7 @@ pub fn ensure_serving(disk: &Disk, peers: &Peers) -> bool {
 /// Takes the image over; while a frontend still runs it on another node, waits for that to
 /// end, at most as long as that node's lease can keep it (a node that died holds it until its
 /// lease runs out; a live migration's source stops it before the destination starts).
-fn take_over_when_free(disk: &Disk, peers: &Peers) -> Result<(), StoreError> {
+fn take_over_when_free(disk: &Disk) -> Result<(), StoreError> {
     let wait = disk
         .store()
         .lease()
@@ -72,7 +71,7 @@ fn take_over_when_free(disk: &Disk, peers: &Peers) -> Result<(), StoreError> {
     let deadline = Instant::now() + wait;
     let mut logged = false;
     loop {
-        match take_over(disk, peers) {
+        match take_over(disk) {
             Err(StoreError::InUse { node, .. }) if Instant::now() < deadline => {
                 if !logged {
                     log::warn!(
@@ -108,61 +107,25 @@ pub fn device_stopped(disk: &Disk) {
 
 /// Makes this node the owner of `disk`'s image, if it is not already. Called by a queue
 /// worker before it serves the first request of a guest that migrated here.
-pub fn take_over(disk: &Disk, peers: &Peers) -> Result<(), StoreError> {
+pub fn take_over(disk: &Disk) -> Result<(), StoreError> {
     let _one = disk.take_over_lock();
     let (old, me) = (disk.meta().owner.clone(), disk.me().clone());
     if old == me {
         return Ok(());
     }
-    if disk.store().is_shared() {
-        let mut current = disk.meta().clone();
-        if let Some(epoch) = disk.adopted_at() {
-            current.generation = epoch;
-        }
-        let next = disk.store().take_over(&current)?;
-        let epoch = next.generation;
-        disk.set_meta(next);
-        disk.set_active(true);
-        log::info!(
-            "image {}: taken over from {old} (epoch {epoch})",
-            disk.name()
-        );
-        disk.taken_over();
-        return Ok(());
+    let mut current = disk.meta().clone();
+    if let Some(epoch) = disk.adopted_at() {
+        current.generation = epoch;
     }
-    let meta = disk
-        .update_meta(|meta| {
-            meta.owner = me.clone();
-            meta.generation += 1;
-            Ok(meta.clone())
-        })
-        .map_err(StoreError::Cluster)?;
+    // A single node's store refuses: it owns every image it has.
+    let next = disk.store().take_over(&current)?;
+    let epoch = next.generation;
+    disk.set_meta(next);
+    disk.set_active(true);
     log::info!(
-        "image {}: taken over from {old} (generation {})",
-        meta.name,
-        meta.generation
+        "image {}: taken over from {old} (epoch {epoch})",
+        disk.name()
     );
-    let json =
-        serde_json::to_vec(&meta.to_file()).map_err(|e| StoreError::Cluster(e.to_string()))?;
-    let mut holders = meta.table.nodes();
-    holders.retain(|n| n != &me);
-    if !holders.contains(&old) {
-        holders.push(old);
-    }
-    for node in holders {
-        let hold = Request::Hold {
-            image: crate::peer::ImageRef::new(meta.name.clone(), meta.generation),
-            meta_json: json.clone(),
-        };
-        if let Err(e) = peers.call_ok(&node, hold) {
-            // The guest must not wait for a node that is gone; it learns at its next contact
-            // (a newer generation wins).
-            log::warn!(
-                "image {}: could not tell {node} of the take-over: {e}",
-                meta.name
-            );
-        }
-    }
     disk.taken_over();
     Ok(())
 }
@@ -222,19 +185,8 @@ pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
                     let _ = disk.files(other.tier).drop_block(block);
                 }
             }
-            Ok(_) if disk.store().is_shared() => {
-                // The holder sees its copy go in etcd and frees its files itself.
-            }
-            Ok(_) => {
-                let release = Request::Release {
-                    image: disk.image_ref(),
-                    tier: other.tier,
-                    blocks: all,
-                };
-                if let Err(e) = peers.call_ok(&other.node, release) {
-                    log::warn!("image {name}: {other} keeps its files: {e}");
-                }
-            }
+            // Another node sees its copy go in etcd and frees the files itself.
+            Ok(_) => {}
             Err(e) => log::warn!("image {name}: keeping the copy on {other}: {e}"),
         }
     }

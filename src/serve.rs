@@ -114,13 +114,10 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
 
 /// Joins the etcd cluster when one is configured: registration, incarnation, lease.
 fn join_cluster(config: &Config) -> Result<Option<Arc<ClusterMeta>>, ServeError> {
-    let Some((cluster, etcd)) = config
-        .cluster
-        .as_ref()
-        .and_then(|c| c.etcd.as_ref().map(|e| (c, e)))
-    else {
+    let Some(cluster) = &config.cluster else {
         return Ok(None);
     };
+    let etcd = &cluster.etcd;
     let tiers = [Tier::Ram, Tier::Volume]
         .into_iter()
         .map(|tier| tier_record(tier, config.dirs.root(tier)))

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use crate::copies::block_digest;
 use crate::daemon::Daemon;
 use crate::disk::Disk;
-use crate::image::meta::MetaFile;
-use crate::image::{ImageMeta, NodeId, Tier};
+use crate::image::{NodeId, Tier};
 use crate::peer::{code, ImageRef, PeerHandler, Request, Response};
 use crate::store::read_full_at;
 
@@ -162,7 +161,7 @@ impl PeerService {
         })
     }
 
-    fn serve(&self, from: &NodeId, request: Request) -> Result<Response, Response> {
+    fn serve(&self, request: Request) -> Result<Response, Response> {
         match request {
             Request::Read {
                 image,
@@ -249,29 +248,11 @@ impl PeerService {
                 }
                 Ok(Response::Checksums(sums))
             }
-            Request::Hold { image, meta_json } => {
-                let file: MetaFile = serde_json::from_slice(&meta_json)
-                    .map_err(|e| refuse(code::INVALID, format!("bad metadata: {e}")))?;
-                let meta =
-                    ImageMeta::from_file(file).map_err(|e| refuse(code::INVALID, e.to_string()))?;
-                if meta.name != image.name {
-                    return Err(refuse(code::INVALID, "metadata names another image".into()));
-                }
-                self.daemon
-                    .hold(from, meta)
-                    .map_err(|e| refuse(code::INVALID, e))?;
-                Ok(Response::Ok)
-            }
-            Request::Release {
-                image,
-                tier,
-                blocks,
-            } => {
-                self.daemon
-                    .release(from, &image.name, tier, blocks)
-                    .map_err(|e| refuse(code::INVALID, e))?;
-                Ok(Response::Ok)
-            }
+            // Metadata is etcd's: an owner never pushes it (protocol version 1 did).
+            Request::Hold { .. } | Request::Release { .. } => Err(refuse(
+                code::INVALID,
+                "this node follows etcd: copies are not pushed or released by peers".into(),
+            )),
             Request::Meta { image } => {
                 // Reading metadata changes nothing: no epoch check.
                 let disk = self.daemon.find(&image.name).ok_or_else(|| {
@@ -286,8 +267,8 @@ impl PeerService {
 }
 
 impl PeerHandler for PeerService {
-    fn handle(&self, from: &NodeId, request: Request) -> Response {
-        self.serve(from, request).unwrap_or_else(|refusal| refusal)
+    fn handle(&self, _from: &NodeId, request: Request) -> Response {
+        self.serve(request).unwrap_or_else(|refusal| refusal)
     }
 }
 

@@ -47,10 +47,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use cormorant::cluster::Peers;
-use cormorant::config::Config;
 use cormorant::disk::Disk;
 use cormorant::image::{BlockRange, ImageId, ImageMeta, ImageName, Location, NodeId, Tier};
 use cormorant::meta::store::{MetaStore, StoreError};
@@ -373,7 +370,6 @@ impl MetaStore for SimStore {
 struct Node {
     id: NodeId,
     dirs: TierDirs,
-    peers: Peers,
     up: bool,
     store: Arc<SimStore>,
     disk: Option<Arc<Disk>>,
@@ -486,19 +482,6 @@ impl Sim {
                     ram: root.join(format!("{id}/ram")),
                     volume: root.join(format!("{id}/vol")),
                 };
-                let config = Config {
-                    run_dir: root.join(format!("{id}/run")),
-                    dirs: TierDirs {
-                        ram: dirs.ram.clone(),
-                        volume: dirs.volume.clone(),
-                    },
-                    node: id.clone(),
-                    use_uring: false,
-                    cluster: None,
-                    failure_timeout: Duration::from_secs(60),
-                    metrics_listen: None,
-                    socket_access: None,
-                };
                 let store = Arc::new(SimStore {
                     etcd: etcd.clone(),
                     me: id.clone(),
@@ -506,7 +489,6 @@ impl Sim {
                 });
                 store.grant().unwrap();
                 Node {
-                    peers: Peers::new(&config, None),
                     id,
                     dirs,
                     up: true,
@@ -614,7 +596,7 @@ impl Sim {
         };
         let was_owner = disk.owned_here();
         let node = &self.nodes[i];
-        let mut ok = cormorant::ownership::ensure_serving(&disk, &node.peers);
+        let mut ok = cormorant::ownership::ensure_serving(&disk);
         self.trace(|| {
             format!(
                 "{}: ensure_serving -> {ok} (owner {}, epoch {}, fenced {})",

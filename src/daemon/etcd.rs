@@ -619,8 +619,18 @@ impl Daemon {
     /// On the node that is to serve the image (live migration, or a restart elsewhere after
     /// its node died): export it here in standby. The take-over happens when a guest here
     /// starts the device, and only if no frontend runs it elsewhere then.
-    pub(super) fn adopt_shared(&self, name: &ImageName) -> Result<Value, String> {
+    pub(super) fn adopt_shared(
+        &self,
+        name: &ImageName,
+        from: Option<&NodeId>,
+    ) -> Result<Value, String> {
         let meta = self.shared_image(name)?;
+        if let Some(from) = from.filter(|&f| f != &meta.owner) {
+            return Err(format!(
+                "image {name} is owned by {}, not {from}",
+                meta.owner
+            ));
+        }
         if meta.owner == self.config.node {
             return Err(format!("image {name} is already owned by this node"));
         }

@@ -204,10 +204,11 @@ impl Daemon {
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
-            Request::ImageAdopt { name, from } => match (&self.shared, from) {
-                (Some(_), _) => self.adopt_shared(&name),
-                (None, Some(from)) => self.adopt(&name, &from),
-                (None, None) => Err("--from NODE is needed without etcd".into()),
+            Request::ImageAdopt { name, from } => match &self.shared {
+                Some(_) => self.adopt_shared(&name, from.as_ref()),
+                None => {
+                    Err("image adopt moves an image between nodes of a cluster (--etcd)".into())
+                }
             },
             Request::ImageExport { name, path } => {
                 let disk = self.owned_disk(&name)?;
@@ -314,11 +315,9 @@ impl Daemon {
                 .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
             match &self.shared {
                 Some(cluster) => cluster.create(&mut meta).map_err(|e| e.to_string())?,
-                None => {
-                    self.tell_holders(&meta, &meta.table.nodes())?;
-                    meta.save(&self.config.meta_dir())
-                        .map_err(|e| e.to_string())?;
-                }
+                None => meta
+                    .save(&self.config.meta_dir())
+                    .map_err(|e| e.to_string())?,
             }
             Disk::open(
                 meta,

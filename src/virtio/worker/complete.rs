@@ -119,7 +119,7 @@ impl Worker {
             }
             let lease_ok = self.disk.store().lease().is_some_and(|l| l.is_valid());
             if lease_ok && !self.disk.is_active() {
-                crate::ownership::ensure_serving(&self.disk, &self.peers);
+                crate::ownership::ensure_serving(&self.disk);
             }
         }
         true

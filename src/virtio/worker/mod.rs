@@ -181,7 +181,7 @@ impl Worker {
         if !self.disk.is_active() || !self.disk.owned_here() {
             // A guest started the device here (perhaps after migrating here): this node must
             // own the image and hold it active, or serve nothing.
-            crate::ownership::ensure_serving(&self.disk, &self.peers);
+            crate::ownership::ensure_serving(&self.disk);
         }
         self.adapt_poll();
         self.process(vring);
