@@ -250,6 +250,8 @@ fn serve_refuses_an_open_ram_dir_and_a_readable_cluster_key() {
         "127.0.0.1:0".as_ref(),
         "--cluster-key-file".as_ref(),
         key.as_os_str(),
+        "--etcd".as_ref(),
+        "http://127.0.0.1:1".as_ref(),
     ];
     let stderr = serve_refused(dir.path(), &args);
     assert!(

@@ -2,8 +2,7 @@
 //! random reads at QD32 against the same reads of local blocks (target >= 0.5x), 2-copy random
 //! writes against 1-copy ones (target >= 0.6x), and resync throughput while a client writes.
 //! Reported as figures (ratios of two loads measured back to back in the same run, and the
-//! IOPS of each). `--etcd-cluster`: the nodes keep their metadata in a 1-member etcd instead
-//! of knowing each other from `--peer` lists.
+//! IOPS of each). The nodes keep their metadata in a 1-member etcd, as clusters do.
 
 use std::time::{Duration, Instant};
 
@@ -64,38 +63,25 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
     std::fs::set_permissions(&key, private).map_err(io_ctx("key file"))?;
     let (pa, pb) = (free_port("127.0.0.2")?, free_port("127.0.0.3")?);
     let (aa, ab) = (format!("127.0.0.2:{pa}"), format!("127.0.0.3:{pb}"));
-    // With --etcd-cluster the nodes find each other through a 1-member etcd (kept to the end).
-    let etcd = if ctx.etcd_cluster {
-        std::fs::create_dir_all(w.join("etcd")).map_err(io_ctx("etcd dir"))?;
-        Some(EtcdCluster::start(&w.join("etcd"), 1))
-    } else {
-        None
+    // The nodes find each other through a 1-member etcd (kept to the end).
+    std::fs::create_dir_all(w.join("etcd")).map_err(io_ctx("etcd dir"))?;
+    let etcd = EtcdCluster::start(&w.join("etcd"), 1);
+    let membership = vec!["--etcd".to_string(), etcd.endpoint_arg()];
+    let mut a = node(ctx, w, ("a", &aa), &membership, &key)?;
+    let _b = node(ctx, w, ("b", &ab), &membership, &key)?;
+    let nodes = || {
+        let out = a.cli(&["node", "list"]).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
     };
-    let membership = |peer: (&str, &str)| match &etcd {
-        Some(e) => vec!["--etcd".to_string(), e.endpoint_arg()],
-        None => vec!["--peer".to_string(), format!("{}={}", peer.0, peer.1)],
-    };
-    let mut a = node(ctx, w, ("a", &aa), &membership(("b", &ab)), &key)?;
-    let _b = node(ctx, w, ("b", &ab), &membership(("a", &aa)), &key)?;
-    if etcd.is_some() {
-        let nodes = || {
-            let out = a.cli(&["node", "list"]).unwrap_or_default();
-            serde_json::from_str::<serde_json::Value>(&out)
-                .ok()
-                .and_then(|v| v.as_array().map(Vec::len))
-        };
-        if !wait_until(Duration::from_secs(20), || nodes() >= Some(2)) {
-            return Err(ProcError::Command {
-                cmd: "cormorant node list".into(),
-                stderr: "node b never showed up in etcd".into(),
-            });
-        }
+    if !wait_until(Duration::from_secs(20), || nodes() >= Some(2)) {
+        return Err(ProcError::Command {
+            cmd: "cormorant node list".into(),
+            stderr: "node b never showed up in etcd".into(),
+        });
     }
-    let system = if etcd.is_some() {
-        "cormorant-etcd"
-    } else {
-        "cormorant"
-    };
+    let system = "cormorant";
     let size = format!("{}M", SPAN >> 20);
     let data = w.join("data.raw");
     procs::write_data_file(&data, SPAN)?;

@@ -63,9 +63,6 @@ struct Args {
     /// Directory for volume-tier files (a disk file system).
     #[arg(long, default_value = "target/bench-work")]
     volume_dir: PathBuf,
-    /// Run the `cluster` group's nodes on a 1-member etcd (`--etcd`) instead of `--peer` lists.
-    #[arg(long)]
-    etcd_cluster: bool,
 }
 
 /// Subcommands.
@@ -289,8 +286,6 @@ pub struct Ctx {
     ram_dir: PathBuf,
     volume_dir: PathBuf,
     only: Vec<String>,
-    /// `--etcd-cluster`.
-    pub etcd_cluster: bool,
 }
 
 impl Ctx {
@@ -356,7 +351,6 @@ fn run(args: Args) -> Result<(), ProcError> {
         ram_dir: args.ram_dir.clone(),
         volume_dir: std::fs::canonicalize(&args.volume_dir).map_err(procs::io_ctx("volume dir"))?,
         only: args.only.clone(),
-        etcd_cluster: args.etcd_cluster,
     };
     procs::remove_stale_work_dirs(&ctx.ram_dir);
     procs::remove_stale_work_dirs(&ctx.volume_dir);

@@ -264,8 +264,6 @@ impl Drop for Daemon {
 /// Several daemons on loopback addresses 127.0.0.2, .3, ..., sharing a cluster key.
 /// How the nodes of a test cluster find each other and keep their metadata.
 pub enum Membership {
-    /// `--peer` lists; each node keeps its own copy of the metadata.
-    Peers,
     /// etcd: node i's endpoints (comma-separated) are `endpoints[i]`.
     Etcd {
         endpoints: Vec<String>,
@@ -279,13 +277,6 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` nodes named a, b, c, ... on 127.0.0.2, .3, ...; node `wrong_key` (if any)
-    /// gets another cluster key.
-    pub fn start(dir: &Path, n: usize, wrong_key: Option<usize>) -> Cluster {
-        let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
-        Self::start_at(dir, &ips, &vec![None; n], wrong_key)
-    }
-
     /// Starts `n` nodes a, b, c, ... on 127.0.0.2, .3, ... that keep their metadata in the
     /// etcd cluster at `etcd` (comma-separated endpoints), with a `lease_ttl` seconds lease.
     pub fn start_etcd(dir: &Path, n: usize, etcd: &str, lease_ttl: u64) -> Cluster {
@@ -324,16 +315,6 @@ impl Cluster {
             lease_ttl,
         };
         Self::start_with(dir, ips, netns, wrong_key, &membership)
-    }
-
-    /// Starts one node per entry of `ips`, node i listening on `ips[i]` inside `netns[i]`.
-    pub fn start_at(
-        dir: &Path,
-        ips: &[String],
-        netns: &[Option<String>],
-        wrong_key: Option<usize>,
-    ) -> Cluster {
-        Self::start_with(dir, ips, netns, wrong_key, &Membership::Peers)
     }
 
     fn start_with(
@@ -378,21 +359,12 @@ impl Cluster {
                     "--failure-timeout".to_string(),
                     "3".to_string(),
                 ];
-                match membership {
-                    Membership::Peers => {
-                        for j in (0..n).filter(|&j| j != i) {
-                            args.push("--peer".to_string());
-                            args.push(format!("{}={}", names[j], addrs[j]));
-                        }
-                    }
-                    Membership::Etcd {
-                        endpoints,
-                        lease_ttl,
-                    } => {
-                        args.extend(["--etcd".to_string(), endpoints[i].clone()]);
-                        args.extend(["--lease-ttl".to_string(), lease_ttl.to_string()]);
-                    }
-                }
+                let Membership::Etcd {
+                    endpoints,
+                    lease_ttl,
+                } = membership;
+                args.extend(["--etcd".to_string(), endpoints[i].clone()]);
+                args.extend(["--lease-ttl".to_string(), lease_ttl.to_string()]);
                 Daemon::start_in(&node_dir, args, netns[i].clone())
             })
             .collect();
