@@ -26,9 +26,12 @@ pub fn import_raw(disk: &Disk, source: &mut File, progress: Progress) -> io::Res
         let n = read_full(source, &mut buf)?;
         if buf[..n].iter().any(|&b| b != 0) {
             let tier = local_tier(disk, block)?;
-            disk.files(tier)
-                .for_write(block)?
-                .write_all_at(&buf[..n], 0)?;
+            let file = disk.files(tier).for_write(block)?;
+            file.write_all_at(&buf[..n], 0)?;
+            // The caller's sync makes the import durable: it syncs what is marked.
+            if tier == crate::image::Tier::Volume {
+                disk.dirty().mark(block, &file);
+            }
         }
         if block % PROGRESS_EVERY == 0 || block + 1 == blocks {
             progress(block + 1, blocks);
