@@ -58,7 +58,9 @@ impl DiskCopies<'_> {
     /// Replaces a remote copy: the bytes, a hole for the rest of the block, then a flush so
     /// the copy is durable before it is marked in sync.
     fn remote_write(&self, at: &Location, block: u64, data: Option<&[u8]>) -> io::Result<()> {
-        let image = self.disk.image_ref();
+        // One stamp for the whole copy: newer than every guest write issued before it, so a
+        // late one of those cannot land over the copy.
+        let image = self.disk.image_ref().with_stamp(self.disk.next_stamp());
         let len = self.disk.meta().block_len(block);
         let data = data.unwrap_or(&[]);
         for (i, chunk) in data.chunks(MAX_CHUNK as usize).enumerate() {

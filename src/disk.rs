@@ -52,7 +52,14 @@ pub struct Disk {
     /// against it, not against later epochs the watch brought: an adopter that another node
     /// beat to the image must not take it over from the winner.
     adopted_at: AtomicU64,
+    /// The counter of this node's write stamps (see [`Disk::next_stamp`]).
+    stamps: AtomicU64,
+    /// As a holder: per block, the (epoch, stamp) of the newest change applied here.
+    applied: Mutex<HashMap<(Tier, u64), (u64, u64)>>,
 }
+
+/// Bits of a write stamp below the incarnation: 2^40 writes per image per run of the daemon.
+const STAMP_COUNTER_BITS: u32 = 40;
 
 /// Volume-tier block files written since their last sync. Entries carry the sequence number
 /// of their last write, so a flush removes only what it synced: a flush that ends must not
@@ -216,6 +223,8 @@ impl Disk {
             active_under: AtomicU64::new(0),
             lost: Mutex::new(HashSet::new()),
             adopted_at: AtomicU64::new(0),
+            stamps: AtomicU64::new(0),
+            applied: Mutex::new(HashMap::new()),
         };
         Arc::new(disk)
     }
@@ -289,6 +298,26 @@ impl Disk {
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
         &self.store
+    }
+
+    /// A stamp for the next change this node sends to a copy on another node: its
+    /// incarnation above a counter, so stamps keep growing across restarts of the daemon.
+    pub fn next_stamp(&self) -> u64 {
+        let counter = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
+        (self.store.incarnation() << STAMP_COUNTER_BITS)
+            | (counter & ((1 << STAMP_COUNTER_BITS) - 1))
+    }
+
+    /// As a holder: whether a change to `block` on `tier` made under (`epoch`, `stamp`) may be
+    /// applied, i.e. no newer one was; records it. Call under the epoch gate.
+    pub fn admit_change(&self, tier: Tier, block: u64, epoch: u64, stamp: u64) -> bool {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = applied.entry((tier, block)).or_insert((0, 0));
+        if (epoch, stamp) < *newest {
+            return false;
+        }
+        *newest = (epoch, stamp);
+        true
     }
 
     /// Records that this node adopted the image at its current epoch.
@@ -641,6 +670,48 @@ impl Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_older_than_one_applied_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: dir.path().join("ram"),
+            volume: dir.path().join("vol"),
+        };
+        let meta = ImageMeta::new(
+            "img".parse().unwrap(),
+            "a".parse().unwrap(),
+            8 << 20,
+            4 << 20,
+            false,
+            vec![Location {
+                node: "b".parse().unwrap(),
+                tier: Tier::Ram,
+                synced: true,
+            }],
+        )
+        .unwrap();
+        let store = Arc::new(crate::meta::store::LocalStore::new(dir.path().join("meta")));
+        let disk = Disk::open(meta, &dirs, "b".parse().unwrap(), store);
+        assert!(disk.admit_change(Tier::Ram, 0, 5, 10));
+        assert!(
+            disk.admit_change(Tier::Ram, 0, 5, 10),
+            "pieces of one change"
+        );
+        assert!(
+            !disk.admit_change(Tier::Ram, 0, 5, 9),
+            "a late, older write"
+        );
+        assert!(disk.admit_change(Tier::Ram, 1, 5, 9), "another block");
+        assert!(disk.admit_change(Tier::Volume, 0, 5, 1), "another tier");
+        assert!(!disk.admit_change(Tier::Ram, 0, 4, 99), "an older epoch");
+        assert!(
+            disk.admit_change(Tier::Ram, 0, 6, 1),
+            "a newer owner starts over"
+        );
+        let (a, b) = (disk.next_stamp(), disk.next_stamp());
+        assert!(b > a);
+    }
 
     #[test]
     fn flush_ticket_keeps_later_writes() {

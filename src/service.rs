@@ -147,6 +147,23 @@ impl PeerService {
         lost(disk)
     }
 
+    /// Refuses a change older than one already applied to the block (see `ImageRef::stamp`).
+    fn newest_change(
+        &self,
+        disk: &Disk,
+        image: &ImageRef,
+        tier: Tier,
+        block: u64,
+    ) -> Result<(), Response> {
+        if disk.admit_change(tier, block, image.epoch, image.stamp) {
+            return Ok(());
+        }
+        Err(refuse(
+            code::SUPERSEDED,
+            format!("block {block}: a newer change was applied here already"),
+        ))
+    }
+
     /// Holds the image's epoch gate for a write: refused if a newer epoch came meanwhile.
     fn gate<'d>(
         &self,
@@ -192,6 +209,7 @@ impl PeerService {
             } => {
                 let disk = self.held(&image, tier, block, offset, data.len() as u64)?;
                 let _gate = self.gate(&disk, &image)?;
+                self.newest_change(&disk, &image, tier, block)?;
                 let file = disk.files(tier).for_write(block).map_err(io)?;
                 file.write_all_at(&data, u64::from(offset)).map_err(io)?;
                 if tier == Tier::Volume {
@@ -212,6 +230,7 @@ impl PeerService {
             } => {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
                 let _gate = self.gate(&disk, &image)?;
+                self.newest_change(&disk, &image, tier, block)?;
                 let files = disk.files(tier);
                 let whole = offset == 0 && u64::from(len) == disk.meta().block_len(block);
                 if whole {

@@ -351,7 +351,7 @@ fn garbage_closes_only_its_own_connection() {
             &frame::encode_sealed(
                 Kind::Flush,
                 8,
-                b"\x05disk0\x01\0\0\0\0\0\0\0",
+                b"\x05disk0\x01\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
                 &mut session.sealer,
             )
             .unwrap(),
@@ -496,8 +496,11 @@ fn a_busy_server_stops_reading_and_catches_up() {
     let (mut raw, mut session) = authenticated(server.local_addr());
     raw.set_write_timeout(Some(Duration::from_millis(300)))
         .unwrap();
+    // name, epoch, stamp, tier, block, offset, data
     let payload = [
-        &b"\x05disk0\x00"[..],
+        &b"\x05disk0"[..],
+        &[0; 16],
+        &[0],
         &[0; 12],
         &vec![7; MAX_CHUNK as usize],
     ]

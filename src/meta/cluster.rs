@@ -498,6 +498,10 @@ impl MetaStore for ClusterMeta {
         Some(&self.lease)
     }
 
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// The owner's change to its image's extents, as one transaction that holds only while
     /// the image's epoch is the one this node acts under.
     fn commit(&self, current: &ImageMeta, next: &ImageMeta) -> Result<(), StoreError> {

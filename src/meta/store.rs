@@ -48,6 +48,11 @@ pub trait MetaStore: Send + Sync {
         Ok(())
     }
 
+    /// This node's incarnation (it goes up at every start); 0 for a single node.
+    fn incarnation(&self) -> u64 {
+        0
+    }
+
     /// The lease under which this node acts, where there is one.
     fn lease(&self) -> Option<&std::sync::Arc<super::lease::NodeLease>> {
         None

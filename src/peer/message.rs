@@ -60,20 +60,38 @@ pub mod code {
     /// This node's copy may have lost data (its tier was wiped) and is not served until its
     /// owner has marked it out of sync; read another copy.
     pub const LOST: u16 = 10;
+    /// A newer change to that block was applied here already: this one (which its sender
+    /// gave up on) is not.
+    pub const SUPERSEDED: u16 = 11;
 }
 
 /// Which image a request is about, and the owner epoch the sender acts under. A holder
 /// refuses a request whose epoch is older than the newest it has seen for that image, so a
 /// fenced owner (or a request it sent before it was fenced) can change nothing.
+///
+/// `stamp` orders the sender's writes (`Write`, `Discard`; 0 on other requests): the
+/// sender's incarnation in the top 24 bits, a counter below. A holder never applies a change
+/// to a block older (by epoch, then stamp) than one it already applied there: a write that
+/// the owner gave up on (timed out) cannot land over a newer one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
     pub name: ImageName,
     pub epoch: u64,
+    pub stamp: u64,
 }
 
 impl ImageRef {
     pub fn new(name: ImageName, epoch: u64) -> ImageRef {
-        ImageRef { name, epoch }
+        ImageRef {
+            name,
+            epoch,
+            stamp: 0,
+        }
+    }
+
+    pub fn with_stamp(mut self, stamp: u64) -> ImageRef {
+        self.stamp = stamp;
+        self
     }
 }
 
@@ -227,6 +245,7 @@ fn tier_byte(tier: Tier) -> u8 {
 fn put_image(out: &mut Vec<u8>, image: &ImageRef) {
     put_name(out, &image.name);
     out.extend_from_slice(&image.epoch.to_le_bytes());
+    out.extend_from_slice(&image.stamp.to_le_bytes());
 }
 
 fn put_place(out: &mut Vec<u8>, image: &ImageRef, tier: Tier) {
@@ -316,7 +335,8 @@ impl<'a> Fields<'a> {
 
     fn image(&mut self) -> Result<ImageRef, MessageError> {
         let name = self.name()?;
-        Ok(ImageRef::new(name, self.u64()?))
+        let epoch = self.u64()?;
+        Ok(ImageRef::new(name, epoch).with_stamp(self.u64()?))
     }
 
     fn tier(&mut self) -> Result<Tier, MessageError> {
@@ -770,6 +790,7 @@ mod tests {
         let expected = [
             &[2u8, b'a', b'b'][..],
             &7u64.to_le_bytes(),
+            &0u64.to_le_bytes(),
             &[1u8],
             &2u64.to_le_bytes(),
             &3u32.to_le_bytes(),
@@ -817,6 +838,7 @@ mod tests {
         // The same, hand-encoded, is refused on decode.
         let mut raw = vec![1, b'd'];
         raw.extend_from_slice(&7u64.to_le_bytes());
+        raw.extend_from_slice(&0u64.to_le_bytes());
         raw.push(0);
         raw.extend_from_slice(&0u64.to_le_bytes());
         raw.extend_from_slice(&(MAX_CHECKSUM_BLOCKS + 1).to_le_bytes());
@@ -827,7 +849,7 @@ mod tests {
         let read = |len: u32| {
             [
                 &[1u8, b'd'][..],
-                &[0; 8],
+                &[0; 16],
                 &[0],
                 &[0; 12],
                 &len.to_le_bytes(),
@@ -857,21 +879,21 @@ mod tests {
             Err(MessageError::Truncated(Kind::Flush))
         );
         assert_eq!(
-            Request::decode(Kind::Flush, vec![1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Request::decode(Kind::Flush, [&[1u8, b'a'][..], &[0; 17]].concat()),
             Err(MessageError::Trailing(Kind::Flush, 1))
         );
         assert_eq!(
             Request::decode(Kind::Flush, vec![1, 0xff]),
             Err(MessageError::NameNotUtf8)
         );
-        let tier9 = [&[1u8, b'a'][..], &[0; 8], &[9], &[0; 16]].concat();
+        let tier9 = [&[1u8, b'a'][..], &[0; 16], &[9], &[0; 16]].concat();
         assert_eq!(
             Request::decode(Kind::Release, tier9),
             Err(MessageError::BadTier(9))
         );
         let empty_range = [
             &[1u8, b'a'][..],
-            &[0; 8],
+            &[0; 16],
             &[0],
             &5u64.to_le_bytes(),
             &5u64.to_le_bytes(),
@@ -963,8 +985,9 @@ mod tests {
     }
 
     fn image() -> impl Strategy<Value = ImageRef> {
-        ("[a-z0-9][a-z0-9._-]{0,63}", any::<u64>())
-            .prop_map(|(s, epoch)| ImageRef::new(s.parse().unwrap(), epoch))
+        ("[a-z0-9][a-z0-9._-]{0,63}", any::<u64>(), any::<u64>()).prop_map(|(s, epoch, stamp)| {
+            ImageRef::new(s.parse().unwrap(), epoch).with_stamp(stamp)
+        })
     }
 
     fn tier() -> impl Strategy<Value = Tier> {

@@ -124,6 +124,7 @@ impl Worker {
             written: Vec::new(),
         });
         self.count(&request);
+        self.stamp = if changes { disk.next_stamp() } else { 0 };
         match (work, targets) {
             (_, Err(e)) => self.fail(slot, &e),
             (Work::Read(pieces), _) => {
@@ -248,7 +249,7 @@ impl Worker {
         self.remote.start(RemoteOp {
             kind,
             node: location.node.clone(),
-            image: self.disk.image_ref(),
+            image: self.disk.image_ref().with_stamp(self.stamp),
             tier: location.tier,
             block: piece.block,
             offset: piece.offset,
@@ -438,7 +439,7 @@ impl Worker {
             if ask {
                 request.pending += 1;
                 let discard = crate::peer::Request::Discard {
-                    image: self.disk.image_ref(),
+                    image: self.disk.image_ref().with_stamp(self.stamp),
                     tier: location.tier,
                     block: span.block,
                     offset: span.offset as u32,

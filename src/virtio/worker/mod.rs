@@ -118,6 +118,9 @@ pub struct Worker {
     guest_errors: u64,
     /// This queue's part of QEMU's in-flight region, when QEMU shares one.
     inflight: Option<QueueInflight>,
+    /// The stamp of the request being issued when it changes data (0 otherwise): every change
+    /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
+    stamp: u64,
 }
 
 impl Worker {
@@ -152,6 +155,7 @@ impl Worker {
             needs_signal: false,
             guest_errors: 0,
             inflight: None,
+            stamp: 0,
         })
     }
 
