@@ -63,10 +63,10 @@ impl Export {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let listener = UnixListener::bind(&socket)?;
-        if let Some(access) = access {
-            set_access(&socket, access)?;
-        }
+        let listener = bind_socket(&socket, |path| match access {
+            Some(access) => set_access(path, access),
+            None => Ok(()),
+        })?;
         let relay_path = relay_path(&socket);
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));
@@ -247,6 +247,23 @@ fn relay_path(socket: &Path) -> PathBuf {
 }
 
 /// The socket path of an image.
+/// Binds a listening socket at `path` that appears there only once it listens and `prepare`
+/// (ownership, mode) has been applied to it: bound under a temporary name, then renamed. A
+/// client polling for the path never meets a socket that refuses it or has the wrong mode.
+pub fn bind_socket(
+    path: &Path,
+    prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<UnixListener> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = UnixListener::bind(&temporary)?;
+    prepare(&temporary)?;
+    std::fs::rename(&temporary, path)?;
+    Ok(listener)
+}
+
 pub fn socket_path(run_dir: &Path, name: &crate::image::ImageName) -> PathBuf {
     run_dir.join(format!("{name}.sock"))
 }

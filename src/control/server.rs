@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
@@ -17,8 +17,9 @@ pub fn start(daemon: Arc<Daemon>, path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = crate::export::bind_socket(path, |p| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+    })?;
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {

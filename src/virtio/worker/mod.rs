@@ -359,7 +359,15 @@ impl Worker {
     /// daemon (or connection) took off the ring but never completed, oldest first, and
     /// resumes the avail ring after them.
     fn replay(&mut self, vring: &Vring, mem: &Arc<Mem>) {
-        let Some(inflight) = self.inflight.as_mut().filter(|i| i.needs_recovery()) else {
+        if !self.inflight.as_ref().is_some_and(|i| i.needs_recovery()) {
+            return;
+        }
+        // The replayed requests are served like a kick's: this node must own the image and
+        // hold it active first (a restarted daemon has not been kicked yet).
+        if !self.disk.is_active() || !self.disk.owned_here() {
+            crate::ownership::ensure_serving(&self.disk);
+        }
+        let Some(inflight) = self.inflight.as_mut() else {
             return;
         };
         let (table, size, used) = {
