@@ -432,6 +432,48 @@ impl Disk {
         lost.len()
     }
 
+    /// As the new owner: marks this node's own lost copies out of sync, durably, before it
+    /// serves anything (it reads its own copies first, and a lost one reads as zeros).
+    pub fn settle_own_lost(&self) -> Result<(), String> {
+        let lost: Vec<(Tier, u64)> = self
+            .lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let me = self.me.clone();
+        self.update_meta(|meta| {
+            for &(tier, block) in &lost {
+                let one = BlockRange::new(block, block + 1).map_err(|e| e.to_string())?;
+                meta.table
+                    .update(one, |locations| {
+                        for l in locations
+                            .iter_mut()
+                            .filter(|l| l.node == me && l.tier == tier)
+                        {
+                            l.synced = false;
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?;
+        let mut set = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in &lost {
+            set.remove(entry);
+        }
+        log::warn!(
+            "image {}: {} of this node's lost copies marked out of sync",
+            self.name,
+            lost.len()
+        );
+        Ok(())
+    }
+
     pub fn is_lost(&self, tier: Tier, block: u64) -> bool {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
         !lost.is_empty() && lost.contains(&(tier, block))

@@ -121,6 +121,11 @@ pub fn take_over(disk: &Disk) -> Result<(), StoreError> {
     let next = disk.store().take_over(&current)?;
     let epoch = next.generation;
     disk.set_meta(next);
+    if let Err(e) = disk.settle_own_lost() {
+        // Serving would read a lost copy as data: give the image up instead.
+        disk.fence();
+        return Err(StoreError::Cluster(e));
+    }
     disk.set_active(true);
     log::info!(
         "image {}: taken over from {old} (epoch {epoch})",

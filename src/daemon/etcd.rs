@@ -282,7 +282,11 @@ impl Daemon {
                 _ => {}
             }
         }
+        let mut touched_owned = Vec::new();
         for name in touched {
+            if self.find(&name).is_some_and(|d| d.owned_here()) {
+                touched_owned.push(name.clone());
+            }
             match cluster.image(&name) {
                 Ok(meta) => {
                     if let Some(meta) = &meta {
@@ -293,7 +297,10 @@ impl Daemon {
                 Err(e) => log::warn!("image {name}: cannot read it from etcd: {e}"),
             }
         }
-        for name in lost {
+        // Reports made while another node owned an image this node has just taken over
+        // are settled too.
+        let owned: Vec<ImageName> = touched_owned;
+        for name in lost.into_iter().chain(owned) {
             self.settle_lost(&name);
         }
     }
