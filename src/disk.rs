@@ -56,6 +56,10 @@ pub struct Disk {
     stamps: AtomicU64,
     /// As a holder: per block, the (epoch, stamp) of the newest change applied here.
     applied: Mutex<HashMap<(Tier, u64), (u64, u64)>>,
+    /// Copies that missed a write whose out-of-sync mark could not be recorded (etcd
+    /// unreachable): per block, the marks still to record. Until they are, those copies and
+    /// the ones that took the write differ while all are "in sync" in etcd.
+    unrecorded: Mutex<HashMap<u64, Vec<Location>>>,
 }
 
 /// Bits of a write stamp below the incarnation: 2^40 writes per image per run of the daemon.
@@ -225,6 +229,7 @@ impl Disk {
             adopted_at: AtomicU64::new(0),
             stamps: AtomicU64::new(0),
             applied: Mutex::new(HashMap::new()),
+            unrecorded: Mutex::new(HashMap::new()),
         };
         Arc::new(disk)
     }
@@ -646,6 +651,53 @@ impl Disk {
 
     /// Marks the copies in `stale` of `block` out of sync, durably.
     pub fn mark_out_of_sync(&self, block: u64, stale: &[Location]) -> Result<(), String> {
+        let marked = self.record_marks(block, stale);
+        if marked.is_err() {
+            let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = unrecorded.entry(block).or_default();
+            for l in stale {
+                if !pending.iter().any(|p| p.node == l.node && p.tier == l.tier) {
+                    pending.push(l.clone());
+                }
+            }
+        }
+        marked
+    }
+
+    /// Records the marks [`Disk::mark_out_of_sync`] could not; returns how many blocks are
+    /// still pending (0 once all are recorded).
+    pub fn record_pending_marks(&self) -> usize {
+        let pending: Vec<(u64, Vec<Location>)> = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(b, l)| (*b, l.clone()))
+            .collect();
+        for (block, stale) in pending {
+            if self.record_marks(block, &stale).is_ok() {
+                self.unrecorded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&block);
+            }
+        }
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Whether some write's out-of-sync marks are still to be recorded.
+    pub fn has_unrecorded_marks(&self) -> bool {
+        !self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn record_marks(&self, block: u64, stale: &[Location]) -> Result<(), String> {
         let range = BlockRange::new(block, block + 1).map_err(|e| e.to_string())?;
         self.update_meta(|meta| {
             meta.table

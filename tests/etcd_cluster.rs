@@ -526,3 +526,45 @@ fn an_owner_cut_off_from_etcd_stops_acknowledging_within_its_lease() {
     assert_eq!((status, data == pattern(1, 250)), (S_OK, true));
     assert_eq!(c.cli(&["image", "info", "p"])["owner"], "c");
 }
+
+/// An owner cut off from etcd and from the other copy's node at once: its write reaches only
+/// its own copy, and the other copy's out-of-sync mark cannot be recorded, so the guest gets
+/// an I/O error. The mark is kept and recorded as soon as etcd answers again; a sync then
+/// makes the copies agree (before, both stayed "in sync" with different bytes).
+#[test]
+fn a_mark_etcd_missed_is_recorded_when_it_is_back() {
+    let dir = TestDir::new();
+    if !tools_available(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let etcd = common::start_etcd(dir.path());
+    let first: std::net::SocketAddr = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = common::proxy::Proxy::start(first);
+    // A long lease: it outlives the cut, so a stays the owner.
+    let endpoints = vec![proxy.url(), etcd.endpoint_arg()];
+    let cluster = Cluster::start_etcd_each(dir.path(), &endpoints, 30);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("m", "4M", "1M", &["a:ram", "b:ram"]);
+    let mut on_a = client(a, "m");
+    assert_eq!(on_a.write(0, 0, &pattern(0, 1)).unwrap(), S_OK);
+    assert_eq!(on_a.flush(0).unwrap(), S_OK);
+    proxy.cut();
+    b.pause();
+    let status = on_a.write(0, 0, &pattern(0, 2)).unwrap();
+    assert_eq!(status, S_IOERR, "b missed it and etcd could not be told");
+    proxy.heal();
+    b.resume();
+    assert!(
+        wait_until(Duration::from_secs(20), || a.copies_on("m", "b").1 == 1),
+        "the mark was never recorded: {:?}",
+        a.copies_on("m", "b")
+    );
+    let report = a.cli(&["sync", "m"]);
+    assert_eq!(report["left"], 0, "{report}");
+    let on_a_copy = std::fs::read(a.block_file("ram", "m", 0)).unwrap();
+    let on_b_copy = std::fs::read(b.block_file("ram", "m", 0)).unwrap();
+    assert!(on_a_copy == on_b_copy, "the copies still differ");
+}

@@ -380,6 +380,7 @@ impl Daemon {
                     // Its frontend, if any, stays connected and gets I/O errors from now on;
                     // the export goes with the image once this node holds nothing of it.
                     disk.fence();
+                    self.report_unrecorded(&disk);
                 } else if meta.generation < disk.meta().generation {
                     return; // an older read than what this node has seen
                 }
@@ -414,6 +415,43 @@ impl Daemon {
         for (name, id) in done {
             log::info!("image {name}: nothing of it is kept here any more; forgotten");
             self.forget(&name, id);
+        }
+    }
+
+    /// A former owner that could not record which copies missed its last writes: its own
+    /// copies took them and the others did not, so its own are reported lost; the new owner
+    /// marks them out of sync, and every copy it reads agrees.
+    fn report_unrecorded(&self, disk: &Disk) {
+        if !disk.has_unrecorded_marks() {
+            return;
+        }
+        let Ok(cluster) = self.cluster() else { return };
+        let tiers = disk.synced_tiers_here();
+        for &tier in &tiers {
+            disk.mark_lost(tier);
+        }
+        let meta = disk.meta().clone();
+        match cluster.report_lost(&meta, &tiers) {
+            Ok(()) => log::warn!(
+                "image {}: writes whose marks were never recorded took this node's copies: reported them lost",
+                disk.name()
+            ),
+            Err(e) => log::error!("image {}: cannot report diverged copies: {e}", disk.name()),
+        }
+    }
+
+    /// Records the out-of-sync marks that could not be recorded while etcd was unreachable
+    /// (see `Disk::mark_out_of_sync`), on the images this node still owns.
+    fn record_pending_marks(&self) {
+        let disks: Vec<Arc<Disk>> = self.lock().values().map(|e| e.disk.clone()).collect();
+        for disk in disks.iter().filter(|d| d.has_unrecorded_marks()) {
+            if disk.owned_here() && !disk.is_fenced() {
+                let left = disk.record_pending_marks();
+                log::warn!(
+                    "image {}: recorded the out-of-sync marks etcd missed ({left} blocks left)",
+                    disk.name()
+                );
+            }
         }
     }
 
@@ -516,8 +554,13 @@ impl Daemon {
         loop {
             std::thread::sleep(lease.renew_every());
             self.sweep();
-            if lease.renew() != Standing::Lost {
-                continue;
+            match lease.renew() {
+                Standing::Lost => {}
+                Standing::Valid => {
+                    self.record_pending_marks();
+                    continue;
+                }
+                Standing::Doubtful => continue,
             }
             log::error!("the node's etcd lease expired; taking a new one");
             if let Err(e) = lease
