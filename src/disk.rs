@@ -479,6 +479,30 @@ impl Disk {
         Ok(())
     }
 
+    /// The owner settled this node's report: nothing here is held back any more.
+    pub fn clear_lost(&self) {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Marks this node's copies on `tiers` out of sync where another in-sync copy has the
+    /// data (copies that may be stale, not gone: where they are all there is, they stay).
+    pub fn mark_suspect_out_of_sync(&self, tiers: &[Tier]) -> Result<(), String> {
+        let me = self.me.clone();
+        self.update_meta(|meta| {
+            let all = BlockRange::new(0, meta.blocks()).map_err(|e| e.to_string())?;
+            meta.table
+                .update(all, |locations| {
+                    let mine = |l: &Location| l.node == me && tiers.contains(&l.tier);
+                    if locations.iter().any(|l| l.synced && !mine(l)) {
+                        for l in locations.iter_mut().filter(|l| mine(l)) {
+                            l.synced = false;
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })
+    }
+
     pub fn is_lost(&self, tier: Tier, block: u64) -> bool {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
         !lost.is_empty() && lost.contains(&(tier, block))

@@ -568,3 +568,52 @@ fn a_mark_etcd_missed_is_recorded_when_it_is_back() {
     let on_b_copy = std::fs::read(b.block_file("ram", "m", 0)).unwrap();
     assert!(on_a_copy == on_b_copy, "the copies still differ");
 }
+
+/// A holder's host loses power while its daemon runs: writes it took but had not flushed may
+/// be gone from its volume tier. At its next start (another boot) it reports those copies;
+/// the owner marks them out of sync where another copy has the data, and a sync repairs them.
+#[test]
+fn volume_copies_after_a_power_loss_are_resynced_not_trusted() {
+    let dir = TestDir::new();
+    let Some((_etcd, mut cluster)) = setup(&dir, 2) else {
+        return;
+    };
+    cluster.nodes[0].create_image("v", "4M", "1M", &["a:ram", "b:volume"]);
+    let mut on_a = client(&cluster.nodes[0], "v");
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 1)).unwrap(),
+            S_OK
+        );
+    }
+    assert_eq!(on_a.flush(0).unwrap(), S_OK);
+    assert_eq!(on_a.write(0, 0, &pattern(0, 2)).unwrap(), S_OK); // never flushed
+    let b = &mut cluster.nodes[1];
+    b.kill9();
+    // The power loss: b's page cache held the unflushed write, its disk did not.
+    let file = b.block_file("volume", "v", 0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..64 << 10].copy_from_slice(&pattern(0, 1));
+    std::fs::write(&file, bytes).unwrap();
+    b.env
+        .push(("CORMORANT_BOOT_ID".into(), "another-boot".into()));
+    b.start_again();
+    let a = &cluster.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(10), || a.copies_on("v", "b") == (0, 4)),
+        "b's volume copies are still trusted: {:?}",
+        a.copies_on("v", "b")
+    );
+    assert_eq!(a.cli(&["sync", "v"])["left"], 0);
+    let on_b = std::fs::read(cluster.nodes[1].block_file("volume", "v", 0)).unwrap();
+    assert!(
+        on_b[..64 << 10] == pattern(0, 2)[..],
+        "b's copy was not repaired"
+    );
+    // A clean stop and start on the same boot trusts everything again.
+    let b = &mut cluster.nodes[1];
+    assert!(b.terminate());
+    b.start_again();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.nodes[0].copies_on("v", "b"), (4, 0));
+}

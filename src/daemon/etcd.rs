@@ -279,6 +279,12 @@ impl Daemon {
                         lost.insert(name);
                     }
                 }
+                // The owner settled this node's report: what it kept in sync is served again.
+                (Key::Lost(id, node), EventKind::Delete) if node == self.config.node => {
+                    if let Some(disk) = self.name_of(id).and_then(|n| self.find(&n)) {
+                        disk.clear_lost();
+                    }
+                }
                 _ => {}
             }
         }
@@ -431,7 +437,7 @@ impl Daemon {
             disk.mark_lost(tier);
         }
         let meta = disk.meta().clone();
-        match cluster.report_lost(&meta, &tiers) {
+        match cluster.report_lost(&meta, &tiers, true) {
             Ok(()) => log::warn!(
                 "image {}: writes whose marks were never recorded took this node's copies: reported them lost",
                 disk.name()
@@ -523,10 +529,17 @@ impl Daemon {
                     crate::image::BlockRange::new(0, meta.blocks()).map_err(|e| e.to_string())?;
                 meta.table
                     .update(all, |locations| {
-                        for l in locations.iter_mut() {
-                            if l.node == node && record.tiers.contains(&l.tier) {
-                                l.synced = false;
-                            }
+                        let reported = |l: &crate::image::Location| {
+                            l.node == node && record.tiers.contains(&l.tier)
+                        };
+                        // A suspect copy (possibly stale, not gone) that is the block's only
+                        // in-sync copy stays: it is the best there is.
+                        let elsewhere = locations.iter().any(|l| l.synced && !reported(l));
+                        if record.suspect && !elsewhere {
+                            return;
+                        }
+                        for l in locations.iter_mut().filter(|l| reported(l)) {
+                            l.synced = false;
                         }
                     })
                     .map_err(|e| e.to_string())

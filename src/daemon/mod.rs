@@ -45,6 +45,49 @@ pub struct Daemon {
     /// Tiers found wiped at this start (their marker file was gone): every in-sync copy this
     /// node held there is lost. Emptied once the start is done.
     wiped: Mutex<Vec<Tier>>,
+    /// Tiers whose copies may be stale at this start (the host went down while the daemon
+    /// ran: writes not yet flushed may be gone). Emptied once the start is done.
+    suspect: Mutex<Vec<Tier>>,
+}
+
+/// Where the daemon notes the boot it runs in and whether it stopped cleanly.
+const RUN_STATE: &str = ".cormorant-run";
+
+/// This boot's id. `CORMORANT_BOOT_ID` stands in for it in tests, which cannot reboot.
+fn boot_id() -> String {
+    std::env::var("CORMORANT_BOOT_ID").unwrap_or_else(|_| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Whether the host went down while the daemon ran (the last run never stopped cleanly, and
+/// this is another boot): then unflushed volume-tier writes may be lost. Notes this run.
+fn volume_suspect(dirs: &crate::store::TierDirs) -> io::Result<Vec<Tier>> {
+    let path = dirs.volume.join(RUN_STATE);
+    let previous = fs::read_to_string(&path).unwrap_or_default();
+    let now = boot_id();
+    let suspect = previous
+        .split_once(' ')
+        .is_some_and(|(boot, state)| state.trim() == "running" && boot != now);
+    note_run_state(dirs, "running")?;
+    Ok(if suspect {
+        vec![Tier::Volume]
+    } else {
+        Vec::new()
+    })
+}
+
+fn note_run_state(dirs: &crate::store::TierDirs, state: &str) -> io::Result<()> {
+    fs::create_dir_all(&dirs.volume)?;
+    let path = dirs.volume.join(RUN_STATE);
+    let tmp = dirs.volume.join(format!("{RUN_STATE}.tmp"));
+    let mut file = File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, format!("{} {state}\n", boot_id()).as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    File::open(&dirs.volume)?.sync_all()
 }
 
 /// A file each tier's root keeps while its contents are this node's: a tier found without it
@@ -95,12 +138,27 @@ impl Daemon {
             images: Mutex::new(BTreeMap::new()),
             watch_from: Mutex::new(0),
             wiped: Mutex::new(Vec::new()),
+            suspect: Mutex::new(Vec::new()),
         };
         if daemon.shared.is_some() {
             let wiped = wiped_tiers(&daemon.config.dirs);
             *daemon.wiped.lock().unwrap_or_else(|p| p.into_inner()) = wiped.clone();
-            daemon.load_shared().map_err(io::Error::other)?;
+            let previous = fs::read_to_string(daemon.config.dirs.volume.join(RUN_STATE)).ok();
+            *daemon.suspect.lock().unwrap_or_else(|p| p.into_inner()) =
+                volume_suspect(&daemon.config.dirs)?;
+            if let Err(e) = daemon.load_shared() {
+                // The next start must find the same: this one recorded nothing.
+                if let Some(previous) = previous {
+                    let _ = fs::write(daemon.config.dirs.volume.join(RUN_STATE), previous);
+                }
+                return Err(io::Error::other(e));
+            }
             mark_tiers(&daemon.config.dirs, &wiped)?;
+            daemon
+                .suspect
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             daemon
                 .wiped
                 .lock()
@@ -411,7 +469,39 @@ impl Daemon {
     /// Local in-sync copies whose tier directory is gone (a RAM tier after a reboot) are
     /// never read as zeros: the owner (or a single node) marks them out of sync at once; a
     /// holder in a cluster refuses to serve them and reports them to the owner, who marks them.
+    /// Copies on a tier that may merely be stale (an unclean reboot) are handled alike, but
+    /// kept where they are the only in-sync copy.
     fn check_lost_tiers(&self, disk: &Disk) -> Result<(), String> {
+        self.check_gone_tiers(disk)?;
+        let suspect: Vec<Tier> = {
+            let suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
+            disk.synced_tiers_here()
+                .into_iter()
+                .filter(|t| suspect.contains(t))
+                .collect()
+        };
+        if suspect.is_empty() {
+            return Ok(());
+        }
+        log::warn!(
+            "image {}: the host went down without this daemon stopping: its copies on {suspect:?} may have lost writes that were not flushed",
+            disk.name()
+        );
+        match &self.shared {
+            Some(cluster) if !disk.owned_here() => {
+                for &tier in &suspect {
+                    disk.mark_lost(tier);
+                }
+                let meta = disk.meta().clone();
+                cluster
+                    .report_lost(&meta, &suspect, true)
+                    .map_err(|e| e.to_string())
+            }
+            _ => disk.mark_suspect_out_of_sync(&suspect),
+        }
+    }
+
+    fn check_gone_tiers(&self, disk: &Disk) -> Result<(), String> {
         let gone = if self.shared.is_some() {
             let wiped = self.wiped.lock().unwrap_or_else(|p| p.into_inner()).clone();
             disk.synced_tiers_here()
@@ -434,7 +524,9 @@ impl Daemon {
                     disk.mark_lost(tier);
                 }
                 let meta = disk.meta().clone();
-                cluster.report_lost(&meta, &gone).map_err(|e| e.to_string())
+                cluster
+                    .report_lost(&meta, &gone, false)
+                    .map_err(|e| e.to_string())
             }
             _ => disk.mark_tiers_out_of_sync(&gone),
         }
@@ -536,6 +628,9 @@ impl Daemon {
         }
         if let Some(cluster) = &self.shared {
             cluster.leave();
+        }
+        if let Err(e) = note_run_state(&self.config.dirs, "clean") {
+            log::error!("cannot note the clean stop: {e}");
         }
     }
 }

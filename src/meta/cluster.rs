@@ -251,15 +251,18 @@ impl ClusterMeta {
         Ok(())
     }
 
-    /// Tells the image's owner that this node lost its copies on `tiers`.
+    /// Tells the image's owner that this node lost its copies on `tiers` (or, `suspect`,
+    /// that they may be stale).
     pub fn report_lost(
         &self,
         meta: &ImageMeta,
         tiers: &[crate::image::Tier],
+        suspect: bool,
     ) -> Result<(), StoreError> {
         let record = records::LostRecord {
             tiers: tiers.to_vec(),
             incarnation: self.incarnation,
+            suspect,
         };
         self.etcd
             .put(&self.keys.lost(meta.id, &self.me), &encode(&record), 0)?;

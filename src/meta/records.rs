@@ -202,6 +202,10 @@ pub struct ActiveRecord {
 pub struct LostRecord {
     pub tiers: Vec<Tier>,
     pub incarnation: u64,
+    /// The copies may merely be stale (the host lost power with writes not yet flushed), not
+    /// gone: the owner marks them out of sync only where another in-sync copy has the data.
+    #[serde(default)]
+    pub suspect: bool,
 }
 
 impl ImageRecord {

@@ -21,6 +21,8 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Run the daemon inside this network namespace (`ip netns exec NS ...`).
     pub netns: Option<String>,
+    /// Extra environment for the next starts.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -45,6 +47,7 @@ impl Daemon {
             starts: 0,
             extra,
             netns,
+            env: Vec::new(),
         };
         daemon.spawn();
         daemon
@@ -61,7 +64,8 @@ impl Daemon {
             }
             None => Command::new(BIN),
         };
-        cmd.env("RUST_LOG", "debug")
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "debug")
             .arg("--run-dir")
             .arg(&self.run_dir)
             .arg("serve")
