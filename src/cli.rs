@@ -95,9 +95,8 @@ pub struct ServeArgs {
     /// Address the peer protocol listens on (with --node), e.g. 127.0.0.2:7300.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// A peer node, as ID=ADDR (repeatable), for a cluster without etcd. Not needed (and
-    /// refused) with --etcd, where nodes find each other.
-    #[arg(long = "peer", value_parser = parse_peer)]
+    /// Kept only to refuse it with a message: nodes find each other in etcd (--etcd).
+    #[arg(long = "peer", value_parser = parse_peer, hide = true)]
     pub peers: Vec<(NodeId, SocketAddr)>,
     /// etcd endpoints holding the cluster's metadata, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379.
     #[arg(long, value_delimiter = ',')]

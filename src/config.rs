@@ -51,7 +51,7 @@ pub struct Etcd {
 pub enum ConfigError {
     #[error("--node needs --listen ADDR, --cluster-key-file FILE and --etcd URLS")]
     ClusterIncomplete,
-    #[error("--listen, --peer and --cluster-key-file need --node ID")]
+    #[error("--listen and --cluster-key-file need --node ID")]
     NoNode,
     #[error(
         "--peer is not needed any more: nodes register in etcd (--etcd) and find each other there"

@@ -38,7 +38,7 @@ pub struct Daemon {
     peers: Arc<Peers>,
     /// Where this node's image metadata changes are made durable.
     store: Arc<dyn MetaStore>,
-    /// The cluster's metadata in etcd; None for a single node or a `--peer` cluster.
+    /// The cluster's metadata in etcd; None for a single node.
     shared: Option<Arc<ClusterMeta>>,
     /// The etcd revision the watch goes on from.
     watch_from: Mutex<i64>,
