@@ -111,6 +111,11 @@ pub struct ServeArgs {
     /// File holding the cluster's shared secret (64 hex characters or at least 32 bytes).
     #[arg(long)]
     pub cluster_key_file: Option<PathBuf>,
+    /// Encrypt every peer frame after the handshake (ChaCha20-Poly1305 under the connection's
+    /// session keys) instead of only authenticating it. Every node of the cluster must agree:
+    /// a peer with the other setting is refused at the handshake.
+    #[arg(long)]
+    pub peer_encrypt: bool,
     /// Group that owns the image sockets, so QEMU running as that group (libvirt's
     /// libvirt-qemu) can connect; the sockets then get mode 0660 unless --socket-mode says.
     #[arg(long)]

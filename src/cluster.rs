@@ -30,6 +30,8 @@ type Client = (PeerClient, Arc<PeerMetrics>);
 pub struct Peers {
     me: NodeId,
     key: Option<ClusterKey>,
+    /// `--peer-encrypt`.
+    encrypt: bool,
     /// With etcd, the registry changes as nodes come and go: clients are added (or replaced
     /// when a node's address changes) from the registry, and never removed (a node that left
     /// fails fast through the failure list).
@@ -44,6 +46,7 @@ impl Peers {
         Peers {
             me: config.node.clone(),
             key: key.cloned(),
+            encrypt: config.cluster.as_ref().is_some_and(|c| c.encrypt),
             clients: RwLock::new(BTreeMap::new()),
             failures: Arc::new(FailureList::new(config.failure_timeout)),
         }
@@ -60,7 +63,8 @@ impl Peers {
             return;
         }
         let client = PeerClient::new(self.me.clone(), node.clone(), addr, key.clone(), POOL)
-            .with_request_timeout(REQUEST_TIMEOUT);
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_encryption(self.encrypt);
         log::info!("peer {node} at {addr}");
         clients.insert(node.clone(), (addr, Arc::new((client, Arc::default()))));
     }

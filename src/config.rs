@@ -35,6 +35,8 @@ pub struct SocketAccess {
 pub struct Cluster {
     pub listen: SocketAddr,
     pub key_file: PathBuf,
+    /// `--peer-encrypt`: frames after the handshake are encrypted, not only authenticated.
+    pub encrypt: bool,
     /// Where the cluster's metadata lives.
     pub etcd: Etcd,
 }
@@ -53,6 +55,8 @@ pub enum ConfigError {
     ClusterIncomplete,
     #[error("--listen and --cluster-key-file need --node ID")]
     NoNode,
+    #[error("--peer-encrypt needs a cluster: --node, --listen, --cluster-key-file and --etcd")]
+    EncryptWithoutCluster,
     #[error(
         "--peer is not needed any more: nodes register in etcd (--etcd) and find each other there"
     )]
@@ -85,12 +89,16 @@ impl Config {
             (Some(_), Some(listen), Some(key_file), Some(etcd)) => Some(Cluster {
                 listen,
                 key_file: key_file.clone(),
+                encrypt: args.peer_encrypt,
                 etcd,
             }),
             (_, _, _, Some(_)) => return Err(ConfigError::EtcdWithoutNode),
             (None, ..) => return Err(ConfigError::NoNode),
             (Some(_), ..) => return Err(ConfigError::ClusterIncomplete),
         };
+        if args.peer_encrypt && cluster.is_none() {
+            return Err(ConfigError::EncryptWithoutCluster);
+        }
         Ok(Config {
             run_dir,
             dirs: TierDirs {
@@ -226,6 +234,13 @@ mod tests {
             "http://127.0.0.1:2379",
         ];
         assert!(parse(&full).unwrap().cluster.is_some());
+        assert!(!parse(&full).unwrap().cluster.unwrap().encrypt);
+        let encrypted = [&full[..], &["--peer-encrypt"]].concat();
+        assert!(parse(&encrypted).unwrap().cluster.unwrap().encrypt);
+        assert_eq!(
+            parse(&["--peer-encrypt"]).unwrap_err(),
+            ConfigError::EncryptWithoutCluster
+        );
         assert_eq!(
             parse(&full[..6]).unwrap_err(),
             ConfigError::ClusterIncomplete

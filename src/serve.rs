@@ -86,11 +86,12 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
     );
     let _peer_server = match (&config.cluster, key) {
         (Some(cluster), Some(key)) => Some(
-            PeerServer::start(
+            PeerServer::start_with_encryption(
                 cluster.listen,
                 key,
                 config.node.clone(),
                 Arc::new(PeerService::new(daemon.clone())),
+                cluster.encrypt,
             )
             .map_err(io_err("cannot listen for peers"))?,
         ),

@@ -270,6 +270,7 @@ fn authenticated(addr: SocketAddr) -> (TcpStream, Session) {
         &node("raw"),
         &node("server"),
         &key(),
+        false,
         HANDSHAKE_TIMEOUT,
     )
     .unwrap();
@@ -779,4 +780,125 @@ fn a_write_altered_on_the_way_is_refused() {
     );
     drop(client);
     let _ = on_path.join();
+}
+
+/// A TCP forwarder to `target` that keeps a copy of every byte it passes, both ways.
+fn recording_forwarder(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = std::net::TcpListener::bind(any_port()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let record = seen.clone();
+    thread::spawn(move || {
+        for from_client in listener.incoming().flatten() {
+            let Ok(to_server) = TcpStream::connect(target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (
+                    from_client.try_clone().unwrap(),
+                    to_server.try_clone().unwrap(),
+                ),
+                (to_server, from_client),
+            ] {
+                let record = record.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 64 << 10];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// What the test writes: easy to find on the wire if it goes in the clear.
+const PATTERN: &[u8] = b"<<plaintext pattern 7f3a>>";
+
+/// Writes a block of `PATTERN`s through a recording forwarder and reads it (and an unwritten
+/// block) back, with `--peer-encrypt` on both sides or on neither; returns the wire's bytes.
+fn write_and_read_through_forwarder(encrypt: bool) -> Vec<u8> {
+    let toy = Arc::new(Toy::default());
+    let handler: Arc<dyn PeerHandler> = toy.clone();
+    let server =
+        PeerServer::start_with_encryption(any_port(), key(), node("server"), handler, encrypt)
+            .unwrap();
+    let (addr, seen) = recording_forwarder(server.local_addr());
+    let client = client(addr, key(), 1).with_encryption(encrypt);
+    let data: Vec<u8> = PATTERN.iter().copied().cycle().take(4096).collect();
+    let write = Request::Write {
+        image: image(),
+        tier: Tier::Ram,
+        block: 9,
+        offset: 0,
+        data: data.clone(),
+    };
+    assert!(matches!(client.call_wait(write, WAIT), Ok(Response::Ok)));
+    assert_eq!(toy.written.lock().unwrap().get(&9), Some(&data));
+    match client.call_wait(read(9, 4096), WAIT) {
+        Ok(Response::Data(bytes)) => assert_eq!(bytes, data),
+        other => panic!("{other:?}"),
+    }
+    match client.call_wait(read(3, 1000), WAIT) {
+        Ok(Response::Data(bytes)) => assert_eq!(bytes, block_bytes(3, 1000)),
+        other => panic!("{other:?}"),
+    }
+    drop(client);
+    let wire = seen.lock().unwrap().clone();
+    // The write and the read's answer both crossed: more than two blocks' worth.
+    assert!(wire.len() > 2 * 4096, "{} bytes on the wire", wire.len());
+    wire
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn encrypted_peers_exchange_reads_and_writes_and_the_wire_shows_no_plaintext() {
+    let wire = write_and_read_through_forwarder(true);
+    assert!(
+        !contains(&wire, PATTERN),
+        "the written pattern crossed the wire in the clear"
+    );
+    // The forwarder does see plaintext when frames are only authenticated.
+    let clear = write_and_read_through_forwarder(false);
+    assert!(contains(&clear, PATTERN));
+}
+
+#[test]
+fn peers_that_disagree_on_encryption_are_refused_naming_both_settings() {
+    for server_encrypts in [true, false] {
+        let toy = Arc::new(Toy::default());
+        let handler: Arc<dyn PeerHandler> = toy.clone();
+        let server = PeerServer::start_with_encryption(
+            any_port(),
+            key(),
+            node("server"),
+            handler,
+            server_encrypts,
+        )
+        .unwrap();
+        let client = client(server.local_addr(), key(), 1).with_encryption(!server_encrypts);
+        let (server_says, client_says) = match server_encrypts {
+            true => ("on", "off"),
+            false => ("off", "on"),
+        };
+        match client.call_wait(read(1, 1), WAIT) {
+            Err(PeerError::Auth(message)) => {
+                assert!(message.contains("refused by the peer"), "{message}");
+                let want = format!(
+                    "this node (server) runs with --peer-encrypt {server_says}, the client with --peer-encrypt {client_says}"
+                );
+                assert!(message.contains(&want), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(toy.calls.load(Ordering::SeqCst), 0);
+    }
 }

@@ -7,14 +7,15 @@
 //!   Proof = HMAC(key, client label | transcript)  ->
 //!                                                 <-  Accept = HMAC(key, server label | transcript)
 //!                                                     or Refuse (reason), then close
-//! transcript = nonce_c | nonce_s | len | client id | len | server id
+//! transcript = nonce_c | nonce_s | len | client id | len | server id | flags
 //! client->server key = HMAC(key, "cormorant/2 client frames" | transcript)
 //! server->client key = HMAC(key, "cormorant/2 server frames" | transcript)
 //! ```
 //!
 //! Each side leaves the handshake with a [`Session`]: the key of each direction, with which
-//! every later frame is tagged (see [`super::seal`]). Fresh nonces make every connection's
-//! keys new.
+//! every later frame is tagged (see [`super::seal`]), or with `--peer-encrypt` (bit 0 of the
+//! Hello's flags, which both sides must agree on) encrypted. Fresh nonces make every
+//! connection's keys new.
 //!
 //! Both sides prove they hold the key over fresh nonces from both, so a recorded handshake is
 //! worth nothing and a reflected proof fails (the labels differ). The server reads nothing but
@@ -55,7 +56,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 
-/// Largest handshake payload: a Hello is at most 1 + 64 + 1 + 64 + 32 = 162 bytes, a Refuse
+/// Largest handshake payload: a Hello is at most 1 + 64 + 1 + 64 + 32 + 1 = 163 bytes, a Refuse
 /// at most 1 + [`MAX_REFUSE_REASON`].
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 256;
 
@@ -74,6 +75,9 @@ const SERVER_LABEL: &[u8] = b"cormorant/2 server proof";
 /// proof (which goes over the wire) is ever a key.
 const CLIENT_FRAMES_LABEL: &[u8] = b"cormorant/2 client frames";
 const SERVER_FRAMES_LABEL: &[u8] = b"cormorant/2 server frames";
+
+/// Bit of the Hello's flags byte: frames after the handshake are encrypted.
+pub const FLAG_ENCRYPT: u8 = 0x01;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -169,6 +173,7 @@ impl ClusterKey {
             mac.update(&[id.len() as u8]);
             mac.update(id.as_bytes());
         }
+        mac.update(&[t.flags]);
         mac
     }
 
@@ -186,15 +191,30 @@ impl ClusterKey {
             Side::Client => (to_server, to_client),
             Side::Server => (to_client, to_server),
         };
-        Session {
-            sealer: Sealer::new(&send),
-            opener: Opener::new(&receive),
+        if t.flags & FLAG_ENCRYPT != 0 {
+            Session {
+                sealer: Sealer::encrypting(&send),
+                opener: Opener::decrypting(&receive),
+            }
+        } else {
+            Session {
+                sealer: Sealer::new(&send),
+                opener: Opener::new(&receive),
+            }
         }
     }
 
     /// Constant-time check of a proof.
     fn verify(&self, label: &[u8], t: &Transcript, proof: &[u8]) -> bool {
         self.keyed(label, t).verify_slice(proof).is_ok()
+    }
+}
+
+fn on_off(flag: bool) -> &'static str {
+    if flag {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -218,6 +238,8 @@ struct Transcript {
     nonce_s: [u8; NONCE_LEN],
     client: String,
     server: String,
+    /// The Hello's flags byte ([`FLAG_ENCRYPT`]).
+    flags: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +263,11 @@ pub enum AuthError {
     BadProof,
     #[error("the peer calls this node '{claimed}', but it is '{actual}'")]
     WrongNode { claimed: String, actual: String },
+    #[error(
+        "peer frame encryption differs: this node (server) runs with --peer-encrypt {}, the client with --peer-encrypt {}",
+        on_off(*server), on_off(*client)
+    )]
+    EncryptMismatch { server: bool, client: bool },
     #[error("refused by the peer: {0}")]
     Refused(String),
     #[error("no random numbers for a nonce: {0}")]
@@ -361,18 +388,23 @@ fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
     Ok(nonce)
 }
 
-fn hello_payload(client: &str, server: &str, nonce_c: &[u8; NONCE_LEN]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(2 + client.len() + server.len() + NONCE_LEN);
+fn hello_payload(client: &str, server: &str, nonce_c: &[u8; NONCE_LEN], flags: u8) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(3 + client.len() + server.len() + NONCE_LEN);
     for id in [client, server] {
         payload.push(id.len() as u8);
         payload.extend_from_slice(id.as_bytes());
     }
     payload.extend_from_slice(nonce_c);
+    payload.push(flags);
     payload
 }
 
-/// Client id, the server id the client means to reach, and the client's nonce.
-fn parse_hello(payload: &[u8]) -> Result<(NodeId, NodeId, [u8; NONCE_LEN]), AuthError> {
+/// What a Hello says: client id, the server id the client means to reach, the client's
+/// nonce and its flags.
+type Hello = (NodeId, NodeId, [u8; NONCE_LEN], u8);
+
+/// Parses a Hello; flags other than [`FLAG_ENCRYPT`] are malformed.
+fn parse_hello(payload: &[u8]) -> Result<Hello, AuthError> {
     let malformed = || AuthError::Malformed(Kind::Hello);
     let mut rest = payload;
     let mut ids = Vec::with_capacity(2);
@@ -384,10 +416,14 @@ fn parse_hello(payload: &[u8]) -> Result<(NodeId, NodeId, [u8; NONCE_LEN]), Auth
         ids.push(text.parse::<NodeId>().map_err(AuthError::BadNodeId)?);
         rest = &tail[len..];
     }
-    let nonce: [u8; NONCE_LEN] = rest.try_into().map_err(|_| malformed())?;
+    let (&flags, nonce) = rest.split_last().ok_or_else(malformed)?;
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| malformed())?;
+    if flags & !FLAG_ENCRYPT != 0 {
+        return Err(malformed());
+    }
     let server = ids.pop().ok_or_else(malformed)?;
     let client = ids.pop().ok_or_else(malformed)?;
-    Ok((client, server, nonce))
+    Ok((client, server, nonce, flags))
 }
 
 fn exact<const N: usize>(frame: &Frame) -> Result<[u8; N], AuthError> {
@@ -398,13 +434,14 @@ fn exact<const N: usize>(frame: &Frame) -> Result<[u8; N], AuthError> {
 
 /// Opens a connection as `me` to the node `peer`: proves the key and checks the peer's proof.
 /// Nothing but handshake frames is read or written; on success the stream is ready for
-/// requests, each sealed with the session returned. Timeouts set on `stream` are left behind
-/// for the caller to reset.
+/// requests, each sealed with the session returned (encrypting if `encrypt`, which the server
+/// must match). Timeouts set on `stream` are left behind for the caller to reset.
 pub fn client_handshake(
     stream: &TcpStream,
     me: &NodeId,
     peer: &NodeId,
     key: &ClusterKey,
+    encrypt: bool,
     timeout: Duration,
 ) -> Result<Session, AuthError> {
     let mut s = Timed {
@@ -413,7 +450,12 @@ pub fn client_handshake(
     };
     let (client, server) = (me.to_string(), peer.to_string());
     let nonce_c = nonce()?;
-    let hello = frame::encode(Kind::Hello, 0, &hello_payload(&client, &server, &nonce_c))?;
+    let flags = if encrypt { FLAG_ENCRYPT } else { 0 };
+    let hello = frame::encode(
+        Kind::Hello,
+        0,
+        &hello_payload(&client, &server, &nonce_c, flags),
+    )?;
     s.write_all(&[&preamble()[..], &hello].concat())?;
     check_version(read_preamble(&mut s)?)?;
     let nonce_s = exact(&receive(&mut s, Kind::Challenge)?)?;
@@ -422,6 +464,7 @@ pub fn client_handshake(
         nonce_s,
         client,
         server,
+        flags,
     };
     send(&mut s, Kind::Proof, &key.proof(CLIENT_LABEL, &t))?;
     let accept = receive(&mut s, Kind::Accept)?;
@@ -434,11 +477,13 @@ pub fn client_handshake(
 /// Accepts a connection as `me`: checks the client's proof, then proves the key back.
 /// Returns the client's node id and the session that seals every later frame. A client that
 /// fails is sent a Refuse (if it got as far as a proof) and the error; the caller closes the
-/// connection.
+/// connection. A client whose `--peer-encrypt` differs from `encrypt` is refused (after its
+/// proof checks out: strangers learn nothing) with a reason naming both settings.
 pub fn server_handshake(
     stream: &TcpStream,
     me: &NodeId,
     key: &ClusterKey,
+    encrypt: bool,
     timeout: Duration,
 ) -> Result<(NodeId, Session), AuthError> {
     let mut s = Timed {
@@ -448,7 +493,7 @@ pub fn server_handshake(
     let theirs = read_preamble(&mut s)?;
     s.write_all(&preamble())?;
     check_version(theirs)?;
-    let (client, claimed, nonce_c) = parse_hello(&receive(&mut s, Kind::Hello)?.payload)?;
+    let (client, claimed, nonce_c, flags) = parse_hello(&receive(&mut s, Kind::Hello)?.payload)?;
     let nonce_s = nonce()?;
     send(&mut s, Kind::Challenge, &nonce_s)?;
     let t = Transcript {
@@ -456,6 +501,7 @@ pub fn server_handshake(
         nonce_s,
         client: client.to_string(),
         server: claimed.to_string(),
+        flags,
     };
     let proof = receive(&mut s, Kind::Proof)?;
     if !key.verify(CLIENT_LABEL, &t, &proof.payload) {
@@ -466,6 +512,15 @@ pub fn server_handshake(
         let error = AuthError::WrongNode {
             claimed: claimed.to_string(),
             actual: me.to_string(),
+        };
+        refuse(&mut s, &error.to_string());
+        return Err(error);
+    }
+    let theirs = flags & FLAG_ENCRYPT != 0;
+    if theirs != encrypt {
+        let error = AuthError::EncryptMismatch {
+            server: encrypt,
+            client: theirs,
         };
         refuse(&mut s, &error.to_string());
         return Err(error);
@@ -503,7 +558,7 @@ mod tests {
     type Accepted = Result<(NodeId, Session), AuthError>;
 
     fn serve(k: ClusterKey, me: &'static str) -> (TcpStream, thread::JoinHandle<Accepted>) {
-        pair(move |s| server_handshake(&s, &node(me), &k, HANDSHAKE_TIMEOUT))
+        pair(move |s| server_handshake(&s, &node(me), &k, false, HANDSHAKE_TIMEOUT))
     }
 
     #[test]
@@ -531,6 +586,7 @@ mod tests {
             nonce_s: [2; 32],
             client: "a".into(),
             server: "b".into(),
+            flags: 0,
         };
         let as_hex = key(hex_text.as_bytes());
         let raw = key(&[0xab; 32]);
@@ -592,6 +648,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap();
@@ -611,6 +668,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap();
@@ -621,6 +679,64 @@ mod tests {
     }
 
     #[test]
+    fn encryption_is_agreed_and_covered_by_the_proofs() {
+        let k = key(KEY);
+        let (client, server) =
+            pair(move |s| server_handshake(&s, &node("b"), &k, true, HANDSHAKE_TIMEOUT));
+        let mut c = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            true,
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap();
+        let (_, mut s) = server.join().unwrap().unwrap();
+        assert!(c.sealer.encrypts() && s.opener.decrypts());
+        let mut payload = *b"secret";
+        let tag = c.sealer.encrypt(&[0; 24], &mut payload);
+        assert_ne!(&payload, b"secret");
+        assert!(s.opener.decrypt(&[0; 24], &mut payload, &tag));
+        assert_eq!(&payload, b"secret");
+
+        // The flags are in the transcript: the same handshake with other flags proves nothing.
+        let t = |flags| Transcript {
+            nonce_c: [1; 32],
+            nonce_s: [2; 32],
+            client: "a".into(),
+            server: "b".into(),
+            flags,
+        };
+        let k = key(KEY);
+        assert_ne!(k.proof(CLIENT_LABEL, &t(0)), k.proof(CLIENT_LABEL, &t(1)));
+
+        let k = key(KEY);
+        let (client, server) =
+            pair(move |s| server_handshake(&s, &node("b"), &k, true, HANDSHAKE_TIMEOUT));
+        let err = client_handshake(
+            &client,
+            &node("a"),
+            &node("b"),
+            &key(KEY),
+            false,
+            HANDSHAKE_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, AuthError::Refused(ref r) if r.contains("--peer-encrypt on") && r.contains("--peer-encrypt off")),
+            "{err}"
+        );
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(AuthError::EncryptMismatch {
+                server: true,
+                client: false
+            })
+        ));
+    }
+
+    #[test]
     fn wrong_key_is_refused() {
         let (client, server) = serve(key(&[0x55; 32]), "b");
         let err = client_handshake(
@@ -628,6 +744,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap_err();
@@ -646,6 +763,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap_err();
@@ -679,6 +797,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap_err();
@@ -710,6 +829,7 @@ mod tests {
             &node("a"),
             &node("b"),
             &key(KEY),
+            false,
             HANDSHAKE_TIMEOUT,
         )
         .unwrap_err();
@@ -743,8 +863,9 @@ mod tests {
             Err(AuthError::Frame(FrameError::TooLong { .. }))
         ));
 
-        let (_raw, server) =
-            pair(|s| server_handshake(&s, &node("b"), &key(KEY), Duration::from_millis(100)));
+        let (_raw, server) = pair(|s| {
+            server_handshake(&s, &node("b"), &key(KEY), false, Duration::from_millis(100))
+        });
         let started = Instant::now();
         assert!(matches!(server.join().unwrap(), Err(AuthError::Io(_))));
         assert!(started.elapsed() < Duration::from_secs(2));
@@ -752,9 +873,15 @@ mod tests {
 
     #[test]
     fn hello_parsing_is_strict() {
-        let good = hello_payload("a", "b", &[3; 32]);
-        let (c, s, n) = parse_hello(&good).unwrap();
-        assert_eq!((c, s, n), (node("a"), node("b"), [3; 32]));
+        let good = hello_payload("a", "b", &[3; 32], 0);
+        let (c, s, n, f) = parse_hello(&good).unwrap();
+        assert_eq!((c, s, n, f), (node("a"), node("b"), [3; 32], 0));
+        let on = hello_payload("a", "b", &[3; 32], FLAG_ENCRYPT);
+        assert_eq!(parse_hello(&on).unwrap().3, FLAG_ENCRYPT);
+        assert!(matches!(
+            parse_hello(&hello_payload("a", "b", &[3; 32], 2)),
+            Err(AuthError::Malformed(_))
+        ));
         assert!(matches!(
             parse_hello(&good[..good.len() - 1]),
             Err(AuthError::Malformed(_))
@@ -764,7 +891,7 @@ mod tests {
             Err(AuthError::Malformed(_))
         ));
         assert!(matches!(
-            parse_hello(&hello_payload("../x", "b", &[0; 32])),
+            parse_hello(&hello_payload("../x", "b", &[0; 32], 0)),
             Err(AuthError::BadNodeId(_))
         ));
         assert!(matches!(parse_hello(&[200]), Err(AuthError::Malformed(_))));

@@ -92,6 +92,8 @@ struct Context {
     peer: NodeId,
     addr: SocketAddr,
     key: ClusterKey,
+    /// `--peer-encrypt`: asked for in the handshake; the server must agree.
+    encrypt: bool,
     health: Mutex<Health>,
 }
 
@@ -146,12 +148,28 @@ impl PeerClient {
                 peer,
                 addr,
                 key,
+                encrypt: false,
                 health: Mutex::new(Health::default()),
             }),
             slots: (0..pool.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         }
+    }
+
+    /// Encrypts (or not) the frames of every connection made from now on; the server must
+    /// have the same setting, or it refuses the handshake.
+    pub fn with_encryption(mut self, encrypt: bool) -> Self {
+        let ctx = &self.ctx;
+        self.ctx = Arc::new(Context {
+            me: ctx.me.clone(),
+            peer: ctx.peer.clone(),
+            addr: ctx.addr,
+            key: ctx.key.clone(),
+            encrypt,
+            health: Mutex::new(Health::default()),
+        });
+        self
     }
 
     /// Sets how long each call waits for its answer.
@@ -420,12 +438,18 @@ impl Conn {
         stream
             .set_nodelay(true)
             .map_err(|e| unavailable("cannot set up", &e))?;
-        let session =
-            auth::client_handshake(&stream, &ctx.me, &ctx.peer, &ctx.key, HANDSHAKE_TIMEOUT)
-                .map_err(|e| match e.is_io() {
-                    true => unavailable("handshake with", &e),
-                    false => PeerError::Auth(format!("{} at {}: {e}", ctx.peer, ctx.addr)),
-                })?;
+        let session = auth::client_handshake(
+            &stream,
+            &ctx.me,
+            &ctx.peer,
+            &ctx.key,
+            ctx.encrypt,
+            HANDSHAKE_TIMEOUT,
+        )
+        .map_err(|e| match e.is_io() {
+            true => unavailable("handshake with", &e),
+            false => PeerError::Auth(format!("{} at {}: {e}", ctx.peer, ctx.addr)),
+        })?;
         // Reads wake up every tick to time calls out.
         let setup = |s: &TcpStream| -> io::Result<()> {
             s.set_read_timeout(Some(TICK))?;

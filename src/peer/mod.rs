@@ -1,11 +1,11 @@
 //! The peer protocol: how daemons talk to each other over TCP.
 //!
 //! Layers, each its own file: [`frame`] (length-prefixed, checksummed frames), [`seal`] (the
-//! tag that authenticates each frame after the handshake), [`message`]
-//! (typed requests and responses), [`auth`] (the handshake and the cluster key), [`server`]
-//! (accepts peers, calls a [`PeerHandler`]) and [`client`] (a pool of connections to one
-//! peer, pipelined calls completed by callback). The wire format is written down in
-//! docs/PROTOCOL.md. Nothing here knows about block files or replicas.
+//! tag that authenticates, or with `--peer-encrypt` encrypts, each frame after the
+//! handshake), [`message`] (typed requests and responses), [`auth`] (the handshake and the
+//! cluster key), [`server`] (accepts peers, calls a [`PeerHandler`]) and [`client`] (a pool
+//! of connections to one peer, pipelined calls completed by callback). The wire format is
+//! written down in docs/PROTOCOL.md. Nothing here knows about block files or replicas.
 
 pub mod auth;
 pub mod client;
@@ -39,8 +39,9 @@ pub enum PeerError {
     /// The peer answered with an error: it is up, and said no.
     #[error("peer refused: {message} (code {code})")]
     Refused { code: u16, message: String },
-    /// Wrong cluster key, wrong node id or another protocol version. Retrying soon will not
-    /// help; the client waits the longest backoff between attempts.
+    /// Wrong cluster key, wrong node id, another protocol version or another `--peer-encrypt`
+    /// setting. Retrying soon will not help; the client waits the longest backoff between
+    /// attempts.
     #[error("peer authentication failed: {0}")]
     Auth(String),
     /// The peer sent a bad frame or an answer that does not fit the request.

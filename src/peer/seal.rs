@@ -14,8 +14,22 @@
 //! `seq` counts the frames sent in that direction since the handshake, from 0; it is never
 //! sent. A frame injected, altered, replayed, reordered or dropped makes the tag of the first
 //! frame read after it fail, and the connection closes.
+//!
+//! With `--peer-encrypt` (agreed in the handshake) each payload is instead encrypted and
+//! authenticated with ChaCha20-Poly1305, and the 16-byte Poly1305 tag takes the BLAKE3 tag's
+//! place:
+//!
+//! ```text
+//! ciphertext, tag = ChaCha20-Poly1305(key = session key, nonce = 0u32 | seq u64 LE,
+//!                                     aad = header (24 bytes), plaintext = payload)
+//! ```
+//!
+//! The header's CRC covers the plaintext and is checked after decryption. `seq` never repeats
+//! under one key (keys are fresh per connection and direction), so neither does a nonce.
 
 use std::fmt;
+
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
 
 /// Bytes of the tag that follows every frame's payload after the handshake. 128 bits: a
 /// forger has one try per connection (a failed tag closes it), so 2^-128 is the whole risk;
@@ -25,16 +39,30 @@ pub const TAG_LEN: usize = 16;
 /// Bytes of a session key.
 pub const SESSION_KEY_LEN: usize = 32;
 
-/// The keyed MAC and the sequence number of one direction.
+/// The keyed MAC (or the cipher) and the sequence number of one direction.
 #[derive(Clone)]
 struct Direction {
     key: [u8; SESSION_KEY_LEN],
+    /// Set when payloads are encrypted (ChaCha20-Poly1305 under `key`) rather than tagged.
+    cipher: Option<ChaCha20Poly1305>,
     seq: u64,
 }
 
 impl Direction {
-    fn new(key: &[u8; SESSION_KEY_LEN]) -> Direction {
-        Direction { key: *key, seq: 0 }
+    fn new(key: &[u8; SESSION_KEY_LEN], encrypt: bool) -> Direction {
+        Direction {
+            key: *key,
+            cipher: encrypt.then(|| ChaCha20Poly1305::new(&(*key).into())),
+            seq: 0,
+        }
+    }
+
+    /// The nonce of the current frame, then moves on to the next sequence number.
+    fn next_nonce(&mut self) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.seq.to_le_bytes());
+        self.seq = self.seq.wrapping_add(1);
+        nonce.into()
     }
 
     /// The tag of the next frame, `parts` being its header then its payload (in any number
@@ -64,23 +92,82 @@ pub struct Sealer(Direction);
 pub struct Opener(Direction);
 
 impl Sealer {
+    /// A sealer that tags frames (BLAKE3).
     pub fn new(key: &[u8; SESSION_KEY_LEN]) -> Sealer {
-        Sealer(Direction::new(key))
+        Sealer(Direction::new(key, false))
+    }
+
+    /// A sealer that encrypts payloads (ChaCha20-Poly1305).
+    pub fn encrypting(key: &[u8; SESSION_KEY_LEN]) -> Sealer {
+        Sealer(Direction::new(key, true))
+    }
+
+    /// True when frames must go through [`Sealer::encrypt`] instead of [`Sealer::tag`].
+    pub fn encrypts(&self) -> bool {
+        self.0.cipher.is_some()
     }
 
     /// The tag of the next frame, whose header and payload are `parts` in order.
+    ///
+    /// # Panics
+    /// On an encrypting sealer: a tag alone would send the payload in the clear.
     pub fn tag(&mut self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        assert!(!self.encrypts(), "an encrypting sealer cannot only tag");
         self.0.next(parts)
+    }
+
+    /// Encrypts the next frame's `payload` in place (its `header` authenticated as is) and
+    /// returns the Poly1305 tag.
+    ///
+    /// # Panics
+    /// On a sealer that does not encrypt.
+    pub fn encrypt(&mut self, header: &[u8], payload: &mut [u8]) -> [u8; TAG_LEN] {
+        let nonce = self.0.next_nonce();
+        let cipher = self
+            .0
+            .cipher
+            .as_ref()
+            .expect("a tagging sealer cannot encrypt");
+        cipher
+            .encrypt_inout_detached(&nonce, header, payload.into())
+            .expect("a frame is far below ChaCha20-Poly1305's length limits")
+            .into()
     }
 }
 
 impl Opener {
+    /// An opener that checks BLAKE3 tags.
     pub fn new(key: &[u8; SESSION_KEY_LEN]) -> Opener {
-        Opener(Direction::new(key))
+        Opener(Direction::new(key, false))
+    }
+
+    /// An opener that decrypts ChaCha20-Poly1305 payloads.
+    pub fn decrypting(key: &[u8; SESSION_KEY_LEN]) -> Opener {
+        Opener(Direction::new(key, true))
+    }
+
+    /// True when frames must go through [`Opener::decrypt`] instead of [`Opener::check`].
+    pub fn decrypts(&self) -> bool {
+        self.0.cipher.is_some()
+    }
+
+    /// Decrypts the next frame's `payload` in place if `tag` checks (in constant time) with
+    /// its `header`; otherwise returns false and leaves `payload` scrambled.
+    pub fn decrypt(&mut self, header: &[u8], payload: &mut [u8], tag: &[u8]) -> bool {
+        let nonce = self.0.next_nonce();
+        let (Some(cipher), Ok(tag)) = (&self.0.cipher, <[u8; TAG_LEN]>::try_from(tag)) else {
+            return false;
+        };
+        cipher
+            .decrypt_inout_detached(&nonce, header, payload.into(), &Tag::from(tag))
+            .is_ok()
     }
 
     /// Checks the tag of the next frame in constant time.
     pub fn check(&mut self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        if self.decrypts() {
+            return false;
+        }
         let want = self.0.next(parts);
         <[u8; TAG_LEN]>::try_from(tag)
             .is_ok_and(|tag| constant_time_eq::constant_time_eq_16(&want, &tag))
@@ -116,6 +203,18 @@ impl Session {
         };
         (side(a, b), side(b, a))
     }
+
+    /// The same, for connections whose payloads are encrypted.
+    pub fn encrypted_pair(
+        a: &[u8; SESSION_KEY_LEN],
+        b: &[u8; SESSION_KEY_LEN],
+    ) -> (Session, Session) {
+        let side = |send, receive| Session {
+            sealer: Sealer::encrypting(send),
+            opener: Opener::decrypting(receive),
+        };
+        (side(a, b), side(b, a))
+    }
 }
 
 #[cfg(test)]
@@ -143,5 +242,47 @@ mod tests {
         let mine = b.sealer.tag(&[b"x"]);
         assert!(!b.opener.clone().check(&[b"x"], &mine));
         assert!(a.opener.check(&[b"x"], &mine));
+    }
+
+    #[test]
+    fn encrypted_payloads_round_trip_and_fail_when_tampered() {
+        let (mut a, mut b) = Session::encrypted_pair(&[1; 32], &[2; 32]);
+        let header = [7u8; 24];
+        let plain = b"the quick brown fox jumps over".to_vec();
+        let mut c0 = plain.clone();
+        let t0 = a.sealer.encrypt(&header, &mut c0);
+        assert_ne!(c0, plain, "the payload is encrypted");
+        let mut c1 = plain.clone();
+        let t1 = a.sealer.encrypt(&header, &mut c1);
+        assert_ne!(c0, c1, "the sequence number is in the nonce");
+
+        // A flipped ciphertext byte, a flipped header byte, a cut tag.
+        let mut flipped = c0.clone();
+        flipped[3] ^= 1;
+        assert!(!b.opener.clone().decrypt(&header, &mut flipped, &t0));
+        let mut bad_header = header;
+        bad_header[0] ^= 1;
+        assert!(!b.opener.clone().decrypt(&bad_header, &mut c0.clone(), &t0));
+        assert!(!b.opener.clone().decrypt(&header, &mut c0.clone(), &t0[..8]));
+        // Out of order: the second frame first.
+        assert!(!b.opener.clone().decrypt(&header, &mut c1.clone(), &t1));
+
+        let mut got = c0.clone();
+        assert!(b.opener.decrypt(&header, &mut got, &t0));
+        assert_eq!(got, plain);
+        // Replayed: the same frame again fails at the next sequence number.
+        assert!(!b.opener.clone().decrypt(&header, &mut c0.clone(), &t0));
+        let mut got = c1.clone();
+        assert!(b.opener.decrypt(&header, &mut got, &t1));
+        assert_eq!(got, plain);
+
+        // Wrong direction: a side's own frames do not open with its receiving key.
+        let mut mine = plain.clone();
+        let tag = b.sealer.encrypt(&header, &mut mine);
+        assert!(!b.opener.clone().decrypt(&header, &mut mine.clone(), &tag));
+        // Nor does a tagging opener take it, or an encrypting one take a BLAKE3 tag.
+        assert!(!Opener::new(&[2; 32]).check(&[&header, &mine], &tag));
+        assert!(a.opener.decrypt(&header, &mut mine, &tag));
+        assert_eq!(mine, plain);
     }
 }

@@ -83,6 +83,8 @@ pub struct PeerServer {
 
 struct Shared {
     key: ClusterKey,
+    /// `--peer-encrypt`: clients must ask for the same.
+    encrypt: bool,
     node: NodeId,
     handler: Arc<dyn PeerHandler>,
     stopping: AtomicBool,
@@ -126,10 +128,23 @@ impl PeerServer {
         node: NodeId,
         handler: Arc<dyn PeerHandler>,
     ) -> io::Result<PeerServer> {
+        PeerServer::start_with_encryption(listen, key, node, handler, false)
+    }
+
+    /// [`PeerServer::start`], with frames after the handshake encrypted if `encrypt`: a
+    /// client with the other setting is refused, with a reason naming both.
+    pub fn start_with_encryption(
+        listen: SocketAddr,
+        key: ClusterKey,
+        node: NodeId,
+        handler: Arc<dyn PeerHandler>,
+        encrypt: bool,
+    ) -> io::Result<PeerServer> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             key,
+            encrypt,
             node,
             handler,
             stopping: AtomicBool::new(false),
@@ -264,7 +279,13 @@ fn note_auth_failure(shared: &Shared, from: SocketAddr, error: &dyn std::fmt::Di
 /// One connection's life: handshake, serve, clean up.
 fn connection(shared: &Arc<Shared>, id: u64, stream: TcpStream, from: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let peer = auth::server_handshake(&stream, &shared.node, &shared.key, HANDSHAKE_TIMEOUT);
+    let peer = auth::server_handshake(
+        &stream,
+        &shared.node,
+        &shared.key,
+        shared.encrypt,
+        HANDSHAKE_TIMEOUT,
+    );
     let authenticated = {
         let mut registry = lock(&shared.registry);
         registry.end_handshake(from.ip());
