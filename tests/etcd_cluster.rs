@@ -617,3 +617,30 @@ fn volume_copies_after_a_power_loss_are_resynced_not_trusted() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cluster.nodes[0].copies_on("v", "b"), (4, 0));
 }
+
+/// With `--peer-encrypt` on every node, remote reads and writes work as without (the frames
+/// are ChaCha20-Poly1305 instead of tagged; tests/peer_transport.rs checks the wire).
+#[test]
+fn encrypted_peers_serve_remote_copies() {
+    let dir = TestDir::new();
+    if !tools_available(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let etcd = common::start_etcd(dir.path());
+    let cluster =
+        Cluster::start_etcd_with(dir.path(), 2, &etcd.endpoint_arg(), &["--peer-encrypt"]);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("x", "4M", "1M", &["b:ram"]);
+    let mut on_a = client(a, "x");
+    for block in 0..4u64 {
+        assert_eq!(
+            on_a.write(0, block * 2048, &pattern(block, 4)).unwrap(),
+            S_OK
+        );
+    }
+    for block in 0..4u64 {
+        let (status, data) = on_a.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!((status, data == pattern(block, 4)), (S_OK, true));
+    }
+    assert!(b.block_file("ram", "x", 3).exists());
+}

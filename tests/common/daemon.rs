@@ -272,6 +272,8 @@ pub enum Membership {
     Etcd {
         endpoints: Vec<String>,
         lease_ttl: u64,
+        /// More `serve` arguments for every node.
+        extra: Vec<String>,
     },
 }
 
@@ -317,8 +319,20 @@ impl Cluster {
         let membership = Membership::Etcd {
             endpoints: etcd.to_vec(),
             lease_ttl,
+            extra: Vec::new(),
         };
         Self::start_with(dir, ips, netns, wrong_key, &membership)
+    }
+
+    /// [`Cluster::start_etcd`] with more `serve` arguments for every node.
+    pub fn start_etcd_with(dir: &Path, n: usize, etcd: &str, extra: &[&str]) -> Cluster {
+        let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
+        let membership = Membership::Etcd {
+            endpoints: vec![etcd.to_string(); n],
+            lease_ttl: 3,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        Self::start_with(dir, &ips, &vec![None; n], None, &membership)
     }
 
     fn start_with(
@@ -366,7 +380,9 @@ impl Cluster {
                 let Membership::Etcd {
                     endpoints,
                     lease_ttl,
+                    extra,
                 } = membership;
+                args.extend(extra.iter().cloned());
                 args.extend(["--etcd".to_string(), endpoints[i].clone()]);
                 args.extend(["--lease-ttl".to_string(), lease_ttl.to_string()]);
                 Daemon::start_in(&node_dir, args, netns[i].clone())
