@@ -50,6 +50,14 @@ pub struct Daemon {
     suspect: Mutex<Vec<Tier>>,
 }
 
+/// The tiers of `tiers` on which `disk` has in-sync copies on this node.
+fn synced_on(disk: &Disk, tiers: &[Tier]) -> Vec<Tier> {
+    disk.synced_tiers_here()
+        .into_iter()
+        .filter(|t| tiers.contains(t))
+        .collect()
+}
+
 /// Where the daemon notes the boot it runs in and whether it stopped cleanly.
 const RUN_STATE: &str = ".cormorant-run";
 
@@ -472,63 +480,49 @@ impl Daemon {
     /// Copies on a tier that may merely be stale (an unclean reboot) are handled alike, but
     /// kept where they are the only in-sync copy.
     fn check_lost_tiers(&self, disk: &Disk) -> Result<(), String> {
-        self.check_gone_tiers(disk)?;
-        let suspect: Vec<Tier> = {
-            let suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
-            disk.synced_tiers_here()
-                .into_iter()
-                .filter(|t| suspect.contains(t))
-                .collect()
-        };
-        if suspect.is_empty() {
-            return Ok(());
-        }
-        log::warn!(
-            "image {}: the host went down without this daemon stopping: its copies on {suspect:?} may have lost writes that were not flushed",
-            disk.name()
-        );
-        match &self.shared {
-            Some(cluster) if !disk.owned_here() => {
-                for &tier in &suspect {
-                    disk.mark_lost(tier);
-                }
-                let meta = disk.meta().clone();
-                cluster
-                    .report_lost(&meta, &suspect, true)
-                    .map_err(|e| e.to_string())
-            }
-            _ => disk.mark_suspect_out_of_sync(&suspect),
-        }
-    }
-
-    fn check_gone_tiers(&self, disk: &Disk) -> Result<(), String> {
         let gone = if self.shared.is_some() {
             let wiped = self.wiped.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            disk.synced_tiers_here()
-                .into_iter()
-                .filter(|t| wiped.contains(t))
-                .collect()
+            synced_on(disk, &wiped)
         } else {
             disk.lost_tiers()
         };
-        if gone.is_empty() {
-            return Ok(());
+        if !gone.is_empty() {
+            log::error!(
+                "image {}: its block directory on {gone:?} is gone (tier lost, e.g. RAM after a reboot); those copies are out of sync",
+                disk.name()
+            );
+            self.record_loss(disk, &gone, false)?;
         }
-        log::error!(
-            "image {}: its block directory on {gone:?} is gone (tier lost, e.g. RAM after a reboot); those copies are out of sync",
-            disk.name()
+        let suspect = synced_on(
+            disk,
+            &self.suspect.lock().unwrap_or_else(|p| p.into_inner()),
         );
+        if !suspect.is_empty() {
+            log::warn!(
+                "image {}: the host went down without this daemon stopping: its copies on {suspect:?} may have lost writes that were not flushed",
+                disk.name()
+            );
+            self.record_loss(disk, &suspect, true)?;
+        }
+        Ok(())
+    }
+
+    /// A holder in a cluster refuses the copies and reports them to the owner; the owner (or
+    /// a single node) marks them out of sync itself (`suspect`: only where another in-sync
+    /// copy has the data).
+    fn record_loss(&self, disk: &Disk, tiers: &[Tier], suspect: bool) -> Result<(), String> {
         match &self.shared {
             Some(cluster) if !disk.owned_here() => {
-                for &tier in &gone {
+                for &tier in tiers {
                     disk.mark_lost(tier);
                 }
                 let meta = disk.meta().clone();
                 cluster
-                    .report_lost(&meta, &gone, false)
+                    .report_lost(&meta, tiers, suspect)
                     .map_err(|e| e.to_string())
             }
-            _ => disk.mark_tiers_out_of_sync(&gone),
+            _ if suspect => disk.mark_suspect_out_of_sync(tiers),
+            _ => disk.mark_tiers_out_of_sync(tiers),
         }
     }
 
