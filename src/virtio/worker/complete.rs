@@ -104,6 +104,9 @@ impl Worker {
     /// it) until etcd answers again: it goes on if this node still owns the image, and fails
     /// if it was fenced meanwhile or nothing changed for [`ACK_WAIT_LIMIT`].
     fn may_ack(&self) -> bool {
+        if self.disk.may_ack_now() {
+            return true;
+        }
         let started = Instant::now();
         let mut warned = false;
         while !self.disk.may_ack(ACK_WAIT_STEP) {
