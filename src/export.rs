@@ -137,7 +137,8 @@ fn accept_loop(
             continue;
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match BlkBackend::new(disk.clone(), mem.clone(), use_uring, peers.clone()) {
+        let device = crate::route::Device::new(disk.clone(), peers.clone(), use_uring);
+        let backend = match BlkBackend::new(device, mem.clone()) {
             Ok(backend) => Arc::new(backend),
             Err(e) => {
                 log::error!("image {name}: cannot set up a backend: {e}; no longer accepting");

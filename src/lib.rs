@@ -16,6 +16,7 @@ pub mod engine;
 pub mod export;
 pub mod frontend;
 pub mod image;
+pub mod logs;
 pub mod meta;
 pub mod metrics;
 pub mod ownership;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-use super::{settle, Done, Engine, IoVecs, Op, OpKind};
+use super::{settle, Done, Engine, IoVecs, Op, OpError, OpKind};
 
 #[derive(Default)]
 pub struct InlineEngine {
@@ -19,8 +19,8 @@ impl InlineEngine {
 }
 
 /// Runs one operation now.
-pub fn run(op: &Op) -> io::Result<usize> {
-    let first = transfer(op.kind, &op.file, op.offset, &op.iovecs);
+pub fn run(op: &Op) -> Result<usize, OpError> {
+    let first = transfer(op.kind, op.file()?, op.offset, &op.iovecs);
     settle(op, first)
 }
 
@@ -38,6 +38,7 @@ pub fn transfer(kind: OpKind, file: &File, offset: u64, iovecs: &IoVecs) -> io::
             OpKind::Read => libc::preadv(fd, iov.as_ptr(), count, offset),
             OpKind::Write => libc::pwritev(fd, iov.as_ptr(), count, offset),
             OpKind::Sync => libc::fdatasync(fd) as isize,
+            OpKind::Free { .. } => return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
     };
     if rc < 0 {

@@ -3,7 +3,10 @@
 //! to a worker thread: 51 us against 1.4 us at QD1 here), the volume tier goes through
 //! io_uring with many requests in flight.
 //!
-//! Nothing here knows about virtio: an [`Op`] is a file, an offset and host buffers.
+//! Copies on other nodes are one more strategy (`remote`): the same [`Op`], aimed at a peer.
+//!
+//! Nothing here knows about virtio: an [`Op`] is a target (a block file here, or a block of a
+//! copy on a peer), an offset and host buffers.
 
 mod inline;
 pub mod remote;
@@ -17,6 +20,9 @@ use std::io;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
+
+use crate::image::{NodeId, Tier};
+use crate::peer::{ImageRef, PeerError};
 
 /// Host buffers of one operation. They point into guest memory that the owner of the
 /// operation keeps mapped (it holds the guest memory's `Arc`) until the operation completes.
@@ -127,25 +133,76 @@ impl IoVecs {
 pub enum OpKind {
     Read,
     Write,
-    /// fdatasync of the file; carries no buffers.
+    /// fdatasync of the file (a peer: flush the image); carries no buffers.
     Sync,
+    /// Free `len` bytes at the offset (a peer's copy only: local spans are freed through the
+    /// store, synchronously); carries no buffers.
+    Free { len: u32 },
 }
 
-/// One operation on one block file.
+/// Where an operation goes.
+pub enum Target {
+    /// A block file on this node.
+    File(Arc<File>),
+    /// A block of a copy held by another node.
+    Peer(PeerTarget),
+}
+
+/// A block of a copy on another node, and the image reference its requests carry.
+#[derive(Debug, Clone)]
+pub struct PeerTarget {
+    pub node: NodeId,
+    pub image: ImageRef,
+    pub tier: Tier,
+    pub block: u64,
+}
+
+/// One operation on one block.
 pub struct Op {
     pub kind: OpKind,
-    pub file: Arc<File>,
+    pub target: Target,
+    /// Byte offset inside the file (a peer's block).
     pub offset: u64,
     pub iovecs: IoVecs,
     /// Returned with the completion; the caller's request slot.
     pub tag: u64,
 }
 
+impl Op {
+    /// The block file a local engine works on; an error for a peer's copy.
+    pub fn file(&self) -> Result<&Arc<File>, OpError> {
+        match &self.target {
+            Target::File(file) => Ok(file),
+            Target::Peer(p) => Err(OpError::WrongEngine(p.node.clone())),
+        }
+    }
+}
+
+/// Why an operation failed, kept typed so the layer above can tell a copy that could not be
+/// reached (try another) from a local storage error.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("block I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("node {node}: {source}")]
+    Peer {
+        node: NodeId,
+        #[source]
+        source: PeerError,
+    },
+    #[error("node {node} answered {answer}")]
+    Answer { node: NodeId, answer: String },
+    #[error("an operation for node {0} reached a local engine")]
+    WrongEngine(NodeId),
+    #[error("free is not a local engine operation")]
+    LocalFree,
+}
+
 /// A finished operation: bytes transferred, or the error.
 #[derive(Debug)]
 pub struct Done {
     pub tag: u64,
-    pub result: io::Result<usize>,
+    pub result: Result<usize, OpError>,
 }
 
 pub trait Engine: Send {
@@ -167,22 +224,24 @@ pub trait Engine: Send {
 /// here synchronously (rare: the kernel may stop early for its own reasons); a read that meets
 /// the end of a sparse block file leaves the rest reading as zeros; a write that cannot make
 /// progress is an error (the disk is full).
-pub fn settle(op: &Op, result: io::Result<usize>) -> io::Result<usize> {
+pub fn settle(op: &Op, result: io::Result<usize>) -> Result<usize, OpError> {
     let want = op.iovecs.len();
     let mut done = result?;
-    if op.kind == OpKind::Sync {
+    if matches!(op.kind, OpKind::Sync | OpKind::Free { .. }) {
         return Ok(done);
     }
+    let file = op.file()?;
     while done < want {
         let rest = op.iovecs.from(done);
         let offset = op.offset + done as u64;
-        let n = inline::transfer(op.kind, &op.file, offset, &rest)?;
+        let n = inline::transfer(op.kind, file, offset, &rest)?;
         if n == 0 {
             if op.kind == OpKind::Write {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
                     format!("short write: {done} of {want} bytes"),
-                ));
+                )
+                .into());
             }
             op.iovecs.zero_from(done);
             break;
@@ -226,14 +285,14 @@ mod tests {
         let mut b = vec![0x5au8; 512];
         let write = Op {
             kind: OpKind::Write,
-            file: file.clone(),
+            target: Target::File(file.clone()),
             offset: 512,
             iovecs: IoVecs(smallvec::smallvec![iov(&mut a), iov(&mut b)]),
             tag: 1,
         };
         let sync = Op {
             kind: OpKind::Sync,
-            file: file.clone(),
+            target: Target::File(file.clone()),
             offset: 0,
             iovecs: IoVecs(SmallVec::new()),
             tag: 2,
@@ -250,7 +309,7 @@ mod tests {
         let mut out = vec![0xffu8; 8192];
         let read = Op {
             kind: OpKind::Read,
-            file,
+            target: Target::File(file),
             offset: 4096,
             iovecs: IoVecs(smallvec::smallvec![iov(&mut out)]),
             tag: 3,

@@ -1,6 +1,7 @@
-//! Operations on copies held by other nodes: a piece becomes one or more peer calls of at most
-//! `MAX_CHUNK` bytes, pipelined on the peer's pooled connections, and completes through the
-//! queue worker's eventfd like an io_uring operation.
+//! The remote strategy: operations on copies held by other nodes. A read or write becomes one
+//! or more peer calls of at most `MAX_CHUNK` bytes, pipelined on the peer's pooled
+//! connections; a sync is the peer's flush of the image, a free its discard. Each completes
+//! through the queue's eventfd like an io_uring operation, with the peer's error kept typed.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,23 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Done, IoVecs, OpKind};
+use super::{Done, Engine, IoVecs, Op, OpError, OpKind, PeerTarget, Target};
 use crate::cluster::Peers;
-use crate::image::{NodeId, Tier};
-use crate::peer::ImageRef;
+use crate::image::NodeId;
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
-
-pub struct RemoteOp {
-    pub kind: OpKind,
-    pub node: NodeId,
-    pub image: ImageRef,
-    pub tier: Tier,
-    pub block: u64,
-    /// Byte offset inside the block.
-    pub offset: u64,
-    pub iovecs: IoVecs,
-    pub tag: u64,
-}
 
 pub struct RemoteEngine {
     peers: Arc<Peers>,
@@ -44,11 +32,11 @@ struct Pending {
     total: usize,
     iovecs: IoVecs,
     chunks_left: AtomicUsize,
-    error: Mutex<Option<io::Error>>,
+    error: Mutex<Option<OpError>>,
 }
 
 impl Pending {
-    fn chunk_done(&self, result: io::Result<()>) {
+    fn chunk_done(&self, result: Result<(), OpError>) {
         if let Err(e) = result {
             let mut error = self.error.lock().unwrap_or_else(|p| p.into_inner());
             error.get_or_insert(e);
@@ -75,8 +63,19 @@ impl Pending {
     }
 }
 
-fn io_error(e: PeerError) -> io::Error {
-    io::Error::other(e.to_string())
+/// The outcome of a call answered by a plain Ok (a write, a flush, a discard).
+fn plain(node: &NodeId, result: Result<Response, PeerError>) -> Result<(), OpError> {
+    match result {
+        Ok(Response::Ok) => Ok(()),
+        Ok(other) => Err(OpError::Answer {
+            node: node.clone(),
+            answer: format!("{other:?}"),
+        }),
+        Err(source) => Err(OpError::Peer {
+            node: node.clone(),
+            source,
+        }),
+    }
 }
 
 impl RemoteEngine {
@@ -92,10 +91,19 @@ impl RemoteEngine {
         }
     }
 
-    pub fn start(&self, op: RemoteOp) {
+    /// Sends the calls of one operation; its completion is reaped later.
+    fn start(&self, op: Op) {
+        let Target::Peer(target) = op.target else {
+            // A local file reached the remote engine: a caller's bug, failed like any error.
+            self.fail(op.tag, OpError::Io(io::Error::other("a local operation reached the remote engine")));
+            return;
+        };
         let total = op.iovecs.len();
         let chunk = MAX_CHUNK as usize;
-        let chunks = total.div_ceil(chunk).max(1);
+        let chunks = match op.kind {
+            OpKind::Read | OpKind::Write => total.div_ceil(chunk).max(1),
+            OpKind::Sync | OpKind::Free { .. } => 1,
+        };
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let pending = Arc::new(Pending {
             shared: self.shared.clone(),
@@ -105,71 +113,104 @@ impl RemoteEngine {
             chunks_left: AtomicUsize::new(chunks),
             error: Mutex::new(None),
         });
+        let PeerTarget {
+            node,
+            image,
+            tier,
+            block,
+        } = target;
+        let offset_of = |at: usize| u32::try_from(op.offset + at as u64).unwrap_or(u32::MAX);
         for i in 0..chunks {
             let at = i * chunk;
             let len = chunk.min(total - at);
-            let offset = u32::try_from(op.offset + at as u64).unwrap_or(u32::MAX);
             let request = match op.kind {
                 OpKind::Read => Request::Read {
-                    image: op.image.clone(),
-                    tier: op.tier,
-                    block: op.block,
-                    offset,
+                    image: image.clone(),
+                    tier,
+                    block,
+                    offset: offset_of(at),
                     len: len as u32,
                 },
-                _ => Request::Write {
-                    image: op.image.clone(),
-                    tier: op.tier,
-                    block: op.block,
-                    offset,
+                OpKind::Write => Request::Write {
+                    image: image.clone(),
+                    tier,
+                    block,
+                    offset: offset_of(at),
                     data: pending.iovecs.copy_out(at, len),
                 },
+                OpKind::Sync => Request::Flush {
+                    image: image.clone(),
+                },
+                OpKind::Free { len } => Request::Discard {
+                    image: image.clone(),
+                    tier,
+                    block,
+                    offset: offset_of(0),
+                    len,
+                },
             };
-            let (pending, kind) = (pending.clone(), op.kind);
+            let (pending, kind, from) = (pending.clone(), op.kind, node.clone());
             let done = Box::new(move |result: Result<Response, PeerError>| {
                 let outcome = match (kind, result) {
                     (OpKind::Read, Ok(Response::Data(data))) if data.len() == len => {
                         pending.iovecs.copy_in(at, &data);
                         Ok(())
                     }
-                    (OpKind::Write, Ok(Response::Ok)) => Ok(()),
-                    (_, Ok(other)) => Err(io::Error::other(format!("unexpected answer {other:?}"))),
-                    (_, Err(e)) => Err(io_error(e)),
+                    (OpKind::Read, Ok(other)) => Err(OpError::Answer {
+                        node: from,
+                        answer: format!("{other:?}"),
+                    }),
+                    (_, result) => plain(&from, result),
                 };
                 pending.chunk_done(outcome);
             });
-            self.peers.call(&op.node, request, done);
+            self.peers.call(&node, request, done);
         }
     }
 
-    /// Sends `node` one request answered by a plain Ok (a flush, a discard); the completion
-    /// says whether it was.
-    pub fn call(&self, node: &NodeId, request: Request, tag: u64) {
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        let pending = Arc::new(Pending {
-            shared: self.shared.clone(),
-            tag,
-            total: 0,
-            iovecs: IoVecs(smallvec::SmallVec::new()),
-            chunks_left: AtomicUsize::new(1),
-            error: Mutex::new(None),
-        });
-        let done = Box::new(move |result: Result<Response, PeerError>| {
-            let outcome = match result {
-                Ok(Response::Ok) => Ok(()),
-                Ok(other) => Err(io::Error::other(format!("unexpected answer {other:?}"))),
-                Err(e) => Err(io_error(e)),
-            };
-            pending.chunk_done(outcome);
-        });
-        self.peers.call(node, request, done);
+    /// Completes an operation that was never sent.
+    fn fail(&self, tag: u64, error: OpError) {
+        self.shared
+            .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Done {
+                tag,
+                result: Err(error),
+            });
+        let _ = self.shared.notify.write(1);
+    }
+}
+
+impl Engine for RemoteEngine {
+    fn room(&self) -> usize {
+        usize::MAX
     }
 
-    pub fn reap(&self, out: &mut Vec<Done>) {
+    fn push(&mut self, op: Op) {
+        self.start(op);
+    }
+
+    /// Calls go out as they are pushed: the peer client batches what queues up behind a
+    /// call in flight.
+    fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Done>) {
         out.append(&mut self.shared.done.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    pub fn in_flight(&self) -> usize {
+    /// Calls not yet answered (answered ones wait in `reap`, which the caller polls).
+    fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Peer calls end by answer or by their timeout; nothing to block on but time.
+    fn wait(&mut self) -> io::Result<()> {
+        if self.shared.in_flight.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
     }
 }

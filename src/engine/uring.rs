@@ -6,7 +6,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{settle, Done, Engine, Op, OpKind};
+use super::{settle, Done, Engine, Op, OpError, OpKind};
 
 /// Ring entries per queue. QEMU's vhost-user-blk queues hold 128 or 256 requests and a
 /// request rarely spans more than two blocks; 512 keeps a full queue in flight. The
@@ -43,8 +43,8 @@ impl UringEngine {
         })
     }
 
-    fn entry(op: &Op, slot: usize) -> io_uring::squeue::Entry {
-        let fd = types::Fd(op.file.as_raw_fd());
+    fn entry(op: &Op, slot: usize) -> Result<io_uring::squeue::Entry, OpError> {
+        let fd = types::Fd(op.file()?.as_raw_fd());
         let iov = &op.iovecs.0;
         let entry = match op.kind {
             OpKind::Read => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
@@ -56,8 +56,9 @@ impl UringEngine {
             OpKind::Sync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            OpKind::Free { .. } => return Err(OpError::LocalFree),
         };
-        entry.user_data(slot as u64)
+        Ok(entry.user_data(slot as u64))
     }
 
     fn try_push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
@@ -94,8 +95,8 @@ impl Engine for UringEngine {
         // stored inline in the `Op`, so they must not move again until the completion (the
         // slot table is allocated once and never grows).
         let op = self.slots[slot].insert(op);
-        let entry = Self::entry(op, slot);
-        if let Err(error) = self.try_push(&entry) {
+        let pushed = Self::entry(op, slot).and_then(|entry| Ok(self.try_push(&entry)?));
+        if let Err(error) = pushed {
             self.slots[slot] = None;
             self.free.push(slot);
             self.failed.push(Done {

@@ -22,9 +22,8 @@ use super::config::BlkConfig;
 use super::inflight;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
-use crate::cluster::Peers;
-use crate::disk::Disk;
 use crate::image::SECTOR_SIZE;
+use crate::route::Device;
 
 /// Queues a frontend may use (QEMU's `num-queues`). Each gets its own thread, idle unless
 /// the guest uses it; eight covers one queue per vCPU for the guests we expect on a node.
@@ -51,20 +50,14 @@ pub struct BlkBackend {
     config: BlkConfig,
     read_only: bool,
     workers: Vec<Mutex<Worker>>,
-    disk: Arc<Disk>,
+    device: Arc<Device>,
 }
 
 impl BlkBackend {
-    pub fn new(
-        disk: Arc<Disk>,
-        mem: AtomicMem,
-        use_uring: bool,
-        peers: Arc<Peers>,
-    ) -> io::Result<Self> {
-        let (capacity, read_only, block_size) = {
-            let meta = disk.meta();
-            (meta.size, meta.read_only, meta.block_size)
-        };
+    pub fn new(device: Arc<Device>, mem: AtomicMem) -> io::Result<Self> {
+        let geometry = device.geometry();
+        let (capacity, read_only, block_size) =
+            (geometry.capacity, geometry.read_only, geometry.block_size);
         let config = BlkConfig {
             capacity_bytes: capacity,
             seg_max: SEG_MAX,
@@ -85,17 +78,14 @@ impl BlkBackend {
             max_write_zeroes_seg: MAX_DISCARD_SEG,
         };
         let workers = (0..MAX_QUEUES)
-            .map(|_| {
-                Worker::new(disk.clone(), limits, mem.clone(), use_uring, peers.clone())
-                    .map(Mutex::new)
-            })
+            .map(|_| Worker::new(&device, limits, mem.clone()).map(Mutex::new))
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
             admitted: AtomicBool::new(false),
             config,
             read_only,
             workers,
-            disk,
+            device,
         })
     }
 
@@ -213,7 +203,7 @@ impl VhostUserBackend for BlkBackend {
         if !running {
             // The frontend stopped the device (every queue): another node may take the image
             // over now (the end of a live migration).
-            crate::ownership::device_stopped(&self.disk);
+            self.device.stopped();
         }
         Ok(())
     }

@@ -7,38 +7,28 @@
 //! here returns an error that would end the queue's thread.
 
 mod complete;
-mod issue;
+mod execute;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::cluster::Peers;
-use crate::disk::{Disk, FlushTicket};
-use crate::engine::remote::RemoteEngine;
-use crate::engine::{Done, Engine, InlineEngine, UringEngine};
-use crate::replica::ack::CopyResult;
+use crate::logs::Throttle;
+use crate::route::{self, Completion, Device};
 use crate::virtio::chain;
 use crate::virtio::inflight::QueueInflight;
-use crate::virtio::request::{self, Limits, Request, Segments};
+use crate::virtio::request::{self, Limits, Segments};
 
 /// Guest memory with a dirty-page bitmap that QEMU's log (VHOST_USER_SET_LOG_BASE) plugs
 /// into during live migration; until then marking is a no-op.
 pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 pub type AtomicMem = GuestMemoryAtomic<Mem>;
 pub type Vring = VringRwLock<AtomicMem>;
-
-/// Requests in flight per queue before the worker stops taking new ones from the ring and
-/// waits for completions: the io_uring's size, so completions never pile up in the kernel.
-const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
 
 /// Longest a queue polls for new requests before sleeping until the next kick. Waking a
 /// sleeping thread costs tens of microseconds on these machines (more than a RAM-tier read),
@@ -51,117 +41,70 @@ const POLL_STEP: Duration = Duration::from_micros(2);
 /// How often requests waiting for a frozen block are retried.
 const DEFERRED_RETRY: Duration = Duration::from_micros(200);
 
-/// Guest mistakes logged at warn level per queue before they are only counted, so a
-/// misbehaving guest cannot flood the daemon's log.
-const GUEST_ERRORS_LOGGED: u64 = 8;
-
+/// A request between its pop and its place on the used ring: what the virtio side needs to
+/// answer it. The block device layer knows it by its slot index.
 struct InFlight {
     head: u16,
     status: GuestAddress,
-    status_byte: u8,
     /// Bytes written into device-writable buffers on success (data plus the status byte).
     used_len: u32,
-    /// Pieces not yet completed, plus one while the request is still being issued.
-    pending: usize,
-    /// Keeps the guest memory mapped while the kernel may still write into it.
+    /// Keeps the guest memory mapped while the kernel or a peer may still write into it.
     mem: Arc<Mem>,
-    flush: Option<FlushTicket>,
-    /// For a write: every copy of every block it touches, with whether the copy stored it.
-    /// The acknowledgement rule (`replica::ack`) decides the status from these.
-    copies: Vec<CopyResult>,
-    started: Instant,
     /// Guest buffers this request fills (reads, GET_ID): marked dirty for live migration once
     /// the data is in them, not before, or a page sent meanwhile would miss it.
     fills: Segments,
-    /// Volume-tier files this request writes, with the copy each belongs to: marked dirty for
-    /// the next flush once the write completed (marking at issue would let a flush that
-    /// raced the write clear the mark before the data landed).
-    volume_writes: SmallVec<[(usize, u64, Arc<std::fs::File>); 2]>,
-    /// For a write: each block it touches (its write counter started, see
-    /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
-    written: Vec<(u64, usize)>,
-}
-
-/// An operation's tag: the request's slot, and which of its copies (0 for none) it writes.
-fn tag(slot: usize, copy: usize) -> u64 {
-    (slot as u64) << 32 | copy as u64
-}
-
-fn untag(tag: u64) -> (usize, usize) {
-    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
 }
 
 pub struct Worker {
-    disk: Arc<Disk>,
+    device: Arc<Device>,
+    queue: route::Queue,
     limits: Limits,
     mem: AtomicMem,
-    use_uring: bool,
-    eventfd: EventFd,
-    inline: InlineEngine,
-    uring: Option<UringEngine>,
-    remote: RemoteEngine,
-    peers: Arc<Peers>,
     requests: Vec<Option<InFlight>>,
     free: Vec<usize>,
-    done: Vec<Done>,
+    completions: Vec<Completion>,
     vring: Option<Vring>,
     /// Set when the worker stopped popping because too much was in flight.
     throttled: bool,
-    /// Requests waiting for a block a resync froze (see `disk::Frozen`).
-    deferred: Vec<(u16, Request)>,
     /// Set when the guest kicked before the connection was admitted (see [`Worker::park`]).
     parked: bool,
+    /// Set while a take-over this queue asked for runs: the device's attempt count then.
+    awaiting: Option<u64>,
     poll_window: Duration,
     /// When the queue last went to sleep, to judge how soon the next kick came.
     slept_at: Option<Instant>,
     needs_signal: bool,
-    guest_errors: u64,
+    guest_errors: Throttle,
     /// This queue's part of QEMU's in-flight region, when QEMU shares one.
     inflight: Option<QueueInflight>,
-    /// The stamp of the request being issued when it changes data (0 otherwise): every change
-    /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
-    stamp: u64,
 }
 
 impl Worker {
-    pub fn new(
-        disk: Arc<Disk>,
-        limits: Limits,
-        mem: AtomicMem,
-        use_uring: bool,
-        peers: Arc<Peers>,
-    ) -> std::io::Result<Self> {
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        let remote = RemoteEngine::new(peers.clone(), eventfd.try_clone()?);
+    pub fn new(device: &Arc<Device>, limits: Limits, mem: AtomicMem) -> std::io::Result<Self> {
         Ok(Worker {
-            disk,
+            device: device.clone(),
+            queue: device.queue()?,
             limits,
             mem,
-            use_uring,
-            eventfd,
-            inline: InlineEngine::new(),
-            uring: None,
-            remote,
-            peers,
             requests: Vec::new(),
             free: Vec::new(),
-            done: Vec::new(),
+            completions: Vec::new(),
             vring: None,
             throttled: false,
-            deferred: Vec::new(),
             parked: false,
+            awaiting: None,
             poll_window: Duration::ZERO,
             slept_at: None,
             needs_signal: false,
-            guest_errors: 0,
+            guest_errors: Throttle::default(),
             inflight: None,
-            stamp: 0,
         })
     }
 
-    /// The eventfd io_uring signals completions on; the queue thread's epoll watches it.
-    pub fn completion_fd(&self) -> &EventFd {
-        &self.eventfd
+    /// The eventfd completions (io_uring, peers, a take-over) are signalled on; the queue
+    /// thread's epoll watches it.
+    pub fn completion_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.queue.completion_fd()
     }
 
     /// Where to record requests in flight (set before the queue starts).
@@ -182,12 +125,26 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        if !self.disk.is_active() || !self.disk.owned_here() {
-            // A guest started the device here (perhaps after migrating here): this node must
-            // own the image and hold it active, or serve nothing.
-            crate::ownership::ensure_serving(&self.disk);
-        }
         self.adapt_poll();
+        self.serve(vring);
+    }
+
+    /// Serves the queue once this node may: a guest that started the device here (perhaps
+    /// after migrating here) needs this node to own the image and hold it active first. That
+    /// may wait seconds for the old owner, so it runs on the device's thread, and the queue
+    /// comes back here when it is over (through the completion eventfd); whatever its outcome,
+    /// the requests are then served, or refused if this node may not serve them.
+    fn serve(&mut self, vring: &Vring) {
+        match self.awaiting {
+            Some(asked) if self.device.attempts() == asked => return,
+            Some(_) => self.awaiting = None,
+            None if !self.device.is_ready() => {
+                self.awaiting = Some(self.device.attempts());
+                self.device.prepare(self.queue.completion_fd());
+                return;
+            }
+            None => {}
+        }
         self.process(vring);
     }
 
@@ -204,17 +161,20 @@ impl Worker {
     pub fn resume(&mut self) {
         if std::mem::take(&mut self.parked) {
             if let Some(vring) = self.vring.clone() {
-                self.process(&vring);
+                self.serve(&vring);
             }
         }
     }
 
-    /// io_uring signalled completions.
+    /// Operations completed, or a take-over this queue waited for is over.
     pub fn on_completions(&mut self) {
-        let _ = self.eventfd.read();
+        let _ = self.queue.completion_fd().read();
         let Some(vring) = self.vring.clone() else {
             return;
         };
+        if self.awaiting.is_some() {
+            self.serve(&vring);
+        }
         self.complete(&vring);
         if self.throttled {
             self.throttled = false;
@@ -226,38 +186,23 @@ impl Worker {
 
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
-        if let Some(vring) = self.vring.clone() {
-            let mem = self.mem.memory().into_inner();
-            while self.retry_deferred(&vring, &mem) > 0 {
+        while self.queue.in_flight() > 0 {
+            if self.queue.retry_deferred() > 0 {
                 std::thread::sleep(DEFERRED_RETRY);
-            }
-        }
-        while self.in_flight() > 0 {
-            if let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
-                if let Err(e) = uring.wait() {
-                    log::error!("image {}: waiting for io_uring: {e}", self.disk.name());
-                    break;
-                }
-            } else if self.remote.in_flight() > 0 {
-                // Peer calls end by answer or by their timeout.
-                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                self.queue.wait();
             }
             match self.vring.clone() {
                 Some(vring) => self.complete(&vring),
-                None => drop(self.reap()),
+                None => {
+                    let mut lost = Vec::new();
+                    self.queue.complete(&mut lost);
+                }
             }
         }
         if let Some(vring) = self.vring.clone() {
             self.signal(&vring);
         }
-    }
-
-    fn in_flight(&self) -> usize {
-        self.requests.len() - self.free.len()
-    }
-
-    fn ops_in_flight(&self) -> usize {
-        self.uring.as_ref().map_or(0, |u| u.in_flight()) + self.remote.in_flight()
     }
 
     /// Serves the queue until it is empty, then polls it a little longer (see
@@ -268,9 +213,9 @@ impl Worker {
         self.replay(vring, &mem);
         let mut idle_since: Option<Instant> = None;
         loop {
-            let waiting = self.retry_deferred(vring, &mem);
+            let waiting = self.queue.retry_deferred();
             let popped = self.pop_batch(vring, &mem);
-            self.submit();
+            self.queue.submit_queued();
             self.complete(vring);
             self.signal(vring);
             if waiting > 0 {
@@ -278,7 +223,7 @@ impl Worker {
                 std::thread::sleep(DEFERRED_RETRY);
                 continue;
             }
-            if self.ops_in_flight() >= MAX_IN_FLIGHT_OPS {
+            if self.queue.is_full() {
                 // Resumed by completions; the kick stays off meanwhile.
                 self.throttled = true;
                 return;
@@ -321,7 +266,7 @@ impl Worker {
     /// Takes requests off the ring until it is empty or enough is in flight.
     fn pop_batch(&mut self, vring: &Vring, mem: &Arc<Mem>) -> usize {
         let mut popped = 0;
-        while self.ops_in_flight() < MAX_IN_FLIGHT_OPS {
+        while !self.queue.is_full() {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -362,11 +307,8 @@ impl Worker {
         if !self.inflight.as_ref().is_some_and(|i| i.needs_recovery()) {
             return;
         }
-        // The replayed requests are served like a kick's: this node must own the image and
-        // hold it active first (a restarted daemon has not been kicked yet).
-        if !self.disk.is_active() || !self.disk.owned_here() {
-            crate::ownership::ensure_serving(&self.disk);
-        }
+        // The replayed requests are served like a kick's: `serve` made sure this node owns
+        // the image and holds it active (a restarted daemon has not been kicked yet).
         let Some(inflight) = self.inflight.as_mut() else {
             return;
         };
@@ -379,7 +321,7 @@ impl Worker {
         let Ok(used) = used else {
             log::warn!(
                 "image {}: used ring unreadable, nothing replayed",
-                self.disk.name()
+                self.device.name()
             );
             return;
         };
@@ -391,7 +333,7 @@ impl Worker {
         if !heads.is_empty() {
             log::info!(
                 "image {}: replaying {} requests left in flight",
-                self.disk.name(),
+                self.device.name(),
                 heads.len()
             );
         }
@@ -405,18 +347,16 @@ impl Worker {
         // one missing leaves the guest waiting forever. So signal once, whatever the event
         // index says.
         if let Err(e) = vring.signal_used_queue() {
-            log::warn!("image {}: cannot signal the guest: {e}", self.disk.name());
+            log::warn!("image {}: cannot signal the guest: {e}", self.device.name());
         }
     }
 
     fn guest_error(&mut self, error: &request::ParseError) {
-        self.guest_errors += 1;
-        self.disk.metrics().guest_errors.fetch_add(1, Relaxed);
-        let n = self.guest_errors;
-        if n <= GUEST_ERRORS_LOGGED || n.is_power_of_two() {
+        self.device.guest_error();
+        if let Some(n) = self.guest_errors.allow() {
             log::warn!(
                 "image {}: bad request from guest: {error} ({n} so far on this queue)",
-                self.disk.name()
+                self.device.name()
             );
         }
     }
@@ -443,7 +383,7 @@ impl Worker {
             inflight.before_used(head);
         }
         if let Err(e) = vring.add_used(head, len) {
-            log::warn!("image {}: cannot complete request: {e}", self.disk.name());
+            log::warn!("image {}: cannot complete request: {e}", self.device.name());
         }
         if let Some(inflight) = &self.inflight {
             inflight.after_used(head, vring.get_ref().get_queue().next_used());
@@ -457,25 +397,7 @@ impl Worker {
         }
         if vring.needs_notification().unwrap_or(true) {
             if let Err(e) = vring.signal_used_queue() {
-                log::warn!("image {}: cannot signal the guest: {e}", self.disk.name());
-            }
-        }
-    }
-}
-
-impl Drop for Worker {
-    /// The kernel may still be writing into guest memory: wait for it before the mapping
-    /// (held by the in-flight requests) is released.
-    fn drop(&mut self) {
-        // Peer reads copy into guest memory from their own threads; they end by answer or by
-        // their timeout.
-        while self.remote.in_flight() > 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if let Some(uring) = self.uring.as_mut() {
-            while uring.in_flight() > 0 && uring.wait().is_ok() {
-                let mut done = Vec::new();
-                uring.reap(&mut done);
+                log::warn!("image {}: cannot signal the guest: {e}", self.device.name());
             }
         }
     }

@@ -1,34 +1,31 @@
-//! From a guest request to per-block pieces, and from a block to the copy that serves it.
+//! From a request to per-block pieces, and from a block to the copy that serves it.
 //!
 //! Nothing here knows about virtio queues or files: a request arrives as a byte offset and a
-//! list of guest buffers, and leaves as pieces that each lie inside one block.
+//! list of host buffers, and leaves as pieces that each lie inside one block.
 
-use vm_memory::Address;
-
+use crate::engine::IoVecs;
 use crate::image::{Location, NodeId, Tier};
 use smallvec::SmallVec;
 
-use crate::virtio::request::{Segment, Segments};
-
 /// The part of a request that falls inside one block.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Piece {
     pub block: u64,
     /// Byte offset inside the block.
     pub offset: u64,
     pub len: u64,
-    /// The guest buffers carrying this piece's bytes, cut at the block boundary.
-    pub segments: Segments,
+    /// The buffers carrying this piece's bytes, cut at the block boundary.
+    pub bufs: IoVecs,
 }
 
-/// Splits `offset..offset + len(data)` at block boundaries, cutting the guest buffers to
-/// match. The caller has checked the range against the image size.
-pub fn split(offset: u64, data: &[Segment], block_size: u64) -> SmallVec<[Piece; 2]> {
+/// Splits `offset..offset + len(data)` at block boundaries, cutting the buffers to match.
+/// The caller has checked the range against the image size. Only addresses are computed
+/// here; no buffer is touched.
+pub fn split(offset: u64, data: &IoVecs, block_size: u64) -> SmallVec<[Piece; 2]> {
     let mut pieces: SmallVec<[Piece; 2]> = SmallVec::new();
     let mut at = offset;
-    for segment in data {
-        let mut addr = segment.addr;
-        let mut left = u64::from(segment.len);
+    for iov in &data.0 {
+        let mut addr = iov.iov_base as usize;
+        let mut left = iov.iov_len as u64;
         while left > 0 {
             let block = at / block_size;
             let in_block = at % block_size;
@@ -39,15 +36,16 @@ pub fn split(offset: u64, data: &[Segment], block_size: u64) -> SmallVec<[Piece;
                     block,
                     offset: in_block,
                     len: take,
-                    segments: Segments::new(),
+                    bufs: IoVecs(SmallVec::new()),
                 }),
             }
-            let piece = pieces.last_mut().expect("pushed above");
-            piece.segments.push(Segment {
-                addr,
-                len: take as u32,
-            });
-            addr = addr.unchecked_add(take);
+            if let Some(piece) = pieces.last_mut() {
+                piece.bufs.0.push(libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: take as usize,
+                });
+            }
+            addr += take as usize;
             at += take;
             left -= take;
         }
@@ -95,18 +93,26 @@ pub fn local_copy(locations: &[Location], me: &NodeId) -> Option<Tier> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vm_memory::GuestAddress;
 
-    fn seg(addr: u64, len: u32) -> Segment {
-        Segment {
-            addr: GuestAddress(addr),
-            len,
-        }
+    /// Buffers at made-up addresses: `split` only computes with them.
+    fn bufs(list: &[(usize, usize)]) -> IoVecs {
+        IoVecs(
+            list.iter()
+                .map(|&(addr, len)| libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: len,
+                })
+                .collect(),
+        )
+    }
+
+    fn pairs(b: &IoVecs) -> Vec<(usize, usize)> {
+        b.0.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect()
     }
 
     #[test]
     fn request_inside_one_block_is_one_piece() {
-        let p = split(4096, &[seg(0x1000, 4096)], 1 << 20);
+        let p = split(4096, &bufs(&[(0x1000, 4096)]), 1 << 20);
         assert_eq!(p.len(), 1);
         assert_eq!((p[0].block, p[0].offset, p[0].len), (0, 4096, 4096));
     }
@@ -114,12 +120,12 @@ mod tests {
     #[test]
     fn request_across_a_boundary_is_cut_in_the_buffer() {
         let bs = 64 << 10;
-        let p = split(bs - 1024, &[seg(0x1000, 4096)], bs);
+        let p = split(bs - 1024, &bufs(&[(0x1000, 4096)]), bs);
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].block, p[0].offset, p[0].len), (0, bs - 1024, 1024));
-        assert_eq!(p[0].segments.as_slice(), &[seg(0x1000, 1024)]);
+        assert_eq!(pairs(&p[0].bufs), [(0x1000, 1024)]);
         assert_eq!((p[1].block, p[1].offset, p[1].len), (1, 0, 3072));
-        assert_eq!(p[1].segments.as_slice(), &[seg(0x1400, 3072)]);
+        assert_eq!(pairs(&p[1].bufs), [(0x1400, 3072)]);
     }
 
     #[test]
@@ -169,14 +175,15 @@ mod tests {
             shift in 12u32..22,
         ) {
             let bs = 1u64 << shift;
-            let data: Vec<Segment> = lens.iter().enumerate()
-                .map(|(i, &len)| seg((i as u64) << 32, len)).collect();
+            let list: Vec<(usize, usize)> = lens.iter().enumerate()
+                .map(|(i, &len)| (i << 32, len as usize)).collect();
+            let data = bufs(&list);
             let pieces = split(start, &data, bs);
             let mut at = start;
             for p in &pieces {
                 prop_assert_eq!(p.block * bs + p.offset, at);
                 prop_assert!(p.offset + p.len <= bs);
-                let sum: u64 = p.segments.iter().map(|s| u64::from(s.len)).sum();
+                let sum: u64 = p.bufs.0.iter().map(|v| v.iov_len as u64).sum();
                 prop_assert_eq!(sum, p.len);
                 at += p.len;
             }

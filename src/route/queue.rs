@@ -1,0 +1,701 @@
+//! One virtqueue's requests on their way to storage: cut into block pieces, each piece sent
+//! to the right copy (reads) or every copy (writes, discards, flushes) through the engines,
+//! and settled when its last operation completes (see `settle`).
+//!
+//! Writes start their blocks' write counters under the metadata lock, so a resync never
+//! commits over them, and land under the epoch gate, so none checked under this node's epoch
+//! lands after a newer owner's first request.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::error::IoError;
+use super::split::{self, BlockSpan, Piece};
+use super::Device;
+use crate::cluster::Peers;
+use crate::disk::{Disk, FlushTicket};
+use crate::engine::remote::RemoteEngine;
+use crate::engine::{
+    Done, Engine, InlineEngine, IoVecs, Op, OpKind, PeerTarget, Target, UringEngine,
+};
+use crate::image::{Location, NodeId, Tier};
+use crate::logs::Throttle;
+use crate::replica::ack::CopyResult;
+
+/// Operations in flight per queue before the caller should stop taking new requests and wait
+/// for completions: the io_uring's size, so completions never pile up in the kernel.
+pub const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
+
+/// One request in this many has its latency measured: the two clock reads it takes cost a
+/// few percent of a RAM-tier read's CPU, and a sample describes the distribution as well.
+const LATENCY_SAMPLE: u32 = 16;
+
+/// A request for the block device, with host buffers the caller keeps mapped until it
+/// completes.
+pub enum BlockRequest {
+    Read { offset: u64, bufs: IoVecs },
+    Write { offset: u64, bufs: IoVecs },
+    /// Discard and write-zeroes: `(offset, len)` byte ranges that read back as zeros after.
+    Free(Vec<(u64, u64)>),
+    Flush,
+}
+
+/// A finished request: the caller's tag and how it ended.
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: Result<(), IoError>,
+}
+
+/// A request cut to blocks, before it is issued (kept as is while its blocks are frozen).
+pub(super) enum Work {
+    Read(SmallVec<[Piece; 2]>),
+    Write(SmallVec<[Piece; 2]>),
+    /// Spans, and whether each covers its whole block.
+    Free(Vec<(BlockSpan, bool)>),
+    Flush,
+}
+
+impl Work {
+    fn of(request: BlockRequest, block_size: u64, size: u64) -> Work {
+        match request {
+            BlockRequest::Read { offset, bufs } => {
+                Work::Read(split::split(offset, &bufs, block_size))
+            }
+            BlockRequest::Write { offset, bufs } => {
+                Work::Write(split::split(offset, &bufs, block_size))
+            }
+            BlockRequest::Free(ranges) => Work::Free(
+                ranges
+                    .iter()
+                    .flat_map(|&(offset, len)| split::spans(offset, len, block_size))
+                    .map(|span| {
+                        let block_len = block_size.min(size.saturating_sub(span.block * block_size));
+                        (span, span.offset == 0 && span.len == block_len)
+                    })
+                    .collect(),
+            ),
+            BlockRequest::Flush => Work::Flush,
+        }
+    }
+
+    /// The blocks it changes (one per piece or span), for writes and discards.
+    fn blocks(&self) -> Option<SmallVec<[u64; 4]>> {
+        match self {
+            Work::Write(pieces) => Some(pieces.iter().map(|p| p.block).collect()),
+            Work::Free(spans) => Some(spans.iter().map(|(s, _)| s.block).collect()),
+            _ => None,
+        }
+    }
+}
+
+/// A remote read, kept so that a failed copy can be replaced by the next in-sync one.
+pub(super) struct RemoteRead {
+    pub block: u64,
+    pub offset: u64,
+    pub bufs: IoVecs,
+    pub tried: SmallVec<[NodeId; 2]>,
+}
+
+/// A request in flight.
+pub(super) struct Slot {
+    pub tag: u64,
+    pub error: Option<IoError>,
+    /// Operations not yet completed, plus one while the request is still being issued.
+    pub pending: usize,
+    pub flush: Option<FlushTicket>,
+    /// For a write, discard or flush: every copy it reaches, with whether the copy took it.
+    /// The acknowledgement rule (`replica::ack`) decides the outcome from these.
+    pub copies: Vec<CopyResult>,
+    /// Volume-tier files this request writes, with the copy each belongs to: marked dirty for
+    /// the next flush once the write completed (marking at issue would let a flush that raced
+    /// the write clear the mark before the data landed).
+    pub volume_writes: SmallVec<[(usize, u64, Arc<std::fs::File>); 2]>,
+    /// For a write or discard: each block it touches (its write counter started, see
+    /// `disk::WriteCounters`) and the index in `copies` where that block's copies begin.
+    pub written: Vec<(u64, usize)>,
+    /// For a read: its pieces that went to other nodes.
+    pub reads: Vec<RemoteRead>,
+    /// Set for the requests whose latency is sampled.
+    pub started: Option<Instant>,
+}
+
+/// An operation's tag: the request's slot, and which of its parts (a copy of a write, a
+/// remote piece of a read; 0 for none) it is.
+pub(super) fn tag(slot: usize, part: usize) -> u64 {
+    (slot as u64) << 32 | part as u64
+}
+
+pub(super) fn untag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
+}
+
+enum Begin {
+    Go(Vec<Vec<Location>>),
+    Frozen,
+    Refused(IoError),
+}
+
+pub struct Queue {
+    pub(super) device: Arc<Device>,
+    pub(super) disk: Arc<Disk>,
+    pub(super) peers: Arc<Peers>,
+    notify: EventFd,
+    use_uring: bool,
+    inline: InlineEngine,
+    uring: Option<UringEngine>,
+    pub(super) remote: RemoteEngine,
+    pub(super) slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    pub(super) done: Vec<Done>,
+    /// Requests settled and not yet collected by the caller.
+    pub(super) finished: Vec<Completion>,
+    /// Requests waiting for a block a resync froze (see `disk::Frozen`).
+    deferred: Vec<(u64, Work)>,
+    /// The stamp of the request being issued when it changes data (0 otherwise): every change
+    /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
+    stamp: u64,
+    sample: u32,
+    pub(super) logs: Throttle,
+}
+
+impl Queue {
+    pub(super) fn new(
+        device: Arc<Device>,
+        disk: Arc<Disk>,
+        peers: Arc<Peers>,
+        use_uring: bool,
+    ) -> std::io::Result<Self> {
+        let notify = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let remote = RemoteEngine::new(peers.clone(), notify.try_clone()?);
+        Ok(Queue {
+            device,
+            disk,
+            peers,
+            notify,
+            use_uring,
+            inline: InlineEngine::new(),
+            uring: None,
+            remote,
+            slots: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            finished: Vec::new(),
+            deferred: Vec::new(),
+            stamp: 0,
+            sample: 0,
+            logs: Throttle::default(),
+        })
+    }
+
+    /// Written when operations complete (io_uring, peers) or a take-over this queue asked
+    /// for is over: the queue's thread then calls [`Queue::complete`].
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.notify
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Requests taken and not yet collected (including those waiting for a frozen block).
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.deferred.len() + self.finished.len()
+    }
+
+    /// Whether the caller should stop taking requests until some complete.
+    pub fn is_full(&self) -> bool {
+        self.ops_in_flight() >= MAX_IN_FLIGHT_OPS
+    }
+
+    fn ops_in_flight(&self) -> usize {
+        self.uring.as_ref().map_or(0, |u| u.in_flight()) + self.remote.in_flight()
+    }
+
+    /// Starts a request; its completion comes from [`Queue::complete`] with `tag`.
+    pub fn submit(&mut self, tag: u64, request: BlockRequest) {
+        let (block_size, size) = {
+            let meta = self.disk.meta();
+            (meta.block_size, meta.size)
+        };
+        let work = Work::of(request, block_size, size);
+        self.count(&work);
+        self.issue(tag, work);
+    }
+
+    fn issue(&mut self, caller: u64, work: Work) {
+        let disk = self.disk.clone();
+        let changes = matches!(work, Work::Write(_) | Work::Free(_));
+        let gate =
+            (changes && disk.store().is_shared()).then(|| disk.enter_epoch(disk.meta().generation));
+        let targets = match work.blocks() {
+            _ if !disk.may_serve() => Err(IoError::NotServing),
+            _ if matches!(gate, Some(Err(_))) => Err(IoError::NewerEpoch),
+            None => Ok(Vec::new()),
+            Some(blocks) => match self.begin_writes(&blocks) {
+                Begin::Frozen => {
+                    // A resync is copying one of its blocks: try again shortly, without
+                    // holding up this queue's other requests or completions.
+                    self.deferred.push((caller, work));
+                    return;
+                }
+                Begin::Refused(e) => Err(e),
+                Begin::Go(targets) => Ok(targets),
+            },
+        };
+        // The first request of every LATENCY_SAMPLE is timed.
+        let timed = self.sample.is_multiple_of(LATENCY_SAMPLE);
+        self.sample = self.sample.wrapping_add(1);
+        let slot = self.admit(Slot {
+            tag: caller,
+            error: None,
+            pending: 1,
+            flush: None,
+            copies: Vec::new(),
+            volume_writes: SmallVec::new(),
+            written: Vec::new(),
+            reads: Vec::new(),
+            started: timed.then(Instant::now),
+        });
+        self.stamp = if changes { disk.next_stamp() } else { 0 };
+        match (work, targets) {
+            (_, Err(e)) => self.fail(slot, e),
+            (Work::Read(pieces), _) => self.read(slot, pieces),
+            (Work::Write(pieces), Ok(targets)) => {
+                for (piece, locations) in pieces.into_iter().zip(targets) {
+                    self.write_piece(slot, piece, locations);
+                }
+            }
+            (Work::Free(spans), Ok(targets)) => {
+                for ((span, whole), locations) in spans.into_iter().zip(targets) {
+                    self.free_span(slot, span, whole, locations);
+                }
+            }
+            (Work::Flush, _) => self.flush(slot),
+        }
+        drop(gate);
+        self.part_done(tag(slot, 0), Ok(0));
+    }
+
+    /// Counts the writes to `blocks` as started and returns each block's copies — all under
+    /// one hold of the metadata lock, so a resync sees every write that chose its copies, and
+    /// a block a resync froze is never written until it thaws.
+    fn begin_writes(&self, blocks: &[u64]) -> Begin {
+        let meta = self.disk.meta();
+        if &meta.owner != self.disk.me() {
+            // Fenced: the image moved to another node; this guest must not write.
+            return Begin::Refused(IoError::NotOwner(meta.owner.clone()));
+        }
+        if blocks.iter().any(|&b| self.disk.frozen().is_frozen(b)) {
+            return Begin::Frozen;
+        }
+        let mut targets = Vec::with_capacity(blocks.len());
+        for &block in blocks {
+            match meta.table.locations(block) {
+                Some(locations) => targets.push(locations.to_vec()),
+                None => return Begin::Refused(IoError::PastEnd(block)),
+            }
+        }
+        for &block in blocks {
+            self.disk.writes().start(block);
+        }
+        Begin::Go(targets)
+    }
+
+    /// Runs the requests that waited for a frozen block; returns how many still wait.
+    pub fn retry_deferred(&mut self) -> usize {
+        for (tag, work) in std::mem::take(&mut self.deferred) {
+            self.issue(tag, work);
+        }
+        self.deferred.len()
+    }
+
+    fn count(&self, work: &Work) {
+        let m = self.disk.metrics();
+        m.in_flight.fetch_add(1, Relaxed);
+        let (ops, bytes) = match work {
+            Work::Read(pieces) => (&m.reads, Some((&m.read_bytes, pieces))),
+            Work::Write(pieces) => (&m.writes, Some((&m.write_bytes, pieces))),
+            Work::Flush => (&m.flushes, None),
+            Work::Free(_) => (&m.discards, None),
+        };
+        ops.fetch_add(1, Relaxed);
+        if let Some((bytes, pieces)) = bytes {
+            bytes.fetch_add(pieces.iter().map(|p| p.len).sum(), Relaxed);
+        }
+    }
+
+    fn admit(&mut self, slot: Slot) -> usize {
+        match self.free.pop() {
+            Some(index) => {
+                self.slots[index] = Some(slot);
+                index
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    pub(super) fn release(&mut self, index: usize) -> Option<Slot> {
+        let slot = self.slots.get_mut(index)?.take()?;
+        self.free.push(index);
+        Some(slot)
+    }
+
+    /// Records the request's first error; the request fails (and is logged) when it settles.
+    pub(super) fn fail(&mut self, slot: usize, error: IoError) {
+        if let Some(request) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            request.error.get_or_insert(error);
+        }
+    }
+
+    /// Reads each piece from an in-sync copy: this node's when it has one (a block never
+    /// written fills zeros without any I/O), else another node's.
+    fn read(&mut self, slot: usize, pieces: SmallVec<[Piece; 2]>) {
+        let sources: Result<SmallVec<[Source; 2]>, IoError> = {
+            let meta = self.disk.meta();
+            pieces
+                .iter()
+                .map(|piece| {
+                    let locations = meta
+                        .table
+                        .locations(piece.block)
+                        .ok_or(IoError::PastEnd(piece.block))?;
+                    if let Some(tier) = split::local_copy(locations, self.disk.me()) {
+                        return Ok(Source::Local(tier));
+                    }
+                    next_remote(locations, &[], &self.peers)
+                        .map(Source::Remote)
+                        .ok_or(IoError::NoCopy(piece.block))
+                })
+                .collect()
+        };
+        let sources = match sources {
+            Ok(sources) => sources,
+            Err(e) => return self.fail(slot, e),
+        };
+        for (piece, source) in pieces.into_iter().zip(sources) {
+            match source {
+                Source::Local(tier) => match self.disk.files(tier).for_read(piece.block) {
+                    Ok(None) => piece.bufs.zero_from(0),
+                    Ok(Some(file)) => self.push(
+                        tag(slot, 0),
+                        tier,
+                        OpKind::Read,
+                        Target::File(file),
+                        piece.offset,
+                        piece.bufs,
+                    ),
+                    Err(source) => self.fail(
+                        slot,
+                        IoError::Open {
+                            block: piece.block,
+                            tier,
+                            source,
+                        },
+                    ),
+                },
+                Source::Remote(location) => {
+                    let Some(request) = self.slots[slot].as_mut() else {
+                        return;
+                    };
+                    request.reads.push(RemoteRead {
+                        block: piece.block,
+                        offset: piece.offset,
+                        bufs: IoVecs(piece.bufs.0.clone()),
+                        tried: smallvec::smallvec![location.node.clone()],
+                    });
+                    let part = request.reads.len();
+                    let target = self.peer_target(&location, piece.block);
+                    self.push(
+                        tag(slot, part),
+                        location.tier,
+                        OpKind::Read,
+                        target,
+                        piece.offset,
+                        piece.bufs,
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn peer_target(&self, location: &Location, block: u64) -> Target {
+        Target::Peer(PeerTarget {
+            node: location.node.clone(),
+            image: self.disk.image_ref().with_stamp(self.stamp),
+            tier: location.tier,
+            block,
+        })
+    }
+
+    /// Records one more copy of the request's current block; returns its part number.
+    fn add_copy(&mut self, slot: usize, location: &Location, stored: bool) -> Option<usize> {
+        let request = self.slots.get_mut(slot)?.as_mut()?;
+        request.copies.push(CopyResult {
+            location: location.clone(),
+            stored,
+        });
+        Some(request.copies.len())
+    }
+
+    /// Writes one block's part to every copy of the block, in sync or not (an out-of-sync
+    /// copy that takes writes converges under resync). The request's outcome comes from the
+    /// acknowledgement rule once every copy has answered.
+    fn write_piece(&mut self, slot: usize, piece: Piece, locations: Vec<Location>) {
+        let Some(request) = self.slots[slot].as_mut() else {
+            return;
+        };
+        request.written.push((piece.block, request.copies.len()));
+        for location in locations {
+            let Some(copy) = self.add_copy(slot, &location, false) else {
+                return;
+            };
+            let bufs = IoVecs(piece.bufs.0.clone());
+            if &location.node != self.disk.me() {
+                // A copy on a failed peer misses the write; the acknowledgement rule marks
+                // it out of sync.
+                if !self.peers.failures().is_failed(&location.node) {
+                    let target = self.peer_target(&location, piece.block);
+                    let tag = tag(slot, copy);
+                    self.push(tag, location.tier, OpKind::Write, target, piece.offset, bufs);
+                }
+                continue;
+            }
+            match self.disk.files(location.tier).for_write(piece.block) {
+                Ok(file) => {
+                    if location.tier == Tier::Volume {
+                        if let Some(request) = self.slots[slot].as_mut() {
+                            request
+                                .volume_writes
+                                .push((copy, piece.block, file.clone()));
+                        }
+                    }
+                    // Buffered writes go inline even on the volume tier: io_uring hands
+                    // buffered ext4 writes to its worker threads, and the benchmark measured
+                    // 4K random writes 1.3-2.7x faster with plain pwritev (benches/README.md).
+                    let tag = tag(slot, copy);
+                    let target = Target::File(file);
+                    self.push(tag, Tier::Ram, OpKind::Write, target, piece.offset, bufs);
+                }
+                Err(source) => {
+                    let error = IoError::Open {
+                        block: piece.block,
+                        tier: location.tier,
+                        source,
+                    };
+                    if let Some(n) = self.logs.allow() {
+                        log::error!("image {}: {error} ({n} errors)", self.disk.name());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Syncs every volume-tier block file written since its last sync, and asks every other
+    /// node holding copies to do the same. RAM-tier data lives in tmpfs, which a daemon crash
+    /// does not lose and nothing can make more durable.
+    fn flush(&mut self, slot: usize) {
+        if let Err(e) = self.disk.files(Tier::Volume).sync_dir_if_dirty() {
+            return self.fail(slot, IoError::SyncDir(e));
+        }
+        let me = self.disk.me().clone();
+        let (tier, nodes) = {
+            let meta = self.disk.meta();
+            (meta.tier, meta.table.nodes())
+        };
+        for node in nodes.into_iter().filter(|n| *n != me) {
+            // Each peer's answer is recorded like a copy's: see `settle`.
+            let location = Location {
+                node,
+                tier,
+                synced: true,
+            };
+            let Some(copy) = self.add_copy(slot, &location, false) else {
+                return;
+            };
+            let target = self.peer_target(&location, 0);
+            let empty = IoVecs(SmallVec::new());
+            self.push(tag(slot, copy), tier, OpKind::Sync, target, 0, empty);
+        }
+        let (files, ticket) = self.disk.dirty().snapshot();
+        for file in files {
+            let empty = IoVecs(SmallVec::new());
+            let target = Target::File(file);
+            self.push(tag(slot, 0), Tier::Volume, OpKind::Sync, target, 0, empty);
+        }
+        if let Some(request) = self.slots[slot].as_mut() {
+            request.flush = Some(ticket);
+        }
+    }
+
+    /// Discard and write-zeroes: whole blocks lose their file, partial ones get a hole. Both
+    /// read back as zeros, which is what write-zeroes promises. Frees a span on every copy of
+    /// its block; like a write, it counts as one for resync, and its copies are settled by the
+    /// acknowledgement rule: this node's at once, a peer's by a call that completes later, so
+    /// a slow or dead peer holds up this request only, not the queue.
+    fn free_span(&mut self, slot: usize, span: BlockSpan, whole: bool, locations: Vec<Location>) {
+        if let Some(request) = self.slots[slot].as_mut() {
+            request.written.push((span.block, request.copies.len()));
+        }
+        for location in locations {
+            let local = &location.node == self.disk.me();
+            let stored = local && self.free_here(&location, span, whole);
+            let Some(copy) = self.add_copy(slot, &location, stored) else {
+                return;
+            };
+            // A copy on a failed peer misses the discard; the acknowledgement rule marks it
+            // out of sync.
+            if !local && !self.peers.failures().is_failed(&location.node) {
+                let target = self.peer_target(&location, span.block);
+                let kind = OpKind::Free {
+                    len: span.len as u32,
+                };
+                let empty = IoVecs(SmallVec::new());
+                self.push(tag(slot, copy), location.tier, kind, target, span.offset, empty);
+            }
+        }
+    }
+
+    /// Frees a span of this node's copy; true when it is done.
+    fn free_here(&mut self, location: &Location, span: BlockSpan, whole: bool) -> bool {
+        let files = self.disk.files(location.tier);
+        let freed = if whole {
+            files.drop_block(span.block)
+        } else {
+            files.punch(span.block, span.offset, span.len)
+        };
+        if freed.is_ok() && !whole && location.tier == Tier::Volume {
+            // The hole must survive a power cut like data would: the next flush syncs it.
+            if let Ok(Some(file)) = files.for_read(span.block) {
+                self.disk.dirty().mark(span.block, &file);
+            }
+        }
+        if let Err(e) = &freed {
+            if let Some(n) = self.logs.allow() {
+                log::error!(
+                    "image {}: cannot free block {} on {}: {e} ({n} errors)",
+                    self.disk.name(),
+                    span.block,
+                    location.tier
+                );
+            }
+        }
+        freed.is_ok()
+    }
+
+    fn engine(&mut self, tier: Tier) -> &mut dyn Engine {
+        if tier == Tier::Volume && self.use_uring && self.uring.is_none() {
+            match UringEngine::new(std::os::unix::io::AsRawFd::as_raw_fd(&self.notify)) {
+                Ok(uring) => self.uring = Some(uring),
+                Err(e) => {
+                    log::error!("io_uring setup failed ({e}); this queue uses synchronous I/O");
+                    self.use_uring = false;
+                }
+            }
+        }
+        match (tier, self.uring.as_mut()) {
+            (Tier::Volume, Some(uring)) => uring,
+            _ => &mut self.inline,
+        }
+    }
+
+    /// Hands one operation to the engine for its target: a peer's copy to the remote
+    /// engine, a volume-tier file to io_uring, a RAM-tier file (a memory copy) inline.
+    pub(super) fn push(
+        &mut self,
+        tag: u64,
+        tier: Tier,
+        kind: OpKind,
+        target: Target,
+        offset: u64,
+        iovecs: IoVecs,
+    ) {
+        if let Some(request) = self.slots[untag(tag).0].as_mut() {
+            request.pending += 1;
+        }
+        let remote = matches!(target, Target::Peer(_));
+        let op = Op {
+            kind,
+            target,
+            offset,
+            iovecs,
+            tag,
+        };
+        if remote {
+            self.remote.push(op);
+        } else {
+            self.engine(tier).push(op);
+        }
+    }
+
+    /// Hands queued io_uring operations to the kernel, in one system call.
+    pub fn submit_queued(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            if let Err(e) = uring.submit() {
+                log::error!("image {}: io_uring submit: {e}", self.disk.name());
+            }
+        }
+    }
+
+    /// Collects finished operations from every engine.
+    pub(super) fn reap(&mut self) -> Vec<Done> {
+        let mut done = std::mem::take(&mut self.done);
+        self.inline.reap(&mut done);
+        if let Some(uring) = self.uring.as_mut() {
+            uring.reap(&mut done);
+        }
+        self.remote.reap(&mut done);
+        done
+    }
+
+    /// Blocks until some operation may have finished (used when draining).
+    pub fn wait(&mut self) {
+        if let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
+            if let Err(e) = uring.wait() {
+                log::error!("image {}: waiting for io_uring: {e}", self.disk.name());
+                // Do not spin on a broken ring.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        } else if self.remote.in_flight() > 0 || !self.deferred.is_empty() {
+            let _ = self.remote.wait();
+        }
+    }
+}
+
+impl Drop for Queue {
+    /// The kernel and peer answers may still write into the caller's buffers: wait for them
+    /// before the caller releases the memory they point into.
+    fn drop(&mut self) {
+        while self.remote.in_flight() > 0 {
+            let _ = self.remote.wait();
+        }
+        if let Some(uring) = self.uring.as_mut() {
+            while uring.in_flight() > 0 && uring.wait().is_ok() {
+                let mut done = Vec::new();
+                uring.reap(&mut done);
+            }
+        }
+    }
+}
+
+/// Where a read piece is served from.
+enum Source {
+    Local(Tier),
+    Remote(Location),
+}
+
+/// The next in-sync copy on another node, not yet tried, whose node is not on the failure
+/// list.
+pub(super) fn next_remote(locations: &[Location], tried: &[NodeId], peers: &Peers) -> Option<Location> {
+    locations
+        .iter()
+        .find(|l| l.synced && !tried.contains(&l.node) && !peers.failures().is_failed(&l.node))
+        .cloned()
+}
