@@ -644,3 +644,35 @@ fn encrypted_peers_serve_remote_copies() {
     }
     assert!(b.block_file("ram", "x", 3).exists());
 }
+
+/// Issue 11: a remote read whose copy fails goes to the next in-sync copy; the guest never
+/// sees the failure.
+#[test]
+fn a_failed_remote_read_falls_back_to_the_next_copy() {
+    let dir = TestDir::new();
+    let Some((_etcd, mut cluster)) = setup(&dir, 3) else {
+        return;
+    };
+    cluster.nodes[1].create_image("f", "4M", "1M", &["a:ram", "c:ram"]);
+    let mut client = client(&cluster.nodes[1], "f");
+    for block in 0..4u64 {
+        assert_eq!(
+            client.write(0, block * 2048, &pattern(block, 5)).unwrap(),
+            S_OK
+        );
+    }
+    // Reads go to a (the first in-sync copy) until it fails.
+    let (status, _) = client.read(0, 0, 4096).unwrap();
+    assert_eq!(status, S_OK);
+    cluster.nodes[0].kill9();
+    for block in 0..4u64 {
+        let (status, data) = client.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!(status, S_OK, "block {block}");
+        assert!(data == pattern(block, 5), "block {block}");
+    }
+    let log = cluster.nodes[1].log();
+    assert!(
+        log.contains("reading from c instead"),
+        "no read fell back to c:\n{log}"
+    );
+}
