@@ -1,5 +1,8 @@
 //! The optional Prometheus endpoint: `GET /metrics` over plain HTTP/1.0, one short-lived
-//! connection at a time (scrapes are seconds apart; nothing here needs more).
+//! connection at a time (scrapes are seconds apart; nothing here needs more). The text is
+//! written by `prometheus-client` (format 0.0.4, HELP and TYPE lines, histogram conventions)
+//! from figures the daemon takes at each scrape: the request path keeps its own cheap
+//! per-queue counts (`metrics`), summed only when asked.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -7,7 +10,15 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
 use crate::daemon::Daemon;
+use crate::metrics::{prometheus_buckets, ImageTotals};
 
 /// Longest a scraper may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,4 +52,244 @@ fn answer(daemon: &Daemon, mut stream: TcpStream) -> io::Result<()> {
         "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// One image's figures at a scrape.
+#[derive(Debug)]
+pub struct ImageFigures {
+    pub image: String,
+    pub totals: ImageTotals,
+    pub out_of_sync: u64,
+}
+
+/// One peer's figures at a scrape.
+#[derive(Debug)]
+pub struct PeerFigures {
+    pub peer: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    pub failed: bool,
+    pub latency_counts: Vec<u64>,
+    pub latency_sum_us: u64,
+}
+
+/// The figures of one scrape, encoded when the registry asks.
+#[derive(Debug)]
+struct Scrape {
+    images: Vec<ImageFigures>,
+    peers: Vec<PeerFigures>,
+}
+
+/// Prometheus text for these figures.
+pub fn render(images: Vec<ImageFigures>, peers: Vec<PeerFigures>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape { images, peers }));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        log::warn!("metrics: cannot encode: {e}");
+    }
+    out
+}
+
+type Labels = [(&'static str, String); 1];
+
+/// One figure of an image's totals.
+type Figure = fn(&ImageTotals) -> u64;
+
+/// One family: its descriptor, then one sample per labelled item.
+fn family<T>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    items: &[T],
+    sample: impl Fn(&T) -> (Labels, Sample),
+) -> Result<(), std::fmt::Error> {
+    let kind = match items.first().map(|i| sample(i).1) {
+        None => return Ok(()),
+        Some(Sample::Counter(_)) => MetricType::Counter,
+        Some(Sample::Gauge(_)) => MetricType::Gauge,
+        Some(Sample::Histogram { .. }) => MetricType::Histogram,
+    };
+    let mut metric = encoder.encode_descriptor(name, help, unit, kind)?;
+    for item in items {
+        let (labels, value) = sample(item);
+        let mut encoder = metric.encode_family(&labels)?;
+        match value {
+            Sample::Counter(v) => ConstCounter::new(v).encode(encoder)?,
+            Sample::Gauge(v) => ConstGauge::new(v).encode(encoder)?,
+            Sample::Histogram { counts, sum_us } => {
+                let buckets = prometheus_buckets(counts);
+                let count = counts.iter().sum();
+                let sum = sum_us as f64 / 1e6;
+                encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Sample<'a> {
+    Counter(u64),
+    Gauge(i64),
+    Histogram { counts: &'a [u64], sum_us: u64 },
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let img = |i: &ImageFigures| -> Labels { [("image", i.image.clone())] };
+        let counters: [(&str, &str, Figure); 8] = [
+            ("cormorant_image_reads", "Read requests", |t| t.reads),
+            ("cormorant_image_writes", "Write requests", |t| t.writes),
+            ("cormorant_image_flushes", "Flush requests", |t| t.flushes),
+            (
+                "cormorant_image_discards",
+                "Discard and write-zeroes requests",
+                |t| t.discards,
+            ),
+            (
+                "cormorant_image_read_bytes",
+                "Bytes read by the guest",
+                |t| t.read_bytes,
+            ),
+            (
+                "cormorant_image_write_bytes",
+                "Bytes written by the guest",
+                |t| t.write_bytes,
+            ),
+            (
+                "cormorant_image_errors",
+                "Requests answered with an I/O error",
+                |t| t.errors,
+            ),
+            (
+                "cormorant_image_guest_errors",
+                "Malformed requests from the guest",
+                |t| t.guest_errors,
+            ),
+        ];
+        for (name, help, value) in counters {
+            family(e, name, help, None, &self.images, |i| {
+                (img(i), Sample::Counter(value(&i.totals)))
+            })?;
+        }
+        family(
+            e,
+            "cormorant_image_in_flight",
+            "Requests in flight",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.totals.in_flight as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_out_of_sync_copies",
+            "Block copies out of sync",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.out_of_sync as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_request",
+            "Request latency, one request in 16 sampled per queue",
+            Some(&Unit::Seconds),
+            &self.images,
+            |i| {
+                let counts = &i.totals.latency_counts;
+                let sum_us = i.totals.latency_sum_us;
+                (img(i), Sample::Histogram { counts, sum_us })
+            },
+        )?;
+        let peer = |p: &PeerFigures| -> Labels { [("peer", p.peer.clone())] };
+        family(
+            e,
+            "cormorant_peer_calls",
+            "Calls to the peer",
+            None,
+            &self.peers,
+            |p| (peer(p), Sample::Counter(p.calls)),
+        )?;
+        family(
+            e,
+            "cormorant_peer_errors",
+            "Calls that failed",
+            None,
+            &self.peers,
+            |p| (peer(p), Sample::Counter(p.errors)),
+        )?;
+        family(
+            e,
+            "cormorant_peer_in_flight",
+            "Calls in flight",
+            None,
+            &self.peers,
+            |p| (peer(p), Sample::Gauge(p.in_flight as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_peer_failed",
+            "1 while on the failure list",
+            None,
+            &self.peers,
+            |p| (peer(p), Sample::Gauge(i64::from(p.failed))),
+        )?;
+        family(
+            e,
+            "cormorant_peer_call",
+            "Call latency",
+            Some(&Unit::Seconds),
+            &self.peers,
+            |p| {
+                let (counts, sum_us) = (&p.latency_counts[..], p.latency_sum_us);
+                (peer(p), Sample::Histogram { counts, sum_us })
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_render_with_help_type_and_histogram_conventions() {
+        let mut latency_counts = vec![0; 21];
+        latency_counts[3] = 2;
+        let totals = ImageTotals {
+            writes: 10,
+            in_flight: 1,
+            latency_counts,
+            latency_sum_us: 9,
+            ..ImageTotals::default()
+        };
+        let images = vec![ImageFigures {
+            image: "vm1".into(),
+            totals,
+            out_of_sync: 0,
+        }];
+        let text = render(images, Vec::new());
+        for line in [
+            "# HELP cormorant_image_writes_total Write requests",
+            "# TYPE cormorant_image_writes_total counter",
+            "cormorant_image_writes_total{image=\"vm1\"} 10",
+            "# TYPE cormorant_image_in_flight gauge",
+            "cormorant_image_in_flight{image=\"vm1\"} 1",
+            "# TYPE cormorant_image_request_seconds histogram",
+            "cormorant_image_request_seconds_bucket{image=\"vm1\",le=\"4e-06\"} 0",
+            "cormorant_image_request_seconds_bucket{image=\"vm1\",le=\"8e-06\"} 2",
+            "cormorant_image_request_seconds_bucket{image=\"vm1\",le=\"+Inf\"} 2",
+            "cormorant_image_request_seconds_sum{image=\"vm1\"} 0.000009",
+            "cormorant_image_request_seconds_count{image=\"vm1\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // No peers, no peer families.
+        assert!(!text.contains("cormorant_peer"));
+    }
 }

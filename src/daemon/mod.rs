@@ -310,18 +310,33 @@ impl Daemon {
     }
 
     /// The same metrics in the Prometheus text format.
+    /// What a scrape shows: every image's and every peer's figures, taken now.
     pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        for (name, entry) in self.lock().iter() {
-            let disk = &entry.disk;
-            disk.metrics()
-                .prometheus(&mut out, name.as_str(), disk.out_of_sync_copies());
-        }
+        let images = self
+            .lock()
+            .iter()
+            .map(|(name, entry)| crate::control::prometheus::ImageFigures {
+                image: name.to_string(),
+                totals: entry.disk.metrics().totals(),
+                out_of_sync: entry.disk.out_of_sync_copies(),
+            })
+            .collect();
         let failures = self.peers.failures();
-        for (id, m) in self.peers.metrics() {
-            m.prometheus(&mut out, id.as_str(), failures.is_failed(&id));
-        }
-        out
+        let peers = self
+            .peers
+            .metrics()
+            .into_iter()
+            .map(|(id, m)| crate::control::prometheus::PeerFigures {
+                failed: failures.is_failed(&id),
+                peer: id.to_string(),
+                calls: m.calls.load(std::sync::atomic::Ordering::Relaxed),
+                errors: m.errors.load(std::sync::atomic::Ordering::Relaxed),
+                in_flight: m.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                latency_counts: m.latency.counts(),
+                latency_sum_us: m.latency.sum_us(),
+            })
+            .collect();
+        crate::control::prometheus::render(images, peers)
     }
 
     fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {

@@ -137,7 +137,9 @@ pub enum OpKind {
     Sync,
     /// Free `len` bytes at the offset (a peer's copy only: local spans are freed through the
     /// store, synchronously); carries no buffers.
-    Free { len: u32 },
+    Free {
+        len: u32,
+    },
 }
 
 /// Where an operation goes.

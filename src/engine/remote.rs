@@ -95,7 +95,12 @@ impl RemoteEngine {
     fn start(&self, op: Op) {
         let Target::Peer(target) = op.target else {
             // A local file reached the remote engine: a caller's bug, failed like any error.
-            self.fail(op.tag, OpError::Io(io::Error::other("a local operation reached the remote engine")));
+            self.fail(
+                op.tag,
+                OpError::Io(io::Error::other(
+                    "a local operation reached the remote engine",
+                )),
+            );
             return;
         };
         let total = op.iovecs.len();

@@ -59,7 +59,12 @@ impl Device {
 
     /// A new queue of this device, completing on its own eventfd.
     pub fn queue(self: &Arc<Self>) -> std::io::Result<Queue> {
-        Queue::new(self.clone(), self.disk.clone(), self.peers.clone(), self.use_uring)
+        Queue::new(
+            self.clone(),
+            self.disk.clone(),
+            self.peers.clone(),
+            self.use_uring,
+        )
     }
 
     /// Whether requests may be served now without a take-over or an activation first.
@@ -122,13 +127,5 @@ impl Device {
     /// The frontend stopped every queue: another node may take the image over.
     pub fn stopped(&self) {
         crate::ownership::device_stopped(&self.disk);
-    }
-
-    /// The guest sent a request it got wrong (counted, never an I/O).
-    pub fn guest_error(&self) {
-        self.disk
-            .metrics()
-            .guest_errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

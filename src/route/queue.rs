@@ -6,7 +6,6 @@
 //! commits over them, and land under the epoch gate, so none checked under this node's epoch
 //! lands after a newer owner's first request.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +23,7 @@ use crate::engine::{
 };
 use crate::image::{Location, NodeId, Tier};
 use crate::logs::Throttle;
+use crate::metrics::QueueCounters;
 use crate::replica::ack::CopyResult;
 
 /// Operations in flight per queue before the caller should stop taking new requests and wait
@@ -37,8 +37,14 @@ const LATENCY_SAMPLE: u32 = 16;
 /// A request for the block device, with host buffers the caller keeps mapped until it
 /// completes.
 pub enum BlockRequest {
-    Read { offset: u64, bufs: IoVecs },
-    Write { offset: u64, bufs: IoVecs },
+    Read {
+        offset: u64,
+        bufs: IoVecs,
+    },
+    Write {
+        offset: u64,
+        bufs: IoVecs,
+    },
     /// Discard and write-zeroes: `(offset, len)` byte ranges that read back as zeros after.
     Free(Vec<(u64, u64)>),
     Flush,
@@ -74,7 +80,8 @@ impl Work {
                     .iter()
                     .flat_map(|&(offset, len)| split::spans(offset, len, block_size))
                     .map(|span| {
-                        let block_len = block_size.min(size.saturating_sub(span.block * block_size));
+                        let block_len =
+                            block_size.min(size.saturating_sub(span.block * block_size));
                         (span, span.offset == 0 && span.len == block_len)
                     })
                     .collect(),
@@ -161,6 +168,8 @@ pub struct Queue {
     stamp: u64,
     sample: u32,
     pub(super) logs: Throttle,
+    /// This queue's counts (one writer: this queue's thread).
+    pub(super) counters: Arc<QueueCounters>,
 }
 
 impl Queue {
@@ -172,6 +181,7 @@ impl Queue {
     ) -> std::io::Result<Self> {
         let notify = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let remote = RemoteEngine::new(peers.clone(), notify.try_clone()?);
+        let counters = disk.metrics().queue();
         Ok(Queue {
             device,
             disk,
@@ -189,6 +199,7 @@ impl Queue {
             stamp: 0,
             sample: 0,
             logs: Throttle::default(),
+            counters,
         })
     }
 
@@ -315,18 +326,23 @@ impl Queue {
     }
 
     fn count(&self, work: &Work) {
-        let m = self.disk.metrics();
-        m.in_flight.fetch_add(1, Relaxed);
+        let m = &self.counters;
+        m.started.add(1);
         let (ops, bytes) = match work {
             Work::Read(pieces) => (&m.reads, Some((&m.read_bytes, pieces))),
             Work::Write(pieces) => (&m.writes, Some((&m.write_bytes, pieces))),
             Work::Flush => (&m.flushes, None),
             Work::Free(_) => (&m.discards, None),
         };
-        ops.fetch_add(1, Relaxed);
+        ops.add(1);
         if let Some((bytes, pieces)) = bytes {
-            bytes.fetch_add(pieces.iter().map(|p| p.len).sum(), Relaxed);
+            bytes.add(pieces.iter().map(|p| p.len).sum());
         }
+    }
+
+    /// The guest sent a request it got wrong (counted, never an I/O).
+    pub fn guest_error(&self) {
+        self.counters.guest_errors.add(1);
     }
 
     fn admit(&mut self, slot: Slot) -> usize {
@@ -464,7 +480,14 @@ impl Queue {
                 if !self.peers.failures().is_failed(&location.node) {
                     let target = self.peer_target(&location, piece.block);
                     let tag = tag(slot, copy);
-                    self.push(tag, location.tier, OpKind::Write, target, piece.offset, bufs);
+                    self.push(
+                        tag,
+                        location.tier,
+                        OpKind::Write,
+                        target,
+                        piece.offset,
+                        bufs,
+                    );
                 }
                 continue;
             }
@@ -558,7 +581,14 @@ impl Queue {
                     len: span.len as u32,
                 };
                 let empty = IoVecs(SmallVec::new());
-                self.push(tag(slot, copy), location.tier, kind, target, span.offset, empty);
+                self.push(
+                    tag(slot, copy),
+                    location.tier,
+                    kind,
+                    target,
+                    span.offset,
+                    empty,
+                );
             }
         }
     }
@@ -671,8 +701,10 @@ impl Queue {
 
 impl Drop for Queue {
     /// The kernel and peer answers may still write into the caller's buffers: wait for them
-    /// before the caller releases the memory they point into.
+    /// before the caller releases the memory they point into. The queue's counts stay in the
+    /// image's.
     fn drop(&mut self) {
+        self.disk.metrics().retire(&self.counters);
         while self.remote.in_flight() > 0 {
             let _ = self.remote.wait();
         }
@@ -693,7 +725,11 @@ enum Source {
 
 /// The next in-sync copy on another node, not yet tried, whose node is not on the failure
 /// list.
-pub(super) fn next_remote(locations: &[Location], tried: &[NodeId], peers: &Peers) -> Option<Location> {
+pub(super) fn next_remote(
+    locations: &[Location],
+    tried: &[NodeId],
+    peers: &Peers,
+) -> Option<Location> {
     locations
         .iter()
         .find(|l| l.synced && !tried.contains(&l.node) && !peers.failures().is_failed(&l.node))

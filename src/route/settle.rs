@@ -2,7 +2,6 @@
 //! in-sync copy, apply the acknowledgement rule to the copies a write reached, mark what
 //! flushes must know, and hand the caller one completion per request.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::error::IoError;
@@ -227,8 +226,8 @@ impl Queue {
         if let (None, Some(ticket)) = (&request.error, &request.flush) {
             self.disk.dirty().clear(ticket);
         }
-        let m = self.disk.metrics();
-        m.in_flight.fetch_sub(1, Relaxed);
+        let m = &self.counters;
+        m.settled.add(1);
         if let Some(started) = request.started {
             m.latency.record(started.elapsed());
         }
@@ -237,9 +236,12 @@ impl Queue {
             Some(error) => {
                 // Counted once the outcome is final: a failed flush or an answer withheld
                 // counts like any other failure.
-                m.errors.fetch_add(1, Relaxed);
+                m.errors.add(1);
                 if let Some(n) = self.logs.allow() {
-                    log::error!("image {}: request failed: {error} ({n} errors)", self.disk.name());
+                    log::error!(
+                        "image {}: request failed: {error} ({n} errors)",
+                        self.disk.name()
+                    );
                 }
                 Err(error)
             }

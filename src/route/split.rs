@@ -107,7 +107,9 @@ mod tests {
     }
 
     fn pairs(b: &IoVecs) -> Vec<(usize, usize)> {
-        b.0.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect()
+        b.0.iter()
+            .map(|v| (v.iov_base as usize, v.iov_len))
+            .collect()
     }
 
     #[test]

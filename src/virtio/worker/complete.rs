@@ -47,7 +47,14 @@ impl Worker {
             if byte == STATUS_OK {
                 self.mark_filled(&request.mem, &request.fills);
             }
-            self.answer_status(vring, request.head, request.status, byte, used, &request.mem);
+            self.answer_status(
+                vring,
+                request.head,
+                request.status,
+                byte,
+                used,
+                &request.mem,
+            );
         }
         self.completions = completions;
     }

@@ -80,7 +80,10 @@ impl Worker {
         status: vm_memory::GuestAddress,
         mem: &Mem,
     ) {
-        log::warn!("image {}: guest buffer moved out of memory", self.device.name());
+        log::warn!(
+            "image {}: guest buffer moved out of memory",
+            self.device.name()
+        );
         let ioerr = super::complete::STATUS_IOERR;
         self.answer_status(vring, head, status, ioerr, 1, mem);
     }

@@ -352,7 +352,7 @@ impl Worker {
     }
 
     fn guest_error(&mut self, error: &request::ParseError) {
-        self.device.guest_error();
+        self.queue.guest_error();
         if let Some(n) = self.guest_errors.allow() {
             log::warn!(
                 "image {}: bad request from guest: {error} ({n} so far on this queue)",
