@@ -8,6 +8,7 @@
 
 mod complete;
 mod issue;
+mod throttle;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -121,6 +122,8 @@ pub struct Worker {
     /// The stamp of the request being issued when it changes data (0 otherwise): every change
     /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
     stamp: u64,
+    /// QoS: the request waiting for the image's tokens, and its timer (see `throttle.rs`).
+    throttle: throttle::Throttle,
 }
 
 impl Worker {
@@ -156,6 +159,7 @@ impl Worker {
             guest_errors: 0,
             inflight: None,
             stamp: 0,
+            throttle: throttle::Throttle::new()?,
         })
     }
 
@@ -227,6 +231,8 @@ impl Worker {
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
         if let Some(vring) = self.vring.clone() {
+            // QoS: a request held for its tokens goes now (see `throttle.rs`).
+            self.release_held(&vring);
             let mem = self.mem.memory().into_inner();
             while self.retry_deferred(&vring, &mem) > 0 {
                 std::thread::sleep(DEFERRED_RETRY);
@@ -273,6 +279,11 @@ impl Worker {
             self.submit();
             self.complete(vring);
             self.signal(vring);
+            if self.holding() {
+                // QoS: a request waits for the image's tokens; the throttle timer serves the
+                // queue on (see `throttle.rs`), and the kick stays off meanwhile.
+                return;
+            }
             if waiting > 0 {
                 // Frozen blocks thaw after one block's copy: check back soon.
                 std::thread::sleep(DEFERRED_RETRY);
@@ -321,7 +332,8 @@ impl Worker {
     /// Takes requests off the ring until it is empty or enough is in flight.
     fn pop_batch(&mut self, vring: &Vring, mem: &Arc<Mem>) -> usize {
         let mut popped = 0;
-        while self.ops_in_flight() < MAX_IN_FLIGHT_OPS {
+        // QoS: no new requests while one waits for the image's tokens (see `throttle.rs`).
+        while self.ops_in_flight() < MAX_IN_FLIGHT_OPS && !self.holding() {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -346,7 +358,8 @@ impl Worker {
         mem: &Arc<Mem>,
     ) {
         match request::parse(&**mem, chain, &self.limits) {
-            Ok(request) => self.execute(vring, head, request, mem),
+            // QoS: executes now or holds it for the image's tokens (see `throttle.rs`).
+            Ok(request) => self.execute_within_limits(vring, head, request, mem),
             Err(rejected) => {
                 self.guest_error(&rejected.error);
                 let status = rejected.error.status();
