@@ -293,6 +293,28 @@ mod tests {
         .unwrap()
     }
 
+    /// Limits are stored in the file when set and left out when not, so files written before
+    /// limits existed load as unlimited; a hand-edited limit that makes no sense is refused.
+    #[test]
+    fn limits_are_stored_only_when_set_and_checked_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = sample();
+        meta.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("disk0.json")).unwrap();
+        assert!(!text.contains("qos"), "{text}");
+        meta.qos.iops = Some(500);
+        meta.save(dir.path()).unwrap();
+        assert_eq!(ImageMeta::load(dir.path(), &meta.name).unwrap(), meta);
+        let text = std::fs::read_to_string(dir.path().join("disk0.json")).unwrap();
+        std::fs::write(
+            dir.path().join("disk0.json"),
+            text.replace("\"iops\": 500", "\"iops\": 0"),
+        )
+        .unwrap();
+        let err = ImageMeta::load(dir.path(), &meta.name).unwrap_err();
+        assert!(err.to_string().contains("none"), "{err}");
+    }
+
     #[test]
     fn shape_is_checked() {
         let l = sample().table.locations(0).unwrap()[0].clone();

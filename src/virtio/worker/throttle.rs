@@ -18,6 +18,12 @@ use super::{Mem, Vring, Worker};
 use crate::qos::Admission;
 use crate::virtio::request::{Kind, Request};
 
+/// Longest a held request sleeps before asking the limiter again, even when its tokens are
+/// due later: a limit the operator raises or removes meanwhile applies within this, instead of
+/// after a wait computed under the old limit (which may be seconds for a large request under a
+/// low bandwidth limit). Ten wake-ups a second per waiting queue cost nothing measurable.
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// A request popped from the ring that waits for its image's tokens.
 struct Held {
     head: u16,
@@ -119,7 +125,7 @@ impl Worker {
                 self.process(&vring);
             }
             Admission::Wait(wait) => {
-                // Early (timer slack, or the limits changed): wait again.
+                // Not yet (a wait longer than `RECHECK`, or the limits changed): wait again.
                 self.throttle.held = Some(held);
                 self.arm_throttle(wait);
             }
@@ -139,7 +145,7 @@ impl Worker {
 
     fn arm_throttle(&mut self, wait: Duration) {
         // A zero duration would disarm the timer: wait at least a microsecond.
-        let wait = wait.max(Duration::from_micros(1));
+        let wait = wait.clamp(Duration::from_micros(1), RECHECK);
         if let Err(e) = self.throttle.timer.reset(wait, None) {
             // Cannot happen with a valid duration; without the timer the request would wait
             // for the next kick, so let it go instead.
