@@ -190,7 +190,8 @@ fn binary_meta(bytes: &[u8]) -> Option<(ImageRecord, Vec<ChunkRecord>)> {
 
 fn check_meta(record: ImageRecord, chunks: &[ChunkRecord]) {
     let name: ImageName = "img".parse().unwrap();
-    let Ok(meta) = records::meta_of(name.clone(), 7, record.clone(), chunks, Default::default()) else {
+    let Ok(meta) = records::meta_of(name.clone(), 7, record.clone(), chunks, Default::default())
+    else {
         return;
     };
     let cut = records::chunks_of(&meta.table);
@@ -203,7 +204,8 @@ fn check_meta(record: ImageRecord, chunks: &[ChunkRecord]) {
         }
     }
     let parts: Vec<ChunkRecord> = cut.into_iter().map(|(_, part)| part).collect();
-    let again: ImageMeta = records::meta_of(name.clone(), 7, record, &parts, Default::default()).unwrap();
+    let again: ImageMeta =
+        records::meta_of(name.clone(), 7, record, &parts, Default::default()).unwrap();
     assert_eq!(again, meta);
     let from_own = records::meta_of(name, 7, ImageRecord::of(&meta), &parts, meta.qos).unwrap();
     assert_eq!(from_own, meta);
