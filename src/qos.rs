@@ -307,7 +307,7 @@ impl Limiter {
     /// a throttled image a fresh burst.
     pub fn set(&self, limits: &QosLimits) {
         let mut state = self.state();
-        if state.limits == *limits && (state.iops.is_some() || state.bps.is_some()) {
+        if state.limits == *limits {
             return;
         }
         let now = self.now_ns();

@@ -51,7 +51,6 @@ pub struct Daemon {
     suspect: Mutex<Vec<Tier>>,
 }
 
-/// The tiers of `tiers` on which `disk` has in-sync copies on this node.
 /// What a new image is: its shape, and its limits from the start.
 struct Shape {
     size: u64,
@@ -68,6 +67,7 @@ fn image_stats(disk: &Disk) -> Value {
     value
 }
 
+/// The tiers of `tiers` on which `disk` has in-sync copies on this node.
 fn synced_on(disk: &Disk, tiers: &[Tier]) -> Vec<Tier> {
     disk.synced_tiers_here()
         .into_iter()

@@ -4,9 +4,9 @@
 //! meanwhile: no spinning, and other images' queues (their own threads) are not involved.
 //!
 //! Everything QoS touches in the worker goes through this file: `take` calls
-//! [`Worker::execute_within_limits`], `pop_batch` and `process` stop while [`Worker::holding`], the backend
-//! forwards the timer's event to [`Worker::on_throttle_timer`], and `drain` releases the
-//! held request.
+//! [`Worker::execute_within_limits`], `pop_batch` and `process` stop while
+//! [`Worker::holding`], the backend forwards the timer's event to
+//! [`Worker::on_throttle_timer`], and `drain` releases the held request.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
