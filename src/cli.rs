@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
+use crate::qos::{self, Limit, QosUpdate};
 use crate::size::Size;
 
 #[derive(Debug, Parser)]
@@ -157,6 +158,15 @@ pub enum ImageCommand {
         /// Refuse guest writes.
         #[arg(long)]
         read_only: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change an image's limits, live (a running guest is held to them at once). Run it on
+    /// the image's owner; the limits are stored with the image and follow it to other nodes.
+    Set {
+        name: ImageName,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List the images.
     List,
@@ -186,6 +196,31 @@ pub enum ImageCommand {
         #[arg(long, default_value = "raw")]
         format: String,
     },
+}
+
+/// Per-image limits (QoS), shared by all the image's queues.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Requests per second, or `none` to remove the limit.
+    #[arg(long, value_parser = qos::parse_iops)]
+    pub iops_limit: Option<Limit>,
+    /// Bytes per second of reads and writes (K/M/G/T suffixes), or `none` to remove the limit.
+    #[arg(long, value_parser = qos::parse_bps)]
+    pub bps_limit: Option<Limit>,
+    /// How long the image may run unthrottled after an idle spell, e.g. 250ms or 2s (the
+    /// buckets hold that much of each limit); `default` for 100ms.
+    #[arg(long, value_parser = qos::parse_burst)]
+    pub burst: Option<Limit>,
+}
+
+impl LimitArgs {
+    pub fn update(&self) -> QosUpdate {
+        QosUpdate {
+            iops: self.iops_limit,
+            bps: self.bps_limit,
+            burst_ms: self.burst,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,8 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("{0}")]
     Convert(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
@@ -56,6 +58,7 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             layout,
             at,
             read_only,
+            limits,
         } => call_quiet(
             &socket,
             Request::ImageCreate {
@@ -65,8 +68,20 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
                 tier: layout.tier,
                 read_only,
                 at,
+                qos: limits.update(),
             },
         )?,
+        ImageCommand::Set { name, limits } => {
+            let qos = limits.update();
+            if qos.is_empty() {
+                return Err(CommandError::Usage(
+                    "image set changes an image's limits: give --iops-limit N|none, \
+                     --bps-limit BYTES|none and/or --burst TIME|default"
+                        .into(),
+                ));
+            }
+            call_quiet(&socket, Request::ImageSet { name, qos })?
+        }
         ImageCommand::List => call_quiet(&socket, Request::ImageList)?,
         ImageCommand::Adopt { name, from } => {
             call_quiet(&socket, Request::ImageAdopt { name, from })?

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::meta::store::MetaStore;
 use crate::metrics::ImageMetrics;
+use crate::qos::Limiter;
 use crate::store::{BlockFiles, TierDirs};
 
 pub struct Disk {
@@ -22,6 +23,8 @@ pub struct Disk {
     /// One resync at a time per image (an operator's `sync` waits for a background fill).
     resync: Mutex<()>,
     metrics: ImageMetrics,
+    /// The image's limits at run time, shared by its queues; follows the metadata's `qos`.
+    qos: Limiter,
     take_over: Mutex<()>,
     /// Set when the image is removed: background work (a fill, a resync) must not save its
     /// metadata or recreate its files afterwards.
@@ -213,6 +216,7 @@ impl Disk {
             frozen: Frozen::default(),
             resync: Mutex::new(()),
             metrics: ImageMetrics::default(),
+            qos: Limiter::new(&meta.qos),
             take_over: Mutex::new(()),
             removed: AtomicBool::new(false),
             on_take_over: Mutex::new(None),
@@ -429,6 +433,7 @@ impl Disk {
                     .any(|l| l.node == self.me && l.tier == tier && l.synced)
             })
         });
+        self.qos.set(&meta.qos);
         *live = meta;
     }
 
@@ -579,6 +584,11 @@ impl Disk {
         &self.metrics
     }
 
+    /// The image's limiter (see `qos`).
+    pub fn qos(&self) -> &Limiter {
+        &self.qos
+    }
+
     /// Copies marked out of sync, over all blocks.
     pub fn out_of_sync_copies(&self) -> u64 {
         self.meta()
@@ -651,6 +661,7 @@ impl Disk {
         let result = change(&mut next)?;
         if next != *live {
             self.store.commit(&live, &next).map_err(|e| e.to_string())?;
+            self.qos.set(&next.qos);
             *live = next;
         }
         Ok(result)

@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::cluster::Peers;
 use crate::config::SocketAccess;
 use crate::disk::Disk;
-use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT};
+use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT, THROTTLE_EVENT};
 use crate::virtio::relay;
 
 /// How long a new frontend waits for the previous connection to finish draining before it is
@@ -227,6 +227,13 @@ fn new_daemon(
                 u64::from(COMPLETION_EVENT),
             )
             .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
+        handler
+            .register_listener(
+                backend.throttle_fd(index),
+                EventSet::IN,
+                u64::from(THROTTLE_EVENT),
+            )
+            .map_err(|e| format!("cannot watch the QoS timer: {e}"))?;
     }
     Ok(daemon)
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod peer;
 pub mod placement;
+pub mod qos;
 pub mod replica;
 pub mod route;
 pub mod serve;

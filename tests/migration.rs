@@ -80,7 +80,10 @@ fn a_guest_migrates_and_its_disk_follows() {
     );
     // QEMU's own figure for the switch-over (benches/ compares it with qemu-storage-daemon).
     let info = hmp(&monitor, "info migrate");
-    let downtime = info.lines().find(|l| l.contains("downtime")).unwrap_or("no downtime line");
+    let downtime = info
+        .lines()
+        .find(|l| l.contains("downtime"))
+        .unwrap_or("no downtime line");
     eprintln!("migration: {}", downtime.trim());
     hmp(&monitor, "quit");
     let _ = source.kill();

@@ -71,6 +71,7 @@ fn key(bytes: &[u8], with_prefix: bool) {
         Key::Chunk(id, chunk) => keys.chunk(*id, *chunk),
         Key::Active(id) => keys.active(*id),
         Key::Lost(id, node) => keys.lost(*id, node),
+        Key::Qos(id) => keys.qos(*id),
     };
     assert_eq!(again, key, "{parsed:?} re-encodes differently");
     assert_eq!(keys.encode(&parsed), key);
@@ -189,7 +190,8 @@ fn binary_meta(bytes: &[u8]) -> Option<(ImageRecord, Vec<ChunkRecord>)> {
 
 fn check_meta(record: ImageRecord, chunks: &[ChunkRecord]) {
     let name: ImageName = "img".parse().unwrap();
-    let Ok(meta) = records::meta_of(name.clone(), 7, record.clone(), chunks) else {
+    let Ok(meta) = records::meta_of(name.clone(), 7, record.clone(), chunks, Default::default())
+    else {
         return;
     };
     let cut = records::chunks_of(&meta.table);
@@ -202,9 +204,10 @@ fn check_meta(record: ImageRecord, chunks: &[ChunkRecord]) {
         }
     }
     let parts: Vec<ChunkRecord> = cut.into_iter().map(|(_, part)| part).collect();
-    let again: ImageMeta = records::meta_of(name.clone(), 7, record, &parts).unwrap();
+    let again: ImageMeta =
+        records::meta_of(name.clone(), 7, record, &parts, Default::default()).unwrap();
     assert_eq!(again, meta);
-    let from_own = records::meta_of(name, 7, ImageRecord::of(&meta), &parts).unwrap();
+    let from_own = records::meta_of(name, 7, ImageRecord::of(&meta), &parts, meta.qos).unwrap();
     assert_eq!(from_own, meta);
     assert!(records::changed_chunks(&meta.table, &again.table).is_empty());
 }

@@ -19,6 +19,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::Daemon;
 use crate::metrics::{prometheus_buckets, ImageTotals};
+use crate::qos::QosFigures;
 
 /// Longest a scraper may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,6 +61,7 @@ pub struct ImageFigures {
     pub image: String,
     pub totals: ImageTotals,
     pub out_of_sync: u64,
+    pub qos: QosFigures,
 }
 
 /// One peer's figures at a scrape.
@@ -108,7 +110,7 @@ fn family<T>(
 ) -> Result<(), std::fmt::Error> {
     let kind = match items.first().map(|i| sample(i).1) {
         None => return Ok(()),
-        Some(Sample::Counter(_)) => MetricType::Counter,
+        Some(Sample::Counter(_) | Sample::Seconds(_)) => MetricType::Counter,
         Some(Sample::Gauge(_)) => MetricType::Gauge,
         Some(Sample::Histogram { .. }) => MetricType::Histogram,
     };
@@ -119,6 +121,7 @@ fn family<T>(
         match value {
             Sample::Counter(v) => ConstCounter::new(v).encode(encoder)?,
             Sample::Gauge(v) => ConstGauge::new(v).encode(encoder)?,
+            Sample::Seconds(v) => ConstCounter::new(v).encode(encoder)?,
             Sample::Histogram { counts, sum_us } => {
                 let buckets = prometheus_buckets(counts);
                 let count = counts.iter().sum();
@@ -136,6 +139,7 @@ fn family<T>(
 enum Sample<'a> {
     Counter(u64),
     Gauge(i64),
+    Seconds(f64),
     Histogram { counts: &'a [u64], sum_us: u64 },
 }
 
@@ -206,6 +210,38 @@ impl Collector for Scrape {
                 (img(i), Sample::Histogram { counts, sum_us })
             },
         )?;
+        family(
+            e,
+            "cormorant_image_iops_limit",
+            "IOPS limit, 0 for none",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.qos.iops_limit as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_bps_limit",
+            "Bandwidth limit in bytes per second, 0 for none",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.qos.bps_limit as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_throttled",
+            "Requests that waited for the image's limits",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Counter(i.qos.throttled)),
+        )?;
+        family(
+            e,
+            "cormorant_image_throttled",
+            "Time requests waited for the image's limits",
+            Some(&Unit::Seconds),
+            &self.images,
+            |i| (img(i), Sample::Seconds(i.qos.throttled_seconds)),
+        )?;
         let peer = |p: &PeerFigures| -> Labels { [("peer", p.peer.clone())] };
         family(
             e,
@@ -272,6 +308,11 @@ mod tests {
             image: "vm1".into(),
             totals,
             out_of_sync: 0,
+            qos: QosFigures {
+                iops_limit: 500,
+                throttled_seconds: 1.5,
+                ..QosFigures::default()
+            },
         }];
         let text = render(images, Vec::new());
         for line in [
@@ -286,6 +327,8 @@ mod tests {
             "cormorant_image_request_seconds_bucket{image=\"vm1\",le=\"+Inf\"} 2",
             "cormorant_image_request_seconds_sum{image=\"vm1\"} 0.000009",
             "cormorant_image_request_seconds_count{image=\"vm1\"} 2",
+            "cormorant_image_iops_limit{image=\"vm1\"} 500",
+            "cormorant_image_throttled_seconds_total{image=\"vm1\"} 1.5",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

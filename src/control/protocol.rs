@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
+use crate::qos::QosUpdate;
 
 /// Longest request line the daemon reads; requests are small, so anything longer is junk.
 pub const MAX_REQUEST_LEN: usize = 64 << 10;
@@ -21,6 +22,16 @@ pub enum Request {
         read_only: bool,
         #[serde(default)]
         at: Vec<Placement>,
+        /// Limits from the start (see `ImageSet`); none when left out.
+        #[serde(default)]
+        qos: QosUpdate,
+    },
+    /// Changes an image's limits (IOPS, bytes per second, burst), live: a running guest is
+    /// held to them from its next request. Only the owner changes them; they are stored with
+    /// the image's metadata.
+    ImageSet {
+        name: ImageName,
+        qos: QosUpdate,
     },
     ImageList,
     /// The cluster's nodes (a single node lists itself).

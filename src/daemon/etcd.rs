@@ -274,6 +274,12 @@ impl Daemon {
                         }
                     }
                 }
+                // An image's limits changed: the nodes holding it read it again.
+                (Key::Qos(id), _) => {
+                    if let Some(name) = self.name_of(id) {
+                        touched.insert(name);
+                    }
+                }
                 (Key::Lost(id, _), EventKind::Put) => {
                     if let Some(name) = self.name_of(id) {
                         lost.insert(name);
@@ -723,5 +729,6 @@ fn shared_summary(meta: &ImageMeta) -> Value {
         "block_size": meta.block_size,
         "tier": meta.tier,
         "read_only": meta.read_only,
+        "qos": meta.qos.json(),
     })
 }

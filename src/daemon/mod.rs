@@ -24,6 +24,7 @@ use crate::meta::cluster::ClusterMeta;
 use crate::meta::store::{LocalStore, MetaStore};
 use crate::peer::ClusterKey;
 use crate::placement;
+use crate::qos::{QosLimits, QosUpdate};
 use crate::replica::sync;
 
 struct Entry {
@@ -48,6 +49,22 @@ pub struct Daemon {
     /// Tiers whose copies may be stale at this start (the host went down while the daemon
     /// ran: writes not yet flushed may be gone). Emptied once the start is done.
     suspect: Mutex<Vec<Tier>>,
+}
+
+/// What a new image is: its shape, and its limits from the start.
+struct Shape {
+    size: u64,
+    block_size: u64,
+    tier: Tier,
+    read_only: bool,
+    qos: QosLimits,
+}
+
+/// One image's `stats`: its counters, and its limits with what they held back.
+fn image_stats(disk: &Disk) -> Value {
+    let mut value = disk.metrics().json(disk.out_of_sync_copies());
+    value["qos"] = disk.qos().json();
+    value
 }
 
 /// The tiers of `tiers` on which `disk` has in-sync copies on this node.
@@ -244,11 +261,23 @@ impl Daemon {
                 tier,
                 read_only,
                 at,
+                qos,
             } => {
-                let disk = self.create(name, size, block_size, tier, read_only, &at)?;
+                let qos = QosLimits::default()
+                    .updated(&qos)
+                    .map_err(|e| e.to_string())?;
+                let shape = Shape {
+                    size,
+                    block_size,
+                    tier,
+                    read_only,
+                    qos,
+                };
+                let disk = self.create(name, shape, &at)?;
                 self.publish(&disk)?;
                 Ok(self.summary(&disk))
             }
+            Request::ImageSet { name, qos } => self.set_limits(&name, &qos),
             Request::ImageList => self.list(),
             Request::NodeList => self.node_list(),
             Request::ImageInfo { name } => self.info(&name),
@@ -288,16 +317,12 @@ impl Daemon {
     /// Per-image and per-peer metrics as JSON.
     fn stats(&self, name: Option<&ImageName>) -> Result<Value, String> {
         if let Some(name) = name {
-            let disk = self.disk(name)?;
-            return Ok(disk.metrics().json(disk.out_of_sync_copies()));
+            return Ok(image_stats(&*self.disk(name)?));
         }
         let images: serde_json::Map<String, Value> = self
             .lock()
             .iter()
-            .map(|(n, e)| {
-                let m = e.disk.metrics().json(e.disk.out_of_sync_copies());
-                (n.to_string(), m)
-            })
+            .map(|(n, e)| (n.to_string(), image_stats(&e.disk)))
             .collect();
         let failures = self.peers.failures();
         let peers: serde_json::Map<String, Value> = self
@@ -309,7 +334,6 @@ impl Daemon {
         Ok(json!({"node": self.config.node, "images": images, "peers": peers}))
     }
 
-    /// The same metrics in the Prometheus text format.
     /// What a scrape shows: every image's and every peer's figures, taken now.
     pub fn prometheus(&self) -> String {
         let images = self
@@ -319,6 +343,7 @@ impl Daemon {
                 image: name.to_string(),
                 totals: entry.disk.metrics().totals(),
                 out_of_sync: entry.disk.out_of_sync_copies(),
+                qos: entry.disk.qos().figures(),
             })
             .collect();
         let failures = self.peers.failures();
@@ -364,16 +389,31 @@ impl Daemon {
         }
     }
 
+    /// Changes an image's limits on its owner; the queues apply them at their next request.
+    fn set_limits(&self, name: &ImageName, update: &QosUpdate) -> Result<Value, String> {
+        if update.is_empty() {
+            return Err(
+                "nothing to set: image set changes --iops-limit, --bps-limit and --burst".into(),
+            );
+        }
+        let disk = self.owned_disk(name)?;
+        let limits = disk.update_meta(|meta| {
+            meta.qos = meta.qos.updated(update).map_err(|e| e.to_string())?;
+            Ok(meta.qos)
+        })?;
+        log::info!("image {name}: limits now {}", limits.json());
+        Ok(json!({"name": name, "qos": limits.json()}))
+    }
+
     /// Creates an image, unexported: the caller publishes it once it is ready.
-    fn create(
-        &self,
-        name: ImageName,
-        size: u64,
-        block_size: u64,
-        tier: Tier,
-        read_only: bool,
-        at: &[Placement],
-    ) -> Result<Arc<Disk>, String> {
+    fn create(&self, name: ImageName, shape: Shape, at: &[Placement]) -> Result<Arc<Disk>, String> {
+        let Shape {
+            size,
+            block_size,
+            tier,
+            read_only,
+            qos,
+        } = shape;
         let mut images = self.lock();
         if images.contains_key(&name) {
             return Err(format!("image '{name}' already exists"));
@@ -389,6 +429,7 @@ impl Daemon {
         )
         .map_err(|e| e.to_string())?;
         let mut meta = meta;
+        meta.qos = qos;
         let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
@@ -471,6 +512,7 @@ impl Daemon {
             "block_size": meta.block_size,
             "tier": meta.tier,
             "read_only": meta.read_only,
+            "qos": meta.qos.json(),
             "in_use": disk.in_use(),
             "socket": socket_path(&self.config.run_dir, &meta.name),
         })
@@ -604,7 +646,14 @@ impl Daemon {
             File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let len = source.metadata().map_err(|e| e.to_string())?.len();
         let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
-        let disk = self.create(name.clone(), size, block_size, tier, false, &[])?;
+        let shape = Shape {
+            size,
+            block_size,
+            tier,
+            read_only: false,
+            qos: QosLimits::default(),
+        };
+        let disk = self.create(name.clone(), shape, &[])?;
         let claim = disk.claim().ok_or("image is busy")?;
         let copied = transfer::import_raw(&disk, &mut source, progress);
         drop(claim);

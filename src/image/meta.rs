@@ -11,6 +11,7 @@ use super::id::ImageId;
 use super::location::{Location, NodeId, Tier};
 use super::name::ImageName;
 use super::table::{BlockTable, Extent, TableError, MAX_BLOCKS};
+use crate::qos::{QosError, QosLimits};
 
 /// Bumped when the file format changes incompatibly; older daemons refuse newer files.
 pub const FORMAT_VERSION: u32 = 1;
@@ -46,6 +47,10 @@ pub struct MetaFile {
     /// The tier new blocks are placed on.
     pub tier: Tier,
     pub read_only: bool,
+    /// Per-image limits; left out when there are none, so files of unlimited images read
+    /// the same as before limits existed.
+    #[serde(default, skip_serializing_if = "QosLimits::is_unlimited")]
+    pub qos: QosLimits,
     pub extents: Vec<Extent>,
 }
 
@@ -60,6 +65,8 @@ pub struct ImageMeta {
     pub block_size: u64,
     pub tier: Tier,
     pub read_only: bool,
+    /// Per-image limits (see `qos`): metadata, so they survive restarts and move with it.
+    pub qos: QosLimits,
     pub table: BlockTable,
 }
 
@@ -78,6 +85,8 @@ pub enum MetaError {
         expected: ImageName,
         found: ImageName,
     },
+    #[error("limits: {0}")]
+    Qos(#[from] QosError),
     #[error("block table: {0}")]
     Table(#[from] TableError),
     #[error("cannot parse {path}: {source}")]
@@ -125,6 +134,7 @@ impl ImageMeta {
             block_size,
             tier,
             read_only,
+            qos: QosLimits::default(),
             table: BlockTable::uniform(blocks, locations)?,
         })
     }
@@ -150,6 +160,7 @@ impl ImageMeta {
             block_size: self.block_size,
             tier: self.tier,
             read_only: self.read_only,
+            qos: self.qos,
             extents: self.table.extents(),
         }
     }
@@ -159,6 +170,7 @@ impl ImageMeta {
             return Err(MetaError::FutureVersion(file.version));
         }
         let blocks = check_shape(file.size, file.block_size)?;
+        file.qos.validate()?;
         Ok(ImageMeta {
             table: BlockTable::from_extents(blocks, &file.extents)?,
             name: file.name,
@@ -169,6 +181,7 @@ impl ImageMeta {
             block_size: file.block_size,
             tier: file.tier,
             read_only: file.read_only,
+            qos: file.qos,
         })
     }
 
@@ -278,6 +291,28 @@ mod tests {
             vec![location],
         )
         .unwrap()
+    }
+
+    /// Limits are stored in the file when set and left out when not, so files written before
+    /// limits existed load as unlimited; a hand-edited limit that makes no sense is refused.
+    #[test]
+    fn limits_are_stored_only_when_set_and_checked_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = sample();
+        meta.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("disk0.json")).unwrap();
+        assert!(!text.contains("qos"), "{text}");
+        meta.qos.iops = Some(500);
+        meta.save(dir.path()).unwrap();
+        assert_eq!(ImageMeta::load(dir.path(), &meta.name).unwrap(), meta);
+        let text = std::fs::read_to_string(dir.path().join("disk0.json")).unwrap();
+        std::fs::write(
+            dir.path().join("disk0.json"),
+            text.replace("\"iops\": 500", "\"iops\": 0"),
+        )
+        .unwrap();
+        let err = ImageMeta::load(dir.path(), &meta.name).unwrap_err();
+        assert!(err.to_string().contains("none"), "{err}");
     }
 
     #[test]

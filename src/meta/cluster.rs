@@ -13,6 +13,7 @@ use super::records::{
 };
 use super::store::{MetaStore, StoreError};
 use crate::image::{ImageMeta, ImageName, NodeId};
+use crate::qos::QosLimits;
 
 /// Bounds every etcd call of the control and data paths: a majority that does not answer
 /// within it counts as unreachable for that call.
@@ -153,6 +154,8 @@ impl ClusterMeta {
         let mut headers = Vec::new();
         let mut chunks: std::collections::HashMap<crate::image::ImageId, Vec<(u64, ChunkRecord)>> =
             Default::default();
+        let mut limits: std::collections::HashMap<crate::image::ImageId, QosLimits> =
+            Default::default();
         for kv in &kvs {
             match self.keys.parse(&kv.key) {
                 Some(Key::Image(name)) => {
@@ -160,6 +163,9 @@ impl ClusterMeta {
                 }
                 Some(Key::Chunk(id, chunk)) => {
                     chunks.entry(id).or_default().push((chunk, decode(kv)?))
+                }
+                Some(Key::Qos(id)) => {
+                    limits.insert(id, decode(kv)?);
                 }
                 _ => {}
             }
@@ -169,7 +175,8 @@ impl ClusterMeta {
             let mut parts = chunks.remove(&record.id).unwrap_or_default();
             parts.sort_by_key(|(c, _)| *c);
             let parts: Vec<ChunkRecord> = parts.into_iter().map(|(_, r)| r).collect();
-            match records::meta_of(name.clone(), epoch, record, &parts) {
+            let qos = limits.remove(&record.id).unwrap_or_default();
+            match records::meta_of(name.clone(), epoch, record, &parts, qos) {
                 Ok(meta) => images.push(meta),
                 Err(e) => log::error!("image {name}: metadata in etcd is unusable: {e}"),
             }
@@ -190,7 +197,10 @@ impl ClusterMeta {
                     Cmp::Equal,
                     head.mod_revision,
                 )],
-                success: vec![Op::GetPrefix(self.keys.chunks(record.id))],
+                success: vec![
+                    Op::GetPrefix(self.keys.chunks(record.id)),
+                    Op::Get(self.keys.qos(record.id)),
+                ],
                 failure: vec![],
             };
             let result = self.etcd.txn(&txn)?;
@@ -201,8 +211,12 @@ impl ClusterMeta {
             for kv in result.responses.first().map(Vec::as_slice).unwrap_or(&[]) {
                 parts.push(decode::<ChunkRecord>(kv)?);
             }
-            let meta =
-                records::meta_of(name.clone(), epoch_of(head.mod_revision)?, record, &parts)?;
+            let qos = match result.responses.get(1).and_then(|kvs| kvs.first()) {
+                Some(kv) => decode::<QosLimits>(kv)?,
+                None => QosLimits::default(),
+            };
+            let epoch = epoch_of(head.mod_revision)?;
+            let meta = records::meta_of(name.clone(), epoch, record, &parts, qos)?;
             return Ok(Some(meta));
         }
     }
@@ -218,6 +232,20 @@ impl ClusterMeta {
             .collect()
     }
 
+    /// The write that stores `meta`'s limits: its `qos` key, deleted when it has none.
+    fn qos_write(&self, meta: &ImageMeta) -> Op {
+        let key = self.keys.qos(meta.id);
+        if meta.qos.is_unlimited() {
+            Op::Delete(key)
+        } else {
+            Op::Put {
+                key,
+                value: encode(&meta.qos),
+                lease: 0,
+            }
+        }
+    }
+
     /// Creates `meta` (owned by this node) unless an image of that name exists; sets its
     /// epoch.
     pub fn create(&self, meta: &mut ImageMeta) -> Result<(), StoreError> {
@@ -228,6 +256,9 @@ impl ClusterMeta {
             lease: 0,
         }];
         success.extend(self.chunk_puts(meta, records::chunks_of(&meta.table)));
+        if !meta.qos.is_unlimited() {
+            success.push(self.qos_write(meta));
+        }
         let txn = Txn {
             compare: vec![Compare::Version(key, Cmp::Equal, 0)],
             success,
@@ -318,7 +349,11 @@ impl ClusterMeta {
                 Compare::ModRevision(key.clone(), Cmp::Equal, meta.generation as i64),
                 Compare::Version(self.keys.active(meta.id), Cmp::Equal, 0),
             ],
-            success: vec![Op::Delete(key), Op::DeletePrefix(self.keys.chunks(meta.id))],
+            success: vec![
+                Op::Delete(key),
+                Op::DeletePrefix(self.keys.chunks(meta.id)),
+                Op::Delete(self.keys.qos(meta.id)),
+            ],
             failure: self.refusal_reads(meta),
         };
         let result = self.etcd.txn(&txn)?;
@@ -516,7 +551,11 @@ impl MetaStore for ClusterMeta {
             return Err(fenced());
         }
         let changed = records::changed_chunks(&current.table, &next.table);
-        if changed.is_empty() {
+        let mut success = self.chunk_puts(next, changed);
+        if next.qos != current.qos {
+            success.push(self.qos_write(next));
+        }
+        if success.is_empty() {
             return Ok(());
         }
         let txn = Txn {
@@ -525,7 +564,7 @@ impl MetaStore for ClusterMeta {
                 Cmp::Equal,
                 current.generation as i64,
             )],
-            success: self.chunk_puts(next, changed),
+            success,
             failure: vec![],
         };
         if self.etcd.txn(&txn)?.succeeded {

@@ -11,6 +11,11 @@
 //! | `extents/<id>/<chunk %08d>` | [`ChunkRecord`]              | none      | the image's owner |
 //! | `active/<id>`               | [`ActiveRecord`]             | owner's   | the image's owner |
 //! | `lost/<id>/<node>`          | [`LostRecord`]               | none      | a holder, at start|
+//! | `qos/<id>`                  | [`QosLimits`]                | none      | the image's owner |
+//!
+//! An image's limits live in their own key, not its header: writing the header moves the
+//! epoch, which must change only with the owner. An image without the key is unlimited (so
+//! records from before limits existed read as they did).
 //!
 //! An image's **epoch** is the etcd revision at which its `image/<name>` key was last written:
 //! only creation and ownership changes write it, so the epoch goes up exactly when the owner
@@ -22,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::image::meta::{MetaError, FORMAT_VERSION};
 use crate::image::table::{BlockTable, Extent};
 use crate::image::{BlockRange, ImageId, ImageMeta, ImageName, NodeId, Tier};
+use crate::qos::QosLimits;
 
 /// Blocks per extents record. A record holds at most this many extents; with four copies per
 /// block an extent takes about 200 bytes of JSON, so a fully fragmented record stays near
@@ -44,6 +50,7 @@ pub enum Key {
     Chunk(ImageId, u64),
     Active(ImageId),
     Lost(ImageId, NodeId),
+    Qos(ImageId),
 }
 
 impl Keys {
@@ -98,6 +105,10 @@ impl Keys {
         self.key(format!("lost/{id}/{node}"))
     }
 
+    pub fn qos(&self, id: ImageId) -> Vec<u8> {
+        self.key(format!("qos/{id}"))
+    }
+
     /// The key named by `key`.
     pub fn encode(&self, key: &Key) -> Vec<u8> {
         match key {
@@ -107,6 +118,7 @@ impl Keys {
             Key::Chunk(id, chunk) => self.chunk(*id, *chunk),
             Key::Active(id) => self.active(*id),
             Key::Lost(id, node) => self.lost(*id, node),
+            Key::Qos(id) => self.qos(*id),
         }
     }
 
@@ -126,6 +138,7 @@ impl Keys {
             "incarnation" => rest.parse().ok().map(Key::Incarnation),
             "image" => rest.parse().ok().map(Key::Image),
             "active" => rest.parse().ok().map(Key::Active),
+            "qos" => rest.parse().ok().map(Key::Qos),
             "lost" => {
                 let (id, node) = rest.split_once('/')?;
                 Some(Key::Lost(id.parse().ok()?, node.parse().ok()?))
@@ -268,12 +281,14 @@ pub fn changed_chunks(current: &BlockTable, next: &BlockTable) -> Vec<(u64, Chun
         .collect()
 }
 
-/// Puts an image's metadata back together from its records, checking every part.
+/// Puts an image's metadata back together from its records (and its limits: unlimited when
+/// it has no `qos` key), checking every part.
 pub fn meta_of(
     name: ImageName,
     epoch: u64,
     record: ImageRecord,
     chunks: &[ChunkRecord],
+    qos: QosLimits,
 ) -> Result<ImageMeta, MetaError> {
     if record.version > FORMAT_VERSION {
         return Err(MetaError::FutureVersion(record.version));
@@ -293,6 +308,7 @@ pub fn meta_of(
         block_size: record.block_size,
         tier: record.tier,
         read_only: record.read_only,
+        qos,
         extents,
     };
     ImageMeta::from_file(file)
@@ -339,6 +355,7 @@ mod tests {
         assert_eq!(keys.parse(&keys.active(id)), Some(Key::Active(id)));
         let n: NodeId = "n2".parse().unwrap();
         assert_eq!(keys.parse(&keys.lost(id, &n)), Some(Key::Lost(id, n)));
+        assert_eq!(keys.parse(&keys.qos(id)), Some(Key::Qos(id)));
         assert_eq!(keys.parse(b"/cormorant/c2/image/disk"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/image/../x"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/extents/zz/00000001"), None);
@@ -373,7 +390,7 @@ mod tests {
         assert_eq!(chunks.len(), 4);
         assert_eq!(chunks[1].1.extents.len(), 2, "split at the chunk edge");
         let records: Vec<ChunkRecord> = chunks.into_iter().map(|(_, r)| r).collect();
-        let back = meta_of(m.name.clone(), 0, ImageRecord::of(&m), &records).unwrap();
+        let back = meta_of(m.name.clone(), 0, ImageRecord::of(&m), &records, m.qos).unwrap();
         assert_eq!(back, m);
     }
 
@@ -392,6 +409,7 @@ mod tests {
     fn a_missing_chunk_is_refused() {
         let m = meta(2 * CHUNK_BLOCKS);
         let records: Vec<ChunkRecord> = chunks_of(&m.table).into_iter().map(|(_, r)| r).collect();
-        assert!(meta_of(m.name.clone(), 0, ImageRecord::of(&m), &records[..1]).is_err());
+        let qos = QosLimits::default();
+        assert!(meta_of(m.name.clone(), 0, ImageRecord::of(&m), &records[..1], qos).is_err());
     }
 }

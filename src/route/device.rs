@@ -67,6 +67,11 @@ impl Device {
         )
     }
 
+    /// The image's limits (QoS), shared by its queues.
+    pub fn qos(&self) -> &crate::qos::Limiter {
+        self.disk.qos()
+    }
+
     /// Whether requests may be served now without a take-over or an activation first.
     pub fn is_ready(&self) -> bool {
         self.disk.is_active() && self.disk.owned_here()

@@ -42,6 +42,8 @@ const VHOST_F_LOG_ALL: u64 = 26;
 /// Event data value for io_uring completions: values up to the queue count are taken by the
 /// queues' kicks and the exit event.
 pub const COMPLETION_EVENT: u16 = MAX_QUEUES as u16 + 1;
+/// Event data value for the QoS timer of a queue holding a request for its image's tokens.
+pub const THROTTLE_EVENT: u16 = MAX_QUEUES as u16 + 2;
 
 pub struct BlkBackend {
     /// False until the connection is admitted (one frontend per image): until then kicks are
@@ -98,6 +100,11 @@ impl BlkBackend {
     /// The completion eventfd of queue `index`'s worker, for the vring thread's epoll.
     pub fn completion_fd(&self, index: usize) -> i32 {
         std::os::unix::io::AsRawFd::as_raw_fd(self.worker(index).completion_fd())
+    }
+
+    /// The QoS timerfd of queue `index`'s worker, for the vring thread's epoll.
+    pub fn throttle_fd(&self, index: usize) -> i32 {
+        std::os::unix::io::AsRawFd::as_raw_fd(self.worker(index).throttle_fd())
     }
 
     /// Lets the queues run, serving anything the guest queued before.
@@ -221,6 +228,8 @@ impl VhostUserBackend for BlkBackend {
         let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
         if device_event == COMPLETION_EVENT {
             worker.on_completions();
+        } else if device_event == THROTTLE_EVENT {
+            worker.on_throttle_timer();
         } else if let Some(vring) = vrings.get(device_event as usize) {
             // Checked under the worker's lock, which `admit` also takes: no kick is lost.
             if self.admitted.load(Ordering::Acquire) {

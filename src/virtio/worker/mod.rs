@@ -8,6 +8,7 @@
 
 mod complete;
 mod execute;
+mod throttle;
 
 use std::sync::Arc;
 
@@ -77,6 +78,8 @@ pub struct Worker {
     guest_errors: Throttle,
     /// This queue's part of QEMU's in-flight region, when QEMU shares one.
     inflight: Option<QueueInflight>,
+    /// QoS: the request waiting for the image's tokens, and its timer (see `throttle.rs`).
+    throttle: throttle::Throttle,
 }
 
 impl Worker {
@@ -98,6 +101,7 @@ impl Worker {
             needs_signal: false,
             guest_errors: Throttle::default(),
             inflight: None,
+            throttle: throttle::Throttle::new()?,
         })
     }
 
@@ -186,6 +190,10 @@ impl Worker {
 
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
+        if let Some(vring) = self.vring.clone() {
+            // QoS: a request held for its tokens goes now (see `throttle.rs`).
+            self.release_held(&vring);
+        }
         while self.queue.in_flight() > 0 {
             if self.queue.retry_deferred() > 0 {
                 std::thread::sleep(DEFERRED_RETRY);
@@ -218,6 +226,11 @@ impl Worker {
             self.queue.submit_queued();
             self.complete(vring);
             self.signal(vring);
+            if self.holding() {
+                // QoS: a request waits for the image's tokens; the throttle timer serves the
+                // queue on (see `throttle.rs`), and the kick stays off meanwhile.
+                return;
+            }
             if waiting > 0 {
                 // Frozen blocks thaw after one block's copy: check back soon.
                 std::thread::sleep(DEFERRED_RETRY);
@@ -266,7 +279,8 @@ impl Worker {
     /// Takes requests off the ring until it is empty or enough is in flight.
     fn pop_batch(&mut self, vring: &Vring, mem: &Arc<Mem>) -> usize {
         let mut popped = 0;
-        while !self.queue.is_full() {
+        // QoS: no new requests while one waits for the image's tokens (see `throttle.rs`).
+        while !self.queue.is_full() && !self.holding() {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -291,7 +305,8 @@ impl Worker {
         mem: &Arc<Mem>,
     ) {
         match request::parse(&**mem, chain, &self.limits) {
-            Ok(request) => self.execute(vring, head, request, mem),
+            // QoS: executes now or holds it for the image's tokens (see `throttle.rs`).
+            Ok(request) => self.execute_within_limits(vring, head, request, mem),
             Err(rejected) => {
                 self.guest_error(&rejected.error);
                 let status = rejected.error.status();
