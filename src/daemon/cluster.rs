@@ -89,9 +89,8 @@ impl Daemon {
             placement::remove(&disk, range, at)?
         };
         if at.node == self.config.node {
-            let files = disk.files(at.tier);
             for &block in &removed {
-                if let Err(e) = files.drop_block(block) {
+                if let Err(e) = disk.blocks().free_block(at.tier, block) {
                     log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
                 }
             }

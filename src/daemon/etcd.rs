@@ -477,7 +477,7 @@ impl Daemon {
                     .locations(block)
                     .is_some_and(|ls| ls.iter().any(|l| &l.node == me && l.tier == tier));
                 if had && !has {
-                    if let Err(e) = disk.files(tier).drop_block(block) {
+                    if let Err(e) = disk.blocks().free_block(tier, block) {
                         log::warn!("image {}: block {block}: cannot free it: {e}", disk.name());
                     }
                 }
@@ -503,7 +503,7 @@ impl Daemon {
         disk.fence();
         disk.mark_removed();
         for tier in [Tier::Ram, Tier::Volume] {
-            if let Err(e) = disk.files(tier).remove_all() {
+            if let Err(e) = disk.blocks().files(tier).remove_all() {
                 log::warn!("image {name}: cannot remove its block files on {tier}: {e}");
             }
         }

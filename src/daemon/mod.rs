@@ -569,6 +569,7 @@ impl Daemon {
         for tier in [Tier::Ram, Tier::Volume] {
             entry
                 .disk
+                .blocks()
                 .files(tier)
                 .remove_all()
                 .map_err(|e| format!("cannot remove block files: {e}"))?;
@@ -597,7 +598,7 @@ impl Daemon {
             let _ = self.remove(&name);
             return Err(format!("cannot import {}: {e}", path.display()));
         }
-        disk.sync_all().map_err(|e| e.to_string())?;
+        disk.blocks().flush().map_err(|e| e.to_string())?;
         self.publish(&disk)?;
         Ok(self.summary(&disk))
     }
@@ -611,7 +612,7 @@ impl Daemon {
                 export.stop();
             }
             let name = entry.disk.name().clone();
-            if let Err(e) = entry.disk.sync_all() {
+            if let Err(e) = entry.disk.blocks().flush() {
                 log::error!("image {name}: sync at shutdown failed: {e}");
             }
             if self.shared.is_some() {

@@ -131,7 +131,9 @@ impl Worker {
     pub(super) fn finish(&mut self, vring: &Vring, mut request: InFlight) {
         for (copy, block, file) in &request.volume_writes {
             if request.copies.get(copy - 1).is_some_and(|c| c.stored) {
-                self.disk.dirty().mark(*block, file);
+                self.disk
+                    .blocks()
+                    .written(crate::image::Tier::Volume, *block, file);
             }
         }
         if !request.written.is_empty() {
@@ -178,7 +180,7 @@ impl Worker {
         }
         let ok = request.status_byte == VIRTIO_BLK_S_OK as u8;
         if let (true, Some(ticket)) = (ok, &request.flush) {
-            self.disk.dirty().clear(ticket);
+            self.disk.blocks().flushed(ticket);
         }
         let used = match request.mem.write_obj(request.status_byte, request.status) {
             Ok(()) if ok => request.used_len,

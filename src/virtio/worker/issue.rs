@@ -278,7 +278,7 @@ impl Worker {
             }
             Err(e) => return self.fail(slot, &e),
         };
-        match self.disk.files(tier).for_read(piece.block) {
+        match self.disk.blocks().file_for_read(tier, piece.block) {
             Ok(None) => iovecs.zero_from(0),
             Ok(Some(file)) => {
                 self.issue(tag(slot, 0), tier, OpKind::Read, file, piece.offset, iovecs)
@@ -316,7 +316,11 @@ impl Worker {
                 }
                 continue;
             }
-            match self.disk.files(location.tier).for_write(piece.block) {
+            match self
+                .disk
+                .blocks()
+                .file_for_write(location.tier, piece.block)
+            {
                 Ok(file) => {
                     if location.tier == Tier::Volume {
                         if let Some(request) = self.requests[slot].as_mut() {
@@ -348,9 +352,10 @@ impl Worker {
     /// Syncs every volume-tier block file written since its last sync. RAM-tier data lives
     /// in tmpfs, which a daemon crash does not lose and nothing can make more durable.
     fn flush(&mut self, slot: usize) {
-        if let Err(e) = self.disk.files(Tier::Volume).sync_dir_if_dirty() {
-            return self.fail(slot, &format!("cannot sync block directory: {e}"));
-        }
+        let plan = match self.disk.blocks().flush_plan() {
+            Ok(plan) => plan,
+            Err(e) => return self.fail(slot, &e.to_string()),
+        };
         let me = self.disk.me().clone();
         let tier = self.disk.meta().tier;
         for node in self.disk.meta().table.nodes() {
@@ -377,8 +382,7 @@ impl Worker {
                 self.remote.call(&node, flush, tag(slot, copy));
             }
         }
-        let (files, ticket) = self.disk.dirty().snapshot();
-        for file in files {
+        for file in plan.files {
             self.issue(
                 tag(slot, 0),
                 Tier::Volume,
@@ -389,7 +393,7 @@ impl Worker {
             );
         }
         if let Some(request) = self.requests[slot].as_mut() {
-            request.flush = Some(ticket);
+            request.flush = Some(plan.ticket);
         }
     }
 
@@ -453,18 +457,12 @@ impl Worker {
 
     /// Frees a span of this node's copy; true when it is done.
     fn free_here(&self, location: &Location, span: route::BlockSpan, whole: bool) -> bool {
-        let files = self.disk.files(location.tier);
-        let freed = if whole {
-            files.drop_block(span.block)
-        } else {
-            files.punch(span.block, span.offset, span.len)
-        };
-        if freed.is_ok() && !whole && location.tier == Tier::Volume {
-            // The hole must survive a power cut like data would: the next flush syncs it.
-            if let Ok(Some(file)) = files.for_read(span.block) {
-                self.disk.dirty().mark(span.block, &file);
-            }
-        }
+        let blocks = self.disk.blocks();
+        debug_assert_eq!(
+            whole,
+            span.offset == 0 && span.len == blocks.block_len(span.block)
+        );
+        let freed = blocks.free(location.tier, span.block, span.offset, span.len);
         if let Err(e) = &freed {
             log::error!(
                 "image {}: cannot free block {} on {}: {e}",

@@ -22,10 +22,11 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cluster::Peers;
-use crate::disk::{Disk, FlushTicket};
+use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{Done, Engine, InlineEngine, UringEngine};
 use crate::replica::ack::CopyResult;
+use crate::store::FlushTicket;
 use crate::virtio::chain;
 use crate::virtio::inflight::QueueInflight;
 use crate::virtio::request::{self, Limits, Request, Segments};
