@@ -219,3 +219,67 @@ fn zero_digest(len: u64) -> [u8; 32] {
     *map.entry(len)
         .or_insert_with(|| Sha256::digest(vec![0u8; len as usize]).into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Tier;
+    use crate::service::tests::{daemon, setup, BLOCK};
+
+    #[test]
+    fn a_local_copy_is_replaced_whole_and_checksums_like_its_source() {
+        let (_root, service, disk) = setup();
+        let copies = DiskCopies {
+            disk: &disk,
+            peers: daemon(&service).peers(),
+        };
+        let name = disk.name().clone();
+        let here = Location {
+            node: disk.me().clone(),
+            tier: Tier::Volume,
+            synced: true,
+        };
+        let zeros = copies.checksum(&name, &here, 0).unwrap();
+        assert_eq!(
+            zeros,
+            Some(zero_digest(BLOCK)),
+            "an absent block hashes like zeros"
+        );
+
+        disk.blocks().write(Tier::Volume, 0, 0, &[3; 8192]).unwrap();
+        copies.write(&name, &here, 0, Some(b"copied")).unwrap();
+        let data = copies.read(&name, &here, 0, BLOCK).unwrap().unwrap();
+        assert_eq!(data, b"copied", "the old tail is gone");
+        let mut padded = b"copied".to_vec();
+        padded.resize(BLOCK as usize, 0);
+        let want: [u8; 32] = Sha256::digest(&padded).into();
+        assert_eq!(copies.checksum(&name, &here, 0).unwrap(), Some(want));
+
+        copies.write(&name, &here, 0, None).unwrap();
+        assert!(copies.read(&name, &here, 0, BLOCK).unwrap().is_none());
+        assert_eq!(copies.checksum(&name, &here, 0).unwrap(), zeros);
+    }
+
+    #[test]
+    fn a_copy_too_long_for_its_block_is_a_typed_error() {
+        let (_root, service, disk) = setup();
+        let copies = DiskCopies {
+            disk: &disk,
+            peers: daemon(&service).peers(),
+        };
+        let here = Location {
+            node: disk.me().clone(),
+            tier: Tier::Volume,
+            synced: true,
+        };
+        let long = vec![1u8; BLOCK as usize + 1];
+        let err = copies
+            .write(disk.name(), &here, 1, Some(&long))
+            .unwrap_err();
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<CopyError>());
+        assert!(
+            matches!(inner, Some(CopyError::Local(BlockError::OutOfBlock { .. }))),
+            "{err}"
+        );
+    }
+}

@@ -290,16 +290,17 @@ fn io(e: BlockError) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Config;
     use crate::control::protocol::Request as Control;
     use crate::store::TierDirs;
 
-    const BLOCK: u64 = 1 << 20;
+    pub(crate) const BLOCK: u64 = 1 << 20;
 
-    /// A single-node daemon with one 2-block image on the volume tier, and its service.
-    fn setup() -> (tempfile::TempDir, PeerService, Arc<Disk>) {
+    /// A single-node daemon with one 2-block image on the volume tier, and its service
+    /// (which holds the daemon). Resync's tests use it too.
+    pub(crate) fn setup() -> (tempfile::TempDir, PeerService, Arc<Disk>) {
         let root = tempfile::tempdir().unwrap();
         let config = Config {
             run_dir: root.path().join("run"),
@@ -327,6 +328,10 @@ mod tests {
         daemon.apply(create, &mut |_, _| {}).unwrap();
         let disk = daemon.find(&"img".parse().unwrap()).unwrap();
         (root, PeerService::new(daemon), disk)
+    }
+
+    pub(crate) fn daemon(service: &PeerService) -> &Daemon {
+        &service.daemon
     }
 
     fn ok(service: &PeerService, request: Request) {

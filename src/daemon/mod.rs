@@ -259,8 +259,12 @@ impl Daemon {
                 block_size,
                 tier,
             } => self.import(name, Path::new(&path), block_size, tier, progress),
-            Request::LocationAdd { name, blocks, at } => self.location_add(&name, blocks, &at),
-            Request::LocationRm { name, blocks, at } => self.location_rm(&name, blocks, &at),
+            Request::LocationAdd { name, blocks, at } => self
+                .location_add(&name, blocks, &at)
+                .map_err(|e| e.to_string()),
+            Request::LocationRm { name, blocks, at } => self
+                .location_rm(&name, blocks, &at)
+                .map_err(|e| e.to_string()),
             Request::Sync { name, blocks, rate } => {
                 let disk = self.owned_disk(&name)?;
                 let range = placement::range_of(&disk, blocks)?;
