@@ -107,7 +107,7 @@ impl BlockFiles {
     /// the cache lock, so a reader can never record "absent" after a writer created the file
     /// (reads would then return zeros for acknowledged data), nor a writer cache a file that
     /// a discard just unlinked. Opens are rare (the result is cached), so the lock is cheap.
-    pub fn for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
+    pub(super) fn for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
         let mut cache = self.lock();
         match cache.get(&block) {
             Some(Entry::Open(file)) => return Ok(Some(file.clone())),
@@ -128,7 +128,7 @@ impl BlockFiles {
     }
 
     /// The file of `block` for writing, created on first use.
-    pub fn for_write(&self, block: u64) -> io::Result<Arc<File>> {
+    pub(super) fn for_write(&self, block: u64) -> io::Result<Arc<File>> {
         let mut cache = self.lock();
         if let Some(Entry::Open(file)) = cache.get(&block) {
             return Ok(file.clone());
@@ -163,7 +163,7 @@ impl BlockFiles {
     }
 
     /// Frees a whole block: its file goes, and it reads as zeros again.
-    pub fn drop_block(&self, block: u64) -> io::Result<()> {
+    pub(super) fn drop_block(&self, block: u64) -> io::Result<()> {
         let mut cache = self.lock();
         Self::remember(&mut cache, block, Entry::Absent);
         match fs::remove_file(self.path(block)) {
@@ -177,7 +177,7 @@ impl BlockFiles {
     }
 
     /// Frees `len` bytes at `offset` inside `block`; they read as zeros afterwards.
-    pub fn punch(&self, block: u64, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn punch(&self, block: u64, offset: u64, len: u64) -> io::Result<()> {
         let Some(file) = self.for_read(block)? else {
             return Ok(());
         };
@@ -227,7 +227,7 @@ impl BlockFiles {
 
 /// Reads into `buf` from `offset` until it is full or the file ends; returns the bytes read
 /// (block files are sparse and may end early: the rest of a block reads as zeros).
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(super) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
     let mut n = 0;
     while n < buf.len() {

@@ -20,7 +20,8 @@ use crate::image::{ImageId, ImageName, Tier};
 pub use blocks::{Blocks, FlushPlan};
 pub use dirty::{DirtyFiles, FlushTicket};
 pub use error::BlockError;
-pub use files::{read_full_at, BlockFiles, MAX_OPEN_BLOCKS};
+use files::read_full_at;
+pub use files::{BlockFiles, MAX_OPEN_BLOCKS};
 
 /// The two tier directories of this node.
 #[derive(Debug, Clone)]
