@@ -734,8 +734,7 @@ impl Disk {
 
     /// Bytes the image's block files take on this node.
     pub fn used_bytes(&self) -> io::Result<u64> {
-        let files = |tier| self.blocks.files(tier);
-        Ok(files(Tier::Ram).used_bytes()? + files(Tier::Volume).used_bytes()?)
+        self.blocks.used_bytes()
     }
 }
 

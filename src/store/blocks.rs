@@ -227,7 +227,7 @@ impl Blocks {
     pub fn file_for_write(&self, tier: Tier, block: u64) -> Result<Arc<File>, BlockError> {
         self.files(tier)
             .for_write(block)
-            .map_err(io_at(tier, block, "create"))
+            .map_err(io_at(tier, block, "open for writing"))
     }
 
     /// Records that a write to `block`'s `file` landed: on the volume tier, the next flush
@@ -251,6 +251,11 @@ impl Blocks {
     /// Forgets the files a flush synced, except those written again since its plan.
     pub fn flushed(&self, ticket: &FlushTicket) {
         self.dirty.clear(ticket);
+    }
+
+    /// Bytes the image's block files take on this node (allocated, not apparent, size).
+    pub fn used_bytes(&self) -> std::io::Result<u64> {
+        Ok(self.ram.used_bytes()? + self.volume.used_bytes()?)
     }
 
     /// Whether the next flush syncs `block`'s volume-tier file.
@@ -344,7 +349,9 @@ mod tests {
         let (_root, blocks) = setup();
         // The last block is short: its whole is its 8 KiB inside the image.
         blocks.write(Tier::Volume, 2, 0, b"tail").unwrap();
+        assert!(blocks.used_bytes().unwrap() > 0);
         blocks.free(Tier::Volume, 2, 0, 8192).unwrap();
+        assert_eq!(blocks.used_bytes().unwrap(), 0);
         assert!(blocks.file_for_read(Tier::Volume, 2).unwrap().is_none());
         assert!(!blocks.is_dirty(2));
         blocks.free_block(Tier::Volume, 2).unwrap();
