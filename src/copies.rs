@@ -7,11 +7,11 @@ use std::sync::{Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
-use crate::cluster::Peers;
 use crate::disk::Disk;
 use crate::image::range::RangeError;
 use crate::image::{BlockRange, ImageName, Location, NodeId};
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
+use crate::peers::Peers;
 use crate::replica::sync::Copies;
 use crate::store::BlockError;
 
@@ -223,8 +223,8 @@ fn zero_digest(len: u64) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::holder::tests::{daemon, setup, BLOCK};
     use crate::image::Tier;
-    use crate::service::tests::{daemon, setup, BLOCK};
 
     #[test]
     fn a_local_copy_is_replaced_whole_and_checksums_like_its_source() {

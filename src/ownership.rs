@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Peers;
 use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::image::Placement;
 use crate::meta::store::StoreError;
+use crate::peers::Peers;
 use crate::placement;
 use crate::replica::sync;
 

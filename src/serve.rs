@@ -12,11 +12,11 @@ use signal_hook::iterator::Signals;
 use crate::control;
 use crate::daemon::{Config, Daemon};
 use crate::engine::probe_uring;
+use crate::holder::HolderService;
 use crate::image::Tier;
 use crate::meta::cluster::{ClusterMeta, Join};
 use crate::meta::records::TierRecord;
 use crate::peer::{ClusterKey, PeerServer};
-use crate::service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -89,7 +89,7 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
                 cluster.listen,
                 key,
                 config.node.clone(),
-                Arc::new(PeerService::new(daemon.clone())),
+                Arc::new(HolderService::new(daemon.clone())),
                 cluster.encrypt,
             )
             .map_err(io_err("cannot listen for peers"))?,

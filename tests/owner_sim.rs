@@ -639,9 +639,9 @@ impl Sim {
         !disk.is_fenced() && self.now() < node.good_until && node.active_under == node.lease_gen + 1
     }
 
-    // -- the peer service (`service::PeerService`) --------------------------------------
+    // -- the peer service (`holder::HolderService`) --------------------------------------
 
-    /// `PeerService::disk` and `held`: the epoch checks, then whether the block is held here.
+    /// `HolderService::disk` and `held`: the epoch checks, then whether the block is held here.
     fn admit(
         &mut self,
         h: usize,
@@ -700,7 +700,7 @@ impl Sim {
     ) -> Result<u64, Refusal> {
         let disk = self.admit(h, name, epoch, tier, block)?;
         if disk.is_lost(tier, block) {
-            // `PeerService::still_lost`: asks etcd before refusing.
+            // `HolderService::still_lost`: asks etcd before refusing.
             self.refresh(h, name);
             if disk.is_lost(tier, block) {
                 return Err(Refusal::Lost);

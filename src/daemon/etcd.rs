@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 
 use super::{Daemon, Entry};
 use crate::disk::Disk;
-use crate::export::socket_path;
 use crate::image::id::parse_dir_name;
 use crate::image::{ImageId, ImageMeta, ImageName, NodeId, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::etcd::{EtcdError, EventKind};
 use crate::meta::lease::Standing;
 use crate::meta::records::{ChunkRecord, ImageRecord, Key, NodeRecord};
+use crate::vhost_listener::socket_path;
 
 /// How long to wait before watching again after the watch failed.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);

@@ -1,8 +1,8 @@
 //! The daemon's state: the images of this node, each opened as a disk and exported on its
 //! socket. Control actions are applied here, one owner for every change to that state.
 
-mod cluster;
 mod etcd;
+mod relocate;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -13,23 +13,23 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use crate::cluster::Peers;
 pub use crate::config::Config;
 use crate::control::protocol::Request;
 use crate::disk::Disk;
-use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
 use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::store::{LocalStore, MetaStore};
 use crate::peer::ClusterKey;
+use crate::peers::Peers;
 use crate::placement;
 use crate::replica::sync;
+use crate::vhost_listener::{socket_path, VhostListener};
 
 struct Entry {
     disk: Arc<Disk>,
     /// None while an import fills the image: no frontend may see it half-written.
-    export: Option<Export>,
+    export: Option<VhostListener>,
 }
 
 pub struct Daemon {
@@ -223,9 +223,9 @@ impl Daemon {
         self.lock().get(name).map(|e| e.disk.clone())
     }
 
-    fn export(&self, disk: &Arc<Disk>) -> io::Result<Export> {
+    fn export(&self, disk: &Arc<Disk>) -> io::Result<VhostListener> {
         let socket = socket_path(&self.config.run_dir, disk.name());
-        Export::start(
+        VhostListener::start(
             disk.clone(),
             socket,
             self.config.use_uring,

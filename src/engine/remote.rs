@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Done, IoVecs, OpKind};
-use crate::cluster::Peers;
 use crate::image::{NodeId, Tier};
 use crate::peer::ImageRef;
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
+use crate::peers::Peers;
 
 pub struct RemoteOp {
     pub kind: OpKind,

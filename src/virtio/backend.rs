@@ -22,9 +22,9 @@ use super::config::BlkConfig;
 use super::inflight;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
-use crate::cluster::Peers;
 use crate::disk::Disk;
 use crate::image::SECTOR_SIZE;
+use crate::peers::Peers;
 
 /// Queues a frontend may use (QEMU's `num-queues`). Each gets its own thread, idle unless
 /// the guest uses it; eight covers one queue per vCPU for the guests we expect on a node.

@@ -21,10 +21,10 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cluster::Peers;
 use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{Done, Engine, InlineEngine, UringEngine};
+use crate::peers::Peers;
 use crate::replica::ack::CopyResult;
 use crate::store::FlushTicket;
 use crate::virtio::chain;

@@ -1,6 +1,7 @@
-//! What this node does for its peers: serve the copies it holds (read, write, flush, discard,
-//! checksums), and learn which copies it holds (hold, release). Every request is checked
-//! against this node's metadata: a peer touches only blocks this node holds for that image.
+//! This node as a holder of copies: answers peers' requests for the copies held here (read,
+//! write, flush, discard, checksums) through the image's block-I/O API. Every request is
+//! checked against this node's metadata: a peer touches only blocks this node holds for that
+//! image. (`serve.rs` starts the daemon; this file answers peers.)
 
 use std::sync::Arc;
 
@@ -10,13 +11,13 @@ use crate::image::{NodeId, Tier};
 use crate::peer::{code, ImageRef, PeerHandler, Request, Response};
 use crate::store::BlockError;
 
-pub struct PeerService {
+pub struct HolderService {
     daemon: Arc<Daemon>,
 }
 
-impl PeerService {
+impl HolderService {
     pub fn new(daemon: Arc<Daemon>) -> Self {
-        PeerService { daemon }
+        HolderService { daemon }
     }
 
     /// The disk of `image`, once the request's epoch is found current: a request from an
@@ -269,7 +270,7 @@ impl PeerService {
     }
 }
 
-impl PeerHandler for PeerService {
+impl PeerHandler for HolderService {
     fn handle(&self, _from: &NodeId, request: Request) -> Response {
         self.serve(request).unwrap_or_else(|refusal| refusal)
     }
@@ -300,7 +301,7 @@ pub(crate) mod tests {
 
     /// A single-node daemon with one 2-block image on the volume tier, and its service
     /// (which holds the daemon). Resync's tests use it too.
-    pub(crate) fn setup() -> (tempfile::TempDir, PeerService, Arc<Disk>) {
+    pub(crate) fn setup() -> (tempfile::TempDir, HolderService, Arc<Disk>) {
         let root = tempfile::tempdir().unwrap();
         let config = Config {
             run_dir: root.path().join("run"),
@@ -327,14 +328,14 @@ pub(crate) mod tests {
         };
         daemon.apply(create, &mut |_, _| {}).unwrap();
         let disk = daemon.find(&"img".parse().unwrap()).unwrap();
-        (root, PeerService::new(daemon), disk)
+        (root, HolderService::new(daemon), disk)
     }
 
-    pub(crate) fn daemon(service: &PeerService) -> &Daemon {
+    pub(crate) fn daemon(service: &HolderService) -> &Daemon {
         &service.daemon
     }
 
-    fn ok(service: &PeerService, request: Request) {
+    fn ok(service: &HolderService, request: Request) {
         match service.serve(request) {
             Ok(Response::Ok) => {}
             other => panic!("unexpected answer {other:?}"),
