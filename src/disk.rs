@@ -2,7 +2,6 @@
 //! this node, tracks what a flush must sync, and admits at most one frontend at a time.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
@@ -11,7 +10,7 @@ use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::meta::store::MetaStore;
 use crate::metrics::ImageMetrics;
 use crate::qos::Limiter;
-use crate::store::{BlockFiles, TierDirs};
+use crate::store::{Blocks, TierDirs};
 
 pub struct Disk {
     name: ImageName,
@@ -31,9 +30,8 @@ pub struct Disk {
     removed: AtomicBool,
     /// Run once this node took the image over (moves the blocks here in the background).
     on_take_over: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    ram: BlockFiles,
-    volume: BlockFiles,
-    dirty: DirtyFiles,
+    /// The image's block files on this node: every block read, write, free and flush.
+    blocks: Blocks,
     claimed: AtomicBool,
     /// The newest owner epoch seen for this image, from the metadata or from a peer's
     /// request: requests carrying an older one are refused (see [`Disk::admit_epoch`]).
@@ -67,43 +65,6 @@ pub struct Disk {
 
 /// Bits of a write stamp below the incarnation: 2^40 writes per image per run of the daemon.
 const STAMP_COUNTER_BITS: u32 = 40;
-
-/// Volume-tier block files written since their last sync. Entries carry the sequence number
-/// of their last write, so a flush removes only what it synced: a flush that ends must not
-/// forget a write that landed while it ran, and concurrent flushes each sync what they saw.
-#[derive(Default)]
-pub struct DirtyFiles {
-    files: Mutex<HashMap<u64, (Arc<File>, u64)>>,
-    seq: AtomicU64,
-}
-
-/// What one flush is syncing: (block, sequence) pairs to clear when it succeeds.
-pub type FlushTicket = Vec<(u64, u64)>;
-
-impl DirtyFiles {
-    pub fn mark(&self, block: u64, file: &Arc<File>) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        files.insert(block, (file.clone(), seq));
-    }
-
-    /// The files to sync now, and the ticket to [`DirtyFiles::clear`] afterwards.
-    pub fn snapshot(&self) -> (Vec<Arc<File>>, FlushTicket) {
-        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let sync = files.values().map(|(f, _)| f.clone()).collect();
-        let ticket = files.iter().map(|(&b, &(_, s))| (b, s)).collect();
-        (sync, ticket)
-    }
-
-    pub fn clear(&self, ticket: &FlushTicket) {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        for (block, seq) in ticket {
-            if files.get(block).is_some_and(|(_, s)| s == seq) {
-                files.remove(block);
-            }
-        }
-    }
-}
 
 /// Per block, how many guest writes were started and finished. A resync copies a block only
 /// while no write is in flight on it, and commits the copy only if no write started since:
@@ -205,8 +166,7 @@ impl Disk {
         store: Arc<dyn MetaStore>,
     ) -> Arc<Disk> {
         let name = meta.name.clone();
-        let ram = BlockFiles::open(dirs, Tier::Ram, &name, meta.id);
-        let volume = BlockFiles::open(dirs, Tier::Volume, &name, meta.id);
+        let blocks = Blocks::open(dirs, &name, meta.id, meta.block_size, meta.size);
         let meta_epoch = meta.generation;
         let disk = Disk {
             name,
@@ -221,9 +181,7 @@ impl Disk {
             removed: AtomicBool::new(false),
             on_take_over: Mutex::new(None),
             meta: RwLock::new(meta),
-            ram,
-            volume,
-            dirty: DirtyFiles::default(),
+            blocks,
             claimed: AtomicBool::new(false),
             newest_epoch: AtomicU64::new(meta_epoch),
             epoch_gate: RwLock::new(()),
@@ -243,7 +201,7 @@ impl Disk {
     pub fn lost_tiers(&self) -> Vec<Tier> {
         self.synced_tiers_here()
             .into_iter()
-            .filter(|&tier| !self.files(tier).dir_exists())
+            .filter(|&tier| !self.blocks.files(tier).dir_exists())
             .collect()
     }
 
@@ -280,7 +238,8 @@ impl Disk {
         })?;
         for tier in [Tier::Ram, Tier::Volume] {
             if tiers.contains(&tier) {
-                self.files(tier)
+                self.blocks
+                    .files(tier)
                     .create_dir()
                     .map_err(|e| format!("cannot create the block directory: {e}"))?;
             }
@@ -767,15 +726,9 @@ impl Disk {
         Ok(())
     }
 
-    pub fn files(&self, tier: Tier) -> &BlockFiles {
-        match tier {
-            Tier::Ram => &self.ram,
-            Tier::Volume => &self.volume,
-        }
-    }
-
-    pub fn dirty(&self) -> &DirtyFiles {
-        &self.dirty
+    /// The image's blocks on this node: the one way to read, write, free and flush them.
+    pub fn blocks(&self) -> &Blocks {
+        &self.blocks
     }
 
     /// Admits one frontend; `None` while another is connected.
@@ -792,18 +745,7 @@ impl Disk {
 
     /// Bytes the image's block files take on this node.
     pub fn used_bytes(&self) -> io::Result<u64> {
-        Ok(self.ram.used_bytes()? + self.volume.used_bytes()?)
-    }
-
-    /// Syncs every volume-tier file written so far, and the directories (for shutdown).
-    pub fn sync_all(&self) -> io::Result<()> {
-        let (files, ticket) = self.dirty.snapshot();
-        for file in files {
-            file.sync_data()?;
-        }
-        self.volume.sync_dir_if_dirty()?;
-        self.dirty.clear(&ticket);
-        Ok(())
+        self.blocks.used_bytes()
     }
 }
 
@@ -851,20 +793,5 @@ mod tests {
         );
         let (a, b) = (disk.next_stamp(), disk.next_stamp());
         assert!(b > a);
-    }
-
-    #[test]
-    fn flush_ticket_keeps_later_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = Arc::new(File::create(dir.path().join("x")).unwrap());
-        let d = DirtyFiles::default();
-        d.mark(1, &f);
-        d.mark(2, &f);
-        let (files, ticket) = d.snapshot();
-        assert_eq!(files.len(), 2);
-        d.mark(2, &f);
-        d.clear(&ticket);
-        let (files, _) = d.snapshot();
-        assert_eq!(files.len(), 1, "block 2 was written again during the flush");
     }
 }

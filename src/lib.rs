@@ -5,7 +5,6 @@
 //! tests and the benchmark harness.
 
 pub mod cli;
-pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod control;
@@ -13,20 +12,21 @@ pub mod copies;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
-pub mod export;
 pub mod frontend;
+pub mod holder;
 pub mod image;
 pub mod logs;
 pub mod meta;
 pub mod metrics;
 pub mod ownership;
 pub mod peer;
+pub mod peers;
 pub mod placement;
 pub mod qos;
 pub mod replica;
 pub mod route;
 pub mod serve;
-pub mod service;
 pub mod size;
 pub mod store;
+pub mod vhost_listener;
 pub mod virtio;

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Peers;
 use crate::copies::DiskCopies;
 use crate::disk::Disk;
 use crate::image::Placement;
 use crate::meta::store::StoreError;
+use crate::peers::Peers;
 use crate::placement;
 use crate::replica::sync;
 
@@ -187,7 +187,9 @@ pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
         match placement::remove(&disk, all, &other) {
             Ok(_) if other.node == *disk.me() => {
                 for block in all.iter() {
-                    let _ = disk.files(other.tier).drop_block(block);
+                    if let Err(e) = disk.blocks().free_block(other.tier, block) {
+                        log::warn!("image {name}: cannot free the moved copy: {e}");
+                    }
                 }
             }
             // Another node sees its copy go in etcd and frees the files itself.

@@ -3,7 +3,6 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,11 +12,11 @@ use signal_hook::iterator::Signals;
 use crate::control;
 use crate::daemon::{Config, Daemon};
 use crate::engine::probe_uring;
+use crate::holder::HolderService;
 use crate::image::Tier;
 use crate::meta::cluster::{ClusterMeta, Join};
 use crate::meta::records::TierRecord;
 use crate::peer::{ClusterKey, PeerServer};
-use crate::service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -56,7 +55,7 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
         })?;
     }
     private_dir(&config.dirs.ram)?;
-    let _lock = lock_run_dir(&config)?;
+    let _lock = lock_run_dir(&config.run_dir)?;
     raise_fd_limit();
     if config.use_uring {
         if let Err(e) = probe_uring() {
@@ -90,7 +89,7 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
                 cluster.listen,
                 key,
                 config.node.clone(),
-                Arc::new(PeerService::new(daemon.clone())),
+                Arc::new(HolderService::new(daemon.clone())),
                 cluster.encrypt,
             )
             .map_err(io_err("cannot listen for peers"))?,
@@ -156,18 +155,17 @@ fn tier_record(tier: Tier, dir: &std::path::Path) -> TierRecord {
 }
 
 /// One daemon per run directory: a second one would fight over the sockets and block files.
-/// The lock dies with the process, so a `kill -9` leaves nothing to clean up.
-fn lock_run_dir(config: &Config) -> Result<File, ServeError> {
-    let path = config.run_dir.join("cormorant.lock");
+/// The lock (`flock` on Linux) dies with the process, so a `kill -9` leaves nothing to clean up.
+fn lock_run_dir(run_dir: &Path) -> Result<File, ServeError> {
+    let path = run_dir.join("cormorant.lock");
     let file = File::create(&path).map_err(io_err("cannot create the lock file"))?;
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(ServeError::AlreadyRunning(
-            config.run_dir.display().to_string(),
-        ));
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => {
+            Err(ServeError::AlreadyRunning(run_dir.display().to_string()))
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io_err("cannot lock the lock file")(e)),
     }
-    Ok(file)
 }
 
 /// Creates the RAM tier's directory with mode 0700, or checks the one there. Its default is
@@ -244,6 +242,16 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_second_daemon_on_one_run_dir_is_refused_until_the_first_is_gone() {
+        let root = tempfile::tempdir().unwrap();
+        let first = lock_run_dir(root.path()).unwrap();
+        let second = lock_run_dir(root.path()).unwrap_err();
+        assert!(matches!(second, ServeError::AlreadyRunning(_)), "{second}");
+        drop(first);
+        lock_run_dir(root.path()).unwrap();
     }
 
     #[test]

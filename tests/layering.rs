@@ -7,6 +7,8 @@ use std::path::Path;
 /// Modules `src/virtio/` must not name.
 const BELOW_ROUTE: &[&str] = &[
     "peer",
+    "peers",
+    "holder",
     "replica",
     "cluster",
     "store",

@@ -43,7 +43,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -448,17 +447,17 @@ struct Stats {
 }
 
 fn file_value(disk: &Disk, tier: Tier, block: u64) -> io::Result<u64> {
-    let Some(file) = disk.files(tier).for_read(block)? else {
-        return Ok(0);
-    };
     let mut buf = [0u8; 8];
-    let n = file.read_at(&mut buf, 0)?;
-    Ok(if n == 8 { u64::from_le_bytes(buf) } else { 0 })
+    disk.blocks()
+        .read(tier, block, 0, &mut buf)
+        .map_err(io::Error::other)?;
+    Ok(u64::from_le_bytes(buf))
 }
 
 fn write_value(disk: &Disk, tier: Tier, block: u64, value: u64) -> io::Result<()> {
-    let file = disk.files(tier).for_write(block)?;
-    file.write_all_at(&value.to_le_bytes(), 0)
+    disk.blocks()
+        .write(tier, block, 0, &value.to_le_bytes())
+        .map_err(io::Error::other)
 }
 
 /// Why a holder refused a request (the peer protocol's codes).
@@ -574,7 +573,7 @@ impl Sim {
         let here = meta.table.nodes().contains(&node.id);
         let disk = Disk::open(meta, &node.dirs, node.id.clone(), node.store.clone());
         if here {
-            disk.files(Tier::Ram).create_dir().unwrap();
+            disk.blocks().files(Tier::Ram).create_dir().unwrap();
         }
         self.nodes[i].disk = Some(disk);
     }
@@ -640,9 +639,9 @@ impl Sim {
         !disk.is_fenced() && self.now() < node.good_until && node.active_under == node.lease_gen + 1
     }
 
-    // -- the peer service (`service::PeerService`) --------------------------------------
+    // -- the peer service (`holder::HolderService`) --------------------------------------
 
-    /// `PeerService::disk` and `held`: the epoch checks, then whether the block is held here.
+    /// `HolderService::disk` and `held`: the epoch checks, then whether the block is held here.
     fn admit(
         &mut self,
         h: usize,
@@ -701,7 +700,7 @@ impl Sim {
     ) -> Result<u64, Refusal> {
         let disk = self.admit(h, name, epoch, tier, block)?;
         if disk.is_lost(tier, block) {
-            // `PeerService::still_lost`: asks etcd before refusing.
+            // `HolderService::still_lost`: asks etcd before refusing.
             self.refresh(h, name);
             if disk.is_lost(tier, block) {
                 return Err(Refusal::Lost);
@@ -758,7 +757,7 @@ impl Sim {
             disk.fence();
             disk.mark_removed();
             for tier in [Tier::Ram, Tier::Volume] {
-                disk.files(tier).remove_all().unwrap();
+                disk.blocks().files(tier).remove_all().unwrap();
             }
         }
         self.nodes[i].guest = false;

@@ -57,13 +57,14 @@ fn flush_with_more_dirty_files_than_ring_entries_succeeds() {
     assert_eq!(q.flush().unwrap(), S_OK);
 }
 
-/// `BlockFiles::for_read` caches "absent" after its open failed, without checking that no
+/// `BlockFiles::for_read` (behind `Blocks::file_for_read`) caches "absent" after its open failed, without checking that no
 /// writer created the file meanwhile. A read of one sector and a write of another sector of
 /// the same never-written block, on two queues, can leave the cache saying "absent" after the
 /// write was stored: later reads of the block return zeros instead of the written data.
 #[test]
 fn concurrent_read_does_not_hide_a_new_block_file() {
-    use cormorant::store::{BlockFiles, TierDirs};
+    use cormorant::image::Tier::Ram;
+    use cormorant::store::{Blocks, TierDirs};
     use std::os::unix::fs::FileExt;
     use std::sync::{Arc, Barrier};
     let root = tempfile::tempdir().unwrap();
@@ -71,21 +72,22 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
         ram: root.path().join("ram"),
         volume: root.path().join("vol"),
     };
-    let files = Arc::new(BlockFiles::open(
+    const ROUNDS: u64 = 20_000;
+    let files = Arc::new(Blocks::open(
         &dirs,
-        cormorant::image::Tier::Ram,
         &"img".parse().unwrap(),
         cormorant::image::ImageId::LEGACY,
+        4096,
+        ROUNDS * 4096,
     ));
-    files.create_dir().unwrap();
-    const ROUNDS: u64 = 20_000;
+    files.files(Ram).create_dir().unwrap();
     let barrier = Arc::new(Barrier::new(2));
     let reader = {
         let (files, barrier) = (files.clone(), barrier.clone());
         std::thread::spawn(move || {
             for block in 0..ROUNDS {
                 barrier.wait();
-                let _ = files.for_read(block).unwrap();
+                let _ = files.file_for_read(Ram, block).unwrap();
                 barrier.wait();
             }
         })
@@ -94,17 +96,17 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
     for block in 0..ROUNDS {
         barrier.wait();
         files
-            .for_write(block)
+            .file_for_write(Ram, block)
             .unwrap()
             .write_all_at(b"acked", 0)
             .unwrap();
         barrier.wait();
         // The write is stored (and would be acknowledged): a read must find it.
-        if files.for_read(block).unwrap().is_none() {
+        if files.file_for_read(Ram, block).unwrap().is_none() {
             hidden.push(block);
         }
         // Keep the cache small so every round starts uncached.
-        files.forget_all();
+        files.files(Ram).forget_all();
     }
     reader.join().unwrap();
     assert!(

@@ -17,7 +17,7 @@ pub fn start(daemon: Arc<Daemon>, path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let listener = crate::export::bind_socket(path, |p| {
+    let listener = crate::vhost_listener::bind_socket(path, |p| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
     })?;
     thread::Builder::new()

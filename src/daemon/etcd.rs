@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 
 use super::{Daemon, Entry};
 use crate::disk::Disk;
-use crate::export::socket_path;
 use crate::image::id::parse_dir_name;
 use crate::image::{ImageId, ImageMeta, ImageName, NodeId, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::etcd::{EtcdError, EventKind};
 use crate::meta::lease::Standing;
 use crate::meta::records::{ChunkRecord, ImageRecord, Key, NodeRecord};
+use crate::vhost_listener::socket_path;
 
 /// How long to wait before watching again after the watch failed.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
@@ -483,7 +483,7 @@ impl Daemon {
                     .locations(block)
                     .is_some_and(|ls| ls.iter().any(|l| &l.node == me && l.tier == tier));
                 if had && !has {
-                    if let Err(e) = disk.files(tier).drop_block(block) {
+                    if let Err(e) = disk.blocks().free_block(tier, block) {
                         log::warn!("image {}: block {block}: cannot free it: {e}", disk.name());
                     }
                 }
@@ -509,7 +509,7 @@ impl Daemon {
         disk.fence();
         disk.mark_removed();
         for tier in [Tier::Ram, Tier::Volume] {
-            if let Err(e) = disk.files(tier).remove_all() {
+            if let Err(e) = disk.blocks().files(tier).remove_all() {
                 log::warn!("image {name}: cannot remove its block files on {tier}: {e}");
             }
         }

@@ -1,8 +1,8 @@
 //! The daemon's state: the images of this node, each opened as a disk and exported on its
 //! socket. Control actions are applied here, one owner for every change to that state.
 
-mod cluster;
 mod etcd;
+mod relocate;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -13,24 +13,24 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use crate::cluster::Peers;
 pub use crate::config::Config;
 use crate::control::protocol::Request;
 use crate::disk::Disk;
-use crate::export::{socket_path, Export};
 use crate::image::meta::{self, SECTOR_SIZE};
 use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::store::{LocalStore, MetaStore};
 use crate::peer::ClusterKey;
+use crate::peers::Peers;
 use crate::placement;
 use crate::qos::{QosLimits, QosUpdate};
 use crate::replica::sync;
+use crate::vhost_listener::{socket_path, VhostListener};
 
 struct Entry {
     disk: Arc<Disk>,
     /// None while an import fills the image: no frontend may see it half-written.
-    export: Option<Export>,
+    export: Option<VhostListener>,
 }
 
 pub struct Daemon {
@@ -240,9 +240,9 @@ impl Daemon {
         self.lock().get(name).map(|e| e.disk.clone())
     }
 
-    fn export(&self, disk: &Arc<Disk>) -> io::Result<Export> {
+    fn export(&self, disk: &Arc<Disk>) -> io::Result<VhostListener> {
         let socket = socket_path(&self.config.run_dir, disk.name());
-        Export::start(
+        VhostListener::start(
             disk.clone(),
             socket,
             self.config.use_uring,
@@ -288,8 +288,12 @@ impl Daemon {
                 block_size,
                 tier,
             } => self.import(name, Path::new(&path), block_size, tier, progress),
-            Request::LocationAdd { name, blocks, at } => self.location_add(&name, blocks, &at),
-            Request::LocationRm { name, blocks, at } => self.location_rm(&name, blocks, &at),
+            Request::LocationAdd { name, blocks, at } => self
+                .location_add(&name, blocks, &at)
+                .map_err(|e| e.to_string()),
+            Request::LocationRm { name, blocks, at } => self
+                .location_rm(&name, blocks, &at)
+                .map_err(|e| e.to_string()),
             Request::Sync { name, blocks, rate } => {
                 let disk = self.owned_disk(&name)?;
                 let range = placement::range_of(&disk, blocks)?;
@@ -626,6 +630,7 @@ impl Daemon {
         for tier in [Tier::Ram, Tier::Volume] {
             entry
                 .disk
+                .blocks()
                 .files(tier)
                 .remove_all()
                 .map_err(|e| format!("cannot remove block files: {e}"))?;
@@ -661,7 +666,7 @@ impl Daemon {
             let _ = self.remove(&name);
             return Err(format!("cannot import {}: {e}", path.display()));
         }
-        disk.sync_all().map_err(|e| e.to_string())?;
+        disk.blocks().flush().map_err(|e| e.to_string())?;
         self.publish(&disk)?;
         Ok(self.summary(&disk))
     }
@@ -675,7 +680,7 @@ impl Daemon {
                 export.stop();
             }
             let name = entry.disk.name().clone();
-            if let Err(e) = entry.disk.sync_all() {
+            if let Err(e) = entry.disk.blocks().flush() {
                 log::error!("image {name}: sync at shutdown failed: {e}");
             }
             if self.shared.is_some() {

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Done, Engine, IoVecs, Op, OpError, OpKind, PeerTarget, Target};
-use crate::cluster::Peers;
 use crate::image::NodeId;
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
+use crate::peers::Peers;
 
 pub struct RemoteEngine {
     peers: Arc<Peers>,

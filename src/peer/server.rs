@@ -36,7 +36,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_HANDSHAKES: usize = 16;
 
 /// Connections from one IP address still in their handshake at once. A node keeps one pooled
-/// connection to each peer (`cluster.rs`), and a client pool that lost every connection opens
+/// connection to each peer (`peers.rs`), and a client pool that lost every connection opens
 /// at most a few again together; 4 covers that. It means a single address, the cheapest thing
 /// to flood from, can hold at most a quarter of the [`MAX_HANDSHAKES`] slots, so peers at other
 /// addresses still get in while it idles (each slot for [`HANDSHAKE_TIMEOUT`] at most).

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Queue;
-use crate::cluster::Peers;
 use crate::disk::Disk;
+use crate::peers::Peers;
 
 /// What the device looks like to the guest.
 #[derive(Debug, Clone, Copy)]

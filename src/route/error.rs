@@ -2,7 +2,8 @@
 //! every failure to a status byte in one place and the logs say which copy, block and cause.
 
 use crate::engine::OpError;
-use crate::image::{NodeId, Tier};
+use crate::image::NodeId;
+use crate::store::BlockError;
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
@@ -18,13 +19,8 @@ pub enum IoError {
     PastEnd(u64),
     #[error("block {0} has no reachable in-sync copy")]
     NoCopy(u64),
-    #[error("cannot open block {block} on {tier}")]
-    Open {
-        block: u64,
-        tier: Tier,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Store(#[from] BlockError),
     #[error("block {block}: {source}")]
     Op {
         block: u64,
@@ -33,8 +29,6 @@ pub enum IoError {
     },
     #[error("flush: {0}")]
     Flush(#[source] OpError),
-    #[error("cannot sync the block directory")]
-    SyncDir(#[source] std::io::Error),
     #[error("block {0}: no in-sync copy took the write or discard")]
     NoCopyTookIt(u64),
     #[error("{what}")]

@@ -15,8 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::error::IoError;
 use super::split::{self, BlockSpan, Piece};
 use super::Device;
-use crate::cluster::Peers;
-use crate::disk::{Disk, FlushTicket};
+use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{
     Done, Engine, InlineEngine, IoVecs, Op, OpKind, PeerTarget, Target, UringEngine,
@@ -24,7 +23,9 @@ use crate::engine::{
 use crate::image::{Location, NodeId, Tier};
 use crate::logs::Throttle;
 use crate::metrics::QueueCounters;
+use crate::peers::Peers;
 use crate::replica::ack::CopyResult;
+use crate::store::FlushTicket;
 
 /// Operations in flight per queue before the caller should stop taking new requests and wait
 /// for completions: the io_uring's size, so completions never pile up in the kernel.
@@ -61,13 +62,13 @@ pub struct Completion {
 pub(super) enum Work {
     Read(SmallVec<[Piece; 2]>),
     Write(SmallVec<[Piece; 2]>),
-    /// Spans, and whether each covers its whole block.
-    Free(Vec<(BlockSpan, bool)>),
+    /// Spans inside one block each (the store frees a whole block's file, a part's bytes).
+    Free(Vec<BlockSpan>),
     Flush,
 }
 
 impl Work {
-    fn of(request: BlockRequest, block_size: u64, size: u64) -> Work {
+    fn of(request: BlockRequest, block_size: u64) -> Work {
         match request {
             BlockRequest::Read { offset, bufs } => {
                 Work::Read(split::split(offset, &bufs, block_size))
@@ -79,11 +80,6 @@ impl Work {
                 ranges
                     .iter()
                     .flat_map(|&(offset, len)| split::spans(offset, len, block_size))
-                    .map(|span| {
-                        let block_len =
-                            block_size.min(size.saturating_sub(span.block * block_size));
-                        (span, span.offset == 0 && span.len == block_len)
-                    })
                     .collect(),
             ),
             BlockRequest::Flush => Work::Flush,
@@ -94,7 +90,7 @@ impl Work {
     fn blocks(&self) -> Option<SmallVec<[u64; 4]>> {
         match self {
             Work::Write(pieces) => Some(pieces.iter().map(|p| p.block).collect()),
-            Work::Free(spans) => Some(spans.iter().map(|(s, _)| s.block).collect()),
+            Work::Free(spans) => Some(spans.iter().map(|s| s.block).collect()),
             _ => None,
         }
     }
@@ -229,11 +225,8 @@ impl Queue {
 
     /// Starts a request; its completion comes from [`Queue::complete`] with `tag`.
     pub fn submit(&mut self, tag: u64, request: BlockRequest) {
-        let (block_size, size) = {
-            let meta = self.disk.meta();
-            (meta.block_size, meta.size)
-        };
-        let work = Work::of(request, block_size, size);
+        let block_size = self.disk.meta().block_size;
+        let work = Work::of(request, block_size);
         self.count(&work);
         self.issue(tag, work);
     }
@@ -282,8 +275,8 @@ impl Queue {
                 }
             }
             (Work::Free(spans), Ok(targets)) => {
-                for ((span, whole), locations) in spans.into_iter().zip(targets) {
-                    self.free_span(slot, span, whole, locations);
+                for (span, locations) in spans.into_iter().zip(targets) {
+                    self.free_span(slot, span, locations);
                 }
             }
             (Work::Flush, _) => self.flush(slot),
@@ -398,7 +391,7 @@ impl Queue {
         };
         for (piece, source) in pieces.into_iter().zip(sources) {
             match source {
-                Source::Local(tier) => match self.disk.files(tier).for_read(piece.block) {
+                Source::Local(tier) => match self.disk.blocks().file_for_read(tier, piece.block) {
                     Ok(None) => piece.bufs.zero_from(0),
                     Ok(Some(file)) => self.push(
                         tag(slot, 0),
@@ -408,14 +401,7 @@ impl Queue {
                         piece.offset,
                         piece.bufs,
                     ),
-                    Err(source) => self.fail(
-                        slot,
-                        IoError::Open {
-                            block: piece.block,
-                            tier,
-                            source,
-                        },
-                    ),
+                    Err(e) => self.fail(slot, e.into()),
                 },
                 Source::Remote(location) => {
                     let Some(request) = self.slots[slot].as_mut() else {
@@ -491,7 +477,11 @@ impl Queue {
                 }
                 continue;
             }
-            match self.disk.files(location.tier).for_write(piece.block) {
+            match self
+                .disk
+                .blocks()
+                .file_for_write(location.tier, piece.block)
+            {
                 Ok(file) => {
                     if location.tier == Tier::Volume {
                         if let Some(request) = self.slots[slot].as_mut() {
@@ -507,12 +497,8 @@ impl Queue {
                     let target = Target::File(file);
                     self.push(tag, Tier::Ram, OpKind::Write, target, piece.offset, bufs);
                 }
-                Err(source) => {
-                    let error = IoError::Open {
-                        block: piece.block,
-                        tier: location.tier,
-                        source,
-                    };
+                Err(error) => {
+                    // The copy misses the write; the acknowledgement rule decides.
                     if let Some(n) = self.logs.allow() {
                         log::error!("image {}: {error} ({n} errors)", self.disk.name());
                     }
@@ -525,9 +511,10 @@ impl Queue {
     /// node holding copies to do the same. RAM-tier data lives in tmpfs, which a daemon crash
     /// does not lose and nothing can make more durable.
     fn flush(&mut self, slot: usize) {
-        if let Err(e) = self.disk.files(Tier::Volume).sync_dir_if_dirty() {
-            return self.fail(slot, IoError::SyncDir(e));
-        }
+        let plan = match self.disk.blocks().flush_plan() {
+            Ok(plan) => plan,
+            Err(e) => return self.fail(slot, e.into()),
+        };
         let me = self.disk.me().clone();
         let (tier, nodes) = {
             let meta = self.disk.meta();
@@ -547,14 +534,13 @@ impl Queue {
             let empty = IoVecs(SmallVec::new());
             self.push(tag(slot, copy), tier, OpKind::Sync, target, 0, empty);
         }
-        let (files, ticket) = self.disk.dirty().snapshot();
-        for file in files {
+        for file in plan.files {
             let empty = IoVecs(SmallVec::new());
             let target = Target::File(file);
             self.push(tag(slot, 0), Tier::Volume, OpKind::Sync, target, 0, empty);
         }
         if let Some(request) = self.slots[slot].as_mut() {
-            request.flush = Some(ticket);
+            request.flush = Some(plan.ticket);
         }
     }
 
@@ -563,13 +549,13 @@ impl Queue {
     /// its block; like a write, it counts as one for resync, and its copies are settled by the
     /// acknowledgement rule: this node's at once, a peer's by a call that completes later, so
     /// a slow or dead peer holds up this request only, not the queue.
-    fn free_span(&mut self, slot: usize, span: BlockSpan, whole: bool, locations: Vec<Location>) {
+    fn free_span(&mut self, slot: usize, span: BlockSpan, locations: Vec<Location>) {
         if let Some(request) = self.slots[slot].as_mut() {
             request.written.push((span.block, request.copies.len()));
         }
         for location in locations {
             let local = &location.node == self.disk.me();
-            let stored = local && self.free_here(&location, span, whole);
+            let stored = local && self.free_here(&location, span);
             let Some(copy) = self.add_copy(slot, &location, stored) else {
                 return;
             };
@@ -593,28 +579,16 @@ impl Queue {
         }
     }
 
-    /// Frees a span of this node's copy; true when it is done.
-    fn free_here(&mut self, location: &Location, span: BlockSpan, whole: bool) -> bool {
-        let files = self.disk.files(location.tier);
-        let freed = if whole {
-            files.drop_block(span.block)
-        } else {
-            files.punch(span.block, span.offset, span.len)
-        };
-        if freed.is_ok() && !whole && location.tier == Tier::Volume {
-            // The hole must survive a power cut like data would: the next flush syncs it.
-            if let Ok(Some(file)) = files.for_read(span.block) {
-                self.disk.dirty().mark(span.block, &file);
-            }
-        }
+    /// Frees a span of this node's copy (the store drops a whole block's file, punches a
+    /// hole in a part and marks it for the next flush); true when it is done.
+    fn free_here(&mut self, location: &Location, span: BlockSpan) -> bool {
+        let freed = self
+            .disk
+            .blocks()
+            .free(location.tier, span.block, span.offset, span.len);
         if let Err(e) = &freed {
             if let Some(n) = self.logs.allow() {
-                log::error!(
-                    "image {}: cannot free block {} on {}: {e} ({n} errors)",
-                    self.disk.name(),
-                    span.block,
-                    location.tier
-                );
+                log::error!("image {}: cannot free: {e} ({n} errors)", self.disk.name());
             }
         }
         freed.is_ok()

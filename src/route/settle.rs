@@ -190,7 +190,9 @@ impl Queue {
     fn settle(&mut self, mut request: Slot) {
         for (copy, block, file) in &request.volume_writes {
             if request.copies.get(copy - 1).is_some_and(|c| c.stored) {
-                self.disk.dirty().mark(*block, file);
+                self.disk
+                    .blocks()
+                    .written(crate::image::Tier::Volume, *block, file);
             }
         }
         if !request.written.is_empty() {
@@ -224,7 +226,7 @@ impl Queue {
             request.error = Some(IoError::LeaseInDoubt);
         }
         if let (None, Some(ticket)) = (&request.error, &request.flush) {
-            self.disk.dirty().clear(ticket);
+            self.disk.blocks().flushed(ticket);
         }
         let m = &self.counters;
         m.settled.add(1);

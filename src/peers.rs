@@ -152,13 +152,4 @@ impl Peers {
         rx.recv_timeout(CONTROL_TIMEOUT + Duration::from_secs(1))
             .unwrap_or(Err(PeerError::Timeout(CONTROL_TIMEOUT)))
     }
-
-    /// Like `call_wait`, expecting a plain `Ok`.
-    pub fn call_ok(&self, node: &NodeId, request: Request) -> Result<(), String> {
-        match self.call_wait(node, request) {
-            Ok(Response::Ok) => Ok(()),
-            Ok(other) => Err(format!("{node} answered {other:?}")),
-            Err(e) => Err(format!("{node}: {e}")),
-        }
-    }
 }

@@ -8,9 +8,22 @@ use serde_json::{json, Value};
 use super::Daemon;
 use crate::copies::DiskCopies;
 use crate::disk::Disk;
-use crate::image::{BlockRange, ImageName, Placement};
+use crate::image::{BlockRange, ImageName, NodeId, Placement};
 use crate::placement;
 use crate::replica::sync;
+
+/// Why a location change was refused or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelocateError {
+    #[error("node '{0}' is neither this node nor a peer")]
+    UnknownNode(NodeId),
+    /// The image is not owned here, the range does not fit it, or the metadata change was
+    /// refused (the daemon's and placement's own errors, which are still strings).
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot start the fill: {0}")]
+    Spawn(#[source] std::io::Error),
+}
 
 impl Daemon {
     /// Once this node takes the image over, its blocks move here in the background.
@@ -38,18 +51,15 @@ impl Daemon {
         name: &ImageName,
         blocks: Option<BlockRange>,
         at: &Placement,
-    ) -> Result<Value, String> {
-        let disk = self.owned_disk(name)?;
+    ) -> Result<Value, RelocateError> {
+        let disk = self.owned_disk(name).map_err(RelocateError::Refused)?;
         if !self.knows(&at.node) {
-            return Err(format!(
-                "node '{}' is neither this node nor a peer",
-                at.node
-            ));
+            return Err(RelocateError::UnknownNode(at.node.clone()));
         }
-        let range = placement::range_of(&disk, blocks)?;
+        let range = placement::range_of(&disk, blocks).map_err(RelocateError::Refused)?;
         // The new holder learns of its copy from etcd (a request for a block its view does
         // not place there yet makes it look).
-        let added = placement::add(&disk, range, at)?;
+        let added = placement::add(&disk, range, at).map_err(RelocateError::Refused)?;
         log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling");
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         std::thread::Builder::new()
@@ -70,7 +80,7 @@ impl Daemon {
                     Err(e) => log::error!("image {}: fill of {range} failed: {e}", disk_bg.name()),
                 }
             })
-            .map_err(|e| format!("cannot start the fill: {e}"))?;
+            .map_err(RelocateError::Spawn)?;
         Ok(json!({"image": name, "at": at, "blocks": range, "added": added}))
     }
 
@@ -79,19 +89,18 @@ impl Daemon {
         name: &ImageName,
         blocks: Option<BlockRange>,
         at: &Placement,
-    ) -> Result<Value, String> {
-        let disk = self.owned_disk(name)?;
-        let range = placement::range_of(&disk, blocks)?;
+    ) -> Result<Value, RelocateError> {
+        let disk = self.owned_disk(name).map_err(RelocateError::Refused)?;
+        let range = placement::range_of(&disk, blocks).map_err(RelocateError::Refused)?;
         // Waits for a resync in progress: one that copied to this copy must not commit it
         // after it was removed (and perhaps added again).
         let removed = {
             let _no_resync = disk.resync_lock();
-            placement::remove(&disk, range, at)?
+            placement::remove(&disk, range, at).map_err(RelocateError::Refused)?
         };
         if at.node == self.config.node {
-            let files = disk.files(at.tier);
             for &block in &removed {
-                if let Err(e) = files.drop_block(block) {
+                if let Err(e) = disk.blocks().free_block(at.tier, block) {
                     log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
                 }
             }

@@ -1,24 +1,23 @@
-//! What this node does for its peers: serve the copies it holds (read, write, flush, discard,
-//! checksums), and learn which copies it holds (hold, release). Every request is checked
-//! against this node's metadata: a peer touches only blocks this node holds for that image.
+//! This node as a holder of copies: answers peers' requests for the copies held here (read,
+//! write, flush, discard, checksums) through the image's block-I/O API. Every request is
+//! checked against this node's metadata: a peer touches only blocks this node holds for that
+//! image. (`serve.rs` starts the daemon; this file answers peers.)
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crate::copies::block_digest;
 use crate::daemon::Daemon;
 use crate::disk::Disk;
 use crate::image::{NodeId, Tier};
 use crate::peer::{code, ImageRef, PeerHandler, Request, Response};
-use crate::store::read_full_at;
+use crate::store::BlockError;
 
-pub struct PeerService {
+pub struct HolderService {
     daemon: Arc<Daemon>,
 }
 
-impl PeerService {
+impl HolderService {
     pub fn new(daemon: Arc<Daemon>) -> Self {
-        PeerService { daemon }
+        HolderService { daemon }
     }
 
     /// The disk of `image`, once the request's epoch is found current: a request from an
@@ -195,9 +194,9 @@ impl PeerService {
                     ));
                 }
                 let mut data = vec![0u8; len as usize];
-                if let Some(file) = disk.files(tier).for_read(block).map_err(io)? {
-                    read_full_at(&file, &mut data, u64::from(offset)).map_err(io)?;
-                }
+                disk.blocks()
+                    .read(tier, block, u64::from(offset), &mut data)
+                    .map_err(io)?;
                 Ok(Response::Data(data))
             }
             Request::Write {
@@ -210,15 +209,13 @@ impl PeerService {
                 let disk = self.held(&image, tier, block, offset, data.len() as u64)?;
                 let _gate = self.gate(&disk, &image)?;
                 self.newest_change(&disk, &image, tier, block)?;
-                let file = disk.files(tier).for_write(block).map_err(io)?;
-                file.write_all_at(&data, u64::from(offset)).map_err(io)?;
-                if tier == Tier::Volume {
-                    disk.dirty().mark(block, &file);
-                }
+                disk.blocks()
+                    .write(tier, block, u64::from(offset), &data)
+                    .map_err(io)?;
                 Ok(Response::Ok)
             }
             Request::Flush { image } => {
-                self.disk(&image)?.sync_all().map_err(io)?;
+                self.disk(&image)?.blocks().flush().map_err(io)?;
                 Ok(Response::Ok)
             }
             Request::Discard {
@@ -231,21 +228,9 @@ impl PeerService {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
                 let _gate = self.gate(&disk, &image)?;
                 self.newest_change(&disk, &image, tier, block)?;
-                let files = disk.files(tier);
-                let whole = offset == 0 && u64::from(len) == disk.meta().block_len(block);
-                if whole {
-                    files.drop_block(block).map_err(io)?;
-                } else {
-                    files
-                        .punch(block, u64::from(offset), u64::from(len))
-                        .map_err(io)?;
-                    // A hole is a change like a write: the next flush makes it durable.
-                    if tier == Tier::Volume {
-                        if let Some(file) = files.for_read(block).map_err(io)? {
-                            disk.dirty().mark(block, &file);
-                        }
-                    }
-                }
+                disk.blocks()
+                    .free(tier, block, u64::from(offset), u64::from(len))
+                    .map_err(io)?;
                 Ok(Response::Ok)
             }
             Request::Checksums {
@@ -263,7 +248,7 @@ impl PeerService {
                 }
                 let mut sums = Vec::with_capacity(blocks.len() as usize);
                 for block in blocks.iter() {
-                    sums.push(block_digest(&disk, tier, block).map_err(io)?);
+                    sums.push(disk.blocks().digest(tier, block).map_err(io)?);
                 }
                 Ok(Response::Checksums(sums))
             }
@@ -285,7 +270,7 @@ impl PeerService {
     }
 }
 
-impl PeerHandler for PeerService {
+impl PeerHandler for HolderService {
     fn handle(&self, _from: &NodeId, request: Request) -> Response {
         self.serve(request).unwrap_or_else(|refusal| refusal)
     }
@@ -295,6 +280,154 @@ fn refuse(code: u16, message: String) -> Response {
     Response::Error { code, message }
 }
 
-fn io(e: std::io::Error) -> Response {
-    refuse(code::IO, e.to_string())
+/// A refusal for a failed block operation: a span outside its block is the sender's
+/// mistake, anything else this node's storage failing.
+fn io(e: BlockError) -> Response {
+    let code = match e {
+        BlockError::OutOfBlock { .. } => code::INVALID,
+        _ => code::IO,
+    };
+    refuse(code, e.to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::control::protocol::Request as Control;
+    use crate::store::TierDirs;
+
+    pub(crate) const BLOCK: u64 = 1 << 20;
+
+    /// A single-node daemon with one 2-block image on the volume tier, and its service
+    /// (which holds the daemon). Resync's tests use it too.
+    pub(crate) fn setup() -> (tempfile::TempDir, HolderService, Arc<Disk>) {
+        let root = tempfile::tempdir().unwrap();
+        let config = Config {
+            run_dir: root.path().join("run"),
+            dirs: TierDirs {
+                ram: root.path().join("ram"),
+                volume: root.path().join("vol"),
+            },
+            node: "a".parse().unwrap(),
+            use_uring: false,
+            cluster: None,
+            failure_timeout: std::time::Duration::from_secs(5),
+            metrics_listen: None,
+            socket_access: None,
+        };
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let daemon = Arc::new(Daemon::start(config, None, None).unwrap());
+        let create = Control::ImageCreate {
+            name: "img".parse().unwrap(),
+            size: 2 * BLOCK,
+            block_size: BLOCK,
+            tier: Tier::Volume,
+            read_only: false,
+            at: vec![],
+            qos: Default::default(),
+        };
+        daemon.apply(create, &mut |_, _| {}).unwrap();
+        let disk = daemon.find(&"img".parse().unwrap()).unwrap();
+        (root, HolderService::new(daemon), disk)
+    }
+
+    pub(crate) fn daemon(service: &HolderService) -> &Daemon {
+        &service.daemon
+    }
+
+    fn ok(service: &HolderService, request: Request) {
+        match service.serve(request) {
+            Ok(Response::Ok) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peer_write_and_a_partial_discard_are_synced_by_the_next_flush() {
+        let (_root, service, disk) = setup();
+        let image = disk.image_ref();
+        let write = Request::Write {
+            image: image.clone(),
+            tier: Tier::Volume,
+            block: 1,
+            offset: 0,
+            data: vec![5; 8192],
+        };
+        ok(&service, write);
+        assert!(disk.blocks().is_dirty(1));
+        ok(
+            &service,
+            Request::Flush {
+                image: image.clone(),
+            },
+        );
+        assert!(!disk.blocks().is_dirty(1));
+        let discard = Request::Discard {
+            image: image.clone(),
+            tier: Tier::Volume,
+            block: 1,
+            offset: 4096,
+            len: 4096,
+        };
+        ok(&service, discard);
+        assert!(
+            disk.blocks().is_dirty(1),
+            "a peer's partial discard must be flushed"
+        );
+        let read = Request::Read {
+            image,
+            tier: Tier::Volume,
+            block: 1,
+            offset: 0,
+            len: 8192,
+        };
+        let Ok(Response::Data(data)) = service.serve(read) else {
+            panic!("the read failed");
+        };
+        assert!(data[..4096].iter().all(|&b| b == 5));
+        assert!(data[4096..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_whole_block_discard_drops_the_file() {
+        let (_root, service, disk) = setup();
+        let image = disk.image_ref();
+        let write = Request::Write {
+            image: image.clone(),
+            tier: Tier::Volume,
+            block: 0,
+            offset: 0,
+            data: vec![1; 4096],
+        };
+        ok(&service, write);
+        let discard = Request::Discard {
+            image,
+            tier: Tier::Volume,
+            block: 0,
+            offset: 0,
+            len: BLOCK as u32,
+        };
+        ok(&service, discard);
+        let blocks = disk.blocks();
+        assert!(blocks.file_for_read(Tier::Volume, 0).unwrap().is_none());
+        assert!(!blocks.is_dirty(0));
+    }
+
+    #[test]
+    fn a_span_past_the_block_is_refused_as_invalid() {
+        let (_root, service, disk) = setup();
+        let write = Request::Write {
+            image: disk.image_ref(),
+            tier: Tier::Volume,
+            block: 1,
+            offset: (BLOCK - 2) as u32,
+            data: vec![1; 4],
+        };
+        match service.serve(write) {
+            Err(Response::Error { code: c, .. }) => assert_eq!(c, code::INVALID),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        assert!(!disk.blocks().is_dirty(1));
+    }
 }

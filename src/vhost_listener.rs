@@ -1,5 +1,6 @@
-//! Exports one disk on `<run-dir>/<name>.sock`: accepts frontends one after another, serves
-//! each on a fresh vhost-user daemon, and turns away a second frontend while one is connected.
+//! The vhost-user socket of one disk, `<run-dir>/<name>.sock`: accepts frontends (QEMU) one
+//! after another, serves each on a fresh vhost-user daemon, and turns away a second frontend
+//! while one is connected. (Not to be confused with `image export`, which writes a raw file.)
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,9 +13,9 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::cluster::Peers;
 use crate::config::SocketAccess;
 use crate::disk::Disk;
+use crate::peers::Peers;
 use crate::virtio::backend::{BlkBackend, COMPLETION_EVENT, THROTTLE_EVENT};
 use crate::virtio::relay;
 
@@ -42,7 +43,7 @@ struct Active {
     thread: JoinHandle<()>,
 }
 
-pub struct Export {
+pub struct VhostListener {
     disk: Arc<Disk>,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -50,7 +51,7 @@ pub struct Export {
     accept_thread: Option<JoinHandle<()>>,
 }
 
-impl Export {
+impl VhostListener {
     /// Binds the socket (replacing a stale one) and starts accepting.
     pub fn start(
         disk: Arc<Disk>,
@@ -58,7 +59,7 @@ impl Export {
         use_uring: bool,
         peers: Arc<Peers>,
         access: Option<SocketAccess>,
-    ) -> std::io::Result<Export> {
+    ) -> std::io::Result<VhostListener> {
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -79,7 +80,7 @@ impl Export {
                 })?
         };
         log::info!("image {}: exported on {}", disk.name(), socket.display());
-        Ok(Export {
+        Ok(VhostListener {
             disk,
             socket,
             stop,

@@ -1,0 +1,428 @@
+//! One image's blocks on this node: the block-I/O API every caller uses.
+//!
+//! The synchronous half (`read`, `write`, `free`, `flush`, whole-block copies and checksums)
+//! serves the peer service, resync, import and export and block drops. The queue engine
+//! issues its I/O asynchronously (inline or io_uring), so it takes the files
+//! (`file_for_read`, `file_for_write`), reports a completed write with `written`, and syncs
+//! what `flush_plan` lists before calling `flushed`. Both halves mark dirty files the same way:
+//! a volume-tier file changed by a write or a partial free is synced by the next flush; a
+//! created or removed file makes the flush sync the directory. RAM-tier data lives in tmpfs,
+//! which survives a daemon crash and nothing can make more durable.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::error::io_at;
+use super::{read_full_at, BlockError, BlockFiles, DirtyFiles, FlushTicket, TierDirs};
+use crate::image::{ImageId, ImageName, Tier};
+
+/// The block files of one image on both tiers, and what the next flush must sync.
+pub struct Blocks {
+    ram: BlockFiles,
+    volume: BlockFiles,
+    dirty: DirtyFiles,
+    block_size: u64,
+    size: u64,
+}
+
+/// What a flush must sync: the files, and the ticket to hand to [`Blocks::flushed`] once
+/// every one of them is synced.
+pub struct FlushPlan {
+    pub files: Vec<Arc<File>>,
+    pub ticket: FlushTicket,
+}
+
+impl Blocks {
+    /// The blocks of image `name` (`id`) of `size` bytes in blocks of `block_size` bytes.
+    /// Touches no file: directories are made by [`BlockFiles::create_dir`] or the first write.
+    pub fn open(
+        dirs: &TierDirs,
+        name: &ImageName,
+        id: ImageId,
+        block_size: u64,
+        size: u64,
+    ) -> Self {
+        Blocks {
+            ram: BlockFiles::open(dirs, Tier::Ram, name, id),
+            volume: BlockFiles::open(dirs, Tier::Volume, name, id),
+            dirty: DirtyFiles::default(),
+            block_size,
+            size,
+        }
+    }
+
+    /// The files of one tier, for the directory's life (create, remove, measure). Block I/O
+    /// goes through the methods of `Blocks`, never straight to these.
+    pub fn files(&self, tier: Tier) -> &BlockFiles {
+        match tier {
+            Tier::Ram => &self.ram,
+            Tier::Volume => &self.volume,
+        }
+    }
+
+    /// Bytes of `block` inside the image (the last block may be short; 0 past the end).
+    pub fn block_len(&self, block: u64) -> u64 {
+        let start = block.saturating_mul(self.block_size);
+        self.block_size.min(self.size.saturating_sub(start))
+    }
+
+    /// Refuses a span that does not lie inside its block.
+    fn check_span(&self, block: u64, offset: u64, len: u64) -> Result<(), BlockError> {
+        let block_len = self.block_len(block);
+        let end = offset.checked_add(len);
+        if block_len == 0 || end.is_none_or(|end| end > block_len) {
+            return Err(BlockError::OutOfBlock {
+                block,
+                offset,
+                len,
+                block_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of `block`; what the block never had reads as
+    /// zeros. Returns whether the block has a file on `tier`.
+    pub fn read(
+        &self,
+        tier: Tier,
+        block: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, BlockError> {
+        self.check_span(block, offset, buf.len() as u64)?;
+        let Some(file) = self.file_for_read(tier, block)? else {
+            buf.fill(0);
+            return Ok(false);
+        };
+        let n = read_full_at(&file, buf, offset).map_err(io_at(tier, block, "read"))?;
+        buf[n..].fill(0);
+        Ok(true)
+    }
+
+    /// Writes `data` at `offset` of `block`, creating its file on first use; the next flush
+    /// makes it durable.
+    pub fn write(
+        &self,
+        tier: Tier,
+        block: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BlockError> {
+        self.check_span(block, offset, data.len() as u64)?;
+        let file = self.file_for_write(tier, block)?;
+        file.write_all_at(data, offset)
+            .map_err(io_at(tier, block, "write"))?;
+        self.written(tier, block, &file);
+        Ok(())
+    }
+
+    /// Frees `len` bytes at `offset` of `block`: they read as zeros afterwards. The whole
+    /// block loses its file; part of one gets a hole, which the next flush makes durable
+    /// like a write.
+    pub fn free(&self, tier: Tier, block: u64, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check_span(block, offset, len)?;
+        if offset == 0 && len == self.block_len(block) {
+            return self.free_block(tier, block);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let files = self.files(tier);
+        files
+            .punch(block, offset, len)
+            .map_err(io_at(tier, block, "punch a hole in"))?;
+        if let Some(file) = self.file_for_read(tier, block)? {
+            self.written(tier, block, &file);
+        }
+        Ok(())
+    }
+
+    /// Frees a whole block: its file goes (the next flush syncs the directory), and it reads
+    /// as zeros again. A block without a file is already free.
+    pub fn free_block(&self, tier: Tier, block: u64) -> Result<(), BlockError> {
+        self.files(tier)
+            .drop_block(block)
+            .map_err(io_at(tier, block, "remove"))?;
+        if tier == Tier::Volume {
+            self.dirty.forget(block);
+        }
+        Ok(())
+    }
+
+    /// Makes every change so far durable: the directory when files were created or removed,
+    /// then every dirty file. Forgets only what it synced (see [`DirtyFiles`]).
+    pub fn flush(&self) -> Result<(), BlockError> {
+        let plan = self.flush_plan()?;
+        for file in &plan.files {
+            file.sync_data().map_err(|source| BlockError::Sync {
+                tier: Tier::Volume,
+                source,
+            })?;
+        }
+        self.flushed(&plan.ticket);
+        Ok(())
+    }
+
+    /// The bytes of `block` its file holds, up to the block's length (a sparse file may end
+    /// early: the rest reads as zeros); `None` when it has no file.
+    pub fn read_block(&self, tier: Tier, block: u64) -> Result<Option<Vec<u8>>, BlockError> {
+        self.check_span(block, 0, 0)?;
+        let Some(file) = self.file_for_read(tier, block)? else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; self.block_len(block) as usize];
+        let n = read_full_at(&file, &mut buf, 0).map_err(io_at(tier, block, "read"))?;
+        buf.truncate(n);
+        Ok(Some(buf))
+    }
+
+    /// Replaces the whole of `block` with `data` (`None`: no file), durably on the volume
+    /// tier: resync marks the copy in sync right after, and its bytes must be as durable as
+    /// the metadata that says so.
+    pub fn replace_block(
+        &self,
+        tier: Tier,
+        block: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), BlockError> {
+        let Some(data) = data else {
+            self.free_block(tier, block)?;
+            return self.sync_dir(tier);
+        };
+        self.check_span(block, 0, data.len() as u64)?;
+        let file = self.file_for_write(tier, block)?;
+        file.write_all_at(data, 0)
+            .map_err(io_at(tier, block, "write"))?;
+        file.set_len(data.len() as u64)
+            .map_err(io_at(tier, block, "truncate"))?;
+        if tier == Tier::Volume {
+            file.sync_data().map_err(io_at(tier, block, "sync"))?;
+        }
+        self.sync_dir(tier)
+    }
+
+    /// SHA-256 of `block`'s bytes zero-filled to its length, or `None` when it has no file.
+    pub fn digest(&self, tier: Tier, block: u64) -> Result<Option<[u8; 32]>, BlockError> {
+        let Some(mut bytes) = self.read_block(tier, block)? else {
+            return Ok(None);
+        };
+        bytes.resize(self.block_len(block) as usize, 0);
+        Ok(Some(Sha256::digest(&bytes).into()))
+    }
+
+    /// The file of `block` for an asynchronous read, or `None` when the block was never
+    /// written (it reads as zeros without any I/O).
+    pub fn file_for_read(&self, tier: Tier, block: u64) -> Result<Option<Arc<File>>, BlockError> {
+        self.files(tier)
+            .for_read(block)
+            .map_err(io_at(tier, block, "open"))
+    }
+
+    /// The file of `block` for an asynchronous write, created on first use. Call
+    /// [`Blocks::written`] once the write completed.
+    pub fn file_for_write(&self, tier: Tier, block: u64) -> Result<Arc<File>, BlockError> {
+        self.files(tier)
+            .for_write(block)
+            .map_err(io_at(tier, block, "open for writing"))
+    }
+
+    /// Records that a write to `block`'s `file` landed: on the volume tier, the next flush
+    /// syncs it. Call only after the data is in the file, so a flush that sees the mark
+    /// syncs the data.
+    pub fn written(&self, tier: Tier, block: u64, file: &Arc<File>) {
+        if tier == Tier::Volume {
+            self.dirty.mark(block, file);
+        }
+    }
+
+    /// For an asynchronous flush: syncs the directory when files were created or removed,
+    /// and lists the files to sync. Hand the plan's ticket to [`Blocks::flushed`] once all
+    /// of them are synced.
+    pub fn flush_plan(&self) -> Result<FlushPlan, BlockError> {
+        self.sync_dir(Tier::Volume)?;
+        let (files, ticket) = self.dirty.snapshot();
+        Ok(FlushPlan { files, ticket })
+    }
+
+    /// Forgets the files a flush synced, except those written again since its plan.
+    pub fn flushed(&self, ticket: &FlushTicket) {
+        self.dirty.clear(ticket);
+    }
+
+    /// Bytes the image's block files take on this node (allocated, not apparent, size).
+    pub fn used_bytes(&self) -> std::io::Result<u64> {
+        Ok(self.ram.used_bytes()? + self.volume.used_bytes()?)
+    }
+
+    /// Whether the next flush syncs `block`'s volume-tier file.
+    pub fn is_dirty(&self, block: u64) -> bool {
+        self.dirty.contains(block)
+    }
+
+    fn sync_dir(&self, tier: Tier) -> Result<(), BlockError> {
+        if tier != Tier::Volume {
+            return Ok(());
+        }
+        self.volume
+            .sync_dir_if_dirty()
+            .map_err(|source| BlockError::SyncDir { tier, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three blocks of 16 KiB, the last one 8 KiB short.
+    const BLOCK: u64 = 16384;
+    const SIZE: u64 = 2 * BLOCK + 8192;
+
+    fn setup() -> (tempfile::TempDir, Blocks) {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: root.path().join("ram"),
+            volume: root.path().join("vol"),
+        };
+        let name = "img".parse().unwrap();
+        let blocks = Blocks::open(&dirs, &name, ImageId::LEGACY, BLOCK, SIZE);
+        for tier in [Tier::Ram, Tier::Volume] {
+            blocks.files(tier).create_dir().unwrap();
+        }
+        (root, blocks)
+    }
+
+    #[test]
+    fn unwritten_blocks_read_as_zeros_without_a_file() {
+        let (_root, blocks) = setup();
+        let mut buf = [7u8; 512];
+        assert!(!blocks.read(Tier::Volume, 1, 4096, &mut buf).unwrap());
+        assert!(buf.iter().all(|&b| b == 0));
+        assert!(blocks.read_block(Tier::Ram, 1).unwrap().is_none());
+        assert!(blocks.digest(Tier::Ram, 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_volume_write_is_dirty_until_a_flush() {
+        let (_root, blocks) = setup();
+        blocks.write(Tier::Volume, 1, 512, b"data").unwrap();
+        assert!(blocks.is_dirty(1));
+        let mut buf = [0u8; 4];
+        assert!(blocks.read(Tier::Volume, 1, 512, &mut buf).unwrap());
+        assert_eq!(&buf, b"data");
+        blocks.flush().unwrap();
+        assert!(!blocks.is_dirty(1));
+    }
+
+    #[test]
+    fn ram_writes_are_never_dirty() {
+        let (_root, blocks) = setup();
+        blocks.write(Tier::Ram, 0, 0, b"data").unwrap();
+        blocks.free(Tier::Ram, 0, 0, 4096).unwrap();
+        assert!(!blocks.is_dirty(0));
+        assert!(blocks.flush_plan().unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn a_partial_free_punches_a_hole_and_marks_the_file_dirty() {
+        let (_root, blocks) = setup();
+        blocks
+            .write(Tier::Volume, 0, 0, &[7; BLOCK as usize])
+            .unwrap();
+        blocks.flush().unwrap();
+        blocks.free(Tier::Volume, 0, 4096, 8192).unwrap();
+        assert!(
+            blocks.is_dirty(0),
+            "the hole must be synced by the next flush"
+        );
+        let data = blocks.read_block(Tier::Volume, 0).unwrap().unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 7));
+        assert!(data[4096..12288].iter().all(|&b| b == 0));
+        assert!(data[12288..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn freeing_a_whole_block_drops_its_file_and_its_mark() {
+        let (_root, blocks) = setup();
+        // The last block is short: its whole is its 8 KiB inside the image.
+        blocks.write(Tier::Volume, 2, 0, b"tail").unwrap();
+        assert!(blocks.used_bytes().unwrap() > 0);
+        blocks.free(Tier::Volume, 2, 0, 8192).unwrap();
+        assert_eq!(blocks.used_bytes().unwrap(), 0);
+        assert!(blocks.file_for_read(Tier::Volume, 2).unwrap().is_none());
+        assert!(!blocks.is_dirty(2));
+        blocks.free_block(Tier::Volume, 2).unwrap();
+    }
+
+    #[test]
+    fn spans_outside_their_block_are_refused() {
+        let (_root, blocks) = setup();
+        let out = |r: Result<(), BlockError>| matches!(r, Err(BlockError::OutOfBlock { .. }));
+        assert!(out(blocks.write(Tier::Ram, 2, 8190, b"abc")));
+        assert!(out(blocks.write(Tier::Ram, 3, 0, b"a")));
+        assert!(out(blocks.free(Tier::Ram, 0, u64::MAX, 2)));
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            blocks.read(Tier::Ram, 0, BLOCK - 1, &mut buf),
+            Err(BlockError::OutOfBlock { .. })
+        ));
+        assert!(out(blocks.replace_block(Tier::Ram, 2, Some(&[1; 8193]))));
+        assert!(blocks.file_for_read(Tier::Ram, 2).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_write_during_a_flush_stays_dirty() {
+        let (_root, blocks) = setup();
+        blocks.write(Tier::Volume, 0, 0, b"one").unwrap();
+        blocks.write(Tier::Volume, 1, 0, b"one").unwrap();
+        let plan = blocks.flush_plan().unwrap();
+        assert_eq!(plan.files.len(), 2);
+        // The asynchronous half: the engine wrote the file itself and reports it.
+        let file = blocks.file_for_write(Tier::Volume, 1).unwrap();
+        file.write_all_at(b"two", 0).unwrap();
+        blocks.written(Tier::Volume, 1, &file);
+        blocks.flushed(&plan.ticket);
+        assert!(!blocks.is_dirty(0));
+        assert!(
+            blocks.is_dirty(1),
+            "written after the plan: the next flush syncs it"
+        );
+    }
+
+    #[test]
+    fn replace_block_writes_the_whole_block_and_digests_match() {
+        let (_root, blocks) = setup();
+        blocks
+            .write(Tier::Volume, 0, 0, &[9; BLOCK as usize])
+            .unwrap();
+        blocks
+            .replace_block(Tier::Volume, 0, Some(b"short"))
+            .unwrap();
+        assert_eq!(
+            blocks.read_block(Tier::Volume, 0).unwrap().unwrap(),
+            b"short"
+        );
+        blocks.write(Tier::Ram, 0, 0, b"short").unwrap();
+        let ram = blocks.digest(Tier::Ram, 0).unwrap();
+        assert!(ram.is_some());
+        assert_eq!(blocks.digest(Tier::Volume, 0).unwrap(), ram);
+        blocks.replace_block(Tier::Volume, 0, None).unwrap();
+        assert!(blocks.read_block(Tier::Volume, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_an_error_with_its_os_code() {
+        let (root, blocks) = setup();
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"secret").unwrap();
+        let link = blocks.files(Tier::Volume).dir().join("00000001");
+        std::os::unix::fs::symlink(&outside, link).unwrap();
+        let err = blocks.write(Tier::Volume, 1, 0, b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        assert!(err.to_string().contains("block 1"), "{err}");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+    }
+}
