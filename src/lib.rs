@@ -27,6 +27,7 @@ pub mod replica;
 pub mod route;
 pub mod serve;
 pub mod size;
+pub mod slots;
 pub mod store;
 pub mod vhost_listener;
 pub mod virtio;

@@ -25,6 +25,7 @@ use crate::logs::Throttle;
 use crate::metrics::QueueCounters;
 use crate::peers::Peers;
 use crate::replica::ack::CopyResult;
+use crate::slots::Slots;
 use crate::store::FlushTicket;
 
 /// Operations in flight per queue before the caller should stop taking new requests and wait
@@ -152,8 +153,7 @@ pub struct Queue {
     inline: InlineEngine,
     uring: Option<UringEngine>,
     pub(super) remote: RemoteEngine,
-    pub(super) slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    pub(super) slots: Slots<Slot>,
     pub(super) done: Vec<Done>,
     /// Requests settled and not yet collected by the caller.
     pub(super) finished: Vec<Completion>,
@@ -187,8 +187,7 @@ impl Queue {
             inline: InlineEngine::new(),
             uring: None,
             remote,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slots::default(),
             done: Vec::new(),
             finished: Vec::new(),
             deferred: Vec::new(),
@@ -211,7 +210,7 @@ impl Queue {
 
     /// Requests taken and not yet collected (including those waiting for a frozen block).
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.deferred.len() + self.finished.len()
+        self.slots.len() + self.deferred.len() + self.finished.len()
     }
 
     /// Whether the caller should stop taking requests until some complete.
@@ -254,7 +253,7 @@ impl Queue {
         // The first request of every LATENCY_SAMPLE is timed.
         let timed = self.sample.is_multiple_of(LATENCY_SAMPLE);
         self.sample = self.sample.wrapping_add(1);
-        let slot = self.admit(Slot {
+        let slot = self.slots.insert(Slot {
             tag: caller,
             error: None,
             pending: 1,
@@ -338,28 +337,9 @@ impl Queue {
         self.counters.guest_errors.add(1);
     }
 
-    fn admit(&mut self, slot: Slot) -> usize {
-        match self.free.pop() {
-            Some(index) => {
-                self.slots[index] = Some(slot);
-                index
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    pub(super) fn release(&mut self, index: usize) -> Option<Slot> {
-        let slot = self.slots.get_mut(index)?.take()?;
-        self.free.push(index);
-        Some(slot)
-    }
-
     /// Records the request's first error; the request fails (and is logged) when it settles.
     pub(super) fn fail(&mut self, slot: usize, error: IoError) {
-        if let Some(request) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+        if let Some(request) = self.slots.get_mut(slot) {
             request.error.get_or_insert(error);
         }
     }
@@ -404,7 +384,7 @@ impl Queue {
                     Err(e) => self.fail(slot, e.into()),
                 },
                 Source::Remote(location) => {
-                    let Some(request) = self.slots[slot].as_mut() else {
+                    let Some(request) = self.slots.get_mut(slot) else {
                         return;
                     };
                     request.reads.push(RemoteRead {
@@ -439,7 +419,7 @@ impl Queue {
 
     /// Records one more copy of the request's current block; returns its part number.
     fn add_copy(&mut self, slot: usize, location: &Location, stored: bool) -> Option<usize> {
-        let request = self.slots.get_mut(slot)?.as_mut()?;
+        let request = self.slots.get_mut(slot)?;
         request.copies.push(CopyResult {
             location: location.clone(),
             stored,
@@ -451,7 +431,7 @@ impl Queue {
     /// copy that takes writes converges under resync). The request's outcome comes from the
     /// acknowledgement rule once every copy has answered.
     fn write_piece(&mut self, slot: usize, piece: Piece, locations: Vec<Location>) {
-        let Some(request) = self.slots[slot].as_mut() else {
+        let Some(request) = self.slots.get_mut(slot) else {
             return;
         };
         request.written.push((piece.block, request.copies.len()));
@@ -484,7 +464,7 @@ impl Queue {
             {
                 Ok(file) => {
                     if location.tier == Tier::Volume {
-                        if let Some(request) = self.slots[slot].as_mut() {
+                        if let Some(request) = self.slots.get_mut(slot) {
                             request
                                 .volume_writes
                                 .push((copy, piece.block, file.clone()));
@@ -539,7 +519,7 @@ impl Queue {
             let target = Target::File(file);
             self.push(tag(slot, 0), Tier::Volume, OpKind::Sync, target, 0, empty);
         }
-        if let Some(request) = self.slots[slot].as_mut() {
+        if let Some(request) = self.slots.get_mut(slot) {
             request.flush = Some(plan.ticket);
         }
     }
@@ -550,7 +530,7 @@ impl Queue {
     /// acknowledgement rule: this node's at once, a peer's by a call that completes later, so
     /// a slow or dead peer holds up this request only, not the queue.
     fn free_span(&mut self, slot: usize, span: BlockSpan, locations: Vec<Location>) {
-        if let Some(request) = self.slots[slot].as_mut() {
+        if let Some(request) = self.slots.get_mut(slot) {
             request.written.push((span.block, request.copies.len()));
         }
         for location in locations {
@@ -621,7 +601,7 @@ impl Queue {
         offset: u64,
         iovecs: IoVecs,
     ) {
-        if let Some(request) = self.slots[untag(tag).0].as_mut() {
+        if let Some(request) = self.slots.get_mut(untag(tag).0) {
             request.pending += 1;
         }
         let remote = matches!(target, Target::Peer(_));

@@ -32,7 +32,7 @@ impl Queue {
     /// to the next in-sync copy, if there is one.
     pub(super) fn part_done(&mut self, op: u64, result: Result<usize, OpError>) {
         let (index, part) = untag(op);
-        let Some(request) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+        let Some(request) = self.slots.get_mut(index) else {
             return;
         };
         let copy = part.checked_sub(1);
@@ -48,7 +48,7 @@ impl Queue {
                         return;
                     }
                 }
-                let Some(request) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+                let Some(request) = self.slots.get_mut(index) else {
                     return;
                 };
                 let block = copy
@@ -79,12 +79,12 @@ impl Queue {
                 }
             }
         }
-        let Some(request) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+        let Some(request) = self.slots.get_mut(index) else {
             return;
         };
         request.pending -= 1;
         if request.pending == 0 {
-            if let Some(request) = self.release(index) {
+            if let Some(request) = self.slots.remove(index) {
                 self.settle(request);
             }
         }
@@ -96,7 +96,6 @@ impl Queue {
         let Some(piece) = self
             .slots
             .get_mut(index)
-            .and_then(Option::as_mut)
             .and_then(|r| r.reads.get_mut(read))
         else {
             return false;
@@ -123,7 +122,7 @@ impl Queue {
         let bufs = crate::engine::IoVecs(piece.bufs.0.clone());
         let target = self.peer_target(&location, block);
         // The failed operation's count carries over to this one.
-        if let Some(request) = self.slots.get_mut(index).and_then(Option::as_mut) {
+        if let Some(request) = self.slots.get_mut(index) {
             request.pending -= 1;
         }
         let op = tag(index, read + 1);

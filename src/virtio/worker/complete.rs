@@ -30,14 +30,13 @@ impl Worker {
         self.queue.complete(&mut completions);
         for completion in completions.drain(..) {
             let slot = completion.tag as usize;
-            let Some(request) = self.requests.get_mut(slot).and_then(Option::take) else {
+            let Some(request) = self.requests.remove(slot) else {
                 log::error!(
                     "image {}: completion for unknown request {slot}",
                     self.device.name()
                 );
                 continue;
             };
-            self.free.push(slot);
             let byte = status(&completion.result);
             let used = if byte == STATUS_OK {
                 request.used_len

@@ -49,7 +49,7 @@ impl Worker {
             }
             Kind::Flush => BlockRequest::Flush,
         };
-        let slot = self.admit(InFlight {
+        let slot = self.requests.insert(InFlight {
             head,
             status: request.status,
             used_len,
@@ -57,19 +57,6 @@ impl Worker {
             fills,
         });
         self.queue.submit(slot as u64, block);
-    }
-
-    fn admit(&mut self, request: InFlight) -> usize {
-        match self.free.pop() {
-            Some(slot) => {
-                self.requests[slot] = Some(request);
-                slot
-            }
-            None => {
-                self.requests.push(Some(request));
-                self.requests.len() - 1
-            }
-        }
     }
 
     /// A memory table update between parsing and now moved a buffer out of guest memory.

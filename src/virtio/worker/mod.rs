@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use crate::logs::Throttle;
 use crate::route::{self, Completion, Device};
+use crate::slots::Slots;
 use crate::virtio::chain;
 use crate::virtio::inflight::QueueInflight;
 use crate::virtio::request::{self, Limits, Segments};
@@ -61,8 +62,7 @@ pub struct Worker {
     queue: route::Queue,
     limits: Limits,
     mem: AtomicMem,
-    requests: Vec<Option<InFlight>>,
-    free: Vec<usize>,
+    requests: Slots<InFlight>,
     completions: Vec<Completion>,
     vring: Option<Vring>,
     /// Set when the worker stopped popping because too much was in flight.
@@ -89,8 +89,7 @@ impl Worker {
             queue: device.queue()?,
             limits,
             mem,
-            requests: Vec::new(),
-            free: Vec::new(),
+            requests: Slots::default(),
             completions: Vec::new(),
             vring: None,
             throttled: false,
