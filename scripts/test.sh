@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CARGO_HOME:-}" ] || [ ! -f "$HOME/.cargo/env" ] || . "$HOME/.cargo/env"
 
-cargo fmt --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace --all-targets
 
 # A short fuzzing run of every target, so the targets keep building and the parsers keep
 # holding; long runs are for developers (see fuzz/README.md).
