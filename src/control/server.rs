@@ -37,28 +37,45 @@ pub fn start(daemon: Arc<Daemon>, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Why a request line was not read: each answered with an `error` line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("cannot read request: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("request too long or unterminated")]
+    Unterminated,
+    #[error("malformed request: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Reads the one request line of a connection: at most [`MAX_REQUEST_LEN`] bytes, ending in a
+/// newline, holding one JSON [`Request`]. Whatever a local client sends gets a request or an
+/// error, never a panic (fuzzed: fuzz/fuzz_targets/control.rs).
+pub fn read_request(reader: impl Read) -> Result<Request, RequestError> {
+    let mut line = String::new();
+    BufReader::new(reader.take(MAX_REQUEST_LEN as u64)).read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        return Err(RequestError::Unterminated);
+    }
+    Ok(serde_json::from_str::<Request>(&line)?)
+}
+
 fn serve(daemon: &Daemon, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream.take(MAX_REQUEST_LEN as u64));
-    let reply = match reader.read_line(&mut line) {
-        Err(e) => Reply::Error(format!("cannot read request: {e}")),
-        Ok(_) if !line.ends_with('\n') => Reply::Error("request too long or unterminated".into()),
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => Reply::Error(format!("malformed request: {e}")),
-            Ok(request) => {
-                log::debug!("control: {request:?}");
-                let mut progress = |done, total| {
-                    let _ = send(&mut writer, &Reply::Progress { done, total });
-                };
-                match daemon.apply(request, &mut progress) {
-                    Ok(value) => Reply::Ok(value),
-                    Err(message) => Reply::Error(message),
-                }
+    let reply = match read_request(stream) {
+        Err(e) => Reply::Error(e.to_string()),
+        Ok(request) => {
+            log::debug!("control: {request:?}");
+            let mut progress = |done, total| {
+                let _ = send(&mut writer, &Reply::Progress { done, total });
+            };
+            match daemon.apply(request, &mut progress) {
+                Ok(value) => Reply::Ok(value),
+                Err(e) => Reply::Error(e.to_string()),
             }
-        },
+        }
     };
     let _ = send(&mut writer, &reply);
 }
