@@ -6,13 +6,26 @@
 //! odd ones the client side.
 //!
 //! Checks: nothing panics; a request that parses re-encodes to JSON that parses to the same
-//! request, and so does a reply; an answer's progress lines never outnumber its lines.
+//! request, and so does a reply without floating-point numbers (serde_json reads those to
+//! within an ulp, not exactly, and the daemon never sends any); an answer's progress lines
+//! never outnumber its lines.
 #![no_main]
 
 use cormorant::control::client::read_answer;
 use cormorant::control::protocol::{Reply, Request};
 use cormorant::control::server::read_request;
 use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+
+/// Whether `value` holds a number that is neither an i64 nor a u64.
+fn has_float(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(items) => items.iter().any(has_float),
+        Value::Object(map) => map.values().any(has_float),
+        _ => false,
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, bytes)) = data.split_first() else {
@@ -31,6 +44,9 @@ fuzz_target!(|data: &[u8]| {
         // Each line on its own, as the client reads it.
         for line in bytes.split(|&b| b == b'\n') {
             if let Ok(reply) = serde_json::from_slice::<Reply>(line) {
+                if matches!(&reply, Reply::Ok(value) if has_float(value)) {
+                    continue;
+                }
                 let text = serde_json::to_string(&reply).expect("a reply encodes");
                 let again: Reply = serde_json::from_str(&text).expect("an encoded reply parses");
                 assert_eq!(again, reply);

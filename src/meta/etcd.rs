@@ -156,6 +156,12 @@ pub enum EtcdError {
     Compacted { compact_revision: i64 },
     #[error("malformed etcd answer: {0}")]
     Decode(String),
+    #[error("malformed etcd answer: {what} is not base64: {source}")]
+    Base64 {
+        what: &'static str,
+        #[source]
+        source: base64::DecodeError,
+    },
     #[error("etcd answer larger than {MAX_ANSWER_BYTES} bytes")]
     TooLarge,
     #[error("etcd watch stream ended")]
@@ -564,8 +570,8 @@ fn request_op(op: &Op) -> wire::RequestOp {
 
 fn decode_kv(raw: wire::RawKv) -> Result<Kv, EtcdError> {
     Ok(Kv {
-        key: unb64(&raw.key, "key").map_err(EtcdError::Decode)?,
-        value: unb64(&raw.value, "value").map_err(EtcdError::Decode)?,
+        key: unb64(&raw.key, "key")?,
+        value: unb64(&raw.value, "value")?,
         create_revision: raw.create_revision,
         mod_revision: raw.mod_revision,
         version: raw.version,

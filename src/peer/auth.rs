@@ -271,7 +271,7 @@ pub enum AuthError {
     #[error("refused by the peer: {0}")]
     Refused(String),
     #[error("no random numbers for a nonce: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
 impl AuthError {
@@ -384,7 +384,7 @@ fn refuse(s: &mut impl Write, reason: &str) {
 
 fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
     let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|e| AuthError::Random(e.to_string()))?;
+    getrandom::fill(&mut nonce).map_err(AuthError::Random)?;
     Ok(nonce)
 }
 
