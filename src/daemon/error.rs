@@ -9,6 +9,7 @@ use crate::meta::store::StoreError;
 use crate::placement::PlacementError;
 use crate::replica::sync::SyncError;
 
+/// Why a control request failed ([`super::Daemon::apply`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("no image named '{0}'")]

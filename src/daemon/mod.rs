@@ -12,8 +12,6 @@ use std::io::{self};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use error::DaemonError;
-
 use serde_json::{json, Value};
 
 use crate::cluster::Peers;
@@ -28,6 +26,8 @@ use crate::meta::store::{LocalStore, MetaStore};
 use crate::peer::ClusterKey;
 use crate::placement;
 use crate::replica::sync;
+
+pub use error::DaemonError;
 
 struct Entry {
     disk: Arc<Disk>,
