@@ -56,3 +56,35 @@ pub fn read_answer(
     }
     Err(ClientError::NoAnswer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_progress_then_the_result() {
+        let answer = b"{\"progress\":{\"done\":1,\"total\":2}}\n{\"ok\":{\"n\":3}}\n{\"ok\":4}\n";
+        let mut seen = Vec::new();
+        let value = read_answer(&answer[..], |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(value, serde_json::json!({"n": 3}));
+        assert_eq!(seen, [(1, 2)]);
+    }
+
+    #[test]
+    fn errors_and_short_answers_are_errors() {
+        let refused = b"{\"error\":\"no image named 'x'\"}\n";
+        match read_answer(&refused[..], |_, _| {}) {
+            Err(ClientError::Refused(message)) => assert_eq!(message, "no image named 'x'"),
+            other => panic!("{other:?}"),
+        }
+        let short = b"{\"progress\":{\"done\":1,\"total\":2}}\n";
+        assert!(matches!(
+            read_answer(&short[..], |_, _| {}),
+            Err(ClientError::NoAnswer)
+        ));
+        assert!(matches!(
+            read_answer(&b"{\"ok\":\n"[..], |_, _| {}),
+            Err(ClientError::Malformed(_))
+        ));
+    }
+}

@@ -85,3 +85,41 @@ fn send(writer: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     bytes.push(b'\n');
     writer.write_all(&bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_one_request_line() {
+        let line = b"{\"op\":\"image_info\",\"name\":\"vm1\"}\n{\"op\":\"image_list\"}\n";
+        match read_request(&line[..]).unwrap() {
+            Request::ImageInfo { name } => assert_eq!(name.as_str(), "vm1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_unterminated_long_and_malformed_requests() {
+        let unterminated = br#"{"op":"image_list"}"#;
+        assert!(matches!(
+            read_request(&unterminated[..]),
+            Err(RequestError::Unterminated)
+        ));
+        let long = [b' '; MAX_REQUEST_LEN + 10];
+        assert!(matches!(
+            read_request(&long[..]),
+            Err(RequestError::Unterminated)
+        ));
+        let unknown = b"{\"op\":\"format_disk\"}\n";
+        assert!(matches!(
+            read_request(&unknown[..]),
+            Err(RequestError::Malformed(_))
+        ));
+        let bad_name = b"{\"op\":\"image_info\",\"name\":\"../x\"}\n";
+        assert!(matches!(
+            read_request(&bad_name[..]),
+            Err(RequestError::Malformed(_))
+        ));
+    }
+}

@@ -174,6 +174,25 @@ mod tests {
     }
 
     #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(
+            "node1".parse::<Placement>().unwrap_err(),
+            LocationError::NotPlacement("node1".into())
+        );
+        assert_eq!(
+            "n:ssd".parse::<Placement>().unwrap_err().to_string(),
+            "unknown tier 'ssd': use ram or volume"
+        );
+        let e = "a/b:ram".parse::<Placement>().unwrap_err();
+        assert!(matches!(&e, LocationError::BadNodeId { text, .. } if text == "a/b"));
+        assert_eq!(
+            e.to_string(),
+            "bad node id 'a/b': node id may only contain A-Z, a-z, 0-9, '.', '_' and '-' (found '/')"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
     fn node_ids_are_checked_when_read() {
         assert!(serde_json::from_str::<NodeId>("\"a/b\"").is_err());
         assert_eq!(
