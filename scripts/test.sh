@@ -5,9 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${CARGO_HOME:-}" ] || [ ! -f "$HOME/.cargo/env" ] || . "$HOME/.cargo/env"
 
-cargo fmt --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace --all-targets
+
+# The daemon's dependency tree carries none of the harness's or the tests' crates (they live in
+# the cormorant-bench and cormorant-frontend crates of the workspace).
+if cargo tree --locked -p cormorant -e normal --prefix none | grep -E '^(plotters|hdrhistogram|tempfile|criterion|proptest) '; then
+    echo "test: the daemon depends on a benchmark or test crate (above)" >&2
+    exit 1
+fi
 
 # A short fuzzing run of every target, so the targets keep building and the parsers keep
 # holding; long runs are for developers (see fuzz/README.md).

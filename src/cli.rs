@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
+use crate::image::{BlockRange, ImageName, LocationError, NodeId, Placement, Tier};
 use crate::qos::{self, Limit, QosUpdate};
 use crate::size::Size;
 
@@ -132,13 +132,29 @@ pub struct ServeArgs {
     pub failure_timeout: u64,
 }
 
-fn parse_peer(text: &str) -> Result<(NodeId, SocketAddr), String> {
+/// Why a `--peer ID=ADDR` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerArgError {
+    #[error("'{0}' is not ID=ADDR")]
+    NotIdAddr(String),
+    #[error("bad address '{addr}': {source}")]
+    BadAddr {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error(transparent)]
+    BadId(#[from] LocationError),
+}
+
+fn parse_peer(text: &str) -> Result<(NodeId, SocketAddr), PeerArgError> {
     let (id, addr) = text
         .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not ID=ADDR"))?;
-    let addr = addr
-        .parse()
-        .map_err(|e| format!("bad address '{addr}': {e}"))?;
+        .ok_or_else(|| PeerArgError::NotIdAddr(text.to_string()))?;
+    let addr = addr.parse().map_err(|source| PeerArgError::BadAddr {
+        addr: addr.to_string(),
+        source,
+    })?;
     Ok((id.parse()?, addr))
 }
 

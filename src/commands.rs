@@ -15,9 +15,25 @@ pub enum CommandError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{0}")]
-    Convert(String),
-    #[error("{0}")]
     Usage(String),
+    #[error("bad path {path}: {source}", path = path.display())]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("path {} is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("cannot run qemu-img (is it installed?): {0}")]
+    QemuImg(#[source] std::io::Error),
+    #[error("qemu-img convert {} -> {} failed ({status})", from.display(), to.display())]
+    Convert {
+        from: PathBuf,
+        to: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("cannot print the answer: {0}")]
+    Print(#[from] serde_json::Error),
 }
 
 pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
@@ -42,10 +58,7 @@ pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
         Command::Node(crate::cli::NodeCommand::List) => call_quiet(&socket, Request::NodeList)?,
         Command::Serve(_) => unreachable!("serve is not a client command"),
     };
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&value).expect("JSON values serialise")
-    );
+    println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
 }
 
@@ -135,10 +148,12 @@ fn call_with_progress(
     } else {
         ProgressBar::hidden()
     };
-    bar.set_style(
+    // The template is fixed text; were it refused, the default style does as well.
+    if let Ok(style) =
         ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} blocks"))
-            .expect("template is valid"),
-    );
+    {
+        bar.set_style(style);
+    }
     let result = call(socket, &request, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -149,11 +164,13 @@ fn call_with_progress(
 
 /// The daemon opens the file itself, so it gets an absolute path.
 fn absolute(path: &Path) -> Result<String, CommandError> {
-    let path = std::path::absolute(path)
-        .map_err(|e| CommandError::Convert(format!("bad path {}: {e}", path.display())))?;
+    let path = std::path::absolute(path).map_err(|source| CommandError::Path {
+        path: path.to_path_buf(),
+        source,
+    })?;
     path.to_str()
         .map(str::to_string)
-        .ok_or_else(|| CommandError::Convert(format!("path {} is not UTF-8", path.display())))
+        .ok_or_else(|| CommandError::NotUtf8(path.clone()))
 }
 
 /// A raw view of an import source: the file itself, or a converted temporary copy.
@@ -222,15 +239,13 @@ fn convert(from: &Path, from_format: &str, to: &Path, to_format: &str) -> Result
         .arg(from)
         .arg(to)
         .status()
-        .map_err(|e| {
-            CommandError::Convert(format!("cannot run qemu-img (is it installed?): {e}"))
-        })?;
+        .map_err(CommandError::QemuImg)?;
     if !status.success() {
-        return Err(CommandError::Convert(format!(
-            "qemu-img convert {} -> {} failed ({status})",
-            from.display(),
-            to.display()
-        )));
+        return Err(CommandError::Convert {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            status,
+        });
     }
     Ok(())
 }

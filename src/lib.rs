@@ -1,8 +1,8 @@
 //! Cormorant: a vhost-user-blk backend that serves VM disk images from block files.
 //!
 //! See ARCHITECTURE.md for the request path; each module below is one layer of it.
-//! `frontend` is the other side of the socket: a VM-less vhost-user-blk client used by the
-//! tests and the benchmark harness.
+//! The other side of the socket, a VM-less vhost-user-blk client used by the tests and the
+//! benchmark harness, is the `cormorant-frontend` crate (src/frontend).
 
 pub mod cli;
 pub mod commands;
@@ -12,7 +12,6 @@ pub mod copies;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
-pub mod frontend;
 pub mod holder;
 pub mod image;
 pub mod logs;

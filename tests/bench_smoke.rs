@@ -7,11 +7,30 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_cormorant-bench");
 const DAEMON: &str = env!("CARGO_BIN_EXE_cormorant");
+
+/// The harness binary. It is another crate of the workspace (benches/harness), so cargo does not
+/// build it for this package's tests: build it here with the cargo running us, in the same
+/// profile (it lands beside the daemon's binary), so it is never stale.
+fn bench_bin() -> PathBuf {
+    let bin = Path::new(DAEMON).with_file_name("cormorant-bench");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "cormorant-bench", "--bin", "cormorant-bench"])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p cormorant-bench failed");
+    }
+    assert!(bin.exists(), "{} missing: build it", bin.display());
+    bin
+}
 
 #[test]
 fn smoke_suite_writes_results_table_and_plots() {
@@ -22,7 +41,7 @@ fn smoke_suite_writes_results_table_and_plots() {
     // The volume tier must be a disk file system, not the system temp dir (may be tmpfs).
     let volume = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("volume dir");
     let out = dir.join("out");
-    let output = Command::new(BENCH)
+    let output = Command::new(bench_bin())
         .args(["--suite", "smoke", "--cormorant", DAEMON])
         .arg("--out")
         .arg(&out)

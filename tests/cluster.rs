@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 const S_OK: u8 = 0;
 
@@ -167,7 +167,7 @@ fn move_a_disk_to_the_node_that_uses_it() {
 /// copy that took it and the peer's copy goes out of sync.
 #[test]
 fn discards_reach_every_copy_and_a_stopped_peer_holds_up_only_its_discard() {
-    use cormorant::frontend::{BlkRequest, DiscardRange};
+    use cormorant_frontend::{BlkRequest, DiscardRange};
     use std::time::Instant;
 
     let dir = TestDir::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::daemon::{Cluster, Daemon};
 use common::etcd::EtcdCluster;
 use common::{tools_available, wait_until, TestDir};
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, BlkRequest, ClientOptions, DiscardRange, Error, Malformed};
+use cormorant_frontend::{BlkClient, BlkRequest, ClientOptions, DiscardRange, Error, Malformed};
 
 const RAW_TIMEOUT: Duration = Duration::from_secs(3);
 const S_OK: u8 = 0;
@@ -71,7 +71,7 @@ fn malformed_chains_are_answered_and_the_queue_keeps_serving() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-fn assert_serves(q: &mut cormorant::frontend::BlkQueue, after: Malformed) {
+fn assert_serves(q: &mut cormorant_frontend::BlkQueue, after: Malformed) {
     let (status, data) = q
         .read(0, 4096)
         .unwrap_or_else(|e| panic!("after {after:?}: {e:?}"));

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cormorant::frontend::blk::{S_IOERR, S_NOT_WRITTEN, S_OK};
-use cormorant::frontend::{
+use cormorant_frontend::blk::{S_IOERR, S_NOT_WRITTEN, S_OK};
+use cormorant_frontend::{
     BlkClient, BlkQueue, BlkRequest, ClientOptions, Completion, DiscardRange, Error, Malformed,
 };
 
@@ -168,7 +168,7 @@ fn config_reads_writes_flush_and_id() {
     };
     let wz = c.write_zeroes(0, &[zero]).unwrap();
     eprintln!("qsd WRITE_ZEROES: status {wz}");
-    if c.has_feature(cormorant::frontend::blk::feature::WRITE_ZEROES) {
+    if c.has_feature(cormorant_frontend::blk::feature::WRITE_ZEROES) {
         assert_eq!(wz, S_OK);
         assert_eq!(c.read(0, 0, 4096).unwrap(), (S_OK, vec![0; 4096]));
     }
@@ -264,7 +264,7 @@ fn drain(q: &mut BlkQueue, n: usize) -> Vec<Completion> {
 }
 
 /// What happened to one malformed chain, in words for the survey table.
-fn outcome(r: Result<cormorant::frontend::RawReply, Error>) -> (String, bool) {
+fn outcome(r: Result<cormorant_frontend::RawReply, Error>) -> (String, bool) {
     match r {
         Ok(r) => (
             format!(

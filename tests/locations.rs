@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 const S_OK: u8 = 0;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::daemon::Cluster;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 struct Netns {
     name: String,

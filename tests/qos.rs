@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::{tools_available, TestDir};
-use cormorant::frontend::{BlkClient, BlkQueue, BlkRequest, ClientOptions};
+use cormorant_frontend::{BlkClient, BlkQueue, BlkRequest, ClientOptions};
 
 const S_OK: u8 = 0;
 /// Requests kept in flight: enough that the limiter, not the round trip, sets the pace.

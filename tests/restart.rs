@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::daemon::Daemon;
 use common::guest::{Disk, Guest, GuestOpts};
 use common::{tools_available, wait_until};
-use cormorant::frontend::{BlkClient, BlkRequest, ClientOptions, Error};
+use cormorant_frontend::{BlkClient, BlkRequest, ClientOptions, Error};
 
 /// Two writers, eight 256 KiB slots each, over the first 4 MiB of vda; each write is flushed,
 /// read back and compared, and its checksum kept; at the end every slot is checked again. vdb

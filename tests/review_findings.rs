@@ -4,7 +4,7 @@ mod common;
 
 use common::daemon::Daemon;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 const S_OK: u8 = 0;
 
@@ -125,7 +125,7 @@ fn concurrent_read_does_not_hide_a_new_block_file() {
 /// long. Batches of writes to one block are exactly the hot-block case the freeze exists for.
 #[test]
 fn resync_of_a_hot_block_does_not_stall_the_queue() {
-    use cormorant::frontend::BlkRequest;
+    use cormorant_frontend::BlkRequest;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};

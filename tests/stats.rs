@@ -7,7 +7,7 @@ use std::net::TcpStream;
 
 use common::daemon::Daemon;
 use common::TestDir;
-use cormorant::frontend::{BlkClient, ClientOptions, Malformed};
+use cormorant_frontend::{BlkClient, ClientOptions, Malformed};
 
 #[test]
 fn stats_count_requests_bytes_and_errors() {

@@ -1,5 +1,5 @@
 //! The backend-only load generator: drives any vhost-user-blk socket through
-//! `cormorant::frontend` with a chosen pattern, block size, queue depth, number of queues and run
+//! `cormorant_frontend` with a chosen pattern, block size, queue depth, number of queues and run
 //! time, one thread per queue, and reports IOPS, MB/s and latency percentiles.
 //!
 //! Each queue keeps exactly `qd` requests in flight: it submits `qd`, then waits on the call
@@ -11,8 +11,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cormorant::frontend::blk::S_OK;
-use cormorant::frontend::{BlkClient, BlkQueue, BlkRequest, ClientOptions, Completion, GuestBuf};
+use cormorant_frontend::blk::S_OK;
+use cormorant_frontend::{BlkClient, BlkQueue, BlkRequest, ClientOptions, Completion, GuestBuf};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -158,13 +158,13 @@ pub enum LoadError {
     Connect {
         path: String,
         #[source]
-        source: cormorant::frontend::Error,
+        source: cormorant_frontend::Error,
     },
     #[error("queue {queue}")]
     Queue {
         queue: u16,
         #[source]
-        source: cormorant::frontend::Error,
+        source: cormorant_frontend::Error,
     },
     #[error("device of {capacity} bytes is smaller than the span {span}")]
     TooSmall { capacity: u64, span: u64 },
@@ -411,7 +411,7 @@ fn drive_queue(
 fn spin_for_completions(
     q: &mut BlkQueue,
     done: &mut Vec<Completion>,
-) -> Result<(), cormorant::frontend::Error> {
+) -> Result<(), cormorant_frontend::Error> {
     let start = Instant::now();
     while q.poll_completions(done)? == 0 {
         if start.elapsed() > STALL_TIMEOUT {

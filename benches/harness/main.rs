@@ -412,8 +412,9 @@ fn cormorant_bin(explicit: Option<&Path>) -> Result<PathBuf, ProcError> {
     let bin = me.with_file_name("cormorant");
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut cmd = std::process::Command::new(cargo);
+        // The workspace manifest (the repository root), two levels above this crate's.
         cmd.args(["build", "--bin", "cormorant", "--manifest-path"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml"));
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

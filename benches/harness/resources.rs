@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cormorant::frontend::{BlkClient, ClientOptions};
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 use crate::procs::{self, io_ctx, Cormorant, ProcError, Qsd, QsdAio};
 use crate::report::Figure;

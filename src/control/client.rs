@@ -1,6 +1,6 @@
 //! The client side of the control socket, used by every subcommand but `serve`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -28,7 +28,7 @@ pub enum ClientError {
 pub fn call(
     socket: &Path,
     request: &Request,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<serde_json::Value, ClientError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.display().to_string(),
@@ -37,7 +37,17 @@ pub fn call(
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
-    for line in BufReader::new(stream).lines() {
+    read_answer(stream, progress)
+}
+
+/// Reads the daemon's answer: JSON lines, any number of `progress` (each passed to
+/// `progress(done, total)`), then `ok` (the result) or `error`. A malformed line or an answer
+/// that ends early is an error, never a panic (fuzzed: fuzz/fuzz_targets/control.rs).
+pub fn read_answer(
+    reader: impl Read,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<serde_json::Value, ClientError> {
+    for line in BufReader::new(reader).lines() {
         match serde_json::from_str::<Reply>(&line?)? {
             Reply::Progress { done, total } => progress(done, total),
             Reply::Ok(value) => return Ok(value),
@@ -45,4 +55,36 @@ pub fn call(
         }
     }
     Err(ClientError::NoAnswer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_progress_then_the_result() {
+        let answer = b"{\"progress\":{\"done\":1,\"total\":2}}\n{\"ok\":{\"n\":3}}\n{\"ok\":4}\n";
+        let mut seen = Vec::new();
+        let value = read_answer(&answer[..], |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(value, serde_json::json!({"n": 3}));
+        assert_eq!(seen, [(1, 2)]);
+    }
+
+    #[test]
+    fn errors_and_short_answers_are_errors() {
+        let refused = b"{\"error\":\"no image named 'x'\"}\n";
+        match read_answer(&refused[..], |_, _| {}) {
+            Err(ClientError::Refused(message)) => assert_eq!(message, "no image named 'x'"),
+            other => panic!("{other:?}"),
+        }
+        let short = b"{\"progress\":{\"done\":1,\"total\":2}}\n";
+        assert!(matches!(
+            read_answer(&short[..], |_, _| {}),
+            Err(ClientError::NoAnswer)
+        ));
+        assert!(matches!(
+            read_answer(&b"{\"ok\":\n"[..], |_, _| {}),
+            Err(ClientError::Malformed(_))
+        ));
+    }
 }

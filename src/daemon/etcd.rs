@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Daemon, Entry};
+use super::{Daemon, DaemonError, Entry};
 use crate::disk::Disk;
 use crate::image::id::parse_dir_name;
 use crate::image::{ImageId, ImageMeta, ImageName, NodeId, Tier};
@@ -23,19 +23,17 @@ use crate::vhost_listener::socket_path;
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
 
 impl Daemon {
-    fn cluster(&self) -> Result<&Arc<ClusterMeta>, String> {
-        self.shared
-            .as_ref()
-            .ok_or_else(|| "this node is not in an etcd cluster".to_string())
+    fn cluster(&self) -> Result<&Arc<ClusterMeta>, DaemonError> {
+        self.shared.as_ref().ok_or(DaemonError::NoCluster)
     }
 
     /// Opens every image this node owns or holds copies of; removes block directories of
     /// images that no longer exist (deleted while this node was down). Returns the revision
     /// the state was read at, to watch from.
-    pub(super) fn load_shared(&self) -> Result<i64, String> {
+    pub(super) fn load_shared(&self) -> Result<i64, DaemonError> {
         let cluster = self.cluster()?;
-        let (images, revision) = cluster.images().map_err(|e| e.to_string())?;
-        for node in cluster.nodes().map_err(|e| e.to_string())? {
+        let (images, revision) = cluster.images()?;
+        for node in cluster.nodes()? {
             self.peers.set(&node.id, node.addr);
         }
         self.remove_stale_sockets();
@@ -48,11 +46,13 @@ impl Daemon {
             let (name, id) = (meta.name.clone(), meta.id);
             // A copy whose loss is not recorded in etcd would be served as data: not
             // starting is the safe answer (the next start tries again).
-            self.open_shared(meta)
-                .map_err(|e| format!("image {name}: cannot serve: {e}"))?;
+            self.open_shared(meta).map_err(|e| DaemonError::Serve {
+                name: name.clone(),
+                source: Box::new(e),
+            })?;
             // Losses this node reported before and the owner has not recorded yet.
             if let Some(disk) = self.find(&name) {
-                for (node, record, _) in cluster.lost_reports(id).map_err(|e| e.to_string())? {
+                for (node, record, _) in cluster.lost_reports(id)? {
                     if node == self.config.node {
                         for tier in record.tiers {
                             disk.mark_lost(tier);
@@ -88,7 +88,7 @@ impl Daemon {
     /// Opens an image of the cluster here: exported when this node owns it, else held. The
     /// block directories of the tiers it has copies on are made here (lost copies are told by
     /// the tier markers, see `wiped_tiers`).
-    fn open_shared(&self, meta: ImageMeta) -> Result<(), String> {
+    fn open_shared(&self, meta: ImageMeta) -> Result<(), DaemonError> {
         for tier in [Tier::Ram, Tier::Volume] {
             let here = meta.table.extents().iter().any(|e| {
                 e.locations
@@ -96,12 +96,17 @@ impl Daemon {
                     .any(|l| l.node == self.config.node && l.tier == tier)
             });
             if here {
-                crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name, meta.id)
+                let files =
+                    crate::store::BlockFiles::open(&self.config.dirs, tier, &meta.name, meta.id);
+                files
                     .create_dir()
-                    .map_err(|e| format!("cannot create the block directory: {e}"))?;
+                    .map_err(|source| DaemonError::CreateDir {
+                        path: files.dir().to_path_buf(),
+                        source,
+                    })?;
             }
         }
-        self.open_and_export(meta).map_err(|e| e.to_string())
+        Ok(self.open_and_export(meta)?)
     }
 
     /// Block directories under both tiers whose image (name and id) is not one this node
@@ -608,35 +613,32 @@ impl Daemon {
     }
 
     /// Image `name` as etcd has it now.
-    fn shared_image(&self, name: &ImageName) -> Result<ImageMeta, String> {
+    fn shared_image(&self, name: &ImageName) -> Result<ImageMeta, DaemonError> {
         self.cluster()?
-            .image(name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no image named '{name}'"))
+            .image(name)?
+            .ok_or_else(|| DaemonError::NoImage(name.clone()))
     }
 
-    pub(super) fn remove_shared(&self, name: &ImageName) -> Result<(), String> {
+    pub(super) fn remove_shared(&self, name: &ImageName) -> Result<(), DaemonError> {
         let cluster = self.cluster()?;
         let meta = self.shared_image(name)?;
         if meta.owner != self.config.node {
-            return Err(format!(
-                "image '{name}' is owned by node {}: run this there",
-                meta.owner
-            ));
+            return Err(DaemonError::OwnedElsewhere {
+                name: name.clone(),
+                owner: meta.owner,
+            });
         }
         if self.find(name).is_some_and(|d| d.in_use()) {
-            return Err(format!(
-                "image '{name}' is in use by a frontend; stop the VM first"
-            ));
+            return Err(DaemonError::InUse(name.clone()));
         }
-        cluster.remove(&meta).map_err(|e| e.to_string())?;
+        cluster.remove(&meta)?;
         self.forget(name, meta.id);
         log::info!("image {name}: removed from the cluster");
         Ok(())
     }
 
-    pub(super) fn list_shared(&self) -> Result<Value, String> {
-        let (images, _) = self.cluster()?.images().map_err(|e| e.to_string())?;
+    pub(super) fn list_shared(&self) -> Result<Value, DaemonError> {
+        let (images, _) = self.cluster()?.images()?;
         Ok(Value::Array(
             images
                 .iter()
@@ -650,7 +652,7 @@ impl Daemon {
         ))
     }
 
-    pub(super) fn info_shared(&self, name: &ImageName) -> Result<Value, String> {
+    pub(super) fn info_shared(&self, name: &ImageName) -> Result<Value, DaemonError> {
         let meta = self.shared_image(name)?;
         let mut value = shared_summary(&meta);
         let blocks: Vec<Value> = (0..meta.blocks())
@@ -662,12 +664,12 @@ impl Daemon {
         Ok(value)
     }
 
-    pub(super) fn node_list(&self) -> Result<Value, String> {
+    pub(super) fn node_list(&self) -> Result<Value, DaemonError> {
         let Some(cluster) = &self.shared else {
             return Ok(json!([{"id": self.config.node, "live": true}]));
         };
-        let nodes = cluster.nodes().map_err(|e| e.to_string())?;
-        let (images, _) = cluster.images().map_err(|e| e.to_string())?;
+        let nodes = cluster.nodes()?;
+        let (images, _) = cluster.images()?;
         let mut known: BTreeSet<NodeId> = images.iter().flat_map(|m| m.table.nodes()).collect();
         let mut out: Vec<Value> = Vec::new();
         for node in &nodes {
@@ -692,23 +694,25 @@ impl Daemon {
         &self,
         name: &ImageName,
         from: Option<&NodeId>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, DaemonError> {
         let meta = self.shared_image(name)?;
         if let Some(from) = from.filter(|&f| f != &meta.owner) {
-            return Err(format!(
-                "image {name} is owned by {}, not {from}",
-                meta.owner
-            ));
+            return Err(DaemonError::NotOwnedBy {
+                name: name.clone(),
+                owner: meta.owner,
+                from: from.clone(),
+            });
         }
         if meta.owner == self.config.node {
-            return Err(format!("image {name} is already owned by this node"));
+            return Err(DaemonError::AlreadyOwned(name.clone()));
         }
         let from = meta.owner.clone();
         let disk = match self.find(name) {
             Some(disk) => disk,
             None => {
                 self.open_shared(meta)?;
-                self.find(name).ok_or("image vanished")?
+                self.find(name)
+                    .ok_or_else(|| DaemonError::Vanished(name.clone()))?
             }
         };
         disk.adopt();

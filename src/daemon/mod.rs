@@ -1,6 +1,7 @@
 //! The daemon's state: the images of this node, each opened as a disk and exported on its
 //! socket. Control actions are applied here, one owner for every change to that state.
 
+mod error;
 mod etcd;
 mod relocate;
 mod transfer;
@@ -26,6 +27,8 @@ use crate::placement;
 use crate::qos::{QosLimits, QosUpdate};
 use crate::replica::sync;
 use crate::vhost_listener::{socket_path, VhostListener};
+
+pub use error::DaemonError;
 
 struct Entry {
     disk: Arc<Disk>,
@@ -252,7 +255,7 @@ impl Daemon {
     }
 
     /// Applies one control request.
-    pub fn apply(&self, request: Request, progress: Progress) -> Result<Value, String> {
+    pub fn apply(&self, request: Request, progress: Progress) -> Result<Value, DaemonError> {
         match request {
             Request::ImageCreate {
                 name,
@@ -263,9 +266,7 @@ impl Daemon {
                 at,
                 qos,
             } => {
-                let qos = QosLimits::default()
-                    .updated(&qos)
-                    .map_err(|e| e.to_string())?;
+                let qos = QosLimits::default().updated(&qos)?;
                 let shape = Shape {
                     size,
                     block_size,
@@ -290,36 +291,34 @@ impl Daemon {
             } => self.import(name, Path::new(&path), block_size, tier, progress),
             Request::LocationAdd { name, blocks, at } => self
                 .location_add(&name, blocks, &at)
-                .map_err(|e| e.to_string()),
+                .map_err(DaemonError::from),
             Request::LocationRm { name, blocks, at } => self
                 .location_rm(&name, blocks, &at)
-                .map_err(|e| e.to_string()),
+                .map_err(DaemonError::from),
             Request::Sync { name, blocks, rate } => {
                 let disk = self.owned_disk(&name)?;
                 let range = placement::range_of(&disk, blocks)?;
                 let copies = self.copies(&disk);
-                let report =
-                    sync::sync(&disk, &copies, range, rate, progress).map_err(|e| e.to_string())?;
+                let report = sync::sync(&disk, &copies, range, rate, progress)?;
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
             Request::ImageAdopt { name, from } => match &self.shared {
                 Some(_) => self.adopt_shared(&name, from.as_ref()),
-                None => {
-                    Err("image adopt moves an image between nodes of a cluster (--etcd)".into())
-                }
+                None => Err(DaemonError::AdoptNeedsCluster),
             },
             Request::ImageExport { name, path } => {
                 let disk = self.owned_disk(&name)?;
-                transfer::export_raw(&disk, Path::new(&path), progress)
-                    .map_err(|e| format!("cannot export to {path}: {e}"))?;
+                if let Err(source) = transfer::export_raw(&disk, Path::new(&path), progress) {
+                    return Err(DaemonError::Export { path, source });
+                }
                 Ok(json!({"exported": name, "path": path}))
             }
         }
     }
 
     /// Per-image and per-peer metrics as JSON.
-    fn stats(&self, name: Option<&ImageName>) -> Result<Value, String> {
+    fn stats(&self, name: Option<&ImageName>) -> Result<Value, DaemonError> {
         if let Some(name) = name {
             return Ok(image_stats(&*self.disk(name)?));
         }
@@ -368,49 +367,56 @@ impl Daemon {
         crate::control::prometheus::render(images, peers)
     }
 
-    fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
+    fn disk(&self, name: &ImageName) -> Result<Arc<Disk>, DaemonError> {
         self.lock()
             .get(name)
             .map(|e| e.disk.clone())
-            .ok_or_else(|| format!("no image named '{name}'"))
+            .ok_or_else(|| DaemonError::NoImage(name.clone()))
     }
 
     /// The image, for a command that changes it or reads all of it: only its owner runs
     /// those. In a cluster, another node refuses and names the owner.
-    fn owned_disk(&self, name: &ImageName) -> Result<Arc<Disk>, String> {
+    fn owned_disk(&self, name: &ImageName) -> Result<Arc<Disk>, DaemonError> {
         let Some(cluster) = &self.shared else {
             return self.disk(name);
         };
         if let Some(disk) = self.find(name).filter(|d| d.owned_here() && !d.is_fenced()) {
             return Ok(disk);
         }
-        match cluster.image(name).map_err(|e| e.to_string())? {
-            Some(meta) => Err(format!(
-                "image '{name}' is owned by node {}: run this there",
-                meta.owner
-            )),
-            None => Err(format!("no image named '{name}'")),
+        match cluster.image(name)? {
+            Some(meta) => Err(DaemonError::OwnedElsewhere {
+                name: name.clone(),
+                owner: meta.owner,
+            }),
+            None => Err(DaemonError::NoImage(name.clone())),
         }
     }
 
     /// Changes an image's limits on its owner; the queues apply them at their next request.
-    fn set_limits(&self, name: &ImageName, update: &QosUpdate) -> Result<Value, String> {
+    fn set_limits(&self, name: &ImageName, update: &QosUpdate) -> Result<Value, DaemonError> {
         if update.is_empty() {
-            return Err(
+            return Err(DaemonError::Text(
                 "nothing to set: image set changes --iops-limit, --bps-limit and --burst".into(),
-            );
+            ));
         }
         let disk = self.owned_disk(name)?;
-        let limits = disk.update_meta(|meta| {
-            meta.qos = meta.qos.updated(update).map_err(|e| e.to_string())?;
-            Ok(meta.qos)
-        })?;
+        let limits = disk
+            .update_meta(|meta| {
+                meta.qos = meta.qos.updated(update).map_err(|e| e.to_string())?;
+                Ok(meta.qos)
+            })
+            .map_err(DaemonError::Text)?;
         log::info!("image {name}: limits now {}", limits.json());
         Ok(json!({"name": name, "qos": limits.json()}))
     }
 
     /// Creates an image, unexported: the caller publishes it once it is ready.
-    fn create(&self, name: ImageName, shape: Shape, at: &[Placement]) -> Result<Arc<Disk>, String> {
+    fn create(
+        &self,
+        name: ImageName,
+        shape: Shape,
+        at: &[Placement],
+    ) -> Result<Arc<Disk>, DaemonError> {
         let Shape {
             size,
             block_size,
@@ -420,7 +426,7 @@ impl Daemon {
         } = shape;
         let mut images = self.lock();
         if images.contains_key(&name) {
-            return Err(format!("image '{name}' already exists"));
+            return Err(DaemonError::Exists(name));
         }
         let locations = self.placements(tier, at)?;
         let meta = ImageMeta::new(
@@ -430,20 +436,20 @@ impl Daemon {
             block_size,
             read_only,
             locations,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut meta = meta;
         meta.qos = qos;
         let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
                 .create_dir()
-                .map_err(|e| format!("cannot create {}: {e}", files.dir().display()))?;
+                .map_err(|source| DaemonError::CreateDir {
+                    path: files.dir().to_path_buf(),
+                    source,
+                })?;
             match &self.shared {
-                Some(cluster) => cluster.create(&mut meta).map_err(|e| e.to_string())?,
-                None => meta
-                    .save(&self.config.meta_dir())
-                    .map_err(|e| e.to_string())?,
+                Some(cluster) => cluster.create(&mut meta)?,
+                None => meta.save(&self.config.meta_dir())?,
             }
             Disk::open(
                 meta,
@@ -465,7 +471,7 @@ impl Daemon {
 
     /// The copies a new image's blocks get: `at`, or this node on `tier`. Every copy starts in
     /// sync: an unwritten block reads as zeros everywhere.
-    fn placements(&self, tier: Tier, at: &[Placement]) -> Result<Vec<Location>, String> {
+    fn placements(&self, tier: Tier, at: &[Placement]) -> Result<Vec<Location>, DaemonError> {
         let me = Placement {
             node: self.config.node.clone(),
             tier,
@@ -478,13 +484,10 @@ impl Daemon {
         let mut locations: Vec<Location> = Vec::new();
         for placement in at {
             if !self.knows(&placement.node) {
-                return Err(format!(
-                    "node '{}' is neither this node nor a peer",
-                    placement.node
-                ));
+                return Err(DaemonError::UnknownNode(placement.node.clone()));
             }
             if locations.iter().any(|l| l.at(placement)) {
-                return Err(format!("{placement} is given twice"));
+                return Err(DaemonError::PlacedTwice(placement.clone()));
             }
             locations.push(Location {
                 node: placement.node.clone(),
@@ -496,10 +499,11 @@ impl Daemon {
     }
 
     /// Exports a created image on its socket.
-    fn publish(&self, disk: &Arc<Disk>) -> Result<(), String> {
-        let export = self
-            .export(disk)
-            .map_err(|e| format!("cannot export image '{}': {e}", disk.name()))?;
+    fn publish(&self, disk: &Arc<Disk>) -> Result<(), DaemonError> {
+        let export = self.export(disk).map_err(|source| DaemonError::Publish {
+            name: disk.name().clone(),
+            source,
+        })?;
         if let Some(entry) = self.lock().get_mut(disk.name()) {
             entry.export = Some(export);
         }
@@ -523,7 +527,7 @@ impl Daemon {
     }
 
     /// Every image: this node's, or with etcd the whole cluster's.
-    fn list(&self) -> Result<Value, String> {
+    fn list(&self) -> Result<Value, DaemonError> {
         if self.shared.is_some() {
             return self.list_shared();
         }
@@ -540,7 +544,7 @@ impl Daemon {
     /// holder in a cluster refuses to serve them and reports them to the owner, who marks them.
     /// Copies on a tier that may merely be stale (an unclean reboot) are handled alike, but
     /// kept where they are the only in-sync copy.
-    fn check_lost_tiers(&self, disk: &Disk) -> Result<(), String> {
+    fn check_lost_tiers(&self, disk: &Disk) -> Result<(), DaemonError> {
         let gone = if self.shared.is_some() {
             let wiped = self.wiped.lock().unwrap_or_else(|p| p.into_inner()).clone();
             synced_on(disk, &wiped)
@@ -571,29 +575,31 @@ impl Daemon {
     /// A holder in a cluster refuses the copies and reports them to the owner; the owner (or
     /// a single node) marks them out of sync itself (`suspect`: only where another in-sync
     /// copy has the data).
-    fn record_loss(&self, disk: &Disk, tiers: &[Tier], suspect: bool) -> Result<(), String> {
+    fn record_loss(&self, disk: &Disk, tiers: &[Tier], suspect: bool) -> Result<(), DaemonError> {
         match &self.shared {
             Some(cluster) if !disk.owned_here() => {
                 for &tier in tiers {
                     disk.mark_lost(tier);
                 }
                 let meta = disk.meta().clone();
-                cluster
-                    .report_lost(&meta, tiers, suspect)
-                    .map_err(|e| e.to_string())
+                Ok(cluster.report_lost(&meta, tiers, suspect)?)
             }
-            _ if suspect => disk.mark_suspect_out_of_sync(tiers),
-            _ => disk.mark_tiers_out_of_sync(tiers),
+            _ if suspect => disk
+                .mark_suspect_out_of_sync(tiers)
+                .map_err(DaemonError::Text),
+            _ => disk
+                .mark_tiers_out_of_sync(tiers)
+                .map_err(DaemonError::Text),
         }
     }
 
     /// The UKAI metadata shape, extended: one entry per block with its locations.
-    fn info(&self, name: &ImageName) -> Result<Value, String> {
+    fn info(&self, name: &ImageName) -> Result<Value, DaemonError> {
         if self.shared.is_some() && self.find(name).is_none_or(|d| !d.owned_here()) {
             return self.info_shared(name);
         }
         let disk = self.disk(name)?;
-        let used = disk.used_bytes().map_err(|e| e.to_string())?;
+        let used = disk.used_bytes()?;
         let mut value = self.summary(&disk);
         let meta = disk.meta();
         let blocks: Vec<Value> = (0..meta.blocks())
@@ -606,34 +612,36 @@ impl Daemon {
         Ok(value)
     }
 
-    fn remove(&self, name: &ImageName) -> Result<(), String> {
+    fn remove(&self, name: &ImageName) -> Result<(), DaemonError> {
         if self.shared.is_some() {
             return self.remove_shared(name);
         }
         let entry = {
             let mut images = self.lock();
-            let entry = images
+            let in_use = images
                 .get(name)
-                .ok_or_else(|| format!("no image named '{name}'"))?;
-            if entry.disk.in_use() {
-                return Err(format!(
-                    "image '{name}' is in use by a frontend; stop the VM first"
-                ));
+                .ok_or_else(|| DaemonError::NoImage(name.clone()))?
+                .disk
+                .in_use();
+            if in_use {
+                return Err(DaemonError::InUse(name.clone()));
             }
-            images.remove(name).expect("checked above")
+            images
+                .remove(name)
+                .ok_or_else(|| DaemonError::NoImage(name.clone()))?
         };
         if let Some(export) = entry.export {
             export.stop();
         }
         entry.disk.mark_removed();
-        ImageMeta::remove(&self.config.meta_dir(), name).map_err(|e| e.to_string())?;
+        ImageMeta::remove(&self.config.meta_dir(), name)?;
         for tier in [Tier::Ram, Tier::Volume] {
             entry
                 .disk
                 .blocks()
                 .files(tier)
                 .remove_all()
-                .map_err(|e| format!("cannot remove block files: {e}"))?;
+                .map_err(DaemonError::RemoveBlocks)?;
         }
         log::info!("image {name}: removed");
         Ok(())
@@ -646,10 +654,13 @@ impl Daemon {
         block_size: u64,
         tier: Tier,
         progress: Progress,
-    ) -> Result<Value, String> {
-        let mut source =
-            File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let len = source.metadata().map_err(|e| e.to_string())?.len();
+    ) -> Result<Value, DaemonError> {
+        let open = |source| DaemonError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut source = File::open(path).map_err(open)?;
+        let len = source.metadata().map_err(open)?.len();
         let size = len.div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
         let shape = Shape {
             size,
@@ -659,14 +670,19 @@ impl Daemon {
             qos: QosLimits::default(),
         };
         let disk = self.create(name.clone(), shape, &[])?;
-        let claim = disk.claim().ok_or("image is busy")?;
+        let claim = disk
+            .claim()
+            .ok_or_else(|| DaemonError::Busy(name.clone()))?;
         let copied = transfer::import_raw(&disk, &mut source, progress);
         drop(claim);
-        if let Err(e) = copied {
+        if let Err(source) = copied {
             let _ = self.remove(&name);
-            return Err(format!("cannot import {}: {e}", path.display()));
+            return Err(DaemonError::Import {
+                path: path.to_path_buf(),
+                source,
+            });
         }
-        disk.blocks().flush().map_err(|e| e.to_string())?;
+        disk.blocks().flush()?;
         self.publish(&disk)?;
         Ok(self.summary(&disk))
     }

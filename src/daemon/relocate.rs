@@ -17,10 +17,12 @@ use crate::replica::sync;
 pub enum RelocateError {
     #[error("node '{0}' is neither this node nor a peer")]
     UnknownNode(NodeId),
-    /// The image is not owned here, the range does not fit it, or the metadata change was
-    /// refused (the daemon's and placement's own errors, which are still strings).
-    #[error("{0}")]
-    Refused(String),
+    /// The image is not owned here, or the range does not fit it.
+    #[error(transparent)]
+    Refused(Box<super::DaemonError>),
+    /// The metadata change was refused.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
     #[error("cannot start the fill: {0}")]
     Spawn(#[source] std::io::Error),
 }
@@ -52,14 +54,16 @@ impl Daemon {
         blocks: Option<BlockRange>,
         at: &Placement,
     ) -> Result<Value, RelocateError> {
-        let disk = self.owned_disk(name).map_err(RelocateError::Refused)?;
+        let disk = self
+            .owned_disk(name)
+            .map_err(|e| RelocateError::Refused(Box::new(e)))?;
         if !self.knows(&at.node) {
             return Err(RelocateError::UnknownNode(at.node.clone()));
         }
-        let range = placement::range_of(&disk, blocks).map_err(RelocateError::Refused)?;
+        let range = placement::range_of(&disk, blocks)?;
         // The new holder learns of its copy from etcd (a request for a block its view does
         // not place there yet makes it look).
-        let added = placement::add(&disk, range, at).map_err(RelocateError::Refused)?;
+        let added = placement::add(&disk, range, at)?;
         log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling");
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         std::thread::Builder::new()
@@ -90,13 +94,15 @@ impl Daemon {
         blocks: Option<BlockRange>,
         at: &Placement,
     ) -> Result<Value, RelocateError> {
-        let disk = self.owned_disk(name).map_err(RelocateError::Refused)?;
-        let range = placement::range_of(&disk, blocks).map_err(RelocateError::Refused)?;
+        let disk = self
+            .owned_disk(name)
+            .map_err(|e| RelocateError::Refused(Box::new(e)))?;
+        let range = placement::range_of(&disk, blocks)?;
         // Waits for a resync in progress: one that copied to this copy must not commit it
         // after it was removed (and perhaps added again).
         let removed = {
             let _no_resync = disk.resync_lock();
-            placement::remove(&disk, range, at).map_err(RelocateError::Refused)?
+            placement::remove(&disk, range, at)?
         };
         if at.node == self.config.node {
             for &block in &removed {

@@ -394,7 +394,7 @@ impl SplitRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::memory::MIN_GUEST_MEM;
+    use crate::memory::MIN_GUEST_MEM;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{GuestAddress, GuestMemoryBackend};
 

@@ -5,6 +5,29 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::name::NameError;
+
+/// Why a tier, node id or placement written by an operator (or read from metadata) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocationError {
+    #[error("unknown tier '{0}': use ram or volume")]
+    UnknownTier(String),
+    /// Node ids follow the rules of image names.
+    #[error("bad node id '{text}': {}", node_rule(source))]
+    BadNodeId {
+        text: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("'{0}' is not NODE:TIER (e.g. node1:ram)")]
+    NotPlacement(String),
+}
+
+/// An image-name rule, said of a node id.
+fn node_rule(e: &NameError) -> String {
+    e.to_string().replace("image name", "node id")
+}
+
 /// The storage tier of a copy: RAM (tmpfs) for hot images, volume (a disk file system) for
 /// the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -15,12 +38,12 @@ pub enum Tier {
 }
 
 impl FromStr for Tier {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = LocationError;
+    fn from_str(text: &str) -> Result<Self, LocationError> {
         match text {
             "ram" => Ok(Tier::Ram),
             "volume" => Ok(Tier::Volume),
-            other => Err(format!("unknown tier '{other}': use ram or volume")),
+            other => Err(LocationError::UnknownTier(other.to_string())),
         }
     }
 }
@@ -51,22 +74,20 @@ impl NodeId {
 }
 
 impl FromStr for NodeId {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = LocationError;
+    fn from_str(text: &str) -> Result<Self, LocationError> {
         text.parse::<super::ImageName>()
             .map(|checked| NodeId(checked.as_str().to_string()))
-            .map_err(|e| {
-                format!(
-                    "bad node id '{text}': {}",
-                    e.to_string().replace("image name", "node id")
-                )
+            .map_err(|source| LocationError::BadNodeId {
+                text: text.to_string(),
+                source,
             })
     }
 }
 
 impl TryFrom<String> for NodeId {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = LocationError;
+    fn try_from(text: String) -> Result<Self, LocationError> {
         text.parse()
     }
 }
@@ -92,11 +113,11 @@ pub struct Placement {
 }
 
 impl FromStr for Placement {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = LocationError;
+    fn from_str(text: &str) -> Result<Self, LocationError> {
         let (node, tier) = text
             .rsplit_once(':')
-            .ok_or_else(|| format!("'{text}' is not NODE:TIER (e.g. node1:ram)"))?;
+            .ok_or_else(|| LocationError::NotPlacement(text.to_string()))?;
         Ok(Placement {
             node: node.parse()?,
             tier: tier.parse()?,
@@ -105,8 +126,8 @@ impl FromStr for Placement {
 }
 
 impl TryFrom<String> for Placement {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = LocationError;
+    fn try_from(text: String) -> Result<Self, LocationError> {
         text.parse()
     }
 }
@@ -150,6 +171,25 @@ mod tests {
         assert!("node1:ssd".parse::<Placement>().is_err());
         assert!("../x:ram".parse::<Placement>().is_err());
         assert!(":ram".parse::<Placement>().is_err());
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(
+            "node1".parse::<Placement>().unwrap_err(),
+            LocationError::NotPlacement("node1".into())
+        );
+        assert_eq!(
+            "n:ssd".parse::<Placement>().unwrap_err().to_string(),
+            "unknown tier 'ssd': use ram or volume"
+        );
+        let e = "a/b:ram".parse::<Placement>().unwrap_err();
+        assert!(matches!(&e, LocationError::BadNodeId { text, .. } if text == "a/b"));
+        assert_eq!(
+            e.to_string(),
+            "bad node id 'a/b': node id may only contain A-Z, a-z, 0-9, '.', '_' and '-' (found '/')"
+        );
+        assert!(std::error::Error::source(&e).is_some());
     }
 
     #[test]

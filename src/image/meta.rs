@@ -95,6 +95,8 @@ pub enum MetaError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot encode the metadata: {0}")]
+    Encode(#[source] serde_json::Error),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -207,7 +209,7 @@ impl ImageMeta {
     pub fn save(&self, dir: &Path) -> Result<(), MetaError> {
         let path = meta_path(dir, &self.name);
         let tmp = dir.join(format!("{}.json.tmp", self.name));
-        let text = serde_json::to_vec_pretty(&self.to_file()).expect("metadata serialises");
+        let text = serde_json::to_vec_pretty(&self.to_file()).map_err(MetaError::Encode)?;
         let mut file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
         file.write_all(&text)
             .map_err(io_err("cannot write", &tmp))?;

@@ -9,7 +9,7 @@ pub mod range;
 pub mod table;
 
 pub use id::ImageId;
-pub use location::{Location, NodeId, Placement, Tier};
+pub use location::{Location, LocationError, NodeId, Placement, Tier};
 pub use meta::{ImageMeta, MetaError, SECTOR_SIZE};
 pub use name::ImageName;
 pub use range::BlockRange;

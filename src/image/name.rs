@@ -14,7 +14,7 @@ pub const MAX_NAME_LEN: usize = 64;
 #[serde(try_from = "String", into = "String")]
 pub struct ImageName(String);
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
     #[error("image name is empty")]
     Empty,

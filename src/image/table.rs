@@ -118,12 +118,11 @@ impl BlockTable {
         let mut start = 0usize;
         for i in 1..=self.per_block.len() {
             if i == self.per_block.len() || self.per_block[i] != self.per_block[start] {
-                let range = BlockRange::new(start as u64, i as u64).expect("start < i");
-                let locations = self.placements[self.per_block[start] as usize].clone();
-                extents.push(Extent {
-                    blocks: range,
-                    locations,
-                });
+                // INVARIANT: start < i (start is an earlier i), so the range is never empty.
+                if let Ok(blocks) = BlockRange::new(start as u64, i as u64) {
+                    let locations = self.placements[self.per_block[start] as usize].clone();
+                    extents.push(Extent { blocks, locations });
+                }
                 start = i;
             }
         }
@@ -157,15 +156,23 @@ impl BlockTable {
             .collect();
         for block in blocks {
             let old = self.per_block[block] as usize;
-            self.per_block[block] = ids[old].expect("every old placement in range was mapped");
+            // INVARIANT: the first loop mapped the placement of every block in the range.
+            if let Some(id) = ids[old] {
+                self.per_block[block] = id;
+            }
         }
         self.compact();
         Ok(())
     }
 
+    /// Drops placements no block uses. INVARIANT: a table's own extents cover it exactly, so
+    /// rebuilding from them succeeds; were it refused, the table as it is stays (still right,
+    /// only carrying unused placements).
     fn compact(&mut self) {
         let extents = self.extents();
-        *self = BlockTable::from_extents(self.blocks(), &extents).expect("own extents are valid");
+        if let Ok(table) = BlockTable::from_extents(self.blocks(), &extents) {
+            *self = table;
+        }
     }
 }
 

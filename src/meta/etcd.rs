@@ -154,8 +154,33 @@ pub enum EtcdError {
     /// The watch's start revision is older than etcd's compaction point.
     #[error("watch start revision compacted (compacted up to {compact_revision})")]
     Compacted { compact_revision: i64 },
-    #[error("malformed etcd answer: {0}")]
-    Decode(String),
+    #[error("cannot encode an etcd request: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// An error answer that is not the gateway's JSON (a proxy's page, say).
+    #[error("malformed etcd answer: HTTP {status}: {body}")]
+    Http { status: u16, body: String },
+    #[error("malformed etcd answer: {path}: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("malformed etcd answer: txn answered {answered} responses for {ops} ops")]
+    TxnResponses { answered: usize, ops: usize },
+    #[error("malformed etcd answer: empty {0}")]
+    Empty(String),
+    #[error("malformed etcd answer: unknown event type {0:?}")]
+    UnknownEvent(String),
+    #[error("malformed etcd answer: watch answer did not confirm creation")]
+    WatchUnconfirmed,
+    #[error("malformed etcd answer: watch: {0}")]
+    WatchJson(#[source] serde_json::Error),
+    #[error("malformed etcd answer: {what} is not base64: {source}")]
+    Base64 {
+        what: &'static str,
+        #[source]
+        source: base64::DecodeError,
+    },
     #[error("etcd answer larger than {MAX_ANSWER_BYTES} bytes")]
     TooLarge,
     #[error("etcd watch stream ended")]
@@ -451,7 +476,7 @@ fn check_endpoint(endpoint: &str) -> Result<String, EtcdError> {
 }
 
 fn encode<Q: Serialize>(req: &Q) -> Result<Vec<u8>, EtcdError> {
-    serde_json::to_vec(req).map_err(|e| EtcdError::Decode(format!("encoding a request: {e}")))
+    serde_json::to_vec(req).map_err(EtcdError::Encode)
 }
 
 /// Reads a whole answer, refusing one past [`MAX_ANSWER_BYTES`]. A broken connection is an
@@ -475,10 +500,10 @@ fn error_answer(status: u16, body: &[u8]) -> EtcdError {
                 e.message
             },
         },
-        _ => EtcdError::Decode(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )),
+        _ => EtcdError::Http {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
     }
 }
 
@@ -564,8 +589,8 @@ fn request_op(op: &Op) -> wire::RequestOp {
 
 fn decode_kv(raw: wire::RawKv) -> Result<Kv, EtcdError> {
     Ok(Kv {
-        key: unb64(&raw.key, "key").map_err(EtcdError::Decode)?,
-        value: unb64(&raw.value, "value").map_err(EtcdError::Decode)?,
+        key: unb64(&raw.key, "key")?,
+        value: unb64(&raw.value, "value")?,
         create_revision: raw.create_revision,
         mod_revision: raw.mod_revision,
         version: raw.version,
@@ -579,7 +604,10 @@ fn decode_kvs(raw: Vec<wire::RawKv>) -> Result<Vec<Kv>, EtcdError> {
 
 /// A successful (HTTP 200) answer of `path` as JSON.
 fn parse<R: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<R, EtcdError> {
-    serde_json::from_slice(bytes).map_err(|e| EtcdError::Decode(format!("{path}: {e}")))
+    serde_json::from_slice(bytes).map_err(|source| EtcdError::Json {
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// A single-key range's answer: its kv, if any.
@@ -601,11 +629,10 @@ fn txn_result(resp: wire::TxnResponse, txn: &Txn) -> Result<TxnResult, EtcdError
         &txn.failure
     };
     if resp.responses.len() != branch.len() {
-        return Err(EtcdError::Decode(format!(
-            "txn answered {} responses for {} ops",
-            resp.responses.len(),
-            branch.len()
-        )));
+        return Err(EtcdError::TxnResponses {
+            answered: resp.responses.len(),
+            ops: branch.len(),
+        });
     }
     let responses = resp
         .responses
@@ -638,7 +665,7 @@ fn stream_result<T>(msg: wire::StreamMessage<T>, what: &str) -> Result<T, EtcdEr
             message: e.message,
         }),
         (Some(r), None) => Ok(r),
-        (None, None) => Err(EtcdError::Decode(format!("empty {what}"))),
+        (None, None) => Err(EtcdError::Empty(what.to_string())),
     }
 }
 
@@ -646,7 +673,7 @@ fn decode_event(raw: wire::RawEvent) -> Result<Event, EtcdError> {
     let kind = match raw.kind.as_str() {
         "" | "PUT" => EventKind::Put,
         "DELETE" => EventKind::Delete,
-        other => return Err(EtcdError::Decode(format!("unknown event type {other:?}"))),
+        other => return Err(EtcdError::UnknownEvent(other.to_string())),
     };
     Ok(Event {
         kind,
@@ -732,9 +759,7 @@ impl Watch {
         self.closed = true;
         match check_canceled(&first) {
             Err(e) => Err(e),
-            Ok(()) => Err(EtcdError::Decode(
-                "watch answer did not confirm creation".into(),
-            )),
+            Ok(()) => Err(EtcdError::WatchUnconfirmed),
         }
     }
 
@@ -787,7 +812,7 @@ impl Watch {
             return EtcdError::WatchClosed;
         }
         if !e.is_io() {
-            return EtcdError::Decode(format!("watch: {e}"));
+            return EtcdError::WatchJson(e);
         }
         let io: io::Error = e.into();
         let cause = io.get_ref();

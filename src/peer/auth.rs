@@ -36,7 +36,7 @@ use sha2::Sha256;
 use super::frame::{self, Decoder, Frame, FrameError, Kind};
 pub use super::seal::Session;
 use super::seal::{Opener, Sealer, SESSION_KEY_LEN};
-use crate::image::NodeId;
+use crate::image::{LocationError, NodeId};
 
 /// The first bytes each side sends: anything else is not a Cormorant peer.
 pub const MAGIC: [u8; 9] = *b"CORMORANT";
@@ -258,7 +258,7 @@ pub enum AuthError {
     #[error("malformed {0:?} frame in the handshake")]
     Malformed(Kind),
     #[error("bad node id in the handshake: {0}")]
-    BadNodeId(String),
+    BadNodeId(#[source] LocationError),
     #[error("the peer's proof is wrong: it does not hold this cluster key")]
     BadProof,
     #[error("the peer calls this node '{claimed}', but it is '{actual}'")]
@@ -271,7 +271,7 @@ pub enum AuthError {
     #[error("refused by the peer: {0}")]
     Refused(String),
     #[error("no random numbers for a nonce: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
 impl AuthError {
@@ -328,7 +328,7 @@ fn preamble() -> [u8; PREAMBLE_LEN] {
 }
 
 /// Reads the peer's preamble and returns its version.
-fn read_preamble(s: &mut Timed) -> Result<u16, AuthError> {
+fn read_preamble(s: &mut impl Read) -> Result<u16, AuthError> {
     let mut bytes = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut bytes)?;
     if bytes[..MAGIC.len()] != MAGIC {
@@ -350,13 +350,13 @@ fn check_version(theirs: u16) -> Result<(), AuthError> {
     Ok(())
 }
 
-fn send(s: &mut Timed, kind: Kind, payload: &[u8]) -> Result<(), AuthError> {
+fn send(s: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), AuthError> {
     s.write_all(&frame::encode(kind, 0, payload)?)?;
     Ok(())
 }
 
 /// Reads the next handshake frame, which must be `expected` (a Refuse becomes an error).
-fn receive(s: &mut Timed, expected: Kind) -> Result<Frame, AuthError> {
+fn receive(s: &mut impl Read, expected: Kind) -> Result<Frame, AuthError> {
     let frame = match Decoder::new(MAX_HANDSHAKE_PAYLOAD).read_from(s) {
         Ok(Some(frame)) => frame,
         Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
@@ -375,7 +375,7 @@ fn receive(s: &mut Timed, expected: Kind) -> Result<Frame, AuthError> {
     Ok(frame)
 }
 
-fn refuse(s: &mut Timed, reason: &str) {
+fn refuse(s: &mut impl Write, reason: &str) {
     let reason = &reason.as_bytes()[..reason.len().min(MAX_REFUSE_REASON)];
     let payload = [&[reason.len() as u8][..], reason].concat();
     // The connection closes next either way; a failed send changes nothing.
@@ -384,7 +384,7 @@ fn refuse(s: &mut Timed, reason: &str) {
 
 fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
     let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|e| AuthError::Random(e.to_string()))?;
+    getrandom::fill(&mut nonce).map_err(AuthError::Random)?;
     Ok(nonce)
 }
 
@@ -448,8 +448,19 @@ pub fn client_handshake(
         stream,
         deadline: Instant::now() + timeout,
     };
+    client_steps(&mut s, me, peer, key, encrypt, nonce()?)
+}
+
+/// The client's side of the handshake over any stream, with its nonce given.
+fn client_steps(
+    s: &mut (impl Read + Write),
+    me: &NodeId,
+    peer: &NodeId,
+    key: &ClusterKey,
+    encrypt: bool,
+    nonce_c: [u8; NONCE_LEN],
+) -> Result<Session, AuthError> {
     let (client, server) = (me.to_string(), peer.to_string());
-    let nonce_c = nonce()?;
     let flags = if encrypt { FLAG_ENCRYPT } else { 0 };
     let hello = frame::encode(
         Kind::Hello,
@@ -457,8 +468,8 @@ pub fn client_handshake(
         &hello_payload(&client, &server, &nonce_c, flags),
     )?;
     s.write_all(&[&preamble()[..], &hello].concat())?;
-    check_version(read_preamble(&mut s)?)?;
-    let nonce_s = exact(&receive(&mut s, Kind::Challenge)?)?;
+    check_version(read_preamble(s)?)?;
+    let nonce_s = exact(&receive(s, Kind::Challenge)?)?;
     let t = Transcript {
         nonce_c,
         nonce_s,
@@ -466,8 +477,8 @@ pub fn client_handshake(
         server,
         flags,
     };
-    send(&mut s, Kind::Proof, &key.proof(CLIENT_LABEL, &t))?;
-    let accept = receive(&mut s, Kind::Accept)?;
+    send(s, Kind::Proof, &key.proof(CLIENT_LABEL, &t))?;
+    let accept = receive(s, Kind::Accept)?;
     if !key.verify(SERVER_LABEL, &t, &accept.payload) {
         return Err(AuthError::BadProof);
     }
@@ -490,12 +501,22 @@ pub fn server_handshake(
         stream,
         deadline: Instant::now() + timeout,
     };
-    let theirs = read_preamble(&mut s)?;
+    server_steps(&mut s, me, key, encrypt, nonce()?)
+}
+
+/// The server's side of the handshake over any stream, with its nonce given.
+fn server_steps(
+    s: &mut (impl Read + Write),
+    me: &NodeId,
+    key: &ClusterKey,
+    encrypt: bool,
+    nonce_s: [u8; NONCE_LEN],
+) -> Result<(NodeId, Session), AuthError> {
+    let theirs = read_preamble(s)?;
     s.write_all(&preamble())?;
     check_version(theirs)?;
-    let (client, claimed, nonce_c, flags) = parse_hello(&receive(&mut s, Kind::Hello)?.payload)?;
-    let nonce_s = nonce()?;
-    send(&mut s, Kind::Challenge, &nonce_s)?;
+    let (client, claimed, nonce_c, flags) = parse_hello(&receive(s, Kind::Hello)?.payload)?;
+    send(s, Kind::Challenge, &nonce_s)?;
     let t = Transcript {
         nonce_c,
         nonce_s,
@@ -503,9 +524,9 @@ pub fn server_handshake(
         server: claimed.to_string(),
         flags,
     };
-    let proof = receive(&mut s, Kind::Proof)?;
+    let proof = receive(s, Kind::Proof)?;
     if !key.verify(CLIENT_LABEL, &t, &proof.payload) {
-        refuse(&mut s, "authentication failed");
+        refuse(s, "authentication failed");
         return Err(AuthError::BadProof);
     }
     if claimed != *me {
@@ -513,7 +534,7 @@ pub fn server_handshake(
             claimed: claimed.to_string(),
             actual: me.to_string(),
         };
-        refuse(&mut s, &error.to_string());
+        refuse(s, &error.to_string());
         return Err(error);
     }
     let theirs = flags & FLAG_ENCRYPT != 0;
@@ -522,11 +543,91 @@ pub fn server_handshake(
             server: encrypt,
             client: theirs,
         };
-        refuse(&mut s, &error.to_string());
+        refuse(s, &error.to_string());
         return Err(error);
     }
-    send(&mut s, Kind::Accept, &key.proof(SERVER_LABEL, &t))?;
+    send(s, Kind::Accept, &key.proof(SERVER_LABEL, &t))?;
     Ok((client, key.session(&t, Side::Server)))
+}
+
+/// Entry points for the fuzz target `handshake` (fuzz/fuzz_targets/handshake.rs): both sides of
+/// the handshake run over bytes instead of a socket, with chosen nonces. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A stream that reads `input` and swallows what is written.
+    struct Scripted<'a> {
+        input: &'a [u8],
+    }
+
+    impl Read for Scripted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Scripted<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The server's handshake as `me`, reading what the client sent from `input`.
+    pub fn server(
+        input: &[u8],
+        me: &NodeId,
+        key: &ClusterKey,
+        encrypt: bool,
+        nonce_s: [u8; NONCE_LEN],
+    ) -> Result<NodeId, AuthError> {
+        server_steps(&mut Scripted { input }, me, key, encrypt, nonce_s).map(|(id, _)| id)
+    }
+
+    /// The client's handshake as `me` to `peer`, reading what the server sent from `input`.
+    pub fn client(
+        input: &[u8],
+        me: &NodeId,
+        peer: &NodeId,
+        key: &ClusterKey,
+        encrypt: bool,
+        nonce_c: [u8; NONCE_LEN],
+    ) -> Result<(), AuthError> {
+        client_steps(&mut Scripted { input }, me, peer, key, encrypt, nonce_c).map(|_| ())
+    }
+
+    /// A Hello's fields (client id, server id, client nonce, flags), if it parses.
+    pub fn parse_hello(payload: &[u8]) -> Result<(NodeId, NodeId, [u8; NONCE_LEN], u8), AuthError> {
+        super::parse_hello(payload)
+    }
+
+    /// A Hello's payload as the client writes it.
+    pub fn hello(client: &str, server: &str, nonce_c: &[u8; NONCE_LEN], flags: u8) -> Vec<u8> {
+        hello_payload(client, server, nonce_c, flags)
+    }
+
+    /// The client's proof and the server's for one handshake: what a peer holding `key` sends.
+    pub fn proofs(
+        key: &ClusterKey,
+        client: &str,
+        server: &str,
+        nonce_c: [u8; NONCE_LEN],
+        nonce_s: [u8; NONCE_LEN],
+        flags: u8,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let t = Transcript {
+            nonce_c,
+            nonce_s,
+            client: client.to_string(),
+            server: server.to_string(),
+            flags,
+        };
+        (key.proof(CLIENT_LABEL, &t), key.proof(SERVER_LABEL, &t))
+    }
 }
 
 #[cfg(test)]

@@ -121,6 +121,11 @@ impl Sealer {
     ///
     /// # Panics
     /// On a sealer that does not encrypt.
+    #[allow(
+        clippy::expect_used,
+        reason = "callers check encrypts() first (frame.rs); ChaCha20-Poly1305 refuses only \
+                  payloads over 256 GiB, and frames are at most MAX_PAYLOAD"
+    )]
     pub fn encrypt(&mut self, header: &[u8], payload: &mut [u8]) -> [u8; TAG_LEN] {
         let nonce = self.0.next_nonce();
         let cipher = self

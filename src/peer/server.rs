@@ -20,9 +20,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::auth::{self, ClusterKey, HANDSHAKE_TIMEOUT};
-use super::frame::{Decoder, Frame, Outgoing, ReadError, MAX_PAYLOAD};
+use super::frame::{Decoder, Frame, FrameError, Outgoing, ReadError, MAX_PAYLOAD};
 use super::lock;
-use super::message::{code, Request, Response};
+use super::message::{code, MessageError, Request, Response};
 use super::outbox::Outbox;
 use super::seal::{Opener, Session};
 use crate::image::NodeId;
@@ -498,9 +498,17 @@ fn work(conn: &Connection, queue: &Mutex<Receiver<Job>>, handler: &dyn PeerHandl
     }
 }
 
-fn encode_answer(id: u64, response: Response) -> Result<Outgoing, String> {
-    let payload = response.encode().map_err(|e| e.to_string())?;
-    payload.into_frame(id).map_err(|e| e.to_string())
+/// Why an answer could not be put in a frame.
+#[derive(Debug, thiserror::Error)]
+enum EncodeError {
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+fn encode_answer(id: u64, response: Response) -> Result<Outgoing, EncodeError> {
+    Ok(response.encode()?.into_frame(id)?)
 }
 
 impl Connection {

@@ -288,3 +288,57 @@ fn body<T: ByteValued + Default>(message: &Message) -> io::Result<T> {
     value.as_mut_slice().copy_from_slice(&message.payload);
     Ok(value)
 }
+
+/// Entry points for the fuzz target `relay` (fuzz/fuzz_targets/relay.rs). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// What [`receive_all`] saw: per message read, its request code and payload length.
+    pub struct Received {
+        pub messages: Vec<(u32, usize)>,
+        /// In-flight regions created for GET_INFLIGHT_FD messages.
+        pub regions: usize,
+        /// How the stream ended: None cleanly, else the error.
+        pub error: Option<io::Error>,
+    }
+
+    /// Sends `bytes` down a socket pair and reads them back as the relay reads QEMU's side:
+    /// message by message, answering GET_INFLIGHT_FD (creating the region asked for) and
+    /// parsing SET_INFLIGHT_FD's body as `relay_requests` does, without a backend.
+    /// `bytes` must fit the socket's buffer (a few hundred KiB).
+    pub fn receive_all(bytes: &[u8]) -> io::Result<Received> {
+        let (qemu, relay) = UnixStream::pair()?;
+        (&qemu).write_all(bytes)?;
+        qemu.shutdown(Shutdown::Write)?;
+        let mut seen = Received {
+            messages: Vec::new(),
+            regions: 0,
+            error: None,
+        };
+        loop {
+            let message = match receive(&relay) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    seen.error = Some(e);
+                    break;
+                }
+            };
+            let header = message.header;
+            seen.messages
+                .push((u32::from_le(header.request), message.payload.len()));
+            if header.is(FrontendReq::GET_INFLIGHT_FD) {
+                if body::<VhostUserInflight>(&message)
+                    .and_then(|asked| inflight::create(asked.num_queues, asked.queue_size))
+                    .is_ok()
+                {
+                    seen.regions += 1;
+                }
+            } else if header.is(FrontendReq::SET_INFLIGHT_FD) {
+                let _ = body::<VhostUserInflight>(&message);
+            }
+        }
+        Ok(seen)
+    }
+}

@@ -45,7 +45,7 @@ impl GuestImage {
     }
 
     fn build() -> Result<GuestImage, String> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest.sh");
+        let script = repo_root().join("scripts/build-guest.sh");
         let out = Command::new(&script)
             .arg("--kver")
             .output()
@@ -59,10 +59,10 @@ impl GuestImage {
         let key = format!("{kver}-{:016x}-fio{}", fnv1a(&text), has_fio as u8);
 
         // CARGO_TARGET_TMPDIR is <target dir>/tmp, also with a custom target dir. Binaries (the
-        // benchmark harness includes this file) do not get it: they use <manifest>/target.
-        let cache = match option_env!("CARGO_TARGET_TMPDIR") {
-            Some(tmp) => Path::new(tmp).parent().unwrap().join("guest"),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"),
+        // benchmark harness includes this file) do not get it: they use <repository>/target.
+        let cache = match option_env!("CARGO_TARGET_TMPDIR").and_then(|t| Path::new(t).parent()) {
+            Some(target) => target.join("guest"),
+            None => repo_root().join("target/guest"),
         };
         std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
         let lock = File::create(cache.join(".lock")).map_err(|e| e.to_string())?;
@@ -528,4 +528,15 @@ done
 echo "RESULT done=yes"
 "#
     )
+}
+
+/// The repository root: the manifest directory of the crate this file is compiled into (the
+/// daemon's, for tests), or the nearest directory above it that holds scripts/ (the benchmark
+/// harness, benches/harness, includes this file too).
+fn repo_root() -> &'static Path {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|d| d.join("scripts/build-guest.sh").is_file())
+        .unwrap_or(manifest)
 }

@@ -169,7 +169,7 @@ fn error_answers() {
     }
     assert!(matches!(
         error_answer(502, b"Bad Gateway"),
-        EtcdError::Decode(_)
+        EtcdError::Http { status: 502, .. }
     ));
 }
 
@@ -249,7 +249,7 @@ fn unknown_event_type_is_a_decode_error() {
         kind: "MOVE".into(),
         kv: wire::RawKv::default(),
     };
-    assert!(matches!(decode_event(raw), Err(EtcdError::Decode(_))));
+    assert!(matches!(decode_event(raw), Err(EtcdError::UnknownEvent(kind)) if kind == "MOVE"));
 }
 
 #[test]

@@ -23,10 +23,10 @@ pub(super) fn b64(bytes: &[u8]) -> String {
 }
 
 /// Decodes a base64 field; `what` names it in the error.
-pub(super) fn unb64(text: &str, what: &str) -> Result<Vec<u8>, String> {
+pub(super) fn unb64(text: &str, what: &'static str) -> Result<Vec<u8>, super::EtcdError> {
     STANDARD
         .decode(text)
-        .map_err(|e| format!("{what} is not base64: {e}"))
+        .map_err(|source| super::EtcdError::Base64 { what, source })
 }
 
 /// int64 as proto3 JSON writes it: a string (a JSON number would lose precision past 2^53 in
