@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
 
 use super::config::BlkConfig;
 use super::inflight;
+use super::memory::DirtyLog;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
 use crate::cluster::Peers;
@@ -52,6 +53,8 @@ pub struct BlkBackend {
     read_only: bool,
     workers: Vec<Mutex<Worker>>,
     disk: Arc<Disk>,
+    /// Set while the frontend has VHOST_F_LOG_ALL acked: the workers mark what they fill.
+    log: DirtyLog,
 }
 
 impl BlkBackend {
@@ -84,10 +87,19 @@ impl BlkBackend {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_seg: MAX_DISCARD_SEG,
         };
+        let log = DirtyLog::default();
         let workers = (0..MAX_QUEUES)
             .map(|_| {
-                Worker::new(disk.clone(), limits, mem.clone(), use_uring, peers.clone())
-                    .map(Mutex::new)
+                let peers = peers.clone();
+                Worker::new(
+                    disk.clone(),
+                    limits,
+                    mem.clone(),
+                    use_uring,
+                    peers,
+                    log.clone(),
+                )
+                .map(Mutex::new)
             })
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
@@ -96,6 +108,7 @@ impl BlkBackend {
             read_only,
             workers,
             disk,
+            log,
         })
     }
 
@@ -171,6 +184,13 @@ impl VhostUserBackend for BlkBackend {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
         features
+    }
+
+    /// QEMU acks VHOST_F_LOG_ALL (waiting for our reply) when a live migration starts
+    /// logging dirty pages, and drops it when logging ends: only in between do the workers
+    /// mark the guest pages they fill.
+    fn acked_features(&self, features: u64) {
+        self.log.set(features & 1 << VHOST_F_LOG_ALL != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 
 use super::{untag, InFlight, Vring, Worker};
 use crate::engine::{Done, Engine};
@@ -144,15 +143,7 @@ impl Worker {
         if !ok {
             m.errors.fetch_add(1, Relaxed);
         }
-        for segment in &request.fills {
-            for slice in request
-                .mem
-                .get_slices(segment.addr, segment.len as usize)
-                .flatten()
-            {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-        }
+        crate::virtio::memory::mark_filled(&self.log, &*request.mem, &request.fills);
         if request.flush.is_some() {
             let failed: Vec<_> = request
                 .copies

@@ -10,6 +10,7 @@ mod complete;
 mod issue;
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cluster::Peers;
@@ -28,7 +29,9 @@ use crate::engine::{Done, Engine, InlineEngine, UringEngine};
 use crate::replica::ack::CopyResult;
 use crate::virtio::chain;
 use crate::virtio::inflight::QueueInflight;
+use crate::virtio::memory::{DirtyLog, HostMemory};
 use crate::virtio::request::{self, Limits, Request, Segments};
+use crate::virtio::ring::{self, RingError, Rings};
 
 /// Guest memory with a dirty-page bitmap that QEMU's log (VHOST_USER_SET_LOG_BASE) plugs
 /// into during live migration; until then marking is a no-op.
@@ -47,6 +50,9 @@ const MAX_IN_FLIGHT_OPS: usize = crate::engine::RING_ENTRIES as usize;
 /// polling costs CPU only while it pays.
 const MAX_POLL: Duration = Duration::from_micros(50);
 const POLL_STEP: Duration = Duration::from_micros(2);
+/// Empty polls of the ring between two clock reads: a clock read costs about as much as one
+/// empty poll, and 16 polls are a few microseconds, well inside the poll window's precision.
+const POLLS_PER_CLOCK_READ: u32 = 16;
 
 /// How often requests waiting for a frozen block are retried.
 const DEFERRED_RETRY: Duration = Duration::from_micros(200);
@@ -121,6 +127,14 @@ pub struct Worker {
     /// The stamp of the request being issued when it changes data (0 otherwise): every change
     /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
     stamp: u64,
+    /// Guest memory of the call in progress (kick, completions, drain), resolved to host
+    /// pointers; `None` between calls, so no pointer outlives a SET_MEM_TABLE.
+    host: Option<Arc<HostMemory<Mem>>>,
+    /// Whether QEMU logs dirty pages (a live migration runs).
+    log: DirtyLog,
+    /// The used index when the worker last decided whether to interrupt the driver
+    /// (EVENT_IDX: `vring_need_event`'s `old`); `None` after the queue stopped.
+    signalled_used: Option<u16>,
 }
 
 impl Worker {
@@ -130,6 +144,7 @@ impl Worker {
         mem: AtomicMem,
         use_uring: bool,
         peers: Arc<Peers>,
+        log: DirtyLog,
     ) -> std::io::Result<Self> {
         let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let remote = RemoteEngine::new(peers.clone(), eventfd.try_clone()?);
@@ -156,6 +171,9 @@ impl Worker {
             guest_errors: 0,
             inflight: None,
             stamp: 0,
+            host: None,
+            log,
+            signalled_used: None,
         })
     }
 
@@ -215,19 +233,36 @@ impl Worker {
         let Some(vring) = self.vring.clone() else {
             return;
         };
+        self.enter();
         self.complete(&vring);
         if self.throttled {
             self.throttled = false;
+            self.leave();
             self.process(&vring);
         } else {
             self.signal(&vring);
+            self.leave();
         }
+    }
+
+    /// Takes the current guest memory snapshot for the call starting now, with its host
+    /// pointers (see [`Worker::leave`]).
+    fn enter(&mut self) -> Arc<Mem> {
+        let mem = self.mem.memory().into_inner();
+        self.host = Some(Arc::new(HostMemory::new(mem.clone())));
+        mem
+    }
+
+    /// Drops the snapshot's host pointers: the next call resolves them again, after whatever
+    /// memory table the frontend sent meanwhile.
+    fn leave(&mut self) {
+        self.host = None;
     }
 
     /// Waits for everything in flight and completes it (the vring is being stopped).
     pub fn drain(&mut self) {
+        let mem = self.enter();
         if let Some(vring) = self.vring.clone() {
-            let mem = self.mem.memory().into_inner();
             while self.retry_deferred(&vring, &mem) > 0 {
                 std::thread::sleep(DEFERRED_RETRY);
             }
@@ -250,6 +285,9 @@ impl Worker {
         if let Some(vring) = self.vring.clone() {
             self.signal(&vring);
         }
+        self.leave();
+        // The queue stops: its used index may be set anew before it starts again.
+        self.signalled_used = None;
     }
 
     fn in_flight(&self) -> usize {
@@ -263,13 +301,20 @@ impl Worker {
     /// Serves the queue until it is empty, then polls it a little longer (see
     /// [`MAX_POLL`]) before re-arming the kick and going back to sleep.
     fn process(&mut self, vring: &Vring) {
-        let mem = self.mem.memory().into_inner();
+        let mem = self.enter();
+        self.serve(vring, &mem);
+        self.leave();
+        self.slept_at = Some(Instant::now());
+    }
+
+    fn serve(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let _ = vring.disable_notification();
-        self.replay(vring, &mem);
+        self.replay(vring, mem);
         let mut idle_since: Option<Instant> = None;
+        let mut idle_polls: u32 = 0;
         loop {
-            let waiting = self.retry_deferred(vring, &mem);
-            let popped = self.pop_batch(vring, &mem);
+            let waiting = self.retry_deferred(vring, mem);
+            let popped = self.pop_batch(vring);
             self.submit();
             self.complete(vring);
             self.signal(vring);
@@ -285,10 +330,10 @@ impl Worker {
             }
             if popped > 0 {
                 idle_since = None;
+                idle_polls = 0;
                 continue;
             }
-            let idle = *idle_since.get_or_insert_with(Instant::now);
-            if idle.elapsed() < self.poll_window {
+            if self.keep_polling(&mut idle_since, &mut idle_polls) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -296,11 +341,25 @@ impl Worker {
                 Ok(true) => {
                     let _ = vring.disable_notification();
                     idle_since = None;
+                    idle_polls = 0;
                 }
                 _ => break,
             }
         }
-        self.slept_at = Some(Instant::now());
+    }
+
+    /// Whether an empty ring is polled again, within the poll window; reads the clock at the
+    /// first empty poll and then every [`POLLS_PER_CLOCK_READ`], not on every poll.
+    fn keep_polling(&self, idle_since: &mut Option<Instant>, idle_polls: &mut u32) -> bool {
+        if self.poll_window.is_zero() {
+            return false;
+        }
+        *idle_polls += 1;
+        let Some(since) = *idle_since else {
+            *idle_since = Some(Instant::now());
+            return true;
+        };
+        !(*idle_polls).is_multiple_of(POLLS_PER_CLOCK_READ) || since.elapsed() < self.poll_window
     }
 
     /// Adapts the poll window to the guest: when a kick comes soon after the queue went to
@@ -318,39 +377,80 @@ impl Worker {
         };
     }
 
-    /// Takes requests off the ring until it is empty or enough is in flight.
-    fn pop_batch(&mut self, vring: &Vring, mem: &Arc<Mem>) -> usize {
+    /// Takes requests off the ring until it is empty or enough is in flight. The avail index
+    /// is read once per run of heads it announces, each head's descriptors straight from the
+    /// snapshot's host pointers; the queue's `next_avail` moves with every head.
+    fn pop_batch(&mut self, vring: &Vring) -> usize {
+        let Some(host) = self.host.clone() else {
+            return 0;
+        };
+        let Some(rings) = Rings::of(vring.get_ref().get_queue()) else {
+            return 0;
+        };
         let mut popped = 0;
+        let mut announced = 0u16;
         while self.ops_in_flight() < MAX_IN_FLIGHT_OPS {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
+            let head = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                let next = queue.next_avail();
+                if announced == 0 {
+                    announced = match rings.available(&host, next) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            drop(state);
+                            self.ring_error(&e);
+                            break;
+                        }
+                    };
+                    if announced == 0 {
+                        break;
+                    }
+                }
+                match rings.avail_head(&host, next) {
+                    Ok(head) => {
+                        queue.set_next_avail(next.wrapping_add(1));
+                        head
+                    }
+                    Err(e) => {
+                        drop(state);
+                        self.ring_error(&e);
+                        break;
+                    }
+                }
+            };
+            announced -= 1;
             popped += 1;
-            let head = chain.head_index();
             if let Some(inflight) = self.inflight.as_mut() {
                 inflight.begin(head);
             }
-            self.take(vring, head, chain, mem);
+            let chain = rings.chain(&*host, head);
+            self.take(vring, head, chain, &host);
         }
         popped
     }
 
+    /// The driver broke the ring itself: nothing is popped until it mends it (or resets).
+    fn ring_error(&mut self, error: &RingError) {
+        self.guest_errors += 1;
+        self.disk.metrics().guest_errors.fetch_add(1, Relaxed);
+        let n = self.guest_errors;
+        if n <= GUEST_ERRORS_LOGGED || n.is_power_of_two() {
+            log::warn!(
+                "image {}: broken virtqueue from guest: {error} ({n} so far on this queue)",
+                self.disk.name()
+            );
+        }
+    }
+
     /// Parses a request and starts it, or answers it at once when the guest got it wrong.
-    fn take(
-        &mut self,
-        vring: &Vring,
-        head: u16,
-        chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
-        mem: &Arc<Mem>,
-    ) {
-        match request::parse(&**mem, chain, &self.limits) {
-            Ok(request) => self.execute(vring, head, request, mem),
+    fn take(&mut self, vring: &Vring, head: u16, chain: chain::Chain, host: &HostMemory<Mem>) {
+        match request::parse(host, chain, &self.limits) {
+            Ok(request) => self.execute(vring, head, request, host.snapshot()),
             Err(rejected) => {
                 self.guest_error(&rejected.error);
                 let status = rejected.error.status();
-                self.answer_now(vring, head, rejected.status, status, mem);
+                self.answer_now(vring, head, rejected.status, status, host);
             }
         }
     }
@@ -395,9 +495,12 @@ impl Worker {
                 heads.len()
             );
         }
+        let Some(host) = self.host.clone() else {
+            return;
+        };
         for head in heads {
-            let chain = chain::descriptors(&**mem, GuestAddress(table), size, head);
-            self.take(vring, head, chain, mem);
+            let chain = chain::descriptors(&*host, GuestAddress(table), size, head);
+            self.take(vring, head, chain, &host);
         }
         // The guest may never have heard of the last completions before the restart: a
         // daemon killed between the used ring and the call eventfd, or one draining after
@@ -428,10 +531,10 @@ impl Worker {
         head: u16,
         status: Option<GuestAddress>,
         byte: u8,
-        mem: &Mem,
+        host: &HostMemory<Mem>,
     ) {
         let used = match status {
-            Some(addr) if mem.write_obj(byte, addr).is_ok() => 1,
+            Some(addr) if host.write_obj(byte, addr) => 1,
             _ => 0,
         };
         self.put_used(vring, head, used);
@@ -442,23 +545,78 @@ impl Worker {
         if let Some(inflight) = &self.inflight {
             inflight.before_used(head);
         }
-        if let Err(e) = vring.add_used(head, len) {
-            log::warn!("image {}: cannot complete request: {e}", self.disk.name());
-        }
-        if let Some(inflight) = &self.inflight {
-            inflight.after_used(head, vring.get_ref().get_queue().next_used());
+        match self.add_used(vring, head, len) {
+            Ok(next_used) => {
+                if let Some(inflight) = &self.inflight {
+                    inflight.after_used(head, next_used);
+                }
+            }
+            Err(e) => log::warn!("image {}: cannot complete request: {e}", self.disk.name()),
         }
         self.needs_signal = true;
     }
 
+    /// Writes the used element and publishes the used index through the snapshot's host
+    /// pointers, and moves the queue's `next_used` with it; returns the new used index.
+    fn add_used(&self, vring: &Vring, head: u16, len: u32) -> Result<u16, String> {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let Some(host) = self.host.as_deref() else {
+            // Not reached: every entry point takes a snapshot first. Kept correct anyway.
+            queue
+                .add_used(&*self.mem.memory(), head, len)
+                .map_err(|e| e.to_string())?;
+            return Ok(queue.next_used());
+        };
+        let rings = Rings::of(&*queue).ok_or("the queue is not ready")?;
+        let next = rings
+            .put_used(host, queue.next_used(), head, len)
+            .map_err(|e| e.to_string())?;
+        queue.set_next_used(next);
+        Ok(next)
+    }
+
+    /// Interrupts the driver once for everything completed since the last time, unless it
+    /// asked not to be (EVENT_IDX: its `used_event` was not crossed).
     fn signal(&mut self, vring: &Vring) {
         if !std::mem::take(&mut self.needs_signal) {
             return;
         }
-        if vring.needs_notification().unwrap_or(true) {
+        if self.wants_interrupt(vring) {
             if let Err(e) = vring.signal_used_queue() {
                 log::warn!("image {}: cannot signal the guest: {e}", self.disk.name());
             }
+        }
+    }
+
+    /// virtio-queue's `needs_notification` over the host pointers: without EVENT_IDX always;
+    /// with it, when the used index crossed `used_event` since the last decision. When unsure
+    /// (no earlier decision, ring unreadable), it interrupts: a spurious interrupt is
+    /// harmless, a missing one stalls the driver.
+    fn wants_interrupt(&mut self, vring: &Vring) -> bool {
+        let (rings, next_used, event_idx) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (
+                Rings::of(queue),
+                queue.next_used(),
+                queue.event_idx_enabled(),
+            )
+        };
+        if !event_idx {
+            return true;
+        }
+        let old = self.signalled_used.replace(next_used);
+        // The used index must be visible before `used_event` is read, or driver and device
+        // can both decide the other will act (virtio 2.7.10).
+        fence(Ordering::SeqCst);
+        let event = match (rings, self.host.as_deref()) {
+            (Some(rings), Some(host)) => rings.used_event(host),
+            _ => None,
+        };
+        match (event, old) {
+            (Some(event), Some(old)) => ring::need_event(event, next_used, old),
+            _ => true,
         }
     }
 }
