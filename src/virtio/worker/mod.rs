@@ -313,10 +313,15 @@ impl Worker {
         let mut idle_since: Option<Instant> = None;
         let mut idle_polls: u32 = 0;
         loop {
+            let retried = !self.deferred.is_empty();
             let waiting = self.retry_deferred(vring, mem);
             let popped = self.pop_batch(vring);
             self.submit();
-            self.complete(vring);
+            // An empty poll with nothing in flight has nothing to reap: skip the engines'
+            // completion queues (one of them behind a mutex).
+            if popped > 0 || retried || self.ops_in_flight() > 0 {
+                self.complete(vring);
+            }
             self.signal(vring);
             if waiting > 0 {
                 // Frozen blocks thaw after one block's copy: check back soon.
