@@ -9,8 +9,10 @@
 //! SET_MEM_TABLE, so the worker takes a fresh snapshot on every entry (see `Worker::memory`)
 //! and never keeps one across a mapping change.
 //!
-//! Dirty pages for live migration: guest buffers the device filled are marked only while QEMU
-//! logs (it acked VHOST_F_LOG_ALL); with logging off, nothing is looked up at all.
+//! Dirty pages for live migration: while QEMU logs (it acked VHOST_F_LOG_ALL), every write
+//! here (used ring, status bytes) goes through vm-memory, which marks the page in the log, and
+//! guest buffers the device filled are marked on completion; with logging off, no write looks
+//! at the log at all.
 
 use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -62,6 +64,8 @@ struct HostRegion {
 /// Guest memory of one snapshot, its regions resolved to host pointers.
 pub struct HostMemory<M> {
     regions: SmallVec<[HostRegion; 4]>,
+    /// While it is on, writes go through vm-memory so the pages are marked dirty.
+    log: DirtyLog,
     /// Keeps the regions mapped while the pointers above are in use; also the fallback for
     /// accesses no single region holds.
     mem: Arc<M>,
@@ -76,7 +80,7 @@ unsafe impl<M: Send + Sync> Sync for HostMemory<M> {}
 
 impl<M: GuestMemoryBackend> HostMemory<M> {
     /// Resolves every region of `mem` once.
-    pub fn new(mem: Arc<M>) -> Self {
+    pub fn new(mem: Arc<M>, log: DirtyLog) -> Self {
         let regions = mem
             .iter()
             .filter(|r| r.len() > 0)
@@ -89,7 +93,7 @@ impl<M: GuestMemoryBackend> HostMemory<M> {
                 })
             })
             .collect();
-        HostMemory { regions, mem }
+        HostMemory { regions, log, mem }
     }
 
     /// The snapshot these pointers belong to.
@@ -124,7 +128,7 @@ impl<M: GuestMemoryBackend> HostMemory<M> {
 
     /// Stores a `u16` with the given ordering (ring indices).
     pub fn store_u16(&self, addr: GuestAddress, value: u16, order: Ordering) -> bool {
-        match self.host(addr, 2) {
+        match self.host(addr, 2).filter(|_| !self.log.is_on()) {
             Some(p) if p.cast::<u16>().is_aligned() => {
                 // SAFETY: as in `load_u16`.
                 unsafe { AtomicU16::from_ptr(p.cast()) }.store(value.to_le(), order);
@@ -136,7 +140,10 @@ impl<M: GuestMemoryBackend> HostMemory<M> {
 
     /// Writes one plain-data object (a used-ring element, a status byte).
     pub fn write_obj<T: ByteValued>(&self, value: T, addr: GuestAddress) -> bool {
-        match self.host(addr, size_of::<T>()) {
+        match self
+            .host(addr, size_of::<T>())
+            .filter(|_| !self.log.is_on())
+        {
             Some(p) => {
                 let p = p.cast::<T>();
                 // SAFETY: `size_of::<T>()` bytes at `p` are mapped guest memory; any bit
@@ -217,6 +224,33 @@ pub fn host_buffers<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) -> Opt
         }
     }
     Some(IoVecs(iovecs))
+}
+
+/// Writes one byte (a request's status) with one region lookup; false when `addr` is not
+/// guest memory (any more: the memory table may have changed since the request was parsed).
+/// Through vm-memory, which marks the page, while QEMU logs.
+pub fn write_byte<M: GuestMemoryBackend>(
+    log: &DirtyLog,
+    mem: &M,
+    addr: GuestAddress,
+    byte: u8,
+) -> bool {
+    if log.is_on() {
+        return mem.write_obj(byte, addr).is_ok();
+    }
+    let Some(region) = mem.find_region(addr) else {
+        return false;
+    };
+    let offset = MemoryRegionAddress(addr.0 - region.start_addr().0);
+    match region.get_host_address(offset) {
+        Ok(host) => {
+            // SAFETY: `find_region` put `addr` inside this region, so `host` is one mapped byte
+            // of guest memory; volatile, as the driver shares it.
+            unsafe { host.write_volatile(byte) };
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Whether QEMU logs dirty guest pages (it acked VHOST_F_LOG_ALL: a live migration runs),

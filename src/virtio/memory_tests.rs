@@ -25,7 +25,7 @@ fn memory() -> Arc<GuestMemoryMmap<()>> {
 #[test]
 fn reads_and_writes_the_bytes_vm_memory_sees() {
     let mem = memory();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x100))
         .unwrap();
     assert_eq!(
@@ -54,7 +54,7 @@ fn reads_and_writes_the_bytes_vm_memory_sees() {
 #[test]
 fn accesses_across_adjacent_regions_fall_back_to_vm_memory() {
     let mem = memory();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let edge = GuestAddress(0x1_0000 - 4);
     mem.write_obj(0x0a0b_0c0d_0e0f_1011u64, edge).unwrap();
     assert_eq!(host.read_obj::<u64>(edge), Some(0x0a0b_0c0d_0e0f_1011));
@@ -67,7 +67,7 @@ fn accesses_across_adjacent_regions_fall_back_to_vm_memory() {
 
 #[test]
 fn addresses_outside_guest_memory_are_refused() {
-    let host = HostMemory::new(memory());
+    let host = HostMemory::new(memory(), DirtyLog::default());
     // In the hole, straddling the end of the last region, past everything, near u64::MAX.
     for (addr, len) in [
         (0x2_0000u64, 1usize),
@@ -135,4 +135,32 @@ fn filled_buffers_are_marked_only_while_qemu_logs() {
     mark_filled(&log, &mem, &fills);
     assert!(dirty(0x2000));
     assert!(!dirty(0x4000));
+}
+
+#[test]
+fn writes_go_through_the_dirty_log_only_while_qemu_logs() {
+    let mem: Arc<GuestMemoryMmap<AtomicBitmap>> =
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap());
+    let dirty = |addr: u64| {
+        let region = mem.find_region(GuestAddress(addr)).unwrap();
+        region.bitmap().dirty_at(addr as usize)
+    };
+    let log = DirtyLog::default();
+    let host = HostMemory::new(mem.clone(), log.clone());
+    // Logging off: the fast path, which never touches the bitmap.
+    assert!(host.write_obj(7u64, GuestAddress(0x1000)));
+    assert!(host.store_u16(GuestAddress(0x2002), 1, Ordering::Release));
+    assert!(write_byte(&log, &*mem, GuestAddress(0x3000), 1));
+    assert!(!dirty(0x1000) && !dirty(0x2000) && !dirty(0x3000));
+    // Logging on: the same writes mark their pages.
+    log.set(true);
+    assert!(host.write_obj(7u64, GuestAddress(0x1000)));
+    assert!(host.store_u16(GuestAddress(0x2002), 2, Ordering::Release));
+    assert!(write_byte(&log, &*mem, GuestAddress(0x3000), 1));
+    assert!(dirty(0x1000) && dirty(0x2000) && dirty(0x3000));
+    assert_eq!(
+        host.load_u16(GuestAddress(0x2002), Ordering::Acquire),
+        Some(2)
+    );
+    assert!(!write_byte(&log, &*mem, GuestAddress(0x4_0000), 1));
 }

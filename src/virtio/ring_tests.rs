@@ -13,6 +13,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::virtio::memory::DirtyLog;
 
 const SIZE: u16 = 16;
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -50,7 +51,7 @@ fn pops_heads_and_chains_the_driver_made_available() {
     chains.extend(request_chain(3));
     mock.add_desc_chains(&chains, 0).unwrap();
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     assert_eq!(rings.available(&host, 0), Ok(2));
     assert_eq!(rings.available(&host, 1), Ok(1));
@@ -67,7 +68,7 @@ fn indices_wrap_around_u16() {
     let mem = memory();
     let mock = MockSplitQueue::new(&*mem, SIZE);
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     // The driver published two heads past 65535; the device is at 65535.
     set_avail_idx(&mem, &mock, 1);
@@ -90,7 +91,7 @@ fn an_avail_index_more_than_a_ring_ahead_is_refused() {
     let mem = memory();
     let mock = MockSplitQueue::new(&*mem, SIZE);
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     set_avail_idx(&mem, &mock, SIZE);
     assert_eq!(rings.available(&host, 0), Ok(SIZE));
@@ -110,7 +111,7 @@ fn used_elements_are_published_in_order() {
     let mem = memory();
     let mock = MockSplitQueue::new(&*mem, SIZE);
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     assert_eq!(rings.put_used(&host, 0, 3, 1), Ok(1));
     assert_eq!(rings.put_used(&host, 1, 0, 513), Ok(2));
@@ -137,7 +138,7 @@ fn rings_outside_guest_memory_are_errors_not_panics() {
     queue.set_avail_ring_address(Some(0x10_0000 - 2), Some(0));
     queue.set_used_ring_address(Some(0xffff_fff0), Some(0xffff_ffff));
     queue.set_ready(true);
-    let host = HostMemory::new(mem);
+    let host = HostMemory::new(mem, DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     assert!(matches!(
         rings.available(&host, 0),
@@ -178,7 +179,7 @@ fn malformed_chains_end_the_walk() {
     )
     .unwrap();
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     assert_eq!(rings.chain(&host, 0).len(), usize::from(SIZE));
     assert_eq!(rings.chain(&host, 2).len(), 1);
@@ -199,7 +200,7 @@ fn indirect_tables_are_followed() {
     mock.add_desc_chains(&[raw(table, 48, indirect, 0)], 0)
         .unwrap();
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     let chain = rings.chain(&host, 0);
     assert_eq!(chain.len(), 3);
@@ -221,7 +222,7 @@ fn event_idx_asks_for_an_interrupt_only_when_used_event_is_crossed() {
     let mem = memory();
     let mock = MockSplitQueue::new(&*mem, SIZE);
     let queue: Queue = mock.create_queue().unwrap();
-    let host = HostMemory::new(mem.clone());
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
     let rings = Rings::of(&queue).unwrap();
     let used_event = mock.avail_addr().unchecked_add(4 + 2 * u64::from(SIZE));
     mem.write_obj(41u16.to_le(), used_event).unwrap();

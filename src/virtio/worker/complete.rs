@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::Bytes;
 
 use super::{untag, InFlight, Vring, Worker};
 use crate::engine::{Done, Engine};
@@ -171,10 +170,11 @@ impl Worker {
         if let (true, Some(ticket)) = (ok, &request.flush) {
             self.disk.dirty().clear(ticket);
         }
-        let used = match request.mem.write_obj(request.status_byte, request.status) {
-            Ok(()) if ok => request.used_len,
-            Ok(()) => 1,
-            Err(_) => 0,
+        let (mem, status, byte) = (&*request.mem, request.status, request.status_byte);
+        let used = match crate::virtio::memory::write_byte(&self.log, mem, status, byte) {
+            true if ok => request.used_len,
+            true => 1,
+            false => 0,
         };
         self.put_used(vring, request.head, used);
     }

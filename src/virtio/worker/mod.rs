@@ -249,7 +249,7 @@ impl Worker {
     /// pointers (see [`Worker::leave`]).
     fn enter(&mut self) -> Arc<Mem> {
         let mem = self.mem.memory().into_inner();
-        self.host = Some(Arc::new(HostMemory::new(mem.clone())));
+        self.host = Some(Arc::new(HostMemory::new(mem.clone(), self.log.clone())));
         mem
     }
 
