@@ -53,6 +53,14 @@ const POLL_STEP: Duration = Duration::from_micros(2);
 /// Empty polls of the ring between two clock reads: a clock read costs about as much as one
 /// empty poll, and 16 polls are a few microseconds, well inside the poll window's precision.
 const POLLS_PER_CLOCK_READ: u32 = 16;
+/// Requests in one busy stretch from which the queue stops waiting out the poll window: a
+/// driver that hands over this many at once pays its kick and our wake-up once for all of
+/// them, while polling through its wake-up (tens of microseconds on these machines) would
+/// cost more CPU per request than serving them.
+const BURST_NO_POLL: usize = 8;
+/// How long the ring is still polled after such a burst: long enough for a driver that is
+/// still adding requests one by one, far shorter than its wake-up.
+const POLL_AFTER_BURST: Duration = Duration::from_micros(3);
 
 /// How often requests waiting for a frozen block are retried.
 const DEFERRED_RETRY: Duration = Duration::from_micros(200);
@@ -312,6 +320,7 @@ impl Worker {
         self.replay(vring, mem);
         let mut idle_since: Option<Instant> = None;
         let mut idle_polls: u32 = 0;
+        let mut burst: usize = 0;
         loop {
             let retried = !self.deferred.is_empty();
             let waiting = self.retry_deferred(vring, mem);
@@ -334,11 +343,19 @@ impl Worker {
                 return;
             }
             if popped > 0 {
-                idle_since = None;
+                if idle_since.take().is_some() {
+                    burst = 0;
+                }
+                burst += popped;
                 idle_polls = 0;
                 continue;
             }
-            if self.keep_polling(&mut idle_since, &mut idle_polls) {
+            let window = if burst >= BURST_NO_POLL {
+                self.poll_window.min(POLL_AFTER_BURST)
+            } else {
+                self.poll_window
+            };
+            if keep_polling(window, &mut idle_since, &mut idle_polls) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -351,20 +368,6 @@ impl Worker {
                 _ => break,
             }
         }
-    }
-
-    /// Whether an empty ring is polled again, within the poll window; reads the clock at the
-    /// first empty poll and then every [`POLLS_PER_CLOCK_READ`], not on every poll.
-    fn keep_polling(&self, idle_since: &mut Option<Instant>, idle_polls: &mut u32) -> bool {
-        if self.poll_window.is_zero() {
-            return false;
-        }
-        *idle_polls += 1;
-        let Some(since) = *idle_since else {
-            *idle_since = Some(Instant::now());
-            return true;
-        };
-        !(*idle_polls).is_multiple_of(POLLS_PER_CLOCK_READ) || since.elapsed() < self.poll_window
     }
 
     /// Adapts the poll window to the guest: when a kick comes soon after the queue went to
@@ -624,6 +627,20 @@ impl Worker {
             _ => true,
         }
     }
+}
+
+/// Whether an empty ring is polled again, within `window`; reads the clock at the first empty
+/// poll and then every [`POLLS_PER_CLOCK_READ`], not on every poll.
+fn keep_polling(window: Duration, idle_since: &mut Option<Instant>, idle_polls: &mut u32) -> bool {
+    if window.is_zero() {
+        return false;
+    }
+    *idle_polls += 1;
+    let Some(since) = *idle_since else {
+        *idle_since = Some(Instant::now());
+        return true;
+    };
+    !(*idle_polls).is_multiple_of(POLLS_PER_CLOCK_READ) || since.elapsed() < window
 }
 
 impl Drop for Worker {
