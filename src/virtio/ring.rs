@@ -43,9 +43,12 @@ pub enum RingError {
 }
 
 impl Rings {
-    /// The rings of a ready queue (`None` before the frontend set it up).
+    /// The rings of a queue (`None` while it has no size). Readiness is the caller's to check
+    /// before popping, not before completing: vhost-user-backend marks a queue not ready
+    /// before it asks the backend to stop it (GET_VRING_BASE), and the requests still in
+    /// flight then must reach the used ring.
     pub fn of(queue: &impl QueueT) -> Option<Rings> {
-        (queue.ready() && queue.size() > 0).then(|| Rings {
+        (queue.size() > 0).then(|| Rings {
             desc_table: GuestAddress(queue.desc_table()),
             avail: GuestAddress(queue.avail_ring()),
             used: GuestAddress(queue.used_ring()),

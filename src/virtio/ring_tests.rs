@@ -156,9 +156,17 @@ fn rings_outside_guest_memory_are_errors_not_panics() {
 }
 
 #[test]
-fn an_unready_queue_has_no_rings() {
-    let queue = Queue::new(SIZE).unwrap();
-    assert_eq!(Rings::of(&queue), None);
+fn a_queue_being_stopped_still_takes_completions() {
+    // vhost-user-backend marks a queue not ready before it asks the backend to stop it; the
+    // requests in flight then must still reach the used ring.
+    let mem = memory();
+    let mock = MockSplitQueue::new(&*mem, SIZE);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    queue.set_ready(false);
+    let host = HostMemory::new(mem.clone(), DirtyLog::default());
+    let rings = Rings::of(&queue).unwrap();
+    assert_eq!(rings.put_used(&host, 0, 1, 1), Ok(1));
+    assert_eq!(mock.used().idx().load(), 1);
 }
 
 #[test]

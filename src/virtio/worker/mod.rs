@@ -392,15 +392,22 @@ impl Worker {
         let Some(host) = self.host.clone() else {
             return 0;
         };
-        let Some(rings) = Rings::of(vring.get_ref().get_queue()) else {
-            return 0;
-        };
         let mut popped = 0;
         let mut announced = 0u16;
+        let mut last_rings = None;
         while self.ops_in_flight() < MAX_IN_FLIGHT_OPS {
-            let head = {
+            let (head, rings) = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
+                // Under the lock each time: the frontend may stop or move the queue meanwhile
+                // (vhost-user-backend marks it not ready first, as virtio-queue's pop checks).
+                let rings = match Rings::of(&*queue) {
+                    Some(rings) if queue.ready() => rings,
+                    _ => break,
+                };
+                if last_rings.replace(rings) != Some(rings) {
+                    announced = 0;
+                }
                 let next = queue.next_avail();
                 if announced == 0 {
                     announced = match rings.available(&host, next) {
@@ -418,7 +425,7 @@ impl Worker {
                 match rings.avail_head(&host, next) {
                     Ok(head) => {
                         queue.set_next_avail(next.wrapping_add(1));
-                        head
+                        (head, rings)
                     }
                     Err(e) => {
                         drop(state);
