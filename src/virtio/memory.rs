@@ -6,7 +6,7 @@
 //! it; an access that no single region holds falls back to vm-memory, so behaviour at region
 //! edges is vm-memory's. A [`HostMemory`] owns the `Arc` of the snapshot its pointers come
 //! from, so they stay mapped while it lives; QEMU replaces the mapping with every
-//! SET_MEM_TABLE, so the worker takes a fresh snapshot on every entry (see `Worker::memory`)
+//! SET_MEM_TABLE, so the worker takes a fresh snapshot on every entry (see `Worker::enter`)
 //! and never keeps one across a mapping change.
 //!
 //! Dirty pages for live migration: while QEMU logs (it acked VHOST_F_LOG_ALL), every write
