@@ -9,6 +9,7 @@
 //! lookups at random blocks of a table at the block-count limit.
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -19,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use cormorant::image::table::{Extent, MAX_BLOCKS};
 use cormorant::image::{BlockRange, BlockTable, Location, NodeId, Tier};
 use cormorant::route;
+use cormorant::virtio::memory::{DirtyLog, HostMemory};
 use cormorant::virtio::request::{self, Limits};
 
 /// Guest memory for the parse inputs: headers at 0, data from 64 KiB, 4 MiB in all.
@@ -60,6 +62,11 @@ fn parse(c: &mut Criterion) {
     ];
     g.bench_function("read 4k", |b| {
         b.iter(|| request::parse(&mem, black_box(read4k.iter().copied()), &limits))
+    });
+    // The queue thread's way: through host pointers resolved once per memory snapshot.
+    let host = HostMemory::new(Arc::new(mem.clone()), DirtyLog::default());
+    g.bench_function("read 4k, host pointers", |b| {
+        b.iter(|| request::parse(&host, black_box(read4k.iter().copied()), &limits))
     });
     let mut write1m = vec![header(&mem, VIRTIO_BLK_T_OUT, 8192)];
     write1m.extend((0..256u64).map(|i| Descriptor::new(0x1_0000 + i * 8192, 4096, 0, 0)));

@@ -1,13 +1,13 @@
-//! Backend-only cases: the VM-less client against Cormorant and qemu-storage-daemon (io_uring and
-//! threads) over the same data on the same tier, and fio psync on the host on a file of that tier
-//! as the ceiling. Systems take turns case by case, so slow drift of a noisy machine spreads over
+//! Backend-only cases: the VM-less client against Cormorant, qemu-storage-daemon (io_uring and
+//! threads) and cloud-hypervisor's `vhost_user_block` over the same data on the same tier, and
+//! fio psync on the host on a file of that tier as the ceiling. Systems take turns case by case, so slow drift of a noisy machine spreads over
 //! all of them instead of favouring whichever ran first.
 
 use std::path::PathBuf;
 
 use crate::fio::{self, FioJob};
 use crate::load::{self, LoadSpec};
-use crate::procs::{self, io_ctx, Cormorant, ProcError, Qsd, QsdAio};
+use crate::procs::{self, io_ctx, Ch, Cormorant, ProcError, Qsd, QsdAio};
 use crate::report::Measurement;
 use crate::{Ctx, Tier};
 
@@ -15,7 +15,19 @@ use crate::{Ctx, Tier};
 struct Target {
     name: &'static str,
     socket: PathBuf,
-    pid: u32,
+    serve: Serve,
+}
+
+/// How a target's process lives.
+enum Serve {
+    /// Started once for the whole tier.
+    Running { pid: u32 },
+    /// cloud-hypervisor's backend exits after one connection: a fresh process per case.
+    PerRun {
+        bin: PathBuf,
+        image: PathBuf,
+        queues: u16,
+    },
 }
 
 /// Systems of one tier, alive for all of its cases; all are stopped on drop.
@@ -37,10 +49,18 @@ pub const QSD_URING: &str = "qsd-io_uring";
 pub const QSD_THREADS: &str = "qsd-threads";
 /// Cormorant with `--no-uring` (volume tier only: the RAM tier never uses io_uring).
 pub const CORMORANT_SYNC: &str = "cormorant-no-uring";
+/// cloud-hypervisor's `vhost_user_block`.
+pub const CH: &str = "ch-vhost-user-block";
 
 impl Systems {
-    /// Writes `span` bytes of data on `tier`, imports it into Cormorant, copies it for each qsd.
-    pub fn start(ctx: &Ctx, tier: Tier, queues: u16) -> Result<Systems, ProcError> {
+    /// Writes `span` bytes of data on `tier`, imports it into Cormorant, copies it for each qsd
+    /// and for cloud-hypervisor's backend (when its binary is there; a note says when not).
+    pub fn start(
+        ctx: &Ctx,
+        tier: Tier,
+        queues: u16,
+        notes: &mut Vec<String>,
+    ) -> Result<Systems, ProcError> {
         let dir = procs::work_dir(ctx.tier_dir(tier), "backend")?;
         let d = dir.path();
         let data = d.join("data.raw");
@@ -51,7 +71,9 @@ impl Systems {
         let mut targets = vec![Target {
             name: CORMORANT,
             socket: sock,
-            pid: cormorant.pid(),
+            serve: Serve::Running {
+                pid: cormorant.pid(),
+            },
         }];
         let mut qsds = Vec::new();
         for (name, aio) in [(QSD_URING, QsdAio::IoUring), (QSD_THREADS, QsdAio::Threads)] {
@@ -61,9 +83,30 @@ impl Systems {
             targets.push(Target {
                 name,
                 socket: qsd.socket.clone(),
-                pid: qsd.pid(),
+                serve: Serve::Running { pid: qsd.pid() },
             });
             qsds.push(qsd);
+        }
+        if ctx.ch_bin.is_file() {
+            let image = d.join("ch.raw");
+            std::fs::copy(&data, &image).map_err(io_ctx("copy data for ch"))?;
+            targets.push(Target {
+                name: CH,
+                socket: d.join("ch.sock"),
+                serve: Serve::PerRun {
+                    bin: ctx.ch_bin.clone(),
+                    image,
+                    queues,
+                },
+            });
+        } else {
+            let note = format!(
+                "backend {}: {CH} skipped: no binary at {} (see --ch-binary)",
+                tier.name(),
+                ctx.ch_bin.display()
+            );
+            eprintln!("  {note}");
+            notes.push(note);
         }
         let sync = if tier == Tier::Volume && ctx.params.engine_compare {
             let (sram, svol) = (d.join("sram"), d.join("svol"));
@@ -72,7 +115,7 @@ impl Systems {
             targets.push(Target {
                 name: CORMORANT_SYNC,
                 socket: sock,
-                pid: c.pid(),
+                serve: Serve::Running { pid: c.pid() },
             });
             Some(c)
         } else {
@@ -111,7 +154,7 @@ pub fn run_tier(
     }
     eprintln!("== {group}");
     let queues = specs.iter().map(|s| s.queues).max().unwrap_or(1);
-    let systems = Systems::start(ctx, tier, queues)?;
+    let systems = Systems::start(ctx, tier, queues, notes)?;
     for spec in &specs {
         let mut record = |m: Result<Measurement, ProcError>, system: &str| match m {
             Ok(m) => {
@@ -159,13 +202,21 @@ fn ceiling_job(spec: &LoadSpec) -> Option<FioJob> {
 }
 
 fn measure(group: &str, spec: &LoadSpec, t: &Target) -> Result<Measurement, ProcError> {
-    let before = procs::sample(t.pid);
+    // A per-run process lives until the end of this function (sampled before it is reaped).
+    let (pid, _per_run) = match &t.serve {
+        Serve::Running { pid } => (*pid, None),
+        Serve::PerRun { bin, image, queues } => {
+            let ch = Ch::start(bin, image, &t.socket, *queues)?;
+            (ch.pid(), Some(ch))
+        }
+    };
+    let before = procs::sample(pid);
     let t0 = std::time::Instant::now();
     let r = load::run(&t.socket, spec).map_err(|e| ProcError::Command {
         cmd: format!("{} on {}", spec.label(), t.name),
         stderr: format!("{e}: {}", error_chain(&e)),
     })?;
-    let after = procs::sample(t.pid);
+    let after = procs::sample(pid);
     let mut m = Measurement::new(group, &spec.label(), t.name, r);
     m.set_resources(&before, &after, t0.elapsed().as_secs_f64());
     Ok(m)

@@ -39,7 +39,10 @@ use report::{HostInfo, Measurement, Report};
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(about = "Benchmark Cormorant against qemu-storage-daemon and virtio-blk, side by side")]
+#[command(
+    about = "Benchmark Cormorant against qemu-storage-daemon, cloud-hypervisor's vhost_user_block \
+             and virtio-blk, side by side"
+)]
 struct Args {
     /// Without a subcommand: run a suite.
     #[command(subcommand)]
@@ -57,6 +60,11 @@ struct Args {
     /// The cormorant binary (default: built with cargo next to this one).
     #[arg(long)]
     cormorant: Option<PathBuf>,
+    /// cloud-hypervisor's `vhost_user_block` binary, measured beside qemu-storage-daemon in the
+    /// backend cases (skipped with a note when missing). Default:
+    /// `../shared/peers/ch-vhost-user-block` relative to the repository.
+    #[arg(long)]
+    ch_binary: Option<PathBuf>,
     /// Directory for RAM-tier files (must be tmpfs).
     #[arg(long, default_value = "/dev/shm")]
     ram_dir: PathBuf,
@@ -283,6 +291,8 @@ impl Params {
 pub struct Ctx {
     pub params: Params,
     pub cormorant_bin: PathBuf,
+    /// cloud-hypervisor's `vhost_user_block` (may not exist: then it is skipped).
+    pub ch_bin: PathBuf,
     ram_dir: PathBuf,
     volume_dir: PathBuf,
     only: Vec<String>,
@@ -348,6 +358,9 @@ fn run(args: Args) -> Result<(), ProcError> {
     let ctx = Ctx {
         params: Params::new(args.suite),
         cormorant_bin: cormorant_bin(args.cormorant.as_deref())?,
+        ch_bin: args.ch_binary.clone().unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/ch-vhost-user-block")
+        }),
         ram_dir: args.ram_dir.clone(),
         volume_dir: std::fs::canonicalize(&args.volume_dir).map_err(procs::io_ctx("volume dir"))?,
         only: args.only.clone(),

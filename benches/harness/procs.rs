@@ -340,6 +340,34 @@ impl Qsd {
     }
 }
 
+/// cloud-hypervisor's `vhost_user_block` exporting one raw file. It serves one frontend
+/// connection, then removes its socket and exits, so each run starts its own process.
+pub struct Ch {
+    proc: Guarded,
+}
+
+impl Ch {
+    pub fn start(bin: &Path, image: &Path, socket: &Path, queues: u16) -> Result<Ch, ProcError> {
+        let backend = format!(
+            "path={},socket={},num_queues={queues}",
+            image.display(),
+            socket.display()
+        );
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new(bin);
+        cmd.env("RUST_LOG", "warn")
+            .args(["--block-backend", &backend]);
+        let log = PathBuf::from(format!("{}.log", socket.display()));
+        let mut proc = Guarded::spawn(&mut cmd, &log, "ch-vhost-user-block")?;
+        proc.wait_for_path(socket, "ch-vhost-user-block")?;
+        Ok(Ch { proc })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
 /// Writes `size` bytes of non-zero, non-repeating-per-block data to `path` (1 MiB at a time), so
 /// reads hit real data and no file system can elide them as holes.
 pub fn write_data_file(path: &Path, size: u64) -> Result<(), ProcError> {

@@ -159,8 +159,21 @@ const fn iops(group: &'static str, case: &'static str, other: &'static str, min:
     }
 }
 
-/// The ratio targets of issue 4 (the resource targets are figures).
-const TARGETS: [Target; 15] = [
+/// The ratio targets of issues 4 and 11 (the resource targets are figures).
+const TARGETS: [Target; 17] = [
+    iops(
+        "backend ram",
+        "randread 4k qd32 x1",
+        "ch-vhost-user-block",
+        1.5,
+    ),
+    Target {
+        group: "backend ram",
+        case: "randread 4k qd1 x1",
+        other: "ch-vhost-user-block",
+        min_iops: None,
+        max_p50: Some(0.8),
+    },
     iops("backend ram", "randread 4k qd32 x1", "qsd-io_uring", 2.5),
     iops("backend ram", "randread 4k qd32 x1", "host-fio-psync", 0.5),
     Target {
@@ -245,7 +258,7 @@ pub fn markdown(r: &Report) -> String {
         "Measured {} with `{}` ({} CPUs, kernel {}, load average at start {}).\n",
         r.date, r.command, r.host.cpus, r.host.kernel, r.host.load_avg_start
     );
-    let _ = writeln!(s, "### Targets of issue 4\n");
+    let _ = writeln!(s, "### Targets of issues 4 and 11\n");
     s += &targets(r);
     let _ = writeln!(s, "\n### Ratios (Cormorant / other, same run)\n");
     let _ = writeln!(

@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
 
 use super::config::BlkConfig;
 use super::inflight;
+use super::memory::DirtyLog;
 use super::request::Limits;
 use super::worker::{AtomicMem, Vring, Worker};
 use crate::image::SECTOR_SIZE;
@@ -53,6 +54,8 @@ pub struct BlkBackend {
     read_only: bool,
     workers: Vec<Mutex<Worker>>,
     device: Arc<Device>,
+    /// Set while the frontend has VHOST_F_LOG_ALL acked: the workers mark what they fill.
+    log: DirtyLog,
 }
 
 impl BlkBackend {
@@ -79,8 +82,9 @@ impl BlkBackend {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_seg: MAX_DISCARD_SEG,
         };
+        let log = DirtyLog::default();
         let workers = (0..MAX_QUEUES)
-            .map(|_| Worker::new(&device, limits, mem.clone()).map(Mutex::new))
+            .map(|_| Worker::new(&device, limits, mem.clone(), log.clone()).map(Mutex::new))
             .collect::<io::Result<_>>()?;
         Ok(BlkBackend {
             admitted: AtomicBool::new(false),
@@ -88,6 +92,7 @@ impl BlkBackend {
             read_only,
             workers,
             device,
+            log,
         })
     }
 
@@ -168,6 +173,13 @@ impl VhostUserBackend for BlkBackend {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
         features
+    }
+
+    /// QEMU acks VHOST_F_LOG_ALL (waiting for our reply) when a live migration starts
+    /// logging dirty pages, and drops it when logging ends: only in between do the workers
+    /// mark the guest pages they fill.
+    fn acked_features(&self, features: u64) {
+        self.log.set(features & 1 << VHOST_F_LOG_ALL != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -1,25 +1,31 @@
-//! Walks the descriptor chain of a head the avail ring no longer names: requests replayed
-//! after a restart (see `inflight`). virtio-queue builds chains only while popping the avail
-//! ring, so this follows its rules for the replay path: the walk ends at the first
-//! descriptor that breaks them (index past the table, a loop, a nested or misaligned indirect
-//! table, more than 4 GiB), and the request parser then judges the chain it got.
+//! Walks the descriptor chain of a head: heads popped off the avail ring (see `ring`) and
+//! requests replayed after a restart (see `inflight`). It follows virtio-queue's rules
+//! (`DescriptorChain`): the walk ends at the first descriptor that breaks them (index past the
+//! table, a loop, a nested or misaligned indirect table, more than 4 GiB), and the request
+//! parser then judges the chain it got. It also ends after one descriptor more than any
+//! request may have, so the parser rejects such a chain without the walk reading a whole
+//! 65535-entry indirect table first.
 
 use std::mem::size_of;
 
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress};
+
+use super::memory::GuestRam;
+use super::request::MAX_SEGMENTS;
 
 const DESC_SIZE: u32 = size_of::<Descriptor>() as u32;
+/// Descriptors a valid request has at most: the data segments, a header and a status.
+const MAX_CHAIN: usize = MAX_SEGMENTS + 2;
+
+/// A chain's descriptors; Linux sends three or four per request (header, data, status).
+pub type Chain = SmallVec<[Descriptor; 8]>;
 
 /// The descriptors of the chain starting at `head` in the table at `table` of `queue_size`
 /// entries.
-pub fn descriptors<M: GuestMemoryBackend>(
-    mem: &M,
-    table: GuestAddress,
-    queue_size: u16,
-    head: u16,
-) -> Vec<Descriptor> {
-    let mut chain = Vec::new();
+pub fn descriptors<M: GuestRam>(mem: &M, table: GuestAddress, queue_size: u16, head: u16) -> Chain {
+    let mut chain = Chain::new();
     let (mut table, mut size, mut next) = (table, queue_size, head);
     let mut ttl = queue_size;
     let mut indirect = false;
@@ -27,7 +33,7 @@ pub fn descriptors<M: GuestMemoryBackend>(
     while ttl > 0 && next < size {
         let Some(desc) = table
             .checked_add(u64::from(next) * u64::from(DESC_SIZE))
-            .and_then(|addr| mem.read_obj::<Descriptor>(addr).ok())
+            .and_then(|addr| mem.read_obj::<Descriptor>(addr))
         else {
             break;
         };
@@ -46,7 +52,7 @@ pub fn descriptors<M: GuestMemoryBackend>(
         };
         bytes = total;
         chain.push(desc);
-        if !desc.has_next() {
+        if !desc.has_next() || chain.len() > MAX_CHAIN {
             break;
         }
         next = desc.next();
@@ -61,7 +67,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 

@@ -5,6 +5,8 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod inflight;
+pub mod memory;
 pub mod relay;
 pub mod request;
+pub mod ring;
 pub mod worker;

@@ -9,7 +9,9 @@
 use smallvec::SmallVec;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress};
+
+use super::memory::GuestRam;
 
 use crate::image::SECTOR_SIZE;
 
@@ -140,7 +142,7 @@ struct Layout {
 }
 
 /// Parses one descriptor chain (as yielded by virtio-queue's `DescriptorChain`).
-pub fn parse<M: GuestMemoryBackend>(
+pub fn parse<M: GuestRam>(
     mem: &M,
     descriptors: impl IntoIterator<Item = Descriptor>,
     limits: &Limits,
@@ -196,7 +198,7 @@ fn collect(descriptors: impl IntoIterator<Item = Descriptor>) -> Result<Chain, P
 
 /// The status byte's address: the last byte of the last descriptor, when that descriptor is
 /// device-writable and inside guest memory.
-fn status_byte<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Option<GuestAddress> {
+fn status_byte<M: GuestRam>(mem: &M, chain: &[Descriptor]) -> Option<GuestAddress> {
     let last = chain.iter().rev().find(|d| d.len() > 0)?;
     let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
     (last.is_write_only() && mem.check_range(addr, 1)).then_some(addr)
@@ -206,7 +208,7 @@ fn total(segments: &[Segment]) -> u64 {
     segments.iter().map(|s| u64::from(s.len)).sum()
 }
 
-fn split<M: GuestMemoryBackend>(mem: &M, chain: &[Descriptor]) -> Result<Layout, ParseError> {
+fn split<M: GuestRam>(mem: &M, chain: &[Descriptor]) -> Result<Layout, ParseError> {
     let mut layout = Layout {
         readable: Segments::new(),
         writable: Segments::new(),
@@ -248,7 +250,7 @@ fn take_status(mut writable: Segments) -> Result<(Segments, GuestAddress), Parse
 }
 
 /// Reads the 16-byte header from the front of the readable segments, wherever it falls.
-fn take_header<M: GuestMemoryBackend>(
+fn take_header<M: GuestRam>(
     mem: &M,
     mut readable: Segments,
 ) -> Result<([u8; HEADER_LEN as usize], Segments), ParseError> {
@@ -261,8 +263,9 @@ fn take_header<M: GuestMemoryBackend>(
     let mut consumed = 0usize;
     for segment in readable.iter_mut() {
         let take = (header.len() - filled).min(segment.len as usize);
-        mem.read_slice(&mut header[filled..filled + take], segment.addr)
-            .map_err(|_| ParseError::MemoryRead(segment.addr.raw_value()))?;
+        if !mem.read_slice(&mut header[filled..filled + take], segment.addr) {
+            return Err(ParseError::MemoryRead(segment.addr.raw_value()));
+        }
         filled += take;
         segment.addr = segment.addr.unchecked_add(take as u64);
         segment.len -= take as u32;
@@ -277,7 +280,7 @@ fn take_header<M: GuestMemoryBackend>(
     Ok((header, readable))
 }
 
-fn parse_kind<M: GuestMemoryBackend>(
+fn parse_kind<M: GuestRam>(
     mem: &M,
     header: &[u8; HEADER_LEN as usize],
     readable: &[Segment],
@@ -367,7 +370,7 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<u64, ParseErr
 
 /// Reads the `virtio_blk_discard_write_zeroes` entries; returns them and whether every entry
 /// asked to unmap.
-fn parse_ranges<M: GuestMemoryBackend>(
+fn parse_ranges<M: GuestRam>(
     mem: &M,
     readable: &[Segment],
     limits: &Limits,
@@ -389,8 +392,9 @@ fn parse_ranges<M: GuestMemoryBackend>(
     let mut at = 0usize;
     for segment in readable {
         let end = at + segment.len as usize;
-        mem.read_slice(&mut bytes[at..end], segment.addr)
-            .map_err(|_| ParseError::MemoryRead(segment.addr.raw_value()))?;
+        if !mem.read_slice(&mut bytes[at..end], segment.addr) {
+            return Err(ParseError::MemoryRead(segment.addr.raw_value()));
+        }
         at = end;
     }
     let mut ranges = Vec::with_capacity(count as usize);

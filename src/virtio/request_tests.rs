@@ -1,7 +1,7 @@
 use super::*;
 use proptest::prelude::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 const MEM: u64 = 1 << 20;
 
@@ -346,9 +346,9 @@ proptest! {
         let l = limits();
         match parse(&mem, chain, &l) {
             Ok(r) => {
-                prop_assert!(mem.check_range(r.status, 1));
+                prop_assert!(GuestMemoryBackend::check_range(&mem, r.status, 1));
                 for s in &r.data {
-                    prop_assert!(mem.check_range(s.addr, s.len as usize));
+                    prop_assert!(GuestMemoryBackend::check_range(&mem, s.addr, s.len as usize));
                 }
                 match &r.kind {
                     Kind::Read { offset } | Kind::Write { offset } => {
@@ -365,7 +365,7 @@ proptest! {
             }
             Err(rejected) => {
                 if let Some(status) = rejected.status {
-                    prop_assert!(mem.check_range(status, 1));
+                    prop_assert!(GuestMemoryBackend::check_range(&mem, status, 1));
                 }
             }
         }

@@ -2,8 +2,7 @@
 //! marks live migration needs, and its head on the used ring exactly once.
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
 use super::{Mem, Vring, Worker};
 use crate::route::IoError;
@@ -58,14 +57,11 @@ impl Worker {
         self.completions = completions;
     }
 
-    /// Marks guest pages this request filled as dirty for live migration: writes that the
-    /// kernel or a peer made into guest memory bypass vm-memory's bitmap.
+    /// Marks guest pages this request filled as dirty for live migration (writes that the
+    /// kernel or a peer made into guest memory bypass vm-memory's bitmap); nothing while QEMU
+    /// does not log.
     pub(super) fn mark_filled(&self, mem: &Mem, fills: &[Segment]) {
-        for segment in fills {
-            for slice in mem.get_slices(segment.addr, segment.len as usize).flatten() {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-        }
+        crate::virtio::memory::mark_filled(&self.log, mem, fills);
     }
 
     /// Writes the status byte and puts the head on the used ring with `used` bytes (the
@@ -79,9 +75,9 @@ impl Worker {
         used: u32,
         mem: &Mem,
     ) {
-        let used = match mem.write_obj(byte, status) {
-            Ok(()) => used,
-            Err(_) => 0,
+        let used = match crate::virtio::memory::write_byte(&self.log, mem, status, byte) {
+            true => used,
+            false => 0,
         };
         self.put_used(vring, head, used);
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 
 use super::{InFlight, Mem, Vring, Worker};
 use crate::route::{BlockRequest, IoVecs};
@@ -95,15 +95,5 @@ impl Worker {
 /// Host addresses of guest buffers. The parser checked that they lie in guest memory; a
 /// memory table update between parsing and now could still make that untrue, hence Option.
 fn host_buffers(mem: &Mem, segments: &[Segment]) -> Option<IoVecs> {
-    let mut iovecs = smallvec::SmallVec::with_capacity(segments.len());
-    for segment in segments {
-        for slice in mem.get_slices(segment.addr, segment.len as usize) {
-            let slice = slice.ok()?;
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            });
-        }
-    }
-    Some(IoVecs(iovecs))
+    crate::virtio::memory::host_buffers(mem, segments)
 }
