@@ -27,6 +27,29 @@ pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
 
 type Client = (PeerClient, Arc<PeerMetrics>);
 
+/// How the request path (`route::Queue` and its remote engine) reaches other nodes: the
+/// pooled TCP clients of [`Peers`] in the daemon; an in-process network in the simulation
+/// (`tests/owner_sim.rs`), which delivers, delays, loses or fails each call as its seed says.
+/// One dynamic call per peer call, never on the local path.
+pub trait Transport: Send + Sync {
+    /// Calls `node`; `done` gets the answer, or why there is none (possibly on another
+    /// thread, possibly before this returns).
+    fn call(&self, node: &NodeId, request: Request, done: Callback);
+    /// Whether `node` is on the failure list: writes skip its copies (the acknowledgement
+    /// rule marks them out of sync) and reads another copy.
+    fn is_failed(&self, node: &NodeId) -> bool;
+}
+
+impl Transport for Peers {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        Peers::call(self, node, request, done)
+    }
+
+    fn is_failed(&self, node: &NodeId) -> bool {
+        self.failures.is_failed(node)
+    }
+}
+
 pub struct Peers {
     me: NodeId,
     key: Option<ClusterKey>,
