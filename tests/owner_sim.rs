@@ -548,6 +548,12 @@ struct Stats {
     acked: u64,
     reads: u64,
     flushes: u64,
+    /// Peer calls left on the way for another step (counted at each step they wait).
+    delayed: u64,
+    /// Changes that reached their holder after their sender gave up: applied, or refused
+    /// because a newer change to the block was applied there first.
+    late_landed: u64,
+    superseded: u64,
     /// Guest requests that completed with an error (refused, no copy took it, ...).
     failed: u64,
     take_overs: u64,
@@ -766,6 +772,7 @@ impl Sim {
         let mut kept = VecDeque::new();
         for call in calls {
             if only.is_some_and(|o| o != call.from) || !self.rng.chance(percent) {
+                self.stats.delayed += 1;
                 kept.push_back(call);
                 continue;
             }
@@ -1272,10 +1279,10 @@ impl Sim {
         let now = self.now();
         self.nodes[i].last_renew = now;
         self.nodes[i].good_until = now + TTL - MARGIN;
-        // `wiped_tiers` makes the marker again at start, before the loss is recorded in etcd
-        // (strict mode); the default run makes it only once recorded (known finding 3).
+        // `Daemon::start`: a tier without its marker was wiped; the marker is made again only
+        // once the loss of its copies is recorded in etcd (`mark_tiers` after
+        // `load_shared`), so a start that fails before that finds the tier wiped again.
         let wipe = !self.nodes[i].marker;
-        self.nodes[i].marker = strict() || !wipe;
         let Ok(Some(meta)) = store.image() else {
             return;
         };
@@ -1308,10 +1315,9 @@ impl Sim {
             }
         }
         self.nodes[i].marker = true;
-        if !strict() && !wiped && !disk.owned_here() {
-            // Known finding 3b: a holder's lost copies live in its RAM (`Disk::lost`); a
-            // restart before the owner settled the report forgets them. Masked here as the
-            // fix would do it: the start reads this node's own pending report back.
+        if !wiped && !disk.owned_here() {
+            // `load_shared`: a holder's lost copies live in its RAM (`Disk::lost`), so a start
+            // reads back this node's reports the owner has not settled yet.
             let pending = store.lost_reports(id).unwrap_or_default();
             if pending.iter().any(|(n, _, _)| n == &me) {
                 disk.mark_lost(Tier::Ram);
@@ -1420,6 +1426,16 @@ impl Sim {
             if self.nodes[m.to].up && self.nodes[m.to].incarnation == m.incarnation {
                 let answer = self.answer(m.to, m.request);
                 self.trace(|| format!("  late change on {}: {answer:?}", self.nodes[m.to].id));
+                match answer {
+                    Ok(_) => self.stats.late_landed += 1,
+                    Err(PeerError::Refused { code: c, .. }) if c == code::SUPERSEDED => {
+                        self.stats.superseded += 1;
+                    }
+                    Err(PeerError::Refused { code: c, .. }) if c == code::STALE_EPOCH => {
+                        self.stats.refused_epoch += 1;
+                    }
+                    Err(_) => {}
+                }
             }
         }
     }
@@ -1786,6 +1802,9 @@ fn one_writer_and_no_stale_reads_for_many_seeds() {
         total.acked += s.acked;
         total.reads += s.reads;
         total.flushes += s.flushes;
+        total.delayed += s.delayed;
+        total.late_landed += s.late_landed;
+        total.superseded += s.superseded;
         total.failed += s.failed;
         total.take_overs += s.take_overs;
         total.refused_epoch += s.refused_epoch;
