@@ -4,42 +4,60 @@
 //! owners that die, restart, lose their RAM tier, are cut off from etcd, are replaced while
 //! their guest keeps writing, and an image deleted and created again under its name.
 //!
-//! The real decision code runs wherever it is reachable without sockets: `Disk` (one per
-//! node, real block files under /dev/shm) with `admit_epoch`, `update_meta`,
-//! `mark_out_of_sync`, `set_meta`, `fence`, `mark_lost`/`is_lost`, `adopt`;
-//! `ownership::ensure_serving` (take-over, activation) and `ownership::device_stopped`;
-//! `replica::ack::decide`; `route::local_copy`; the resync `replica::sync::sync`. What lives
-//! in the daemon's threads (the peer service's checks, the watch's reconcile, the lease
-//! keeper, the worker's order of checks) is mirrored here step by step, each mirror naming
-//! the function it follows. `MetaStore::lease` is `None` here (a `NodeLease` needs a live etcd
-//! and the wall clock), so the lease rule of `Disk::may_ack` is modelled in `Sim::may_ack`.
+//! The request path is the real one (issue 11): each node's guest reads, writes and flushes
+//! go through `route::Queue::submit`/`complete` over the node's real `Disk` (block files
+//! under /dev/shm), so whether a node may serve, the epoch gate, the choice of copies, the
+//! read fall-back to the next in-sync copy, the acknowledgement rule, the stale copies it
+//! marks, the write counters and the flush fan-out are the daemon's code. The queue's peer
+//! calls go through `peers::Transport` into an in-process network (`Net`) that delivers
+//! them in order, leaves some on the way for later steps (their requests stay in flight
+//! while nodes die, take over and resync), lets some arrive after their sender timed out
+//! (a change then still lands, late) and loses some answers. Each call, and each late
+//! change, is answered by the real `holder::HolderService` over the receiving node's view
+//! (`holder::Holdings`). Also real: `ownership::ensure_serving` and `device_stopped`,
+//! `Disk` (`admit_epoch`, `update_meta`, `mark_out_of_sync`, `set_meta`, `fence`,
+//! `mark_lost`/`is_lost`, `adopt`) and the resync `replica::sync::sync`.
+//!
+//! Still mirrored here, each mirror naming the function it follows:
+//! - the watch and the start (`Daemon::refresh`, `reconcile`, `forget`, `settle_lost`,
+//!   `load_shared`/`check_lost_tiers` in `restart`, `adopt_shared` in `adopt`): the daemon
+//!   needs a `ClusterMeta` over a live etcd;
+//! - the lease keeper (`Daemon::lease_loop`) and the lease rule: `MetaStore::lease` is
+//!   `None` here (a `NodeLease` needs a live etcd and the wall clock), so `Disk::may_ack_now`
+//!   always agrees and `Sim::may_ack` decides whether a completed request's answer goes out
+//!   (what `route::settle`'s `may_ack` does with a lease);
+//! - the worker's kick (`kick`, `start_device`): `ensure_serving` runs on the sim's thread,
+//!   not on `Device::prepare`'s;
+//! - the resync's copies (`SimCopies`): `copies::DiskCopies` reduced to a block's value (the
+//!   checksum is the value), sending the same requests to the real holder.
 //!
 //! Checked after every step: at most one node acknowledges writes under any one epoch, and
 //! at an acknowledgement etcd has that node as the owner at that epoch with its device active
-//! under a live lease; every read returns the block's last acknowledged write, or a later
-//! write issued by the image's owner of its epoch (never a zombie's or a non-owner's); no
-//! read and no in-sync copy returns bytes of a deleted image. At the end, with every node
-//! back and a full resync, every in-sync copy of a block is byte-identical.
+//! under a live lease; every read returns the block's last write acknowledged when it began,
+//! or a later write issued by the image's owner of its epoch (never a zombie's or a
+//! non-owner's); no read and no in-sync copy returns bytes of a deleted image. At the end,
+//! with every node back, every call delivered and a full resync, every in-sync copy of a
+//! block is byte-identical.
 //!
 //! `OWNER_SIM_SEEDS=n` runs more seeds (200 by default); a failure prints its seed, and
 //! `OWNER_SIM_SEED=s` replays one (`OWNER_SIM_TRACE=1` prints every event).
 //!
-//! Known findings in the daemon, masked in the default run and unmasked by
-//! `OWNER_SIM_STRICT=1` (seeds then fail; each mask is marked "Known finding" below):
+//! Known finding in the daemon, masked in the default run and unmasked by
+//! `OWNER_SIM_STRICT=1` (seeds then fail):
 //! 1. A write whose stale copies cannot be marked out of sync (etcd unreachable) fails, but
 //!    the copies that stored it keep it while the ones that missed it stay in sync: in-sync
 //!    copies differ for good, and resync never compares in-sync copies (counted as
-//!    `diverged`; strict seed 21).
-//! 2. A holder applies a write its sender gave up on (timeout): arriving after a newer
-//!    acknowledged write of the same block, it puts the older data back (strict seed 60).
-//! 3. The RAM tier's marker is made at start before the loss is recorded in etcd, and a
-//!    holder's lost copies live only in its RAM: a restart before the record (or before the
-//!    owner settled the report) serves wiped copies as zeros (seeds 72, 173).
-//! 4. Reads are served on a node whose take-over failed without fencing it (InUse, etcd
-//!    unreachable), from its possibly stale view.
-//! 5. Reads are served without the lease rule: a replaced owner cut off from etcd reads its
-//!    old view (seed 236).
-//! 6. The fence is checked when a write begins, not where it lands (seed 243).
+//!    `diverged`; strict seeds 39, 66, 86, 98, 119, 135, 143, 192, 196 of the first 200).
+//!
+//! Findings of the earlier, mirrored versions of this file, now fixed in the daemon and
+//! checked by every run through the real code: a holder applied a change its sender gave up
+//! on over a newer one (now refused by stamp: `Disk::admit_change`, counted as
+//! `superseded`); a wiped RAM tier's marker came back before the loss was recorded, and a
+//! restarted holder forgot its pending reports (`Daemon::start`, `load_shared`); reads were
+//! served by a node that was not the active owner, and without the lease rule
+//! (`Disk::may_serve`, `route::settle`); the fence was checked when a write began, not where
+//! it landed (the epoch gate, `Disk::enter_epoch`; calls left on the way across take-overs
+//! exercise it).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
