@@ -16,7 +16,8 @@
 //! change, is answered by the real `holder::HolderService` over the receiving node's view
 //! (`holder::Holdings`). Also real: `ownership::ensure_serving` and `device_stopped`,
 //! `Disk` (`admit_epoch`, `update_meta`, `mark_out_of_sync`, `set_meta`, `fence`,
-//! `mark_lost`/`is_lost`, `adopt`) and the resync `replica::sync::sync`.
+//! `mark_lost`/`is_lost`, `adopt`) and the resync (`replica::sync::sync` over
+//! `copies::DiskCopies`, whose calls the real holders answer at once).
 //!
 //! Still mirrored here, each mirror naming the function it follows:
 //! - the watch and the start (`Daemon::refresh`, `reconcile`, `forget`, `settle_lost`,
@@ -28,8 +29,6 @@
 //!   (what `route::settle`'s `may_ack` does with a lease);
 //! - the worker's kick (`kick`, `start_device`): `ensure_serving` runs on the sim's thread,
 //!   not on `Device::prepare`'s;
-//! - the resync's copies (`SimCopies`): `copies::DiskCopies` reduced to a block's value (the
-//!   checksum is the value), sending the same requests to the real holder.
 //!
 //! Checked after every step: at most one node acknowledges writes under any one epoch, and
 //! at an acknowledgement etcd has that node as the owner at that epoch with its device active
@@ -65,13 +64,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use cormorant::copies::DiskCopies;
 use cormorant::disk::Disk;
 use cormorant::holder::{HolderService, Holdings};
 use cormorant::image::{BlockRange, ImageId, ImageMeta, ImageName, Location, NodeId, Tier};
 use cormorant::meta::store::{MetaStore, StoreError};
 use cormorant::peer::{code, PeerError, Request, Response};
 use cormorant::peers::{Callback, Transport, REQUEST_TIMEOUT};
-use cormorant::replica::sync::{sync, Copies};
+use cormorant::replica::sync::sync;
 use cormorant::route::{BlockRequest, Completion, Device, IoVecs, Queue};
 use cormorant::store::TierDirs;
 
@@ -586,12 +586,6 @@ fn file_value(disk: &Disk, tier: Tier, block: u64) -> io::Result<u64> {
         .read(tier, block, 0, &mut buf)
         .map_err(io::Error::other)?;
     Ok(u64::from_le_bytes(buf))
-}
-
-fn write_value(disk: &Disk, tier: Tier, block: u64, value: u64) -> io::Result<()> {
-    disk.blocks()
-        .write(tier, block, 0, &value.to_le_bytes())
-        .map_err(io::Error::other)
 }
 
 impl Sim {
@@ -1411,7 +1405,8 @@ impl Sim {
         }
     }
 
-    /// The owner's resync (`replica::sync::sync`, real) over the simulated peers.
+    /// The owner's resync (`replica::sync::sync` over `copies::DiskCopies`, real), its peer
+    /// calls answered by the real holders.
     fn resync(&mut self, o: usize) {
         self.trace(|| format!("{}: resync", self.nodes[o].id));
         let Some(disk) = self.nodes[o].disk.clone() else {
@@ -1424,10 +1419,12 @@ impl Sim {
         self.deliver(100, Some(o));
         self.poll();
         let all = BlockRange::new(0, BLOCKS).unwrap();
-        let copies = SimCopies {
+        let direct = Direct {
             sim: Mutex::new(self),
-            owner: o,
-            disk: disk.clone(),
+        };
+        let copies = DiskCopies {
+            disk: &disk,
+            peers: &direct,
         };
         let _ = sync(&disk, &copies, all, None, &mut |_, _| {});
     }
@@ -1681,101 +1678,25 @@ impl Holdings for SimHoldings<'_> {
     }
 }
 
-/// The resync's view of the copies: the owner's own files directly, the others through the
-/// real peer service (`Sim::answer`) with the requests `copies::DiskCopies` sends, reduced to
-/// a block's value (the checksum is the value).
-struct SimCopies<'a> {
+/// The resync's way to other nodes (`DiskCopies` over it): each call answered at once by
+/// the real holder of the receiving node; a node that is down is on the failure list.
+struct Direct<'a> {
     sim: Mutex<&'a mut Sim>,
-    owner: usize,
-    disk: Arc<Disk>,
 }
 
-impl SimCopies<'_> {
-    fn remote(&self, at: &Location) -> bool {
-        let sim = self.sim.lock().unwrap();
-        at.node != sim.nodes[self.owner].id
-    }
-
-    fn value(&self, at: &Location, block: u64) -> io::Result<u64> {
-        if !self.remote(at) {
-            return file_value(&self.disk, at.tier, block);
-        }
-        let request = Request::Read {
-            image: self.disk.image_ref(),
-            tier: at.tier,
-            block,
-            offset: 0,
-            len: 8,
+impl Transport for Direct<'_> {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        let answer = {
+            let mut sim = self.sim.lock().unwrap();
+            let h = sim.index(node);
+            sim.answer(h, request)
         };
-        let mut sim = self.sim.lock().unwrap();
-        let h = sim.index(&at.node);
-        match sim.answer(h, request) {
-            Ok(Response::Data(data)) if data.len() == 8 => {
-                Ok(u64::from_le_bytes(data[..].try_into().unwrap()))
-            }
-            other => Err(io::Error::other(format!("{other:?}"))),
-        }
-    }
-}
-
-impl Copies for SimCopies<'_> {
-    fn checksum(&self, _: &ImageName, at: &Location, block: u64) -> io::Result<Option<[u8; 32]>> {
-        let v = self.value(at, block)?;
-        let mut sum = [0u8; 32];
-        sum[..8].copy_from_slice(&v.to_le_bytes());
-        Ok(Some(sum))
+        done(answer);
     }
 
-    fn read(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        _: u64,
-    ) -> io::Result<Option<Vec<u8>>> {
-        Ok(Some(self.value(at, block)?.to_le_bytes().to_vec()))
-    }
-
-    fn write(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        data: Option<&[u8]>,
-    ) -> io::Result<()> {
-        let value = data.map_or(0, |d| u64::from_le_bytes(d[..8].try_into().unwrap()));
-        if !self.remote(at) {
-            return write_value(&self.disk, at.tier, block, value);
-        }
-        // One stamp for the copy, newer than every guest write issued before it.
-        let image = self.disk.image_ref().with_stamp(self.disk.next_stamp());
-        let request = match data {
-            Some(_) => Request::Write {
-                image,
-                tier: at.tier,
-                block,
-                offset: 0,
-                data: value.to_le_bytes().to_vec(),
-            },
-            None => Request::Discard {
-                image,
-                tier: at.tier,
-                block,
-                offset: 0,
-                len: BLOCK_SIZE as u32,
-            },
-        };
-        let mut sim = self.sim.lock().unwrap();
-        let h = sim.index(&at.node);
-        match sim.answer(h, request) {
-            Ok(Response::Ok) => Ok(()),
-            other => Err(io::Error::other(format!("{other:?}"))),
-        }
-    }
-
-    fn reachable(&self, node: &NodeId) -> bool {
+    fn is_failed(&self, node: &NodeId) -> bool {
         let sim = self.sim.lock().unwrap();
-        sim.nodes[sim.index(node)].up
+        !sim.nodes[sim.index(node)].up
     }
 }
 
