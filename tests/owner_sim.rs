@@ -58,7 +58,7 @@
 //! it landed (the epoch gate, `Disk::enter_epoch`; calls left on the way across take-overs
 //! exercise it).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,7 +125,7 @@ struct EtcdState {
     /// `lost/<id>/<node>`: tiers and the report's revision.
     lost: BTreeMap<(ImageId, NodeId), (Vec<Tier>, u64)>,
     /// Nodes that cannot reach etcd now.
-    cut: HashSet<NodeId>,
+    cut: BTreeSet<NodeId>,
     /// Who owned each epoch ever handed out (creation or take-over), for the checkers.
     owner_of: HashMap<u64, (ImageId, NodeId)>,
 }
