@@ -513,12 +513,13 @@ enum GuestRequest {
 /// the guest has in it. Dropped (the device stops, the process dies) only once no call of
 /// its is on the way: the queue waits for those.
 struct GuestQueue {
+    /// Declared first, so dropped before the buffers its requests point into.
+    queue: Queue,
     net: Arc<Net>,
     node: usize,
     disk: Arc<Disk>,
     requests: BTreeMap<u64, GuestRequest>,
     next_tag: u64,
-    queue: Queue,
 }
 
 impl Drop for GuestQueue {
