@@ -9,15 +9,14 @@
 //! (block files under /dev/shm), so whether a node may serve, the epoch gate, the choice of
 //! copies, the read fall-back to the next in-sync copy, the acknowledgement rule, the stale
 //! copies it marks, the write counters, the frees and the flush fan-out are the daemon's
-//! code. The queue's peer
-//! calls go through `peers::Transport` into an in-process network (`Net`) that delivers
-//! them in order, leaves some on the way for later steps (their requests stay in flight
-//! while nodes die, take over and resync), lets some arrive after their sender timed out
-//! (a change then still lands, late) and loses some answers. Each call, and each late
-//! change, is answered by the real `holder::HolderService` over the receiving node's view
-//! (`holder::Holdings`). Also real: `ownership::ensure_serving` and `device_stopped`,
-//! `Disk` (`admit_epoch`, `update_meta`, `mark_out_of_sync`, `set_meta`, `fence`,
-//! `mark_lost`/`is_lost`, `adopt`) and the resync (`replica::sync::sync` over
+//! code. The queue's peer calls go through `peers::Transport` into an in-process network
+//! (`Net`) that delivers them in order, leaves some on the way for later steps (their
+//! requests stay in flight while nodes die, take over and resync), lets some arrive after
+//! their sender timed out (a change then still lands, late) and loses some answers. Each
+//! call, and each late change, is answered by the real `holder::HolderService` over the
+//! receiving node's view (`holder::Holdings`). Also real: `ownership::ensure_serving` and
+//! `device_stopped`, `Disk` (`admit_epoch`, `update_meta`, `mark_out_of_sync`, `set_meta`,
+//! `fence`, `mark_lost`/`is_lost`, `adopt`) and the resync (`replica::sync::sync` over
 //! `copies::DiskCopies`, whose calls the real holders answer at once).
 //!
 //! Still mirrored here, each mirror naming the function it follows:
@@ -29,15 +28,15 @@
 //!   always agrees and `Sim::may_ack` decides whether a completed request's answer goes out
 //!   (what `route::settle`'s `may_ack` does with a lease);
 //! - the worker's kick (`kick`, `start_device`): `ensure_serving` runs on the sim's thread,
-//!   not on `Device::prepare`'s;
+//!   not on `Device::prepare`'s.
 //!
 //! Checked after every step: at most one node acknowledges writes under any one epoch, and
 //! at an acknowledgement etcd has that node as the owner at that epoch with its device active
 //! under a live lease; every read returns the block's last change (write or discard)
 //! acknowledged when it began, or a later one issued by the image's owner of its epoch (never
-//! a zombie's or a non-owner's); no read and no in-sync copy returns bytes of a deleted image. At the end,
-//! with every node back, every call delivered and a full resync, every in-sync copy of a
-//! block is byte-identical.
+//! a zombie's or a non-owner's); no read and no in-sync copy returns bytes of a deleted
+//! image. At the end, with every node back, every call delivered and a full resync, every
+//! in-sync copy of a block is byte-identical.
 //!
 //! `OWNER_SIM_SEEDS=n` runs more seeds (200 by default); a failure prints its seed, and
 //! `OWNER_SIM_SEED=s` replays one (`OWNER_SIM_TRACE=1` prints every event).
