@@ -35,7 +35,8 @@
 //! under a live lease; every read returns the block's last change (write or discard)
 //! acknowledged when it began, or a later one issued by the image's owner of its epoch (never
 //! a zombie's or a non-owner's); no read and no in-sync copy returns bytes of a deleted
-//! image. At the end, with every node back, every call delivered and a full resync, every
+//! image. At the end, with every node back, every call delivered and a full resync, the
+//! owner's guest reads back every block that has an in-sync copy (no read fails), and every
 //! in-sync copy of a block is byte-identical.
 //!
 //! `OWNER_SIM_SEEDS=n` runs more seeds (200 by default); a failure prints its seed, and
@@ -562,6 +563,8 @@ struct Sim {
     ackers: HashMap<u64, usize>,
     deleted: HashSet<ImageId>,
     net: Arc<Net>,
+    /// No call is late and no answer lost (the finale's read-back).
+    calm: bool,
     late: Vec<Late>,
     stats: Stats,
 }
@@ -642,6 +645,7 @@ impl Sim {
             ackers: HashMap::new(),
             deleted: HashSet::new(),
             net: Arc::new(Net::default()),
+            calm: false,
             late: Vec::new(),
             stats: Stats::default(),
         };
@@ -796,7 +800,7 @@ impl Sim {
                 continue;
             }
             let h = self.index(&call.to);
-            if self.rng.chance(3) {
+            if !self.calm && self.rng.chance(3) {
                 self.trace(|| format!("  call to {} arrives after the timeout", call.to));
                 if changes(&call.request) {
                     self.late.push(Late {
@@ -813,7 +817,9 @@ impl Sim {
                 Err(PeerError::Refused { code: c, .. }) if *c == code::STALE_EPOCH => {
                     self.stats.refused_epoch += 1;
                 }
-                Ok(_) if self.rng.chance(5) => answer = Err(PeerError::Timeout(REQUEST_TIMEOUT)),
+                Ok(_) if !self.calm && self.rng.chance(5) => {
+                    answer = Err(PeerError::Timeout(REQUEST_TIMEOUT));
+                }
                 _ => {}
             }
             (call.done)(answer);
@@ -1639,6 +1645,45 @@ impl Sim {
         self.finale();
     }
 
+    /// With every node up, etcd reachable and the network calm, the owner's guest reads back
+    /// every block that still has an in-sync copy, through its queue: each read must be
+    /// answered (or its answer withheld under the lease rule), with the block's last
+    /// acknowledged change.
+    fn read_back(&mut self, o: usize) {
+        let Some(disk) = self.nodes[o].disk.clone() else {
+            return;
+        };
+        self.calm = true;
+        self.nodes[o].guest = true;
+        let failed = self.stats.failed;
+        for block in 0..BLOCKS {
+            let held = disk
+                .meta()
+                .table
+                .locations(block)
+                .is_some_and(|ls| ls.iter().any(|l| l.synced));
+            if held {
+                self.guest_read(o, block);
+            } else {
+                self.trace(|| format!("read-back: block {block} has no in-sync copy"));
+            }
+        }
+        // Reads that fall back to another copy send new calls.
+        while !self.net.lock().is_empty() {
+            self.deliver(100, None);
+            self.poll();
+        }
+        self.poll();
+        if self.stats.failed != failed {
+            self.fail(format!(
+                "{} reads failed on the owner {} with every node back",
+                self.stats.failed - failed,
+                self.nodes[o].id
+            ));
+        }
+        self.calm = false;
+    }
+
     /// Everyone back, etcd reachable, late messages in, the watch caught up, a guest on the
     /// owner, and resyncs until every copy is in sync: every in-sync copy is identical.
     fn finale(&mut self) {
@@ -1670,6 +1715,7 @@ impl Sim {
             self.background(100);
         }
         self.check_copies();
+        self.read_back(o);
         let Some(meta) = self.etcd.lock().image.clone() else {
             return;
         };
