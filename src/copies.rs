@@ -11,7 +11,7 @@ use crate::disk::Disk;
 use crate::image::range::RangeError;
 use crate::image::{BlockRange, ImageName, Location, NodeId};
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
-use crate::peers::Peers;
+use crate::peers::Transport;
 use crate::replica::sync::Copies;
 use crate::store::BlockError;
 
@@ -56,7 +56,8 @@ impl From<CopyError> for io::Error {
 /// The copies of one disk's blocks.
 pub struct DiskCopies<'a> {
     pub disk: &'a Disk,
-    pub peers: &'a Peers,
+    /// The peers (`Peers` in the daemon, an in-process network in the simulation).
+    pub peers: &'a dyn Transport,
 }
 
 impl DiskCopies<'_> {
@@ -207,7 +208,7 @@ impl Copies for DiskCopies<'_> {
     }
 
     fn reachable(&self, node: &NodeId) -> bool {
-        node == self.disk.me() || !self.peers.failures().is_failed(node)
+        node == self.disk.me() || !self.peers.is_failed(node)
     }
 }
 

@@ -7,17 +7,48 @@ use std::sync::Arc;
 
 use crate::daemon::Daemon;
 use crate::disk::Disk;
-use crate::image::{NodeId, Tier};
+use crate::image::{ImageName, NodeId, Tier};
 use crate::peer::{code, ImageRef, PeerHandler, Request, Response};
 use crate::store::BlockError;
 
-pub struct HolderService {
-    daemon: Arc<Daemon>,
+/// What the holder needs of its node: the images it knows and the cluster's word on them.
+/// The daemon in production; the simulation (`tests/owner_sim.rs`) gives each simulated node
+/// one, so peer calls there are answered by this code and not a copy of it.
+pub trait Holdings: Send + Sync {
+    /// Whether the node follows etcd (a single node has no epochs to check).
+    fn is_shared(&self) -> bool;
+    /// Any image this node knows, owned or held.
+    fn find(&self, name: &ImageName) -> Option<Arc<Disk>>;
+    /// Reads `name` from etcd and puts this node in line with it (see `Daemon::refresh`).
+    fn refresh(&self, name: &ImageName);
 }
 
-impl HolderService {
-    pub fn new(daemon: Arc<Daemon>) -> Self {
+impl Holdings for Daemon {
+    fn is_shared(&self) -> bool {
+        Daemon::is_shared(self)
+    }
+
+    fn find(&self, name: &ImageName) -> Option<Arc<Disk>> {
+        Daemon::find(self, name)
+    }
+
+    fn refresh(&self, name: &ImageName) {
+        Daemon::refresh(self, name)
+    }
+}
+
+pub struct HolderService<H: Holdings = Daemon> {
+    daemon: Arc<H>,
+}
+
+impl<H: Holdings> HolderService<H> {
+    pub fn new(daemon: Arc<H>) -> Self {
         HolderService { daemon }
+    }
+
+    /// Answers one request (what [`PeerHandler::handle`] does for the peer server).
+    pub fn answer(&self, request: Request) -> Response {
+        self.serve(request).unwrap_or_else(|refusal| refusal)
     }
 
     /// The disk of `image`, once the request's epoch is found current: a request from an
@@ -270,9 +301,9 @@ impl HolderService {
     }
 }
 
-impl PeerHandler for HolderService {
+impl<H: Holdings> PeerHandler for HolderService<H> {
     fn handle(&self, _from: &NodeId, request: Request) -> Response {
-        self.serve(request).unwrap_or_else(|refusal| refusal)
+        self.answer(request)
     }
 }
 

@@ -27,6 +27,64 @@ pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
 
 type Client = (PeerClient, Arc<PeerMetrics>);
 
+/// How the request path (`route::Queue` and its remote engine) reaches other nodes: the
+/// pooled TCP clients of [`Peers`] in the daemon; an in-process network in the simulation
+/// (`tests/owner_sim.rs`), which delivers, delays, loses or fails each call as its seed says.
+/// One dynamic call per peer call, never on the local path.
+pub trait Transport: Send + Sync {
+    /// Calls `node`; `done` gets the answer, or why there is none (possibly on another
+    /// thread, possibly before this returns).
+    fn call(&self, node: &NodeId, request: Request, done: Callback);
+    /// Whether `node` is on the failure list: writes skip its copies (the acknowledgement
+    /// rule marks them out of sync) and reads another copy.
+    fn is_failed(&self, node: &NodeId) -> bool;
+
+    /// A blocking call, for the control path (resync, fills): the answer, or why none came
+    /// within [`CONTROL_TIMEOUT`].
+    fn call_wait(&self, node: &NodeId, request: Request) -> Result<Response, PeerError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.call(
+            node,
+            request,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.recv_timeout(CONTROL_TIMEOUT + Duration::from_secs(1))
+            .unwrap_or(Err(PeerError::Timeout(CONTROL_TIMEOUT)))
+    }
+}
+
+impl Transport for Peers {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        Peers::call(self, node, request, done)
+    }
+
+    fn is_failed(&self, node: &NodeId) -> bool {
+        self.failures.is_failed(node)
+    }
+
+    /// With the control path's own timeout on the call itself.
+    fn call_wait(&self, node: &NodeId, request: Request) -> Result<Response, PeerError> {
+        Peers::call_wait(self, node, request)
+    }
+}
+
+/// The daemon hands its peers around as `Arc<Peers>`: those are transports too.
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        (**self).call(node, request, done)
+    }
+
+    fn is_failed(&self, node: &NodeId) -> bool {
+        (**self).is_failed(node)
+    }
+
+    fn call_wait(&self, node: &NodeId, request: Request) -> Result<Response, PeerError> {
+        (**self).call_wait(node, request)
+    }
+}
+
 pub struct Peers {
     me: NodeId,
     key: Option<ClusterKey>,

@@ -4,54 +4,76 @@
 //! owners that die, restart, lose their RAM tier, are cut off from etcd, are replaced while
 //! their guest keeps writing, and an image deleted and created again under its name.
 //!
-//! The real decision code runs wherever it is reachable without sockets: `Disk` (one per
-//! node, real block files under /dev/shm) with `admit_epoch`, `update_meta`,
-//! `mark_out_of_sync`, `set_meta`, `fence`, `mark_lost`/`is_lost`, `adopt`;
-//! `ownership::ensure_serving` (take-over, activation) and `ownership::device_stopped`;
-//! `replica::ack::decide`; `route::local_copy`; the resync `replica::sync::sync`. What lives
-//! in the daemon's threads (the peer service's checks, the watch's reconcile, the lease
-//! keeper, the worker's order of checks) is mirrored here step by step, each mirror naming
-//! the function it follows. `MetaStore::lease` is `None` here (a `NodeLease` needs a live etcd
-//! and the wall clock), so the lease rule of `Disk::may_ack` is modelled in `Sim::may_ack`.
+//! The request path is the real one (issue 11): each node's guest reads, writes, discards
+//! and flushes go through `route::Queue::submit`/`complete` over the node's real `Disk`
+//! (block files under /dev/shm), so whether a node may serve, the epoch gate, the choice of
+//! copies, the read fall-back to the next in-sync copy, the acknowledgement rule, the stale
+//! copies it marks, the write counters, the frees and the flush fan-out are the daemon's
+//! code. The queue's peer calls go through `peers::Transport` into an in-process network
+//! (`Net`) that delivers them in order, leaves some on the way for later steps (their
+//! requests stay in flight while nodes die, take over and resync), lets some arrive after
+//! their sender timed out (a change then still lands, late) and loses some answers. Each
+//! call, and each late change, is answered by the real `holder::HolderService` over the
+//! receiving node's view (`holder::Holdings`). Also real: `ownership::ensure_serving` and
+//! `device_stopped`, `Disk` (`admit_epoch`, `update_meta`, `mark_out_of_sync`, `set_meta`,
+//! `fence`, `mark_lost`/`is_lost`, `adopt`) and the resync (`replica::sync::sync` over
+//! `copies::DiskCopies`, whose calls the real holders answer at once).
+//!
+//! Still mirrored here, each mirror naming the function it follows:
+//! - the watch and the start (`Daemon::refresh`, `reconcile`, `forget`, `settle_lost`,
+//!   `load_shared`/`check_lost_tiers` in `restart`, `adopt_shared` in `adopt`): the daemon
+//!   needs a `ClusterMeta` over a live etcd;
+//! - the lease keeper (`Daemon::lease_loop`) and the lease rule: `MetaStore::lease` is
+//!   `None` here (a `NodeLease` needs a live etcd and the wall clock), so `Disk::may_ack_now`
+//!   always agrees and `Sim::may_ack` decides whether a completed request's answer goes out
+//!   (what `route::settle`'s `may_ack` does with a lease);
+//! - the worker's kick (`kick`, `start_device`): `ensure_serving` runs on the sim's thread,
+//!   not on `Device::prepare`'s.
 //!
 //! Checked after every step: at most one node acknowledges writes under any one epoch, and
 //! at an acknowledgement etcd has that node as the owner at that epoch with its device active
-//! under a live lease; every read returns the block's last acknowledged write, or a later
-//! write issued by the image's owner of its epoch (never a zombie's or a non-owner's); no
-//! read and no in-sync copy returns bytes of a deleted image. At the end, with every node
-//! back and a full resync, every in-sync copy of a block is byte-identical.
+//! under a live lease; every read returns the block's last change (write or discard)
+//! acknowledged when it began, or a later one issued by the image's owner of its epoch (never
+//! a zombie's or a non-owner's); no read and no in-sync copy returns bytes of a deleted
+//! image. At the end, with every node back, every call delivered and a full resync, the
+//! owner's guest reads back every block that has an in-sync copy (no read fails), and every
+//! in-sync copy of a block is byte-identical.
 //!
 //! `OWNER_SIM_SEEDS=n` runs more seeds (200 by default); a failure prints its seed, and
 //! `OWNER_SIM_SEED=s` replays one (`OWNER_SIM_TRACE=1` prints every event).
 //!
-//! Known findings in the daemon, masked in the default run and unmasked by
-//! `OWNER_SIM_STRICT=1` (seeds then fail; each mask is marked "Known finding" below):
+//! Known finding in the daemon, masked in the default run and unmasked by
+//! `OWNER_SIM_STRICT=1` (seeds then fail):
 //! 1. A write whose stale copies cannot be marked out of sync (etcd unreachable) fails, but
 //!    the copies that stored it keep it while the ones that missed it stay in sync: in-sync
 //!    copies differ for good, and resync never compares in-sync copies (counted as
-//!    `diverged`; strict seed 21).
-//! 2. A holder applies a write its sender gave up on (timeout): arriving after a newer
-//!    acknowledged write of the same block, it puts the older data back (strict seed 60).
-//! 3. The RAM tier's marker is made at start before the loss is recorded in etcd, and a
-//!    holder's lost copies live only in its RAM: a restart before the record (or before the
-//!    owner settled the report) serves wiped copies as zeros (seeds 72, 173).
-//! 4. Reads are served on a node whose take-over failed without fencing it (InUse, etcd
-//!    unreachable), from its possibly stale view.
-//! 5. Reads are served without the lease rule: a replaced owner cut off from etcd reads its
-//!    old view (seed 236).
-//! 6. The fence is checked when a write begins, not where it lands (seed 243).
+//!    `diverged`; strict seeds 15, 25, 36, 101, 103, 107, 151, 165, 172 of the first 200).
+//!
+//! Findings of the earlier, mirrored versions of this file, now fixed in the daemon and
+//! checked by every run through the real code: a holder applied a change its sender gave up
+//! on over a newer one (now refused by stamp: `Disk::admit_change`, counted as
+//! `superseded`); a wiped RAM tier's marker came back before the loss was recorded, and a
+//! restarted holder forgot its pending reports (`Daemon::start`, `load_shared`); reads were
+//! served by a node that was not the active owner, and without the lease rule
+//! (`Disk::may_serve`, `route::settle`); the fence was checked when a write began, not where
+//! it landed (the epoch gate, `Disk::enter_epoch`; calls left on the way across take-overs
+//! exercise it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use cormorant::copies::DiskCopies;
 use cormorant::disk::Disk;
+use cormorant::holder::{HolderService, Holdings};
 use cormorant::image::{BlockRange, ImageId, ImageMeta, ImageName, Location, NodeId, Tier};
 use cormorant::meta::store::{MetaStore, StoreError};
-use cormorant::replica::ack::{self, CopyResult, Outcome};
-use cormorant::replica::sync::{sync, Copies};
+use cormorant::peer::{code, PeerError, Request, Response};
+use cormorant::peers::{Callback, Transport, REQUEST_TIMEOUT};
+use cormorant::replica::sync::sync;
+use cormorant::route::{BlockRequest, Completion, Device, IoVecs, Queue};
 use cormorant::store::TierDirs;
 
 const NODES: usize = 4;
@@ -59,6 +81,8 @@ const NODES: usize = 4;
 const HOLDERS: usize = 3;
 const BLOCKS: u64 = 4;
 const BLOCK_SIZE: u64 = 4096;
+/// What a guest write writes (its value, then zeros) and a guest read reads.
+const SECTOR: usize = 512;
 const STEPS: usize = 120;
 /// Simulated milliseconds. The lease rule of `meta::lease`: renewed every TTL/3, good until
 /// the renewal was sent + TTL - margin (a fifth of the TTL, at least 1 s).
@@ -102,7 +126,7 @@ struct EtcdState {
     /// `lost/<id>/<node>`: tiers and the report's revision.
     lost: BTreeMap<(ImageId, NodeId), (Vec<Tier>, u64)>,
     /// Nodes that cannot reach etcd now.
-    cut: HashSet<NodeId>,
+    cut: BTreeSet<NodeId>,
     /// Who owned each epoch ever handed out (creation or take-over), for the checkers.
     owner_of: HashMap<u64, (ImageId, NodeId)>,
 }
@@ -175,6 +199,9 @@ struct SimStore {
     etcd: Arc<SimEtcd>,
     me: NodeId,
     lease: AtomicU64,
+    /// The node's process incarnation (up at every restart): the high bits of the stamps
+    /// its writes carry (`Disk::next_stamp`).
+    incarnation: AtomicU64,
 }
 
 impl SimStore {
@@ -307,6 +334,10 @@ impl MetaStore for SimStore {
         true
     }
 
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
     /// `ClusterMeta::take_over` and `take_over_epoch`, in one linearizable step.
     fn take_over(&self, meta: &ImageMeta) -> Result<ImageMeta, StoreError> {
         let mut s = self.etcd.lock();
@@ -384,37 +415,137 @@ struct Node {
     /// The RAM tier's marker file (`.cormorant-tier`): gone with a wipe, made again by the
     /// first start that follows (`daemon::wiped_tiers`).
     marker: bool,
+    /// The device's queue (the real `route::Queue`) and the guest requests in it.
+    queue: Option<GuestQueue>,
 }
 
-/// What the checkers know of every write ever issued: its value is its id.
+/// What the checkers know of every change ever issued: a write's value is its id; a discard
+/// has an id too, and leaves zeros.
 #[derive(Clone)]
 struct WriteInfo {
     image: ImageId,
     epoch: u64,
     node: usize,
-}
-
-/// A guest write that passed the worker's fence check and chose its copies, not yet sent
-/// (the worker thread was preempted): it goes on later with what it chose then.
-struct Pending {
-    node: usize,
-    incarnation: u64,
-    disk: Arc<Disk>,
     block: u64,
-    value: u64,
-    epoch: u64,
-    locations: Vec<Location>,
+    discard: bool,
 }
 
-/// A write message that reached its holder after the sender gave up on it.
+/// A change (write or discard) that reaches its holder after its sender gave up on it: the
+/// sender timed out, or died, or dropped the queue it came from.
 struct Late {
     to: usize,
     incarnation: u64,
-    name: ImageName,
-    epoch: u64,
-    tier: Tier,
-    block: u64,
-    value: u64,
+    request: Request,
+}
+
+// ---------------------------------------------------------------------------------------
+// The network: peer calls of the real remote engine, delivered by the simulation.
+
+/// A peer call on its way: from which node's queue, to whom, and where its answer goes.
+struct Call {
+    from: usize,
+    to: NodeId,
+    request: Request,
+    done: Callback,
+}
+
+/// Every call sent and not yet delivered, oldest first.
+#[derive(Default)]
+struct Net(Mutex<VecDeque<Call>>);
+
+impl Net {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Call>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the calls sent by node `from`'s queue.
+    fn take_from(&self, from: usize) -> Vec<Call> {
+        let mut calls = self.lock();
+        let (mine, rest): (VecDeque<Call>, VecDeque<Call>) = std::mem::take(&mut *calls)
+            .into_iter()
+            .partition(|c| c.from == from);
+        *calls = rest;
+        mine.into()
+    }
+}
+
+/// The transport a node's queue calls its peers through (`peers::Peers` in the daemon):
+/// calls wait in the [`Net`] until the simulation delivers, delays, loses or fails them.
+struct SimTransport {
+    net: Arc<Net>,
+    from: usize,
+}
+
+impl Transport for SimTransport {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        self.net.lock().push_back(Call {
+            from: self.from,
+            to: node.clone(),
+            request,
+            done,
+        });
+    }
+
+    /// No failure list here: a call to a dead node fails when delivered, like a connection
+    /// refused.
+    fn is_failed(&self, _: &NodeId) -> bool {
+        false
+    }
+}
+
+/// A guest request in a queue, with the buffer its iovec points into (kept until it
+/// completes).
+enum GuestRequest {
+    /// A write or a discard (see `WriteInfo::discard`).
+    Write {
+        block: u64,
+        value: u64,
+        epoch: u64,
+        image: ImageId,
+        _buf: Vec<u8>,
+    },
+    /// `acked`: the block's last acknowledged write when the read was issued.
+    Read {
+        block: u64,
+        image: ImageId,
+        acked: u64,
+        buf: Vec<u8>,
+    },
+    Flush,
+}
+
+/// One node's device queue: the real `route::Queue` over the node's disk, and the requests
+/// the guest has in it. Dropped (the device stops, the process dies) only once no call of
+/// its is on the way: the queue waits for those.
+struct GuestQueue {
+    /// Declared first, so dropped before the buffers its requests point into.
+    queue: Queue,
+    net: Arc<Net>,
+    node: usize,
+    disk: Arc<Disk>,
+    requests: BTreeMap<u64, GuestRequest>,
+    next_tag: u64,
+}
+
+impl Drop for GuestQueue {
+    fn drop(&mut self) {
+        for call in self.net.take_from(self.node) {
+            (call.done)(Err(PeerError::Unavailable("the sender is gone".into())));
+        }
+    }
+}
+
+/// A host buffer for the queue.
+fn iovecs(buf: &mut [u8]) -> IoVecs {
+    IoVecs(smallvec::smallvec![libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }])
+}
+
+/// Whether a peer request changes a copy (and may so land late).
+fn changes(request: &Request) -> bool {
+    matches!(request, Request::Write { .. } | Request::Discard { .. })
 }
 
 struct Sim {
@@ -431,7 +562,9 @@ struct Sim {
     /// Epoch -> the node that acknowledged writes under it.
     ackers: HashMap<u64, usize>,
     deleted: HashSet<ImageId>,
-    pending: Vec<Pending>,
+    net: Arc<Net>,
+    /// No call is late and no answer lost (the finale's read-back).
+    calm: bool,
     late: Vec<Late>,
     stats: Stats,
 }
@@ -440,6 +573,17 @@ struct Sim {
 struct Stats {
     acked: u64,
     reads: u64,
+    flushes: u64,
+    /// Acknowledged discards (counted in `acked` too).
+    discards: u64,
+    /// Peer calls left on the way for another step (counted at each step they wait).
+    delayed: u64,
+    /// Changes that reached their holder after their sender gave up: applied, or refused
+    /// because a newer change to the block was applied there first.
+    late_landed: u64,
+    superseded: u64,
+    /// Guest requests that completed with an error (refused, no copy took it, ...).
+    failed: u64,
     take_overs: u64,
     refused_epoch: u64,
     recreated: u64,
@@ -452,23 +596,6 @@ fn file_value(disk: &Disk, tier: Tier, block: u64) -> io::Result<u64> {
         .read(tier, block, 0, &mut buf)
         .map_err(io::Error::other)?;
     Ok(u64::from_le_bytes(buf))
-}
-
-fn write_value(disk: &Disk, tier: Tier, block: u64, value: u64) -> io::Result<()> {
-    disk.blocks()
-        .write(tier, block, 0, &value.to_le_bytes())
-        .map_err(io::Error::other)
-}
-
-/// Why a holder refused a request (the peer protocol's codes).
-#[derive(Debug)]
-enum Refusal {
-    Down,
-    NotFound,
-    StaleEpoch,
-    NotHeld,
-    Lost,
-    Io,
 }
 
 impl Sim {
@@ -485,6 +612,7 @@ impl Sim {
                     etcd: etcd.clone(),
                     me: id.clone(),
                     lease: AtomicU64::new(0),
+                    incarnation: AtomicU64::new(1),
                 });
                 store.grant().unwrap();
                 Node {
@@ -500,6 +628,7 @@ impl Sim {
                     active_under: 0,
                     incarnation: 1,
                     marker: true,
+                    queue: None,
                 }
             })
             .collect();
@@ -515,7 +644,8 @@ impl Sim {
             acked: HashMap::new(),
             ackers: HashMap::new(),
             deleted: HashSet::new(),
-            pending: Vec::new(),
+            net: Arc::new(Net::default()),
+            calm: false,
             late: Vec::new(),
             stats: Stats::default(),
         };
@@ -639,74 +769,65 @@ impl Sim {
         !disk.is_fenced() && self.now() < node.good_until && node.active_under == node.lease_gen + 1
     }
 
-    // -- the peer service (`holder::HolderService`) --------------------------------------
+    // -- the network and the peer service ---------------------------------------------------
 
-    /// `HolderService::disk` and `held`: the epoch checks, then whether the block is held here.
-    fn admit(
-        &mut self,
-        h: usize,
-        name: &ImageName,
-        epoch: u64,
-        tier: Tier,
-        block: u64,
-    ) -> Result<Arc<Disk>, Refusal> {
+    /// Node `h` answers a peer request with the real `holder::HolderService` over its view
+    /// (its disk, and `Daemon::refresh` as modelled here).
+    fn answer(&mut self, h: usize, request: Request) -> Result<Response, PeerError> {
         if !self.nodes[h].up {
-            return Err(Refusal::Down);
+            return Err(PeerError::Unavailable("connection refused".into()));
         }
-        let behind = |d: &Arc<Disk>| d.meta().generation < epoch;
-        if self.nodes[h].disk.as_ref().is_none_or(behind) {
-            self.refresh(h, name);
+        let holdings = Arc::new(SimHoldings {
+            sim: Mutex::new(self),
+            node: h,
+        });
+        match HolderService::new(holdings).answer(request) {
+            Response::Error { code, message } => Err(PeerError::Refused { code, message }),
+            answer => Ok(answer),
         }
-        let disk = self.nodes[h].disk.clone().ok_or(Refusal::NotFound)?;
-        if behind(&disk) {
-            return Err(Refusal::StaleEpoch);
-        }
-        disk.admit_epoch(epoch).map_err(|_| Refusal::StaleEpoch)?;
-        let held = |d: &Disk| {
-            d.meta()
-                .table
-                .locations(block)
-                .is_some_and(|ls| ls.iter().any(|l| &l.node == d.me() && l.tier == tier))
-        };
-        if !held(&disk) {
-            self.refresh(h, name);
-            if !held(&disk) {
-                return Err(Refusal::NotHeld);
-            }
-        }
-        Ok(disk)
     }
 
-    fn serve_write(
-        &mut self,
-        h: usize,
-        name: &ImageName,
-        epoch: u64,
-        tier: Tier,
-        block: u64,
-        value: u64,
-    ) -> Result<(), Refusal> {
-        let disk = self.admit(h, name, epoch, tier, block)?;
-        write_value(&disk, tier, block, value).map_err(|_| Refusal::Io)
-    }
-
-    fn serve_read(
-        &mut self,
-        h: usize,
-        name: &ImageName,
-        epoch: u64,
-        tier: Tier,
-        block: u64,
-    ) -> Result<u64, Refusal> {
-        let disk = self.admit(h, name, epoch, tier, block)?;
-        if disk.is_lost(tier, block) {
-            // `HolderService::still_lost`: asks etcd before refusing.
-            self.refresh(h, name);
-            if disk.is_lost(tier, block) {
-                return Err(Refusal::Lost);
+    /// Delivers the calls on the way (each with probability `percent`; the others wait for a
+    /// later step, their requests still in flight): some arrive after their sender timed out
+    /// (a change then still lands, late), some answers are lost.
+    fn deliver(&mut self, percent: u64, only: Option<usize>) {
+        let calls = std::mem::take(&mut *self.net.lock());
+        let mut kept = VecDeque::new();
+        for call in calls {
+            if only.is_some_and(|o| o != call.from) || !self.rng.chance(percent) {
+                self.stats.delayed += 1;
+                kept.push_back(call);
+                continue;
             }
+            let h = self.index(&call.to);
+            if !self.calm && self.rng.chance(3) {
+                self.trace(|| format!("  call to {} arrives after the timeout", call.to));
+                if changes(&call.request) {
+                    self.late.push(Late {
+                        to: h,
+                        incarnation: self.nodes[h].incarnation,
+                        request: call.request,
+                    });
+                }
+                (call.done)(Err(PeerError::Timeout(REQUEST_TIMEOUT)));
+                continue;
+            }
+            let mut answer = self.answer(h, call.request);
+            match &answer {
+                Err(PeerError::Refused { code: c, .. }) if *c == code::STALE_EPOCH => {
+                    self.stats.refused_epoch += 1;
+                }
+                Ok(_) if !self.calm && self.rng.chance(5) => {
+                    answer = Err(PeerError::Timeout(REQUEST_TIMEOUT));
+                }
+                _ => {}
+            }
+            (call.done)(answer);
         }
-        file_value(&disk, tier, block).map_err(|_| Refusal::Io)
+        // Calls sent meanwhile (none: answers only complete operations) go after the kept.
+        let mut net = self.net.lock();
+        kept.append(&mut net);
+        *net = kept;
     }
 
     // -- the watch (`daemon::etcd`) ---------------------------------------------------------
@@ -853,149 +974,240 @@ impl Sim {
         }
     }
 
-    // -- the guest --------------------------------------------------------------------------
+    // -- the guest: requests through the real `route::Queue` ---------------------------------
 
-    /// A guest write on node `i` (`Worker::execute`): the fence, then `begin_writes` checks
-    /// this node owns the image in its view and chooses every copy and the epoch under the
-    /// metadata lock; the rest may run later (the worker thread preempted).
-    fn guest_write(&mut self, i: usize, block: u64) {
+    /// A guest write of one sector at the start of `block` (its value, then zeros), or a
+    /// discard of that sector or the whole block (zeros). The queue decides everything:
+    /// whether this node may serve, the epoch gate, the copies, the acknowledgement rule and
+    /// the stale copies it marks.
+    fn guest_change(&mut self, i: usize, block: u64, discard: bool) {
         let Some(disk) = self.kick(i) else { return };
-        if disk.is_fenced() {
-            return; // VIRTIO_BLK_S_IOERR
+        let busy = self.nodes[i].queue.as_ref().is_some_and(|q| {
+            q.requests
+                .values()
+                .any(|r| matches!(r, GuestRequest::Write { block: b, .. } if *b == block))
+        });
+        if busy {
+            return; // one change per block in flight per guest
         }
-        if self.pending.iter().any(|p| p.node == i && p.block == block) {
-            return; // one write per block in flight per guest
-        }
-        let (locations, epoch) = {
-            // `Worker::begin_writes`: only the owner in this node's view writes.
+        let (epoch, image) = {
             let meta = disk.meta();
-            if meta.owner != self.nodes[i].id {
-                return;
-            }
-            disk.writes().start(block);
-            (
-                meta.table.locations(block).unwrap().to_vec(),
-                meta.generation,
-            )
+            (meta.generation, meta.id)
         };
         self.next_value += 1;
         let value = self.next_value;
-        let image = disk.meta().id;
         self.writes.insert(
             value,
             WriteInfo {
                 image,
                 epoch,
                 node: i,
+                block,
+                discard,
             },
         );
+        let what = if discard { "discard" } else { "write" };
         self.trace(|| {
             format!(
-                "{}: write {value} to block {block} at epoch {epoch}",
+                "{}: {what} {value} to block {block} at epoch {epoch}",
                 self.nodes[i].id
             )
         });
-        let pending = Pending {
-            node: i,
-            incarnation: self.nodes[i].incarnation,
-            disk,
+        let offset = block * BLOCK_SIZE;
+        let mut buf = vec![0u8; SECTOR];
+        let request = if discard {
+            let len = if self.rng.chance(50) {
+                BLOCK_SIZE
+            } else {
+                SECTOR as u64
+            };
+            BlockRequest::Free(vec![(offset, len)])
+        } else {
+            buf[..8].copy_from_slice(&value.to_le_bytes());
+            BlockRequest::Write {
+                offset,
+                bufs: iovecs(&mut buf),
+            }
+        };
+        let guest = GuestRequest::Write {
             block,
             value,
             epoch,
-            locations,
+            image,
+            _buf: buf,
         };
-        // Known finding 6: the fence is checked when a write begins, not where it lands, so
-        // a write preempted across a take-over lands over the new owner's. Strict mode only.
-        if self.rng.chance(4) && strict() {
-            self.pending.push(pending);
-        } else {
-            self.finish_write(pending);
-        }
+        self.submit(i, &disk, guest, request);
     }
 
-    /// Sends the write to every copy, applies the acknowledgement rule, marks the stale
-    /// copies out of sync, and acknowledges only under the lease.
-    fn finish_write(&mut self, p: Pending) {
-        let i = p.node;
-        if !self.nodes[i].up || self.nodes[i].incarnation != p.incarnation {
-            return; // the process died with the request
+    /// A guest read of the sector a write writes: the queue picks the copy (this node's
+    /// in-sync one, else the next in-sync one elsewhere, then the next when one fails).
+    fn guest_read(&mut self, i: usize, block: u64) {
+        let Some(disk) = self.kick(i) else { return };
+        let image = disk.meta().id;
+        let acked = self.acked.get(&(image, block)).copied().unwrap_or(0);
+        let mut buf = vec![0xeeu8; SECTOR];
+        let request = BlockRequest::Read {
+            offset: block * BLOCK_SIZE,
+            bufs: iovecs(&mut buf),
+        };
+        let guest = GuestRequest::Read {
+            block,
+            image,
+            acked,
+            buf,
+        };
+        self.submit(i, &disk, guest, request);
+    }
+
+    fn guest_flush(&mut self, i: usize) {
+        let Some(disk) = self.kick(i) else { return };
+        self.submit(i, &disk, GuestRequest::Flush, BlockRequest::Flush);
+    }
+
+    /// Hands a request to node `i`'s queue for `disk` (a new queue when the disk changed).
+    fn submit(&mut self, i: usize, disk: &Arc<Disk>, guest: GuestRequest, request: BlockRequest) {
+        let stale = self.nodes[i]
+            .queue
+            .as_ref()
+            .is_some_and(|q| !Arc::ptr_eq(&q.disk, disk));
+        if stale {
+            self.teardown(i, true);
         }
-        let name = p.disk.name().clone();
-        let mut results = Vec::new();
-        for location in p.locations.iter().cloned() {
-            let stored = if location.node == self.nodes[i].id {
-                write_value(&p.disk, location.tier, p.block, p.value).is_ok()
-            } else {
-                let h = self.index(&location.node);
-                if self.rng.chance(3) {
-                    // Arrives after the sender's timeout.
-                    self.late.push(Late {
-                        to: h,
-                        incarnation: self.nodes[h].incarnation,
-                        name: name.clone(),
-                        epoch: p.epoch,
-                        tier: location.tier,
-                        block: p.block,
-                        value: p.value,
-                    });
-                    false
-                } else {
-                    match self.serve_write(h, &name, p.epoch, location.tier, p.block, p.value) {
-                        Ok(()) => !self.rng.chance(5), // the reply may be lost
-                        Err(Refusal::StaleEpoch) => {
-                            self.stats.refused_epoch += 1;
-                            false
-                        }
-                        Err(_) => false,
-                    }
-                }
+        if self.nodes[i].queue.is_none() {
+            let transport = Arc::new(SimTransport {
+                net: self.net.clone(),
+                from: i,
+            });
+            let device = Device::new(disk.clone(), transport, false);
+            self.nodes[i].queue = Some(GuestQueue {
+                net: self.net.clone(),
+                node: i,
+                disk: disk.clone(),
+                requests: BTreeMap::new(),
+                next_tag: 0,
+                queue: device.queue().unwrap(),
+            });
+        }
+        let q = self.nodes[i].queue.as_mut().unwrap();
+        let tag = q.next_tag;
+        q.next_tag += 1;
+        q.requests.insert(tag, guest);
+        q.queue.submit(tag, request);
+    }
+
+    /// Collects what every queue completed.
+    fn poll(&mut self) {
+        for i in 0..NODES {
+            let Some(q) = self.nodes[i].queue.as_mut() else {
+                continue;
             };
-            results.push(CopyResult { location, stored });
-        }
-        self.trace(|| {
-            format!(
-                "  write {}: {:?}",
-                p.value,
-                results
-                    .iter()
-                    .map(|r| (r.location.node.to_string(), r.location.synced, r.stored))
-                    .collect::<Vec<_>>()
-            )
-        });
-        let ok = match ack::decide(&results) {
-            Outcome::Ack { stale } => {
-                stale.is_empty() || p.disk.mark_out_of_sync(p.block, &stale).is_ok()
+            q.queue.retry_deferred();
+            let mut done = Vec::new();
+            q.queue.complete(&mut done);
+            for completion in done {
+                self.completed(i, completion);
             }
-            Outcome::Fail { stale } => {
-                if !stale.is_empty() {
-                    let _ = p.disk.mark_out_of_sync(p.block, &stale);
-                }
-                false
-            }
-        };
-        p.disk.writes().finish(p.block);
-        if ok && self.may_ack(i, &p.disk) {
-            self.acknowledged(i, &p);
         }
     }
 
-    fn acknowledged(&mut self, i: usize, p: &Pending) {
-        let image = p.disk.meta().id;
-        if let Some(&other) = self.ackers.get(&p.epoch) {
+    /// A request of node `i`'s guest completed. Its answer goes out only under the lease
+    /// rule (`route::settle`'s `may_ack`, modelled in `Sim::may_ack`: `Disk::may_ack_now` is
+    /// always true without a `NodeLease`).
+    fn completed(&mut self, i: usize, completion: Completion) {
+        let Some(guest) = self.nodes[i]
+            .queue
+            .as_mut()
+            .and_then(|q| q.requests.remove(&completion.tag))
+        else {
+            return;
+        };
+        let disk = self.nodes[i].queue.as_ref().unwrap().disk.clone();
+        if let Err(e) = &completion.result {
+            self.trace(|| format!("  {}: request failed: {e}", self.nodes[i].id));
+            self.stats.failed += 1;
+            return;
+        }
+        if !self.may_ack(i, &disk) {
+            self.trace(|| format!("  {}: answer withheld (lease)", self.nodes[i].id));
+            return;
+        }
+        match guest {
+            GuestRequest::Write {
+                block,
+                value,
+                epoch,
+                image,
+                ..
+            } => {
+                if self.writes[&value].discard {
+                    self.stats.discards += 1;
+                }
+                self.acknowledged(i, image, block, value, epoch);
+            }
+            GuestRequest::Read {
+                block,
+                image,
+                acked,
+                buf,
+            } => {
+                let value = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                if buf[8..].iter().any(|&b| b != 0) {
+                    self.fail(format!("read of block {block}: bytes past the value"));
+                }
+                self.stats.reads += 1;
+                let what = format!("read on {}", self.nodes[i].id);
+                self.check_value(image, block, value, acked, &what);
+            }
+            GuestRequest::Flush => self.stats.flushes += 1,
+        }
+    }
+
+    /// Node `i`'s device queue goes (the process died, or its disk was replaced). Its calls
+    /// on the way may still land (changes go on the late list), their answers are lost; with
+    /// `judge`, what it completed meanwhile is judged like any completion.
+    fn teardown(&mut self, i: usize, judge: bool) {
+        let Some(mut q) = self.nodes[i].queue.take() else {
+            return;
+        };
+        for call in self.net.take_from(i) {
+            if changes(&call.request) {
+                let to = self.index(&call.to);
+                self.late.push(Late {
+                    to,
+                    incarnation: self.nodes[to].incarnation,
+                    request: call.request,
+                });
+            }
+            (call.done)(Err(PeerError::Unavailable("the sender is gone".into())));
+        }
+        let mut done = Vec::new();
+        q.queue.complete(&mut done);
+        if judge {
+            self.nodes[i].queue = Some(q);
+            for completion in done {
+                self.completed(i, completion);
+            }
+            self.nodes[i].queue = None;
+        }
+    }
+
+    fn acknowledged(&mut self, i: usize, image: ImageId, block: u64, value: u64, epoch: u64) {
+        if let Some(&other) = self.ackers.get(&epoch) {
             if other != i {
                 self.fail(format!(
                     "epoch {}: writes acknowledged by {} and by {}",
-                    p.epoch, self.nodes[other].id, self.nodes[i].id
+                    epoch, self.nodes[other].id, self.nodes[i].id
                 ));
             }
         }
-        self.ackers.insert(p.epoch, i);
+        self.ackers.insert(epoch, i);
         {
             let s = self.etcd.lock();
             let lease = self.nodes[i].store.lease_id();
-            let owner = s.image.as_ref().filter(|m| {
-                m.id == image && m.generation == p.epoch && m.owner == self.nodes[i].id
-            });
+            let owner = s
+                .image
+                .as_ref()
+                .filter(|m| m.id == image && m.generation == epoch && m.owner == self.nodes[i].id);
             let active = s.active.as_ref().is_some_and(|(n, l)| {
                 n == &self.nodes[i].id && *l == lease && s.leases.contains_key(l)
             });
@@ -1003,8 +1215,8 @@ impl Sim {
                 let what = format!(
                     "{} acknowledged write {} (epoch {}) but etcd has image {:?} active {:?}",
                     self.nodes[i].id,
-                    p.value,
-                    p.epoch,
+                    value,
+                    epoch,
                     s.image
                         .as_ref()
                         .map(|m| (m.id, m.generation, m.owner.clone())),
@@ -1014,22 +1226,38 @@ impl Sim {
                 self.fail(what);
             }
         }
-        self.trace(|| format!("  write {} acknowledged by {}", p.value, self.nodes[i].id));
-        self.acked.insert((image, p.block), p.value);
+        self.trace(|| format!("  write {} acknowledged by {}", value, self.nodes[i].id));
+        self.acked.insert((image, block), value);
         self.stats.acked += 1;
     }
 
     /// Whether a value may be read (or sit in an in-sync copy) after the block's last
     /// acknowledged write: that write itself, or one issued later by the owner of its epoch.
-    fn check_value(&self, image: ImageId, block: u64, value: u64, what: &str) {
-        let acked = self.acked.get(&(image, block)).copied().unwrap_or(0);
-        if value == acked {
+    /// `acked` is the block's last acknowledged change when the read began.
+    fn check_value(&self, image: ImageId, block: u64, value: u64, acked: u64, what: &str) {
+        let shown = match self.writes.get(&acked) {
+            Some(info) if info.discard => 0,
+            _ => acked,
+        };
+        if value == shown {
             return;
         }
         if value == 0 {
-            self.fail(format!(
-                "{what}: block {block} reads zeros, but write {acked} was acknowledged"
-            ));
+            // Zeros: only from a discard of the block issued after that change by the
+            // image's owner of its epoch (in flight, or acknowledged since).
+            let discarded = self.writes.iter().any(|(&id, info)| {
+                info.discard
+                    && info.image == image
+                    && info.block == block
+                    && self.owned(info)
+                    && self.newer(id, acked)
+            });
+            if !discarded {
+                self.fail(format!(
+                    "{what}: block {block} reads zeros, but write {acked} was acknowledged"
+                ));
+            }
+            return;
         }
         let info = &self.writes[&value];
         if info.image != image {
@@ -1038,26 +1266,13 @@ impl Sim {
                 "{what}: block {block} returns write {value} of another image (deleted: {deleted})"
             ));
         }
-        let legit = self
-            .etcd
-            .lock()
-            .owner_of
-            .get(&info.epoch)
-            .is_some_and(|(id, n)| *id == image && *n == self.nodes[info.node].id);
-        if !legit {
+        if !self.owned(info) {
             self.fail(format!(
                 "{what}: block {block} returns write {value} of {} under epoch {}, which that node never owned",
                 self.nodes[info.node].id, info.epoch
             ));
         }
-        let newer = match acked {
-            0 => true,
-            a => {
-                let last = &self.writes[&a];
-                (info.epoch, value) > (last.epoch, a)
-            }
-        };
-        if !newer {
+        if !self.newer(value, acked) {
             self.fail(format!(
                 "{what}: block {block} returns write {value} (epoch {}), older than acknowledged write {acked}",
                 info.epoch
@@ -1065,46 +1280,21 @@ impl Sim {
         }
     }
 
-    /// A guest read on node `i` (`Worker::read_source`): this node's in-sync copy, else the
-    /// first in-sync copy elsewhere.
-    fn guest_read(&mut self, i: usize, block: u64) {
-        let Some(disk) = self.kick(i) else { return };
-        if disk.is_fenced() {
-            return;
-        }
-        if !strict() && !disk.owned_here() {
-            // Known finding 4: the worker serves reads on a node whose take-over failed
-            // without fencing it (InUse, etcd unreachable), from its possibly stale view.
-            return;
-        }
-        if !strict() && !self.may_ack(i, &disk) {
-            // Known finding 5: reads are served without the lease rule, so a replaced owner
-            // cut off from etcd serves its old view to its (zombie) guest.
-            return;
-        }
-        let (locations, epoch, image) = {
-            let meta = disk.meta();
-            (
-                meta.table.locations(block).unwrap().to_vec(),
-                meta.generation,
-                meta.id,
-            )
-        };
-        let me = self.nodes[i].id.clone();
-        let value = if let Some(tier) = cormorant::route::local_copy(&locations, &me) {
-            file_value(&disk, tier, block).ok()
-        } else {
-            let Some(l) = locations.iter().find(|l| l.synced) else {
-                return;
-            };
-            let h = self.index(&l.node);
-            let name = disk.name().clone();
-            self.serve_read(h, &name, epoch, l.tier, block).ok()
-        };
-        if let Some(value) = value {
-            self.stats.reads += 1;
-            let what = format!("read on {me}");
-            self.check_value(image, block, value, &what);
+    /// Whether the change's node owned its image at the change's epoch.
+    fn owned(&self, info: &WriteInfo) -> bool {
+        self.etcd
+            .lock()
+            .owner_of
+            .get(&info.epoch)
+            .is_some_and(|(id, n)| *id == info.image && *n == self.nodes[info.node].id)
+    }
+
+    /// Whether change `id` came after change `acked` (0: none yet): a newer epoch, or later
+    /// in the same one.
+    fn newer(&self, id: u64, acked: u64) -> bool {
+        match acked {
+            0 => true,
+            a => (self.writes[&id].epoch, id) > (self.writes[&a].epoch, a),
         }
     }
 
@@ -1116,6 +1306,7 @@ impl Sim {
 
     fn kill(&mut self, i: usize) {
         self.trace(|| format!("{}: killed", self.nodes[i].id));
+        self.teardown(i, false);
         let node = &mut self.nodes[i];
         node.up = false;
         node.guest = false;
@@ -1139,6 +1330,9 @@ impl Sim {
             let node = &mut self.nodes[i];
             node.up = true;
             node.incarnation += 1;
+            node.store
+                .incarnation
+                .store(node.incarnation, Ordering::Release);
             node.lease_gen += 1;
             node.active_under = 0;
         }
@@ -1150,10 +1344,10 @@ impl Sim {
         let now = self.now();
         self.nodes[i].last_renew = now;
         self.nodes[i].good_until = now + TTL - MARGIN;
-        // `wiped_tiers` makes the marker again at start, before the loss is recorded in etcd
-        // (strict mode); the default run makes it only once recorded (known finding 3).
+        // `Daemon::start`: a tier without its marker was wiped; the marker is made again only
+        // once the loss of its copies is recorded in etcd (`mark_tiers` after
+        // `load_shared`), so a start that fails before that finds the tier wiped again.
         let wipe = !self.nodes[i].marker;
-        self.nodes[i].marker = strict() || !wipe;
         let Ok(Some(meta)) = store.image() else {
             return;
         };
@@ -1186,10 +1380,9 @@ impl Sim {
             }
         }
         self.nodes[i].marker = true;
-        if !strict() && !wiped && !disk.owned_here() {
-            // Known finding 3b: a holder's lost copies live in its RAM (`Disk::lost`); a
-            // restart before the owner settled the report forgets them. Masked here as the
-            // fix would do it: the start reads this node's own pending report back.
+        if !wiped && !disk.owned_here() {
+            // `load_shared`: a holder's lost copies live in its RAM (`Disk::lost`), so a start
+            // reads back this node's reports the owner has not settled yet.
             let pending = store.lost_reports(id).unwrap_or_default();
             if pending.iter().any(|(n, _, _)| n == &me) {
                 disk.mark_lost(Tier::Ram);
@@ -1265,7 +1458,8 @@ impl Sim {
         }
     }
 
-    /// The owner's resync (`replica::sync::sync`, real) over the simulated peers.
+    /// The owner's resync (`replica::sync::sync` over `copies::DiskCopies`, real), its peer
+    /// calls answered by the real holders.
     fn resync(&mut self, o: usize) {
         self.trace(|| format!("{}: resync", self.nodes[o].id));
         let Some(disk) = self.nodes[o].disk.clone() else {
@@ -1274,26 +1468,22 @@ impl Sim {
         if !disk.owned_here() || disk.is_fenced() || !self.nodes[o].up {
             return;
         }
-        self.flush_pending(o);
+        // `sync` waits for the writes in flight on a block: let them finish first.
+        self.deliver(100, Some(o));
+        self.poll();
         let all = BlockRange::new(0, BLOCKS).unwrap();
-        let copies = SimCopies {
+        let direct = Direct {
             sim: Mutex::new(self),
-            owner: o,
-            disk: disk.clone(),
+        };
+        let copies = DiskCopies {
+            disk: &disk,
+            peers: &direct,
         };
         let _ = sync(&disk, &copies, all, None, &mut |_, _| {});
     }
 
-    fn flush_pending(&mut self, node: usize) {
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| p.node == node);
-        self.pending = rest;
-        for p in mine {
-            self.finish_write(p);
-        }
-    }
-
+    /// Changes that reached their holder after their sender gave up on them are applied by
+    /// the holder (the peer server has no deadline), if it still runs.
     fn deliver_late(&mut self, all: bool) {
         let late = std::mem::take(&mut self.late);
         for m in late {
@@ -1301,20 +1491,19 @@ impl Sim {
                 self.late.push(m);
                 continue;
             }
-            // A holder applies a request its sender gave up on (the peer server has no
-            // deadline): that can put an older write over a newer acknowledged one (see the
-            // report of issue 10). Off unless OWNER_SIM_LATE is set, so the run stays green.
-            let late_on = strict();
-            if late_on && self.nodes[m.to].up && self.nodes[m.to].incarnation == m.incarnation {
-                let _ = self.serve_write(m.to, &m.name, m.epoch, m.tier, m.block, m.value);
-            }
-        }
-        let pending = std::mem::take(&mut self.pending);
-        for p in pending {
-            if !all && self.rng.chance(50) {
-                self.pending.push(p);
-            } else {
-                self.finish_write(p);
+            if self.nodes[m.to].up && self.nodes[m.to].incarnation == m.incarnation {
+                let answer = self.answer(m.to, m.request);
+                self.trace(|| format!("  late change on {}: {answer:?}", self.nodes[m.to].id));
+                match answer {
+                    Ok(_) => self.stats.late_landed += 1,
+                    Err(PeerError::Refused { code: c, .. }) if c == code::SUPERSEDED => {
+                        self.stats.superseded += 1;
+                    }
+                    Err(PeerError::Refused { code: c, .. }) if c == code::STALE_EPOCH => {
+                        self.stats.refused_epoch += 1;
+                    }
+                    Err(_) => {}
+                }
             }
         }
     }
@@ -1342,7 +1531,8 @@ impl Sim {
                 }
                 let value = file_value(disk, l.tier, block).unwrap();
                 let what = format!("in-sync copy on {}", l.node);
-                self.check_value(meta.id, block, value, &what);
+                let acked = self.acked.get(&(meta.id, block)).copied().unwrap_or(0);
+                self.check_value(meta.id, block, value, acked, &what);
             }
         }
     }
@@ -1369,12 +1559,17 @@ impl Sim {
             0..=39 if !live_guests.is_empty() => {
                 let i = pick(&mut self.rng, &live_guests);
                 let block = self.rng.below(BLOCKS);
-                self.guest_write(i, block);
+                let discard = self.rng.chance(15);
+                self.guest_change(i, block, discard);
             }
-            40..=54 if !live_guests.is_empty() => {
+            40..=51 if !live_guests.is_empty() => {
                 let i = pick(&mut self.rng, &live_guests);
                 let block = self.rng.below(BLOCKS);
                 self.guest_read(i, block);
+            }
+            52..=54 if !live_guests.is_empty() => {
+                let i = pick(&mut self.rng, &live_guests);
+                self.guest_flush(i);
             }
             55..=60 => {
                 // A node dies, or a dead one comes back (its RAM tier wiped half the time).
@@ -1441,9 +1636,52 @@ impl Sim {
             self.etcd.lock().now += tick;
             self.background(60);
             self.event();
+            // Most calls arrive at once; the others stay on the way (their requests in
+            // flight) for a later step.
+            self.deliver(80, None);
+            self.poll();
             self.check_copies();
         }
         self.finale();
+    }
+
+    /// With every node up, etcd reachable and the network calm, the owner's guest reads back
+    /// every block that still has an in-sync copy, through its queue: each read must be
+    /// answered (or its answer withheld under the lease rule), with the block's last
+    /// acknowledged change.
+    fn read_back(&mut self, o: usize) {
+        let Some(disk) = self.nodes[o].disk.clone() else {
+            return;
+        };
+        self.calm = true;
+        self.nodes[o].guest = true;
+        let failed = self.stats.failed;
+        for block in 0..BLOCKS {
+            let held = disk
+                .meta()
+                .table
+                .locations(block)
+                .is_some_and(|ls| ls.iter().any(|l| l.synced));
+            if held {
+                self.guest_read(o, block);
+            } else {
+                self.trace(|| format!("read-back: block {block} has no in-sync copy"));
+            }
+        }
+        // Reads that fall back to another copy send new calls.
+        while !self.net.lock().is_empty() {
+            self.deliver(100, None);
+            self.poll();
+        }
+        self.poll();
+        if self.stats.failed != failed {
+            self.fail(format!(
+                "{} reads failed on the owner {} with every node back",
+                self.stats.failed - failed,
+                self.nodes[o].id
+            ));
+        }
+        self.calm = false;
     }
 
     /// Everyone back, etcd reachable, late messages in, the watch caught up, a guest on the
@@ -1456,7 +1694,12 @@ impl Sim {
                 self.restart(i, false);
             }
         }
+        self.deliver(100, None);
+        self.poll();
         self.deliver_late(true);
+        for i in 0..NODES {
+            self.teardown(i, true);
+        }
         for _ in 0..10 {
             self.etcd.lock().now += RENEW_EVERY;
             self.background(100);
@@ -1472,6 +1715,7 @@ impl Sim {
             self.background(100);
         }
         self.check_copies();
+        self.read_back(o);
         let Some(meta) = self.etcd.lock().image.clone() else {
             return;
         };
@@ -1503,71 +1747,50 @@ impl Sim {
     }
 }
 
-/// The resync's view of the copies: the owner's own files directly, the others through the
-/// simulated peer service (epoch checks and all), as `copies::DiskCopies` does.
-struct SimCopies<'a> {
+/// A node's view as the holder (`holder::Holdings`): its disk, and `Daemon::refresh` as
+/// modelled here (etcd read, then `Sim::reconcile`).
+struct SimHoldings<'a> {
     sim: Mutex<&'a mut Sim>,
-    owner: usize,
-    disk: Arc<Disk>,
+    node: usize,
 }
 
-impl SimCopies<'_> {
-    fn remote(&self, at: &Location) -> bool {
-        let sim = self.sim.lock().unwrap();
-        at.node != sim.nodes[self.owner].id
+impl Holdings for SimHoldings<'_> {
+    fn is_shared(&self) -> bool {
+        true
     }
 
-    fn value(&self, at: &Location, block: u64) -> io::Result<u64> {
-        if !self.remote(at) {
-            return file_value(&self.disk, at.tier, block);
-        }
-        let mut sim = self.sim.lock().unwrap();
-        let h = sim.index(&at.node);
-        let epoch = self.disk.meta().generation;
-        sim.serve_read(h, self.disk.name(), epoch, at.tier, block)
-            .map_err(|r| io::Error::other(format!("{r:?}")))
+    fn find(&self, name: &ImageName) -> Option<Arc<Disk>> {
+        let sim = self.sim.lock().unwrap();
+        sim.nodes[self.node]
+            .disk
+            .clone()
+            .filter(|d| d.name() == name)
+    }
+
+    fn refresh(&self, name: &ImageName) {
+        self.sim.lock().unwrap().refresh(self.node, name);
     }
 }
 
-impl Copies for SimCopies<'_> {
-    fn checksum(&self, _: &ImageName, at: &Location, block: u64) -> io::Result<Option<[u8; 32]>> {
-        let v = self.value(at, block)?;
-        let mut sum = [0u8; 32];
-        sum[..8].copy_from_slice(&v.to_le_bytes());
-        Ok(Some(sum))
+/// The resync's way to other nodes (`DiskCopies` over it): each call answered at once by
+/// the real holder of the receiving node; a node that is down is on the failure list.
+struct Direct<'a> {
+    sim: Mutex<&'a mut Sim>,
+}
+
+impl Transport for Direct<'_> {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        let answer = {
+            let mut sim = self.sim.lock().unwrap();
+            let h = sim.index(node);
+            sim.answer(h, request)
+        };
+        done(answer);
     }
 
-    fn read(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        _: u64,
-    ) -> io::Result<Option<Vec<u8>>> {
-        Ok(Some(self.value(at, block)?.to_le_bytes().to_vec()))
-    }
-
-    fn write(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        data: Option<&[u8]>,
-    ) -> io::Result<()> {
-        let value = data.map_or(0, |d| u64::from_le_bytes(d[..8].try_into().unwrap()));
-        if !self.remote(at) {
-            return write_value(&self.disk, at.tier, block, value);
-        }
-        let mut sim = self.sim.lock().unwrap();
-        let h = sim.index(&at.node);
-        let epoch = self.disk.meta().generation;
-        sim.serve_write(h, self.disk.name(), epoch, at.tier, block, value)
-            .map_err(|r| io::Error::other(format!("{r:?}")))
-    }
-
-    fn reachable(&self, node: &NodeId) -> bool {
+    fn is_failed(&self, node: &NodeId) -> bool {
         let sim = self.sim.lock().unwrap();
-        sim.nodes[sim.index(node)].up
+        !sim.nodes[sim.index(node)].up
     }
 }
 
@@ -1611,6 +1834,12 @@ fn one_writer_and_no_stale_reads_for_many_seeds() {
         let s = run(seed);
         total.acked += s.acked;
         total.reads += s.reads;
+        total.flushes += s.flushes;
+        total.discards += s.discards;
+        total.delayed += s.delayed;
+        total.late_landed += s.late_landed;
+        total.superseded += s.superseded;
+        total.failed += s.failed;
         total.take_overs += s.take_overs;
         total.refused_epoch += s.refused_epoch;
         total.recreated += s.recreated;

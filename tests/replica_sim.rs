@@ -1,9 +1,13 @@
 //! A deterministic, seeded simulation of replication: three nodes hold copies of every block;
-//! guest writes go to every copy through the real acknowledgement rule (`replica::ack`), the
-//! real metadata updates (`Disk::mark_out_of_sync`) and write counters, and the real resync
-//! (`replica::sync::sync`) runs against a simulated store whose nodes crash and restart,
-//! whose writes land or not and whose replies get lost, and where guest writes interleave with
-//! the resync at its most delicate points.
+//! guest writes go through the real request path (`route::Queue`: write counters under the
+//! metadata lock, a write to every copy, the acknowledgement rule, the stale copies marked
+//! out of sync before the answer) and the real resync (`replica::sync::sync` over
+//! `copies::DiskCopies`) runs against simulated peers that crash and restart, whose writes
+//! land or not and whose replies get lost, and where guest writes interleave with the resync
+//! at its most delicate points (a write that meets a block the resync froze waits for it).
+//! The owner's copy is a real block file; the peers' copies are values held here, and their
+//! calls (`peers::Transport`) are answered synchronously, a lost or refused call putting the
+//! peer on the real failure list, as `peers::Peers` does.
 //!
 //! Checked after every step: an in-sync copy never holds a value older than the last
 //! acknowledged write of its block (a read could return it). At the end, with every node back
@@ -12,16 +16,18 @@
 //! `SIM_SEEDS=n` runs more seeds; a failure prints its seed, and `SIM_SEED=s` replays it.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::io;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cormorant::copies::DiskCopies;
 use cormorant::disk::Disk;
-use cormorant::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
-use cormorant::replica::ack::{self, CopyResult, Outcome};
+use cormorant::image::{BlockRange, ImageMeta, Location, NodeId, Tier};
+use cormorant::peer::{PeerError, Request, Response};
+use cormorant::peers::{Callback, Transport};
 use cormorant::replica::failure::{Clock, FailureList};
-use cormorant::replica::sync::{sync, Copies};
+use cormorant::replica::sync::sync;
+use cormorant::route::{BlockRequest, Device, IoVecs, Queue};
 use cormorant::store::TierDirs;
 
 const BLOCKS: u64 = 6;
@@ -47,98 +53,222 @@ impl Rng {
     }
 }
 
-struct SimClock(Mutex<Instant>);
+/// The simulated time, shared by the failure list and the simulation.
+#[derive(Clone)]
+struct SimClock(Arc<Mutex<Instant>>);
 
-impl Clock for &SimClock {
+impl Clock for SimClock {
     fn now(&self) -> Instant {
         *self.0.lock().unwrap()
     }
 }
 
-/// The simulated nodes: each block's value per node (a write id; 0 = never written).
+/// What a guest write writes (its value, then zeros).
+const SECTOR: usize = 512;
+
+/// The peers' copies: each block's value per node (a write id; absent = never written).
 struct World {
     rng: Rng,
     values: HashMap<(NodeId, u64), u64>,
     up: HashMap<NodeId, bool>,
-    next_value: u64,
-    /// The value of the last acknowledged write per block.
-    acked: HashMap<u64, u64>,
     /// Chance (percent) that a resync call lets a guest write in right then.
     interleave: u64,
 }
 
-struct Sim<'a> {
-    disk: &'a Disk,
-    failures: &'a FailureList<&'a SimClock>,
-    clock: &'a SimClock,
-    world: RefCell<World>,
+/// The peers, as the owner reaches them: calls answered at once from the [`World`], and a
+/// call that fails puts its peer on the failure list (what `peers::Peers` does).
+struct Peers {
+    world: Arc<Mutex<World>>,
+    failures: Arc<FailureList<SimClock>>,
+}
+
+/// A block's bytes for a value: the value, then zeros to the block's end.
+fn block_bytes(value: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_SIZE as usize];
+    bytes[..8].copy_from_slice(&value.to_le_bytes());
+    bytes
+}
+
+impl Peers {
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap()
+    }
+
+    /// Delivers a call; a peer that turns out unreachable goes on the failure list.
+    fn deliver(&self, node: &NodeId, request: Request, guest: bool) -> Result<Response, PeerError> {
+        if self.failures.is_failed(node) {
+            return Err(PeerError::Unavailable("on the failure list".into()));
+        }
+        let answer = self.answer(node, request, guest);
+        if answer.as_ref().is_err_and(|e| e.is_unreachable()) {
+            self.failures.fail(node);
+        }
+        answer
+    }
+
+    /// A peer's answer: a guest write is dropped on the way (10%) or its reply lost (10%); a
+    /// resync call fails (5%).
+    fn answer(&self, node: &NodeId, request: Request, guest: bool) -> Result<Response, PeerError> {
+        let lost = || PeerError::Unavailable("simulated network failure".into());
+        let mut w = self.world();
+        if !w.up[node] {
+            return Err(lost());
+        }
+        match request {
+            Request::Write {
+                block,
+                offset,
+                data,
+                ..
+            } => {
+                if w.rng.chance(if guest { 10 } else { 5 }) {
+                    return Err(lost());
+                }
+                assert_eq!(offset, 0, "writes here start at the block's start");
+                let value = u64::from_le_bytes(data[..8].try_into().unwrap());
+                w.values.insert((node.clone(), block), value);
+                if guest && w.rng.chance(10) {
+                    return Err(lost()); // the reply is lost after the write landed
+                }
+                Ok(Response::Ok)
+            }
+            Request::Discard {
+                block, offset, len, ..
+            } => {
+                if w.rng.chance(5) {
+                    return Err(lost());
+                }
+                if offset == 0 && u64::from(len) == BLOCK_SIZE {
+                    w.values.remove(&(node.clone(), block));
+                }
+                Ok(Response::Ok)
+            }
+            Request::Checksums { blocks, .. } => {
+                if w.rng.chance(5) {
+                    return Err(lost());
+                }
+                let sums = blocks
+                    .iter()
+                    .map(|b| {
+                        w.values.get(&(node.clone(), b)).map(|&v| {
+                            use sha2::Digest;
+                            sha2::Sha256::digest(block_bytes(v)).into()
+                        })
+                    })
+                    .collect();
+                Ok(Response::Checksums(sums))
+            }
+            Request::Read {
+                block, offset, len, ..
+            } => {
+                if w.rng.chance(5) {
+                    return Err(lost());
+                }
+                let value = w.values.get(&(node.clone(), block)).copied().unwrap_or(0);
+                let bytes = block_bytes(value);
+                let at = offset as usize;
+                Ok(Response::Data(bytes[at..at + len as usize].to_vec()))
+            }
+            Request::Flush { .. } => Ok(Response::Ok),
+            other => panic!("unexpected peer request {other:?}"),
+        }
+    }
+}
+
+/// The queue's calls: guest writes.
+impl Transport for Peers {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        done(self.deliver(node, request, true))
+    }
+
+    fn is_failed(&self, node: &NodeId) -> bool {
+        self.failures.is_failed(node)
+    }
+}
+
+/// A guest write in the queue, with the buffer its iovec points into.
+struct GuestWrite {
+    block: u64,
+    _buf: Vec<u8>,
+}
+
+struct Sim {
+    disk: Arc<Disk>,
+    peers: Arc<Peers>,
+    clock: SimClock,
+    queue: RefCell<Queue>,
+    /// Guest writes in the queue (waiting for a frozen block), by tag (their value).
+    writes: RefCell<BTreeMap<u64, GuestWrite>>,
+    next_value: RefCell<u64>,
+    /// The value of the last acknowledged write per block.
+    acked: RefCell<HashMap<u64, u64>>,
     nodes: Vec<NodeId>,
 }
 
 // The simulation is single-threaded; `Copies` asks for Sync because the daemon shares it.
-unsafe impl Sync for Sim<'_> {}
+unsafe impl Sync for Sim {}
 
-impl Sim<'_> {
+impl Sim {
     fn tick(&self) {
         *self.clock.0.lock().unwrap() += Duration::from_secs(1);
     }
 
-    /// A guest write to `block`, as the queue worker does it: count it started under the
-    /// metadata lock, send it to every copy, apply the acknowledgement rule, mark the stale
-    /// copies out of sync before acknowledging, count it finished.
-    fn guest_write(&self, block: u64) {
-        let locations = {
-            let meta = self.disk.meta();
-            let l = meta.table.locations(block).unwrap().to_vec();
-            self.disk.writes().start(block);
-            l
-        };
-        let value = {
-            let mut w = self.world.borrow_mut();
-            w.next_value += 1;
-            w.next_value
-        };
-        let mut results = Vec::new();
-        for location in locations {
-            let stored = self.deliver_write(&location.node, block, value);
-            if !stored && self.world.borrow().up[&location.node] {
-                // A lost reply looks like a failed peer.
-                self.failures.fail(&location.node);
-            }
-            results.push(CopyResult { location, stored });
-        }
-        match ack::decide(&results) {
-            Outcome::Fail { stale } => {
-                if !stale.is_empty() {
-                    self.disk.mark_out_of_sync(block, &stale).unwrap();
-                }
-            }
-            Outcome::Ack { stale } => {
-                if stale.is_empty() || self.disk.mark_out_of_sync(block, &stale).is_ok() {
-                    self.world.borrow_mut().acked.insert(block, value);
-                }
-            }
-        }
-        self.disk.writes().finish(block);
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.peers.world()
     }
 
-    /// Sends a write to one copy; returns whether its confirmation came back.
-    fn deliver_write(&self, node: &NodeId, block: u64, value: u64) -> bool {
-        if self.failures.is_failed(node) {
-            return false;
+    /// A guest write of one sector at the start of `block` through the queue; one write per
+    /// block at a time (a guest that overlaps its writes cannot expect an order either).
+    fn guest_write(&self, block: u64) {
+        if self.writes.borrow().values().any(|w| w.block == block) {
+            return;
         }
-        let mut w = self.world.borrow_mut();
-        if !w.up[node] || w.rng.chance(10) {
-            return false; // dropped on the way
+        let value = {
+            let mut next = self.next_value.borrow_mut();
+            *next += 1;
+            *next
+        };
+        let mut buf = vec![0u8; SECTOR];
+        buf[..8].copy_from_slice(&value.to_le_bytes());
+        let bufs = IoVecs(smallvec::smallvec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }]);
+        self.writes
+            .borrow_mut()
+            .insert(value, GuestWrite { block, _buf: buf });
+        let request = BlockRequest::Write {
+            offset: block * BLOCK_SIZE,
+            bufs,
+        };
+        self.queue.borrow_mut().submit(value, request);
+        self.complete();
+    }
+
+    /// Collects the queue's completions (after retrying writes that waited for a frozen
+    /// block); an acknowledged write becomes its block's last.
+    fn complete(&self) {
+        let mut done = Vec::new();
+        {
+            let mut queue = self.queue.borrow_mut();
+            queue.retry_deferred();
+            queue.complete(&mut done);
         }
-        w.values.insert((node.clone(), block), value);
-        !w.rng.chance(10) // the reply may be lost after the write landed
+        for completion in done {
+            let Some(write) = self.writes.borrow_mut().remove(&completion.tag) else {
+                panic!("a completion for no request: {completion:?}");
+            };
+            if completion.result.is_ok() {
+                // The tag is the write's value.
+                self.acked.borrow_mut().insert(write.block, completion.tag);
+            }
+        }
     }
 
     /// Sometimes lets a guest write in, from inside a resync call.
     fn maybe_interleave(&self) {
         let block = {
-            let mut w = self.world.borrow_mut();
+            let mut w = self.world();
             let p = w.interleave;
             if !w.rng.chance(p) {
                 return;
@@ -148,22 +278,30 @@ impl Sim<'_> {
         self.guest_write(block);
     }
 
-    fn node_call(&self, node: &NodeId) -> io::Result<()> {
-        let mut w = self.world.borrow_mut();
-        if !w.up[node] || w.rng.chance(5) {
-            return Err(io::Error::other("simulated network failure"));
+    /// A copy's value: the owner's from its block file, a peer's from the world.
+    fn value(&self, node: &NodeId, block: u64) -> u64 {
+        if node == self.disk.me() {
+            let mut buf = [0u8; 8];
+            self.disk
+                .blocks()
+                .read(Tier::Ram, block, 0, &mut buf)
+                .unwrap();
+            return u64::from_le_bytes(buf);
         }
-        Ok(())
+        self.world()
+            .values
+            .get(&(node.clone(), block))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// In-sync copies never hold a value older than the block's last acknowledged write.
     fn check(&self, seed: u64, step: usize) {
         let meta = self.disk.meta();
-        let w = self.world.borrow();
         for block in 0..BLOCKS {
-            let acked = w.acked.get(&block).copied().unwrap_or(0);
+            let acked = self.acked.borrow().get(&block).copied().unwrap_or(0);
             for l in meta.table.locations(block).unwrap() {
-                let value = w.values.get(&(l.node.clone(), block)).copied().unwrap_or(0);
+                let value = self.value(&l.node, block);
                 assert!(
                     !l.synced || value >= acked,
                     "seed {seed} step {step}: block {block} copy on {} is in sync with value {value}, but write {acked} was acknowledged",
@@ -180,67 +318,30 @@ impl Sim<'_> {
             );
         }
     }
+
+    /// The real resync over `DiskCopies`, its peer calls going through [`Resync`].
+    fn resync(&self, all: BlockRange) {
+        let copies = DiskCopies {
+            disk: &self.disk,
+            peers: &Resync(self),
+        };
+        let _ = sync(&self.disk, &copies, all, None, &mut |_, _| {});
+        self.complete();
+    }
 }
 
-impl Copies for Sim<'_> {
-    fn checksum(&self, _: &ImageName, at: &Location, block: u64) -> io::Result<Option<[u8; 32]>> {
-        self.maybe_interleave();
-        self.node_call(&at.node)?;
-        let value = self
-            .world
-            .borrow()
-            .values
-            .get(&(at.node.clone(), block))
-            .copied();
-        Ok(value.map(|v| {
-            let mut sum = [0u8; 32];
-            sum[..8].copy_from_slice(&v.to_le_bytes());
-            sum
-        }))
+/// The resync's way to the peers: before a call is answered, a guest write may come in (the
+/// classic race: between the resync's read of the source and its write of the copy).
+struct Resync<'a>(&'a Sim);
+
+impl Transport for Resync<'_> {
+    fn call(&self, node: &NodeId, request: Request, done: Callback) {
+        self.0.maybe_interleave();
+        done(self.0.peers.deliver(node, request, false))
     }
 
-    fn read(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        _: u64,
-    ) -> io::Result<Option<Vec<u8>>> {
-        self.node_call(&at.node)?;
-        let value = self
-            .world
-            .borrow()
-            .values
-            .get(&(at.node.clone(), block))
-            .copied();
-        // The classic race: a guest write lands between the resync's read and its write.
-        self.maybe_interleave();
-        Ok(value.map(|v| v.to_le_bytes().to_vec()))
-    }
-
-    fn write(
-        &self,
-        _: &ImageName,
-        at: &Location,
-        block: u64,
-        data: Option<&[u8]>,
-    ) -> io::Result<()> {
-        self.node_call(&at.node)?;
-        let mut w = self.world.borrow_mut();
-        match data {
-            Some(bytes) => {
-                let v = u64::from_le_bytes(bytes.try_into().unwrap());
-                w.values.insert((at.node.clone(), block), v);
-            }
-            None => {
-                w.values.remove(&(at.node.clone(), block));
-            }
-        }
-        Ok(())
-    }
-
-    fn reachable(&self, node: &NodeId) -> bool {
-        !self.failures.is_failed(node)
+    fn is_failed(&self, node: &NodeId) -> bool {
+        self.0.peers.is_failed(node)
     }
 }
 
@@ -278,53 +379,63 @@ fn run(seed: u64) {
     )
     .unwrap();
     meta.save(&meta_dir).unwrap();
-    let store = std::sync::Arc::new(cormorant::meta::store::LocalStore::new(meta_dir));
+    let store = Arc::new(cormorant::meta::store::LocalStore::new(meta_dir));
     let disk = Disk::open(meta, &dirs, nodes[0].clone(), store);
-    let clock = SimClock(Mutex::new(Instant::now()));
-    let failures = FailureList::with_clock(Duration::from_secs(20), &clock);
+    disk.blocks().files(Tier::Ram).create_dir().unwrap();
+    let clock = SimClock(Arc::new(Mutex::new(Instant::now())));
+    let failures = Arc::new(FailureList::with_clock(
+        Duration::from_secs(20),
+        clock.clone(),
+    ));
     let mut rng = Rng(seed);
     let interleave = 10 + rng.below(40);
-    let sim = Sim {
-        disk: &disk,
-        failures: &failures,
-        clock: &clock,
-        world: RefCell::new(World {
+    let peers = Arc::new(Peers {
+        world: Arc::new(Mutex::new(World {
             rng,
             values: HashMap::new(),
             up: nodes.iter().map(|n| (n.clone(), true)).collect(),
-            next_value: 0,
-            acked: HashMap::new(),
             interleave,
-        }),
+        })),
+        failures,
+    });
+    let queue = Device::new(disk.clone(), peers.clone(), false)
+        .queue()
+        .unwrap();
+    let sim = Sim {
+        disk: disk.clone(),
+        peers,
+        clock: clock.clone(),
+        queue: RefCell::new(queue),
+        writes: RefCell::new(BTreeMap::new()),
+        next_value: RefCell::new(0),
+        acked: RefCell::new(HashMap::new()),
         nodes: nodes.clone(),
     };
     let all = BlockRange::new(0, BLOCKS).unwrap();
     for step in 0..STEPS {
         sim.tick();
-        let event = sim.world.borrow_mut().rng.below(100);
+        let event = sim.world().rng.below(100);
         match event {
             0..=59 => {
-                let block = sim.world.borrow_mut().rng.below(BLOCKS);
+                let block = sim.world().rng.below(BLOCKS);
                 sim.guest_write(block);
             }
             60..=69 => {
                 // A peer (never the owner, whose crash ends the guest too) goes down or up.
-                let i = 1 + sim.world.borrow_mut().rng.below(2) as usize;
+                let i = 1 + sim.world().rng.below(2) as usize;
                 let node = sim.nodes[i].clone();
-                let mut w = sim.world.borrow_mut();
+                let mut w = sim.world();
                 let up = !w.up[&node];
                 w.up.insert(node, up);
             }
-            _ => {
-                let _ = sync(&disk, &sim, all, None, &mut |_, _| {});
-            }
+            _ => sim.resync(all),
         }
         sim.check(seed, step);
     }
     // Everyone back, the failure list expired, no more interference: a full resync must
     // leave every copy in sync and identical, with no acknowledged write lost.
     {
-        let mut w = sim.world.borrow_mut();
+        let mut w = sim.world();
         for node in &nodes {
             w.up.insert(node.clone(), true);
         }
@@ -332,20 +443,21 @@ fn run(seed: u64) {
     }
     for _ in 0..20 {
         *clock.0.lock().unwrap() += Duration::from_secs(60);
-        let _ = sync(&disk, &sim, all, None, &mut |_, _| {});
+        sim.resync(all);
         let meta = disk.meta();
         if (0..BLOCKS).all(|b| meta.table.locations(b).unwrap().iter().all(|l| l.synced)) {
             break;
         }
     }
     sim.check(seed, STEPS);
+    assert!(
+        sim.writes.borrow().is_empty(),
+        "seed {seed}: guest writes still wait: {:?}",
+        sim.writes.borrow().keys().collect::<Vec<_>>()
+    );
     let meta = disk.meta();
-    let w = sim.world.borrow();
     for block in 0..BLOCKS {
-        let values: Vec<u64> = nodes
-            .iter()
-            .map(|n| w.values.get(&(n.clone(), block)).copied().unwrap_or(0))
-            .collect();
+        let values: Vec<u64> = nodes.iter().map(|n| sim.value(n, block)).collect();
         let locations = meta.table.locations(block).unwrap();
         assert!(
             locations.iter().all(|l| l.synced),
@@ -355,7 +467,7 @@ fn run(seed: u64) {
             values.windows(2).all(|p| p[0] == p[1]),
             "seed {seed}: block {block} copies differ: {values:?}"
         );
-        let acked = w.acked.get(&block).copied().unwrap_or(0);
+        let acked = sim.acked.borrow().get(&block).copied().unwrap_or(0);
         assert!(
             values[0] >= acked,
             "seed {seed}: block {block} lost write {acked}"

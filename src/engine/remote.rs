@@ -12,10 +12,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Done, Engine, IoVecs, Op, OpError, OpKind, PeerTarget, Target};
 use crate::image::NodeId;
 use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
-use crate::peers::Peers;
+use crate::peers::Transport;
 
 pub struct RemoteEngine {
-    peers: Arc<Peers>,
+    peers: Arc<dyn Transport>,
     shared: Arc<Shared>,
 }
 
@@ -80,7 +80,7 @@ fn plain(node: &NodeId, result: Result<Response, PeerError>) -> Result<(), OpErr
 
 impl RemoteEngine {
     /// Completions are announced on `notify` (the worker's completion eventfd, duplicated).
-    pub fn new(peers: Arc<Peers>, notify: EventFd) -> Self {
+    pub fn new(peers: Arc<dyn Transport>, notify: EventFd) -> Self {
         RemoteEngine {
             peers,
             shared: Arc::new(Shared {

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::Queue;
 use crate::disk::Disk;
-use crate::peers::Peers;
+use crate::peers::Transport;
 
 /// What the device looks like to the guest.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,9 @@ pub struct Geometry {
 
 pub struct Device {
     disk: Arc<Disk>,
-    peers: Arc<Peers>,
+    /// How peer calls go out: the pooled clients in the daemon, an in-process network in
+    /// the simulation.
+    peers: Arc<dyn Transport>,
     use_uring: bool,
     /// Queues waiting for the take-over in progress, if one is.
     preparing: Mutex<Option<Vec<EventFd>>>,
@@ -33,7 +35,7 @@ pub struct Device {
 }
 
 impl Device {
-    pub fn new(disk: Arc<Disk>, peers: Arc<Peers>, use_uring: bool) -> Arc<Self> {
+    pub fn new(disk: Arc<Disk>, peers: Arc<dyn Transport>, use_uring: bool) -> Arc<Self> {
         Arc::new(Device {
             disk,
             peers,

@@ -23,7 +23,7 @@ use crate::engine::{
 use crate::image::{Location, NodeId, Tier};
 use crate::logs::Throttle;
 use crate::metrics::QueueCounters;
-use crate::peers::Peers;
+use crate::peers::Transport;
 use crate::replica::ack::CopyResult;
 use crate::slots::Slots;
 use crate::store::FlushTicket;
@@ -147,7 +147,7 @@ enum Begin {
 pub struct Queue {
     pub(super) device: Arc<Device>,
     pub(super) disk: Arc<Disk>,
-    pub(super) peers: Arc<Peers>,
+    pub(super) peers: Arc<dyn Transport>,
     notify: EventFd,
     use_uring: bool,
     inline: InlineEngine,
@@ -172,7 +172,7 @@ impl Queue {
     pub(super) fn new(
         device: Arc<Device>,
         disk: Arc<Disk>,
-        peers: Arc<Peers>,
+        peers: Arc<dyn Transport>,
         use_uring: bool,
     ) -> std::io::Result<Self> {
         let notify = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
@@ -359,7 +359,7 @@ impl Queue {
                     if let Some(tier) = split::local_copy(locations, self.disk.me()) {
                         return Ok(Source::Local(tier));
                     }
-                    next_remote(locations, &[], &self.peers)
+                    next_remote(locations, &[], &*self.peers)
                         .map(Source::Remote)
                         .ok_or(IoError::NoCopy(piece.block))
                 })
@@ -443,7 +443,7 @@ impl Queue {
             if &location.node != self.disk.me() {
                 // A copy on a failed peer misses the write; the acknowledgement rule marks
                 // it out of sync.
-                if !self.peers.failures().is_failed(&location.node) {
+                if !self.peers.is_failed(&location.node) {
                     let target = self.peer_target(&location, piece.block);
                     let tag = tag(slot, copy);
                     self.push(
@@ -541,7 +541,7 @@ impl Queue {
             };
             // A copy on a failed peer misses the discard; the acknowledgement rule marks it
             // out of sync.
-            if !local && !self.peers.failures().is_failed(&location.node) {
+            if !local && !self.peers.is_failed(&location.node) {
                 let target = self.peer_target(&location, span.block);
                 let kind = OpKind::Free {
                     len: span.len as u32,
@@ -682,10 +682,10 @@ enum Source {
 pub(super) fn next_remote(
     locations: &[Location],
     tried: &[NodeId],
-    peers: &Peers,
+    peers: &dyn Transport,
 ) -> Option<Location> {
     locations
         .iter()
-        .find(|l| l.synced && !tried.contains(&l.node) && !peers.failures().is_failed(&l.node))
+        .find(|l| l.synced && !tried.contains(&l.node) && !peers.is_failed(&l.node))
         .cloned()
 }

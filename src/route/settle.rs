@@ -104,7 +104,7 @@ impl Queue {
             let meta = self.disk.meta();
             meta.table
                 .locations(piece.block)
-                .and_then(|locations| next_remote(locations, &piece.tried, &self.peers))
+                .and_then(|locations| next_remote(locations, &piece.tried, &*self.peers))
         };
         let Some(location) = next else {
             return false;
