@@ -4,6 +4,11 @@
 //! The other side of the socket, a VM-less vhost-user-blk client used by the tests and the
 //! benchmark harness, is the `cormorant-frontend` crate (src/frontend).
 
+// Issue 11: no unwrap or expect outside tests (a panic on a queue thread loses a VM), and
+// every unsafe block says why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks, clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod cli;
 pub mod commands;
 pub mod config;

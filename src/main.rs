@@ -1,5 +1,10 @@
 //! `cormorant`: parse the command line, then run the daemon or one client command.
 
+// Issue 11: no unwrap or expect outside tests (a panic on a queue thread loses a VM), and
+// every unsafe block says why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks, clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -137,6 +137,10 @@ pub struct QueueInflight {
 }
 
 impl QueueInflight {
+    #[allow(
+        clippy::expect_used,
+        reason = "Region::map checked that every queue's part lies inside the mapping"
+    )]
     fn part(&self) -> VolatileSlice<'_> {
         self.region
             .map

@@ -287,8 +287,9 @@ fn parse_kind<M: GuestRam>(
     writable: &[Segment],
     limits: &Limits,
 ) -> Result<Kind, ParseError> {
-    let request_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *header;
+    let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
+    let sector = u64::from_le_bytes(s);
     let (in_len, out_len) = (total(writable), total(readable));
     match request_type {
         VIRTIO_BLK_T_IN => {
@@ -400,9 +401,15 @@ fn parse_ranges<M: GuestRam>(
     let mut ranges = Vec::with_capacity(count as usize);
     let mut unmap = true;
     for entry in bytes.chunks_exact(RANGE_ENTRY_LEN as usize) {
-        let sector = u64::from_le_bytes(entry[0..8].try_into().expect("8 bytes"));
-        let sectors = u32::from_le_bytes(entry[8..12].try_into().expect("4 bytes"));
-        let flags = u32::from_le_bytes(entry[12..16].try_into().expect("4 bytes"));
+        let Ok(&[s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3]) =
+            <&[u8; RANGE_ENTRY_LEN as usize]>::try_from(entry)
+        else {
+            // `chunks_exact` yields only whole entries.
+            continue;
+        };
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+        let flags = u32::from_le_bytes([f0, f1, f2, f3]);
         if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
             return Err(ParseError::RangeFlags(flags));
         }
