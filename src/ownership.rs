@@ -68,7 +68,8 @@ fn take_over_when_free(disk: &Disk) -> Result<(), StoreError> {
         .store()
         .lease()
         .map_or(Duration::ZERO, |l| l.ttl() + Duration::from_secs(2));
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let deadline = started + wait;
     let mut logged = false;
     loop {
         match take_over(disk) {
@@ -82,7 +83,16 @@ fn take_over_when_free(disk: &Disk) -> Result<(), StoreError> {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            other => return other,
+            other => {
+                if logged {
+                    log::info!(
+                        "image {}: waited {:?} for the other node",
+                        disk.name(),
+                        started.elapsed()
+                    );
+                }
+                return other;
+            }
         }
     }
 }
@@ -94,6 +104,7 @@ pub fn device_stopped(disk: &Disk) {
         return;
     }
     let _one = disk.take_over_lock();
+    log::debug!("image {}: device stopped; deactivating", disk.name());
     let meta = disk.meta().clone();
     match disk.store().deactivate(&meta) {
         Ok(()) => log::info!(

@@ -105,6 +105,7 @@ impl Device {
         }
         *preparing = Some(vec![waiter]);
         drop(preparing);
+        log::debug!("image {}: kicked while not ready: taking over", self.name());
         let device = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("take-over {}", self.name()))
