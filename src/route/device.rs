@@ -130,8 +130,9 @@ impl Device {
         }
     }
 
-    /// The frontend stopped every queue: another node may take the image over.
+    /// The frontend stopped every queue: another node may take the image over (as soon as
+    /// etcd says so; the frontend does not wait for it).
     pub fn stopped(&self) {
-        crate::ownership::device_stopped(&self.disk);
+        crate::ownership::device_stopped_soon(&self.disk);
     }
 }
