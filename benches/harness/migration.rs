@@ -21,6 +21,7 @@
 //!   never conflict with a second qsd's. Both use `cache.direct=off`, so they share the page
 //!   cache and the destination reads what the source wrote.
 
+mod qemu_trace;
 mod timeline;
 
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +44,7 @@ use crate::{Ctx, Suite, Tier};
 pub const GROUP: &str = "migration";
 /// Figure names: one per run and system, the median per system, and the ratio.
 const RUN_FIGURE: &str = "live-migration downtime, run";
+const STOP_FIGURE: &str = "live-migration downtime: vhost-user device stop, run";
 const MEDIAN_FIGURE: &str = "live-migration downtime: median";
 const RATIO_FIGURE: &str = "live-migration downtime: median cormorant / median qsd";
 /// The system names of the two sides.
@@ -114,6 +116,23 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
                             .as_ref()
                             .map_or(String::new(), |t| format!("  ({t})"))
                     );
+                    if let Some(q) = &m.steps {
+                        notes.push(format!(
+                            "{GROUP} run {} {system}: QEMU's downtime: device stop (vhost-user, \
+                             {} messages) {:.1} ms, then the final RAM and device state {:.1} ms",
+                            i + 1,
+                            q.messages,
+                            q.device_stop_ms,
+                            q.final_transfer_ms
+                        ));
+                        figures.push(figure(
+                            &format!("{STOP_FIGURE} {}", i + 1),
+                            system,
+                            q.device_stop_ms,
+                            "ms",
+                            None,
+                        ));
+                    }
                     if let Some(t) = &m.timeline {
                         notes.push(format!("{GROUP} run {} {system}: {t}", i + 1));
                     }
@@ -175,6 +194,8 @@ struct Migrated {
     total_ms: f64,
     /// Cormorant only: the switch-over as the daemons logged it.
     timeline: Option<String>,
+    /// Where the source QEMU's downtime went (its trace).
+    steps: Option<qemu_trace::Steps>,
     /// The guest did not finish its rounds cleanly on the destination.
     problem: Option<String>,
 }
@@ -338,11 +359,13 @@ fn migrate(
     let script = rounds_script(ROUNDS);
     let qmp_path = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let trace = dir.join("src.trace");
     let mut src = Guest::spawn(
         &GuestOpts::new(dir.join("src"), &script)
             .disk(Disk::new(source))
             .timeout(Duration::from_secs(300))
-            .qemu_args(&["-qmp", &qmp_arg]),
+            .qemu_args(&["-qmp", &qmp_arg])
+            .qemu_args(&str_args(&qemu_trace::args(&trace))),
     );
     if !src.wait_for_console(MIGRATE_AFTER, Duration::from_secs(120)) {
         return Err(guest_failed("the source guest never started writing", &src));
@@ -406,6 +429,7 @@ fn migrate(
     let (downtime_ms, total_ms) = (figure("downtime")?, figure("total-time")?);
     let _ = qmp.execute("quit", json!({}));
     drop(src.kill());
+    let steps = qemu_trace::parse(&procs::read_lossy(&trace));
     let out = dst.wait();
     let problem = match (out.exit_code, out.value("done"), out.value("mismatch")) {
         (Some(0), Some("yes"), None) if out.value("write_error").is_none() => None,
@@ -422,8 +446,13 @@ fn migrate(
         downtime_ms,
         total_ms,
         timeline: None,
+        steps,
         problem,
     })
+}
+
+fn str_args(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn guest_failed(what: &str, guest: &RunningGuest) -> ProcError {
@@ -507,28 +536,34 @@ pub fn markdown(r: &Report) -> String {
     }
     let mut s = String::from(
         "\n### Live-migration downtime (QEMU's `downtime`, ms, same run)\n\n\
-         | run | cormorant | qsd-io_uring |\n| --- | ---: | ---: |\n",
+         The device stop is the vhost-user part of it (SET_VRING_ENABLE, GET_VRING_BASE: \
+         the backend's share), from the source QEMU's trace.\n\n\
+         | run | cormorant | qsd-io_uring | cormorant device stop | qsd device stop |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
     );
     let mut names: Vec<&str> = runs.iter().map(|f| f.name.as_str()).collect();
     names.dedup();
-    let value = |name: &str, system: &str| {
+    let value = |name: &str, system: &str, decimals: usize| {
         r.figures
             .iter()
             .find(|f| f.name == name && f.system == system)
-            .map_or("-".to_string(), |f| format!("{:.0}", f.value))
+            .map_or("-".to_string(), |f| format!("{:.*}", decimals, f.value))
     };
     for name in names {
         let run = name.trim_start_matches(RUN_FIGURE).trim();
+        let stop = format!("{STOP_FIGURE} {run}");
         s += &format!(
-            "| {run} | {} | {} |\n",
-            value(name, CORMORANT),
-            value(name, QSD)
+            "| {run} | {} | {} | {} | {} |\n",
+            value(name, CORMORANT, 0),
+            value(name, QSD, 0),
+            value(&stop, CORMORANT, 1),
+            value(&stop, QSD, 1)
         );
     }
     s += &format!(
-        "| median | {} | {} |\n",
-        value(MEDIAN_FIGURE, CORMORANT),
-        value(MEDIAN_FIGURE, QSD)
+        "| median | {} | {} | | |\n",
+        value(MEDIAN_FIGURE, CORMORANT, 0),
+        value(MEDIAN_FIGURE, QSD, 0)
     );
     if let Some(f) = r.figures.iter().find(|f| f.name == RATIO_FIGURE) {
         s += &format!(
