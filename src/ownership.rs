@@ -119,7 +119,7 @@ pub fn device_stopped(disk: &Disk) {
 
 /// [`device_stopped`] for a frontend that waits for it: QEMU stops the device inside a live
 /// migration's downtime (GET_VRING_BASE, which answers only once this returns), and the etcd
-/// transaction took 13-25 ms of it. So the device stops serving here at once, and the active
+/// transaction took 16-48 ms of it (benches/README.md, "Live-migration downtime"). So the device stops serving here at once, and the active
 /// key is deleted on a thread of its own a few milliseconds later; a destination that kicks
 /// meanwhile finds the key still there and retries (see [`take_over_when_free`]), which only
 /// delays its take-over, never lets two nodes serve.
