@@ -13,7 +13,10 @@ use cormorant::cli::{Cli, Command};
 use cormorant::config::Config;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Millisecond timestamps: a live migration's switch-over is read from two daemons' logs.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => Config::from_args(cli.run_dir, args)

@@ -60,6 +60,13 @@ pub fn ensure_serving(disk: &Disk) -> bool {
     }
 }
 
+/// Pauses between take-over attempts while the image is in use elsewhere: short at first,
+/// because a live migration's source deletes its active key a few milliseconds after it
+/// stopped the device (see [`device_stopped_soon`]), and the destination's guest waits for
+/// every one of them; longer later, for a node whose lease must run out.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(5);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 /// Takes the image over; while a frontend still runs it on another node, waits for that to
 /// end, at most as long as that node's lease can keep it (a node that died holds it until its
 /// lease runs out; a live migration's source stops it before the destination starts).
@@ -68,8 +75,10 @@ fn take_over_when_free(disk: &Disk) -> Result<(), StoreError> {
         .store()
         .lease()
         .map_or(Duration::ZERO, |l| l.ttl() + Duration::from_secs(2));
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let deadline = started + wait;
     let mut logged = false;
+    let mut pause = FIRST_RETRY_PAUSE;
     loop {
         match take_over(disk) {
             Err(StoreError::InUse { node, .. }) if Instant::now() < deadline => {
@@ -80,20 +89,72 @@ fn take_over_when_free(disk: &Disk) -> Result<(), StoreError> {
                     );
                     logged = true;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
             }
-            other => return other,
+            other => {
+                if logged {
+                    log::info!(
+                        "image {}: waited {:?} for the other node",
+                        disk.name(),
+                        started.elapsed()
+                    );
+                }
+                return other;
+            }
         }
     }
 }
 
 /// The frontend stopped the device here (all queues stopped: a migration's end, a reboot, a
-/// disconnect): another node may take the image over from now on.
+/// disconnect): another node may take the image over from now on. Waits for etcd.
 pub fn device_stopped(disk: &Disk) {
     if !disk.store().is_shared() || !disk.is_active() {
         return;
     }
     let _one = disk.take_over_lock();
+    disk.set_active(false);
+    deactivate(disk);
+}
+
+/// [`device_stopped`] for a frontend that waits for it: QEMU stops the device inside a live
+/// migration's downtime (GET_VRING_BASE, which answers only once this returns), and the etcd
+/// transaction took 16-48 ms of it (benches/README.md, "Live-migration downtime"). So the device stops serving here at once, and the active
+/// key is deleted on a thread of its own a few milliseconds later; a destination that kicks
+/// meanwhile finds the key still there and retries (see [`take_over_when_free`]), which only
+/// delays its take-over, never lets two nodes serve.
+pub fn device_stopped_soon(disk: &Arc<Disk>) {
+    if !disk.store().is_shared() || !disk.is_active() {
+        return;
+    }
+    // From here on a kick goes through `ensure_serving`, which takes the same lock.
+    {
+        let _one = disk.take_over_lock();
+        disk.set_active(false);
+    }
+    let later = disk.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("stopped {}", disk.name()))
+        .spawn(move || {
+            let _one = later.take_over_lock();
+            // The device started here again meanwhile (a failed migration resumes the
+            // source): the key is its own again, keep it.
+            if !later.is_active() {
+                deactivate(&later);
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("image {}: cannot start a thread: {e}", disk.name());
+        let _one = disk.take_over_lock();
+        if !disk.is_active() {
+            deactivate(disk);
+        }
+    }
+}
+
+/// Deletes this node's active key of the image (under `take_over_lock`).
+fn deactivate(disk: &Disk) {
+    log::debug!("image {}: device stopped; deactivating", disk.name());
     let meta = disk.meta().clone();
     match disk.store().deactivate(&meta) {
         Ok(()) => log::info!(
@@ -102,7 +163,6 @@ pub fn device_stopped(disk: &Disk) {
         ),
         Err(e) => log::warn!("image {}: cannot mark the device stopped: {e}", disk.name()),
     }
-    disk.set_active(false);
 }
 
 /// Makes this node the owner of `disk`'s image, if it is not already. Called by a queue

@@ -83,6 +83,21 @@ fn smoke_suite_writes_results_table_and_plots() {
         );
     }
 
+    // One live migration per system (issue 11), unless the group was skipped with a note.
+    let notes = json["notes"].as_array().expect("notes");
+    let skipped = notes
+        .iter()
+        .any(|n| n.as_str().unwrap_or("").starts_with("migration: skipped"));
+    for system in ["cormorant", "qsd-io_uring"] {
+        assert!(
+            skipped
+                || figures.iter().any(|f| f["system"] == system
+                    && f["name"] == "live-migration downtime, run 1"
+                    && f["unit"] == "ms"),
+            "no migration downtime for {system}: {notes:?}"
+        );
+    }
+
     let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
     assert!(md.contains("| backend ram | randread 4k qd32 x1 | qsd-io_uring |"));
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -10,6 +10,7 @@ mod backend;
 mod cluster;
 mod fio;
 mod load;
+mod migration;
 mod plot;
 mod procs;
 mod report;
@@ -389,6 +390,7 @@ fn run(args: Args) -> Result<(), ProcError> {
         )?;
     }
     cluster::run(&ctx, &mut report.figures, &mut report.notes)?;
+    migration::run(&ctx, &mut report.figures, &mut report.notes)?;
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;
     resources::thin_image(&ctx, &mut report.figures)?;

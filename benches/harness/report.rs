@@ -307,6 +307,7 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+    s += &crate::migration::markdown(r);
     if !r.figures.is_empty() {
         let _ = writeln!(s, "\n### Resource figures\n");
         let _ = writeln!(s, "| figure | system | value | target | met |");

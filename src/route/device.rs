@@ -107,6 +107,7 @@ impl Device {
         }
         *preparing = Some(vec![waiter]);
         drop(preparing);
+        log::debug!("image {}: kicked while not ready: taking over", self.name());
         let device = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("take-over {}", self.name()))
@@ -131,8 +132,9 @@ impl Device {
         }
     }
 
-    /// The frontend stopped every queue: another node may take the image over.
+    /// The frontend stopped every queue: another node may take the image over (as soon as
+    /// etcd says so; the frontend does not wait for it).
     pub fn stopped(&self) {
-        crate::ownership::device_stopped(&self.disk);
+        crate::ownership::device_stopped_soon(&self.disk);
     }
 }

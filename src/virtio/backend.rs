@@ -212,9 +212,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let name = self.device.name();
+        log::debug!("image {name}: stopping queue {queue_index} (draining)");
         if let Some(worker) = self.workers.get(queue_index as usize) {
             worker.lock().unwrap_or_else(|p| p.into_inner()).drain();
         }
+        log::debug!("image {name}: queue {queue_index} drained");
         let running = self
             .workers
             .iter()

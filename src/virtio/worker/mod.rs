@@ -170,7 +170,10 @@ impl Worker {
     fn serve_when_ready(&mut self, vring: &Vring) {
         match self.awaiting {
             Some(asked) if self.device.attempts() == asked => return,
-            Some(_) => self.awaiting = None,
+            Some(_) => {
+                self.awaiting = None;
+                log::debug!("image {}: serving after the take-over", self.device.name());
+            }
             None if !self.device.is_ready() => {
                 self.awaiting = Some(self.device.attempts());
                 self.device.prepare(self.queue.completion_fd());
