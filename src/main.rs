@@ -2,7 +2,11 @@
 
 // Issue 11: no unwrap or expect outside tests (a panic on a queue thread loses a VM), and
 // every unsafe block says why it is sound.
-#![warn(clippy::undocumented_unsafe_blocks, clippy::unwrap_used, clippy::expect_used)]
+#![warn(
+    clippy::undocumented_unsafe_blocks,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::process::ExitCode;
