@@ -360,7 +360,7 @@ fn run(args: Args) -> Result<(), ProcError> {
         params: Params::new(args.suite),
         cormorant_bin: cormorant_bin(args.cormorant.as_deref())?,
         ch_bin: args.ch_binary.clone().unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/ch-vhost-user-block")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/peers/ch-vhost-user-block")
         }),
         ram_dir: args.ram_dir.clone(),
         volume_dir: std::fs::canonicalize(&args.volume_dir).map_err(procs::io_ctx("volume dir"))?,
