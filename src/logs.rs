@@ -21,6 +21,21 @@ impl Throttle {
     }
 }
 
+/// A [`Throttle`] several threads share (one peer connection's workers): the count is an
+/// atomic, the rule the same.
+#[derive(Debug, Default)]
+pub struct SharedThrottle {
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl SharedThrottle {
+    /// Counts one event; returns the count so far when this one should be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (n <= LOGGED_IN_FULL || n.is_power_of_two()).then_some(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,6 +44,9 @@ mod tests {
     fn logs_the_first_few_then_powers_of_two() {
         let mut t = Throttle::default();
         let logged: Vec<u64> = (0..100).filter_map(|_| t.allow()).collect();
+        assert_eq!(logged, [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]);
+        let shared = SharedThrottle::default();
+        let logged: Vec<u64> = (0..100).filter_map(|_| shared.allow()).collect();
         assert_eq!(logged, [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]);
     }
 }

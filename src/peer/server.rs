@@ -363,6 +363,9 @@ struct Connection {
     outbox: Outbox,
     gauge: Arc<Gauge>,
     stream: TcpStream,
+    /// Per-request errors a peer causes are logged at this rate, so one misbehaving peer
+    /// cannot flood the log.
+    logs: crate::logs::SharedThrottle,
 }
 
 struct Job {
@@ -392,6 +395,7 @@ fn serve(
         outbox,
         gauge,
         stream: stream.try_clone()?,
+        logs: crate::logs::SharedThrottle::default(),
     });
     let (jobs, queue) = mpsc::channel();
     let queue = Arc::new(Mutex::new(queue));
@@ -471,7 +475,13 @@ fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>) {
             }
         }
         Err(e) => {
-            log::warn!("peer {}: bad {:?} request: {e}", conn.peer, frame.kind);
+            if let Some(n) = conn.logs.allow() {
+                log::warn!(
+                    "peer {}: bad {:?} request: {e} ({n} errors on this connection)",
+                    conn.peer,
+                    frame.kind
+                );
+            }
             conn.answer(
                 frame.id,
                 Response::error(code::BAD_REQUEST, e.to_string()),
@@ -515,7 +525,12 @@ impl Connection {
     /// Sends the answer to request `id`; `charge` is what the request holds of the budget.
     fn answer(&self, id: u64, response: Response, charge: usize) {
         let frame = encode_answer(id, response).or_else(|e| {
-            log::error!("peer {}: cannot encode an answer: {e}", self.peer);
+            if let Some(n) = self.logs.allow() {
+                log::error!(
+                    "peer {}: cannot encode an answer: {e} ({n} errors on this connection)",
+                    self.peer
+                );
+            }
             let fallback = format!("the answer could not be encoded: {e}");
             encode_answer(id, Response::error(code::INTERNAL, fallback))
         });
