@@ -60,13 +60,8 @@ impl Device {
     }
 
     /// A new queue of this device, completing on its own eventfd.
-    pub fn queue(self: &Arc<Self>) -> std::io::Result<Queue> {
-        Queue::new(
-            self.clone(),
-            self.disk.clone(),
-            self.peers.clone(),
-            self.use_uring,
-        )
+    pub fn queue(&self) -> std::io::Result<Queue> {
+        Queue::new(self.disk.clone(), self.peers.clone(), self.use_uring)
     }
 
     /// The image's limits (QoS), shared by its queues.

@@ -14,7 +14,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::error::IoError;
 use super::split::{self, BlockSpan, Piece};
-use super::Device;
 use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{
@@ -145,7 +144,6 @@ enum Begin {
 }
 
 pub struct Queue {
-    pub(super) device: Arc<Device>,
     pub(super) disk: Arc<Disk>,
     pub(super) peers: Arc<dyn Transport>,
     notify: EventFd,
@@ -170,7 +168,6 @@ pub struct Queue {
 
 impl Queue {
     pub(super) fn new(
-        device: Arc<Device>,
         disk: Arc<Disk>,
         peers: Arc<dyn Transport>,
         use_uring: bool,
@@ -179,7 +176,6 @@ impl Queue {
         let remote = RemoteEngine::new(peers.clone(), notify.try_clone()?);
         let counters = disk.metrics().queue();
         Ok(Queue {
-            device,
             disk,
             peers,
             notify,
@@ -202,10 +198,6 @@ impl Queue {
     /// for is over: the queue's thread then calls [`Queue::complete`].
     pub fn completion_fd(&self) -> &EventFd {
         &self.notify
-    }
-
-    pub fn device(&self) -> &Arc<Device> {
-        &self.device
     }
 
     /// Requests taken and not yet collected (including those waiting for a frozen block).
