@@ -389,7 +389,12 @@ fn run(args: Args) -> Result<(), ProcError> {
             &mut report.notes,
         )?;
     }
-    cluster::run(&ctx, &mut report.figures, &mut report.notes)?;
+    cluster::run(
+        &ctx,
+        &mut report.measurements,
+        &mut report.figures,
+        &mut report.notes,
+    )?;
     migration::run(&ctx, &mut report.figures, &mut report.notes)?;
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;
