@@ -165,6 +165,79 @@ impl Work {
     }
 }
 
+/// The loads of the group, from the suite's run times.
+struct Cases {
+    read_qd32: LoadSpec,
+    read_qd1: LoadSpec,
+    read_seq: LoadSpec,
+    write_qd32: LoadSpec,
+    /// The writer that runs during the resync.
+    resync_writer: LoadSpec,
+    seq_pass: Pass,
+}
+
+impl Cases {
+    fn new(ctx: &Ctx) -> Cases {
+        let spec = |pattern, bs: u32, qd| LoadSpec {
+            pattern,
+            bs,
+            qd,
+            queues: 1,
+            runtime: ctx.params.runtime,
+            warmup: ctx.params.warmup,
+            span: SPAN,
+            client_poll: false,
+            inflight: false,
+        };
+        Cases {
+            read_qd32: spec(Pattern::RandRead, 4096, 32),
+            read_qd1: spec(Pattern::RandRead, 4096, 1),
+            read_seq: spec(Pattern::Read, 1 << 20, SEQ_QD),
+            write_qd32: spec(Pattern::RandWrite, 4096, 32),
+            resync_writer: spec(Pattern::RandWrite, 4096, 4),
+            seq_pass: Pass {
+                bs: 1 << 20,
+                qd: SEQ_QD,
+                span: SPAN,
+            },
+        }
+    }
+
+    fn warm_case(&self) -> String {
+        format!("{} warm", self.read_qd32.label())
+    }
+}
+
+/// Which cases `--only` selected.
+struct Selection {
+    /// Random QD32, random QD1, sequential 1 MiB.
+    read: [bool; 3],
+    write: bool,
+    /// The cold pass, the warm random reads.
+    cache: [bool; 2],
+    resync: bool,
+}
+
+impl Selection {
+    fn new(ctx: &Ctx, c: &Cases) -> Selection {
+        let want = |part: &str, case: &str| ctx.selected(&format!("cluster {part} {case}"));
+        Selection {
+            read: [&c.read_qd32, &c.read_qd1, &c.read_seq].map(|s| want("read", &s.label())),
+            write: want("write", &c.write_qd32.label()),
+            cache: [
+                want("cache", &c.seq_pass.label()),
+                want("cache", &c.warm_case()),
+            ],
+            resync: want("resync", "resync"),
+        }
+    }
+
+    /// Whether "remote" must be moved to node b.
+    fn remote(&self) -> bool {
+        self.read.contains(&true) || self.cache.contains(&true) || self.resync
+    }
+}
+
 /// One side of a case: the image it runs on and the name it is recorded under.
 #[derive(Clone, Copy)]
 struct Side<'a> {
@@ -172,14 +245,34 @@ struct Side<'a> {
     system: &'a str,
 }
 
-/// Where the group's results go.
-struct Out<'a> {
+const LOCAL: Side = Side {
+    image: "local",
+    system: "local",
+};
+const REMOTE: Side = Side {
+    image: "remote",
+    system: "remote",
+};
+const REMOTE_CACHED: Side = Side {
+    image: "remote",
+    system: "remote cache ram",
+};
+
+/// A running group: the nodes and where the results go.
+struct Group<'a> {
+    ctx: &'a Ctx,
+    nodes: Nodes,
     measurements: &'a mut Vec<Measurement>,
     figures: &'a mut Vec<Figure>,
     notes: &'a mut Vec<String>,
 }
 
-impl Out<'_> {
+impl Group<'_> {
+    fn note(&mut self, note: String) {
+        eprintln!("  {note}");
+        self.notes.push(note);
+    }
+
     /// A ratio figure against a lower bound from the issue.
     fn at_least(&mut self, name: String, value: f64, min: f64) {
         let target = format!(">= {min}x");
@@ -187,188 +280,137 @@ impl Out<'_> {
         self.figures
             .push(figure(&name, SYSTEM, value, "x", Some((&target, met))));
     }
-}
 
-/// Runs `work` on `base`, then on `test`, back to back, and records both as case `case` of
-/// group `cluster <part>`. A side that fails (a stalled daemon, an error status) becomes a note
-/// and the case reports no ratio; the group goes on.
-fn pair(
-    nodes: &Nodes,
-    ctx: &Ctx,
-    out: &mut Out,
-    (part, case): (&str, &str),
-    work: &Work,
-    sides: [Side; 2],
-) -> Option<(LoadResult, LoadResult)> {
-    let group = format!("cluster {part}");
-    let mut results = Vec::with_capacity(2);
-    for side in sides {
-        let before = nodes.sample();
-        let t0 = Instant::now();
-        let r = match work.run(&nodes.a.socket(side.image)) {
-            Ok(r) => r,
-            Err(e) => {
-                let note = format!(
-                    "{group} {case} {}: failed: {e}{}",
-                    side.system,
-                    crate::backend::error_chain(&e)
-                );
-                eprintln!("  {note}");
-                out.notes.push(note);
+    /// Runs `work` on `base`, then on `test`, back to back, and records both as case `case` of
+    /// group `cluster <part>`. A side that fails (a stalled daemon, an error status) becomes a
+    /// note and the case reports no ratio; the group goes on.
+    fn pair(
+        &mut self,
+        (part, case): (&str, &str),
+        work: &Work,
+        sides: [Side; 2],
+    ) -> Option<(LoadResult, LoadResult)> {
+        let group = format!("cluster {part}");
+        let mut results = Vec::with_capacity(2);
+        for side in sides {
+            let before = self.nodes.sample();
+            let t0 = Instant::now();
+            let r = match work.run(&self.nodes.a.socket(side.image)) {
+                Ok(r) => r,
+                Err(e) => {
+                    let chain = crate::backend::error_chain(&e);
+                    self.note(format!(
+                        "{group} {case} {}: failed: {e}{chain}",
+                        side.system
+                    ));
+                    return None;
+                }
+            };
+            let mut m = Measurement::new(&group, case, side.system, r.clone());
+            m.set_resources(&before, &self.nodes.sample(), t0.elapsed().as_secs_f64());
+            self.ctx.progress(&m);
+            self.measurements.push(m);
+            if r.errors > 0 {
+                let (errors, ops) = (r.errors, r.ops);
+                self.note(format!(
+                    "{group} {case} {}: {errors} of {ops} requests failed",
+                    side.system
+                ));
                 return None;
             }
+            results.push(r);
+        }
+        let test = results.pop()?;
+        let base = results.pop()?;
+        Some((base, test))
+    }
+
+    /// "remote" moves to node b while a client writes to it (the resync's throughput, a
+    /// figure); then every block of it lives on b only.
+    fn move_remote(&mut self, writer_spec: &LoadSpec) -> Result<(), ProcError> {
+        let a = &self.nodes.a;
+        a.cli(&["location", "add", "remote", "--at", "b:ram"])?;
+        let started = Instant::now();
+        let writer = {
+            let socket = a.socket("remote");
+            let s = writer_spec.clone();
+            std::thread::spawn(move || load::run(&socket, &s))
         };
-        let mut m = Measurement::new(&group, case, side.system, r.clone());
-        m.set_resources(&before, &nodes.sample(), t0.elapsed().as_secs_f64());
-        ctx.progress(&m);
-        out.measurements.push(m);
-        if r.errors > 0 {
-            out.notes.push(format!(
-                "{group} {case} {}: {} of {} requests failed",
-                side.system, r.errors, r.ops
-            ));
-            return None;
+        a.cli(&["sync", "remote"])?;
+        let secs = started.elapsed().as_secs_f64();
+        let wrote = writer
+            .join()
+            .map_err(|_| "panicked".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        // The writer stopped after the first sync: a second one moves what it wrote last.
+        a.cli(&["sync", "remote"])?;
+        a.cli(&["location", "rm", "remote", "--at", "a:ram"])?;
+        if let Err(e) = wrote {
+            self.note(format!("cluster resync: the concurrent writer failed: {e}"));
         }
-        results.push(r);
-    }
-    let test = results.pop()?;
-    let base = results.pop()?;
-    Some((base, test))
-}
-
-pub fn run(
-    ctx: &Ctx,
-    measurements: &mut Vec<Measurement>,
-    figures: &mut Vec<Figure>,
-    notes: &mut Vec<String>,
-) -> Result<(), ProcError> {
-    let spec = |pattern, bs: u32, qd| LoadSpec {
-        pattern,
-        bs,
-        qd,
-        queues: 1,
-        runtime: ctx.params.runtime,
-        warmup: ctx.params.warmup,
-        span: SPAN,
-        client_poll: false,
-        inflight: false,
-    };
-    let read_qd32 = spec(Pattern::RandRead, 4096, 32);
-    let read_qd1 = spec(Pattern::RandRead, 4096, 1);
-    let read_seq = spec(Pattern::Read, 1 << 20, SEQ_QD);
-    let write_qd32 = spec(Pattern::RandWrite, 4096, 32);
-    let seq_pass = Pass {
-        bs: 1 << 20,
-        qd: SEQ_QD,
-        span: SPAN,
-    };
-    let warm_case = format!("{} warm", read_qd32.label());
-    let want = |part: &str, case: &str| ctx.selected(&format!("cluster {part} {case}"));
-    let reads = [&read_qd32, &read_qd1, &read_seq].map(|s| want("read", &s.label()));
-    let write = want("write", &write_qd32.label());
-    let cache = [want("cache", &seq_pass.label()), want("cache", &warm_case)];
-    let resync = want("resync", "resync");
-    let remote_needed = reads.contains(&true) || cache.contains(&true);
-    if !(remote_needed || write || resync) {
-        return Ok(());
-    }
-    eprintln!("== cluster");
-    let mut nodes = Nodes::start(ctx, notes)?;
-    let mut out = Out {
-        measurements,
-        figures,
-        notes,
-    };
-    let (local, remote) = (
-        Side {
-            image: "local",
-            system: "local",
-        },
-        Side {
-            image: "remote",
-            system: "remote",
-        },
-    );
-
-    if remote_needed || resync {
-        let data = nodes.work.path().join("data.raw");
-        procs::write_data_file(&data, SPAN)?;
-        for name in ["local", "remote"] {
-            nodes.a.import_image(name, &data, "ram")?;
-        }
-        move_remote(&nodes, &spec(Pattern::RandWrite, 4096, 4), &mut out)?;
+        self.figures.push(figure(
+            "cluster resync: a 256 MiB image to another node while a client writes",
+            SYSTEM,
+            SPAN as f64 / 1e6 / secs,
+            "MB/s",
+            None,
+        ));
+        Ok(())
     }
 
-    if reads[0] {
-        let case = read_qd32.label();
-        let work = Work::Load(read_qd32.clone());
-        if let Some((l, r)) = pair(
-            &nodes,
-            ctx,
-            &mut out,
-            ("read", &case),
-            &work,
-            [local, remote],
-        ) {
-            let name = format!("cluster read {case}: remote / local IOPS");
-            out.at_least(name, r.iops / l.iops.max(1.0), 0.6);
+    /// The read part: blocks on b only against blocks on a, cache off.
+    fn read(&mut self, c: &Cases, [qd32, qd1, seq]: [bool; 3]) {
+        if qd32 {
+            let case = c.read_qd32.label();
+            let work = Work::Load(c.read_qd32.clone());
+            if let Some((l, r)) = self.pair(("read", &case), &work, [LOCAL, REMOTE]) {
+                let name = format!("cluster read {case}: remote / local IOPS");
+                self.at_least(name, r.iops / l.iops.max(1.0), 0.6);
+            }
         }
-    }
-    if reads[1] {
-        let case = read_qd1.label();
-        let work = Work::Load(read_qd1.clone());
-        if let Some((l, r)) = pair(
-            &nodes,
-            ctx,
-            &mut out,
-            ("read", &case),
-            &work,
-            [local, remote],
-        ) {
-            let extra = r.lat_p50_us - l.lat_p50_us;
-            out.figures.push(figure(
-                &format!("cluster read {case}: remote p50 - local p50"),
-                SYSTEM,
-                extra,
-                "us",
-                Some(("<= 25 us", extra <= 25.0)),
-            ));
-            out.figures.push(figure(
-                &format!("cluster read {case}: remote / local p50"),
-                SYSTEM,
-                r.lat_p50_us / l.lat_p50_us.max(1e-3),
-                "x",
-                None,
-            ));
+        if qd1 {
+            let case = c.read_qd1.label();
+            let work = Work::Load(c.read_qd1.clone());
+            if let Some((l, r)) = self.pair(("read", &case), &work, [LOCAL, REMOTE]) {
+                let extra = r.lat_p50_us - l.lat_p50_us;
+                self.figures.push(figure(
+                    &format!("cluster read {case}: remote p50 - local p50"),
+                    SYSTEM,
+                    extra,
+                    "us",
+                    Some(("<= 25 us", extra <= 25.0)),
+                ));
+                self.figures.push(figure(
+                    &format!("cluster read {case}: remote / local p50"),
+                    SYSTEM,
+                    r.lat_p50_us / l.lat_p50_us.max(1e-3),
+                    "x",
+                    None,
+                ));
+            }
         }
-    }
-    if reads[2] {
-        let case = read_seq.label();
-        let work = Work::Load(read_seq.clone());
-        if let Some((l, r)) = pair(
-            &nodes,
-            ctx,
-            &mut out,
-            ("read", &case),
-            &work,
-            [local, remote],
-        ) {
-            let name = format!("cluster read {case}: remote / local MB/s");
-            out.at_least(name, r.mbps / l.mbps.max(1e-3), 0.8);
+        if seq {
+            let case = c.read_seq.label();
+            let work = Work::Load(c.read_seq.clone());
+            if let Some((l, r)) = self.pair(("read", &case), &work, [LOCAL, REMOTE]) {
+                let name = format!("cluster read {case}: remote / local MB/s");
+                self.at_least(name, r.mbps / l.mbps.max(1e-3), 0.8);
+            }
         }
     }
 
-    if write {
+    /// The write part: two copies (a and b) against one (a), on fresh thin images.
+    fn write(&mut self, c: &Cases) -> Result<(), ProcError> {
         let size = format!("{}M", SPAN >> 20);
         for (name, at) in [("one", vec!["a:ram"]), ("two", vec!["a:ram", "b:ram"])] {
             let mut args = vec!["image", "create", name, "--size", &size];
             for p in &at {
                 args.extend(["--at", p]);
             }
-            nodes.a.cli(&args)?;
-            nodes.a.wait_socket(name)?;
+            self.nodes.a.cli(&args)?;
+            self.nodes.a.wait_socket(name)?;
         }
-        let case = write_qd32.label();
+        let case = c.write_qd32.label();
         let sides = [
             Side {
                 image: "one",
@@ -379,75 +421,66 @@ pub fn run(
                 system: "2 copies",
             },
         ];
-        let work = Work::Load(write_qd32.clone());
-        if let Some((one, two)) = pair(&nodes, ctx, &mut out, ("write", &case), &work, sides) {
+        let work = Work::Load(c.write_qd32.clone());
+        if let Some((one, two)) = self.pair(("write", &case), &work, sides) {
             let name = format!("cluster write {case}: 2 copies / 1 copy IOPS");
-            out.at_least(name, two.iops / one.iops.max(1.0), 0.6);
+            self.at_least(name, two.iops / one.iops.max(1.0), 0.6);
         }
+        Ok(())
     }
 
-    if cache.contains(&true) {
-        match enable_cache(&nodes.a) {
+    /// The cache part, after the read part (which must see the cache off): "remote" cached on
+    /// a, cold when this starts. One 1 MiB sequential pass, which read-ahead should carry, then
+    /// random 4 KiB reads over the whole image once a pass has read all of it into the cache.
+    /// Skipped with a note when the daemon refuses the cache.
+    fn cache(&mut self, c: &Cases, [cold, warm]: [bool; 2]) {
+        match enable_cache(&self.nodes.a) {
             Err(e) => {
-                let note = format!(
+                return self.note(format!(
                     "cluster cache: skipped: the daemon refused `image set remote --cache ram` \
                      (before issue 12?): {e}"
-                );
-                eprintln!("  {note}");
-                out.notes.push(note);
+                ));
             }
-            Ok(how) => {
-                out.notes.push(format!("cluster cache: `{how}` on node a"));
-                let cached = Side {
-                    image: "remote",
-                    system: "remote cache ram",
-                };
-                cache_cases(
-                    &nodes,
-                    ctx,
-                    &mut out,
-                    cache,
-                    (&seq_pass, &read_qd32),
-                    [local, cached],
-                );
+            Ok(how) => self.notes.push(format!("cluster cache: `{how}` on node a")),
+        }
+        let sides = [LOCAL, REMOTE_CACHED];
+        if cold && self.warm_up(LOCAL.image, c.seq_pass) {
+            let case = c.seq_pass.label();
+            let work = Work::Pass(c.seq_pass);
+            if let Some((l, r)) = self.pair(("cache", &case), &work, sides) {
+                let name = format!("cluster cache {case}: cold remote (read-ahead) / local MB/s");
+                self.at_least(name, r.mbps / l.mbps.max(1e-3), 0.9);
+            }
+        }
+        // Every byte of the working set read once: the cache holds it all (a second pass when
+        // the cold case ran, which costs little if it hits).
+        if warm && self.warm_up(REMOTE_CACHED.image, c.seq_pass) {
+            let case = c.warm_case();
+            let work = Work::Load(c.read_qd32.clone());
+            if let Some((l, r)) = self.pair(("cache", &case), &work, sides) {
+                let name = format!("cluster cache {case}: remote from cache / local IOPS");
+                self.at_least(name, r.iops / l.iops.max(1.0), 0.9);
             }
         }
     }
-    Ok(())
-}
 
-/// "remote" moves to node b while a client writes to it (the resync's throughput, a figure);
-/// then every block of it lives on b only.
-fn move_remote(nodes: &Nodes, writer_spec: &LoadSpec, out: &mut Out) -> Result<(), ProcError> {
-    let a = &nodes.a;
-    a.cli(&["location", "add", "remote", "--at", "b:ram"])?;
-    let started = Instant::now();
-    let writer = {
-        let socket = a.socket("remote");
-        let s = writer_spec.clone();
-        std::thread::spawn(move || load::run(&socket, &s))
-    };
-    a.cli(&["sync", "remote"])?;
-    let secs = started.elapsed().as_secs_f64();
-    let wrote = writer
-        .join()
-        .map_err(|_| "panicked".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Err(e) = wrote {
-        out.notes
-            .push(format!("cluster resync: the concurrent writer failed: {e}"));
+    /// One unmeasured pass over `image`: fills its cache, or, on the local image, gives the
+    /// cold pass's baseline what the time-based loads get from their warm-up (the daemon's
+    /// mappings of the block files and of the client's memory touched once), so that the cold
+    /// remote pass is compared with a local pass in its steady state. False (and a note) if it
+    /// failed.
+    fn warm_up(&mut self, image: &str, seq_pass: Pass) -> bool {
+        match pass::run(&self.nodes.a.socket(image), seq_pass) {
+            Ok(_) => true,
+            Err(e) => {
+                let chain = crate::backend::error_chain(&e);
+                self.note(format!(
+                    "cluster cache: the unmeasured pass over {image} failed: {e}{chain}"
+                ));
+                false
+            }
+        }
     }
-    out.figures.push(figure(
-        "cluster resync: a 256 MiB image to another node while a client writes",
-        SYSTEM,
-        SPAN as f64 / 1e6 / secs,
-        "MB/s",
-        None,
-    ));
-    // The writer stopped after the first sync: a second one moves what it wrote last.
-    a.cli(&["sync", "remote"])?;
-    a.cli(&["location", "rm", "remote", "--at", "a:ram"])?;
-    Ok(())
 }
 
 /// Turns the RAM cache of "remote" on, with a size where the daemon takes one; returns the
@@ -475,53 +508,40 @@ fn enable_cache(a: &Cormorant) -> Result<String, String> {
     Err(last)
 }
 
-/// The cache part, "remote" cached on a (cold when this starts): one 1 MiB sequential pass,
-/// which read-ahead should carry, then random 4 KiB reads over the whole image once a pass has
-/// read all of it into the cache.
-fn cache_cases(
-    nodes: &Nodes,
+pub fn run(
     ctx: &Ctx,
-    out: &mut Out,
-    [cold, warm]: [bool; 2],
-    (seq_pass, read_qd32): (&Pass, &LoadSpec),
-    sides: [Side; 2],
-) {
-    if cold && warm_up(nodes, out, sides[0].image, seq_pass) {
-        let case = seq_pass.label();
-        let work = Work::Pass(*seq_pass);
-        if let Some((l, r)) = pair(nodes, ctx, out, ("cache", &case), &work, sides) {
-            let name = format!("cluster cache {case}: cold remote (read-ahead) / local MB/s");
-            out.at_least(name, r.mbps / l.mbps.max(1e-3), 0.9);
-        }
+    measurements: &mut Vec<Measurement>,
+    figures: &mut Vec<Figure>,
+    notes: &mut Vec<String>,
+) -> Result<(), ProcError> {
+    let cases = Cases::new(ctx);
+    let sel = Selection::new(ctx, &cases);
+    if !(sel.remote() || sel.write) {
+        return Ok(());
     }
-    if warm {
-        // Every byte of the working set read once: the cache holds it all (a second pass when
-        // the cold case ran, which costs little if it hits).
-        if !warm_up(nodes, out, sides[1].image, seq_pass) {
-            return;
+    eprintln!("== cluster");
+    let nodes = Nodes::start(ctx, notes)?;
+    let mut g = Group {
+        ctx,
+        nodes,
+        measurements,
+        figures,
+        notes,
+    };
+    if sel.remote() {
+        let data = g.nodes.work.path().join("data.raw");
+        procs::write_data_file(&data, SPAN)?;
+        for name in ["local", "remote"] {
+            g.nodes.a.import_image(name, &data, "ram")?;
         }
-        let case = format!("{} warm", read_qd32.label());
-        let work = Work::Load(read_qd32.clone());
-        if let Some((l, r)) = pair(nodes, ctx, out, ("cache", &case), &work, sides) {
-            let name = format!("cluster cache {case}: remote from cache / local IOPS");
-            out.at_least(name, r.iops / l.iops.max(1.0), 0.9);
-        }
+        g.move_remote(&cases.resync_writer)?;
     }
-}
-
-/// One unmeasured pass over `image`: fills its cache, or, on the local image, gives the cold
-/// pass's baseline what the time-based loads get from their warm-up (the daemon's mappings of
-/// the block files and of the client's memory touched once), so that the cold remote pass is
-/// compared with a local pass in its steady state. False (and a note) if it failed.
-fn warm_up(nodes: &Nodes, out: &mut Out, image: &str, seq_pass: &Pass) -> bool {
-    match pass::run(&nodes.a.socket(image), *seq_pass) {
-        Ok(_) => true,
-        Err(e) => {
-            out.notes.push(format!(
-                "cluster cache: the unmeasured pass over {image} failed: {e}{}",
-                crate::backend::error_chain(&e)
-            ));
-            false
-        }
+    g.read(&cases, sel.read);
+    if sel.write {
+        g.write(&cases)?;
     }
+    if sel.cache.contains(&true) {
+        g.cache(&cases, sel.cache);
+    }
+    Ok(())
 }
