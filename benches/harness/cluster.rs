@@ -545,3 +545,47 @@ pub fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Params, Suite};
+
+    fn selection(only: &[&str]) -> Selection {
+        let ctx = Ctx {
+            params: Params::new(Suite::Quick),
+            cormorant_bin: "cormorant".into(),
+            ch_bin: "ch".into(),
+            ram_dir: "/dev/shm".into(),
+            volume_dir: "/tmp".into(),
+            only: only.iter().map(|s| s.to_string()).collect(),
+        };
+        Selection::new(&ctx, &Cases::new(&ctx))
+    }
+
+    #[test]
+    fn only_selects_parts_and_cases() {
+        let all = selection(&["cluster"]);
+        assert_eq!(all.read, [true; 3]);
+        assert!(all.write && all.resync && all.cache == [true; 2]);
+
+        let read = selection(&["cluster read"]);
+        assert_eq!(read.read, [true; 3]);
+        assert!(!read.write && !read.resync && read.cache == [false; 2]);
+        assert!(read.remote());
+
+        let cache = selection(&["cluster cache"]);
+        assert_eq!(cache.read, [false; 3]);
+        assert_eq!(cache.cache, [true; 2]);
+        assert!(cache.remote());
+
+        let one = selection(&["cluster read randread 4k qd1"]);
+        assert_eq!(one.read, [false, true, false]);
+
+        let write = selection(&["cluster write"]);
+        assert!(write.write && !write.remote());
+
+        let other = selection(&["backend ram"]);
+        assert!(!other.remote() && !other.write);
+    }
+}
