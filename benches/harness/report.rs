@@ -258,7 +258,7 @@ pub fn markdown(r: &Report) -> String {
         "Measured {} with `{}` ({} CPUs, kernel {}, load average at start {}).\n",
         r.date, r.command, r.host.cpus, r.host.kernel, r.host.load_avg_start
     );
-    let _ = writeln!(s, "### Targets of issues 4 and 11\n");
+    let _ = writeln!(s, "### Targets\n");
     s += &targets(r);
     let _ = writeln!(s, "\n### Ratios (Cormorant / other, same run)\n");
     let _ = writeln!(
