@@ -1,6 +1,7 @@
 //! Issue 12 part 3: sequential 1 MiB reads and writes of an image striped over the volume
 //! tiers of three daemons (a, b, c on loopback addresses) against the same image with every
-//! block on one daemon (a). The client is on a, which owns both images.
+//! block on one daemon: the client's (a), or another (b). The client is on a, which owns the
+//! three images.
 //!
 //! On one machine the three "disks" are directories of one file system and the "links" are
 //! loopback, sharing the same cores: what this measures is the overhead of striping (two
@@ -59,7 +60,14 @@ fn node(
     .map(String::from)
     .to_vec();
     let ram = ram.join(id);
-    Cormorant::start_with(&ctx.cormorant_bin, &dir, &ram, &dir.join("vol"), true, &args)
+    Cormorant::start_with(
+        &ctx.cormorant_bin,
+        &dir,
+        &ram,
+        &dir.join("vol"),
+        true,
+        &args,
+    )
 }
 
 /// Writes the whole span once, so the reads measure stored blocks (an unwritten block reads
@@ -123,6 +131,7 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
         a.cli(&args).map(drop)
     };
     create("one", &["--at", "a:volume"])?;
+    create("remote", &["--at", "b:volume"])?;
     create("striped", &["--stripe", "a:volume,b:volume,c:volume"])?;
     let spec = |pattern| LoadSpec {
         pattern,
@@ -136,7 +145,7 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
         inflight: false,
     };
     let mut mbps = std::collections::BTreeMap::new();
-    for name in ["one", "striped"] {
+    for name in ["one", "remote", "striped"] {
         let socket = a.wait_socket(name)?;
         fill(&socket)?;
         for pattern in [Pattern::Write, Pattern::Read] {
@@ -146,24 +155,36 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
                 stderr: e.to_string(),
             })?;
             if r.errors > 0 {
-                notes.push(format!("stripe: {} on {name}: {} errors", s.label(), r.errors));
+                notes.push(format!(
+                    "stripe: {} on {name}: {} errors",
+                    s.label(),
+                    r.errors
+                ));
             }
             let case = format!("{name} seq {} 1M QD{QD}: MB/s", pattern.name());
             figures.push(figure(&case, "cormorant", r.mbps, "MB/s", None));
             mbps.insert((name, pattern.name()), r.mbps);
         }
     }
+    let got = |name: &str, pattern: &str| mbps.get(&(name, pattern.to_string())).copied();
     for pattern in ["write", "read"] {
-        let one = mbps.get(&("one", pattern.to_string())).copied().unwrap_or(0.0);
-        let striped = mbps.get(&("striped", pattern.to_string())).copied();
-        let ratio = striped.unwrap_or(0.0) / one.max(f64::MIN_POSITIVE);
-        figures.push(figure(
-            &format!("striped over 3 daemons vs 1, seq {pattern} 1M QD{QD} (one machine: overhead, not gain)"),
-            "cormorant",
-            ratio,
-            "x",
-            None,
-        ));
+        let striped = got("striped", pattern).unwrap_or(0.0);
+        for (against, what) in [
+            ("one", "all blocks on the client's daemon"),
+            ("remote", "all blocks on one other daemon"),
+        ] {
+            let base = got(against, pattern).unwrap_or(0.0);
+            figures.push(figure(
+                &format!(
+                    "striped over 3 daemons vs {what}, seq {pattern} 1M QD{QD} \
+                     (one machine: overhead, not gain)"
+                ),
+                "cormorant",
+                striped / base.max(f64::MIN_POSITIVE),
+                "x",
+                None,
+            ));
+        }
     }
     notes.push(
         "stripe: three daemons on one machine share its disk, cores and loopback; the striped \
