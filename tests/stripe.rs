@@ -219,3 +219,93 @@ fn location_commands_work_per_member() {
     assert_eq!(status, S_OK);
     assert!(read == data);
 }
+
+/// In a cluster the stripe lives in etcd: every node's `image info` shows it, a replacement
+/// changes it there with the locations, a restarted owner reads it back, and a take-over by
+/// another node leaves the blocks on the stripe's members (other images gather on the new
+/// owner).
+#[test]
+fn in_a_cluster_the_stripe_is_kept_in_etcd_and_survives_a_take_over() {
+    if !common::tools_available(&["etcd"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let (_etcd, mut cluster) = common::etcd_cluster(dir.path(), 3);
+    cluster.nodes[0].cli(&[
+        "image",
+        "create",
+        "st",
+        "--size",
+        "4M",
+        "--block-size",
+        "256K",
+        "--stripe",
+        "a:volume,b:volume,c:volume",
+        "--stripe-width",
+        "2",
+        "--copies",
+        "2",
+    ]);
+    let on_c = cluster.nodes[2].cli(&["image", "info", "st"]);
+    assert_eq!(on_c["stripe"]["width"], 2, "{on_c}");
+    assert_eq!(holders(&on_c, 2), ["b:volume", "c:volume"]);
+    let data: Vec<u8> = (0..16 * BLOCK).map(|i| (i % 241) as u8).collect();
+    {
+        let a = &cluster.nodes[0];
+        let mut client = BlkClient::connect(a.socket("st"), &ClientOptions::default()).unwrap();
+        assert_eq!(client.write(0, 0, &data).unwrap(), S_OK);
+        assert_eq!(client.flush(0).unwrap(), S_OK);
+    }
+    assert!(cluster.nodes[2].block_file("volume", "st", 2).exists());
+    assert!(!cluster.nodes[2].block_file("volume", "st", 0).exists());
+
+    // c's volume member moves to c's RAM tier: a replacement within one node, through etcd.
+    let a = &cluster.nodes[0];
+    a.cli(&[
+        "location",
+        "add",
+        "st",
+        "--at",
+        "c:ram",
+        "--replace",
+        "c:volume",
+    ]);
+    a.cli(&["sync", "st"]);
+    a.cli(&["location", "rm", "st", "--at", "c:volume"]);
+    let on_b = cluster.nodes[1].cli(&["image", "info", "st"]);
+    assert_eq!(on_b["stripe"]["members"][2]["at"], "c:ram", "{on_b}");
+    assert_eq!(holders(&on_b, 2), ["b:volume", "c:ram"]);
+    assert_eq!(incomplete(&on_b), [false, false, false]);
+
+    cluster.nodes[0].restart();
+    let again = cluster.nodes[0].cli(&["image", "info", "st"]);
+    assert_eq!(again["stripe"], on_b["stripe"]);
+
+    // b takes the image over when a frontend starts on it: the blocks stay where they are.
+    let b = &cluster.nodes[1];
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(10),
+        || { b.cli_raw(&["image", "adopt", "st"]).status.success() }
+    ));
+    let mut client = BlkClient::connect(b.socket("st"), &ClientOptions::default()).unwrap();
+    let (status, read) = client.read(0, 0, data.len() as u32).unwrap();
+    assert_eq!(status, S_OK);
+    assert!(
+        read == data,
+        "the striped image reads back on its new owner"
+    );
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(5),
+        || { b.log().contains("striped, so its blocks stay") }
+    ));
+    let info = b.cli(&["image", "info", "st"]);
+    assert_eq!(info["owner"], "b");
+    assert_eq!(info["stripe"], on_b["stripe"]);
+    for block in 0..16 {
+        assert_eq!(
+            holders(&info, block),
+            holders(&on_b, block),
+            "block {block}"
+        );
+    }
+}
