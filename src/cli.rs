@@ -70,7 +70,7 @@ pub enum LocationCommand {
         /// Only the blocks with a copy on this NODE:TIER (or that a stripe places on it); for
         /// a stripe member and all blocks, the new copy takes the member's place in the stripe.
         /// Remove the old copies with `location rm` once `sync` says the new ones are in sync.
-        #[arg(long)]
+        #[arg(long, value_name = "NODE:TIER")]
         replace: Option<Placement>,
     },
     /// Remove the copy of blocks A..B on NODE:TIER; refused when it would remove the last
@@ -251,13 +251,18 @@ impl LimitArgs {
 pub struct StripeArgs {
     /// Stripe the blocks over these NODE:TIER members, in order: block i goes on member
     /// (i / width) mod M, and its further copies on the members after it.
-    #[arg(long, value_delimiter = ',', conflicts_with = "at")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NODE:TIER,...",
+        conflicts_with = "at"
+    )]
     pub stripe: Vec<Placement>,
     /// Blocks per stripe unit (default 1).
-    #[arg(long, requires = "stripe")]
+    #[arg(long, value_name = "BLOCKS", requires = "stripe")]
     pub stripe_width: Option<u64>,
     /// Copies of each block, on consecutive members (default 1; at most the member count).
-    #[arg(long, requires = "stripe")]
+    #[arg(long, value_name = "K", requires = "stripe")]
     pub copies: Option<u32>,
 }
 
