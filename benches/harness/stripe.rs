@@ -21,8 +21,8 @@ use crate::report::Figure;
 use crate::resources::figure;
 use crate::{Ctx, Tier};
 
-/// Data per image: larger than one stripe of 4 MiB blocks many times over, small enough to
-/// fill in a few seconds.
+/// Data per image at most: larger than one stripe of 4 MiB blocks many times over, small
+/// enough to fill in a few seconds (the smoke suite's span is smaller still).
 const SPAN: u64 = 256 << 20;
 /// Requests in flight: a guest's sequential stream with read-ahead or writeback keeps a few
 /// 1 MiB requests going, which is what lets a stripe use several members at once.
@@ -72,14 +72,14 @@ fn node(
 
 /// Writes the whole span once, so the reads measure stored blocks (an unwritten block reads
 /// as zeros without any I/O).
-fn fill(socket: &Path) -> Result<(), ProcError> {
+fn fill(socket: &Path, span: u64) -> Result<(), ProcError> {
     let fail = |e: &dyn std::fmt::Display| ProcError::Command {
         cmd: format!("fill {}", socket.display()),
         stderr: e.to_string(),
     };
     let mut client = BlkClient::connect(socket, &ClientOptions::default()).map_err(|e| fail(&e))?;
     let chunk: Vec<u8> = (0..BS).map(|i| (i % 251) as u8).collect();
-    for i in 0..SPAN / u64::from(BS) {
+    for i in 0..span / u64::from(BS) {
         let status = client
             .write(0, i * u64::from(BS) / 512, &chunk)
             .map_err(|e| fail(&e))?;
@@ -124,7 +124,8 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
             stderr: "nodes b and c never showed up in etcd".into(),
         });
     }
-    let size = format!("{}M", SPAN >> 20);
+    let span = SPAN.min(ctx.params.span);
+    let size = format!("{}M", span >> 20);
     let create = |name: &str, placement: &[&str]| -> Result<(), ProcError> {
         let mut args = vec!["image", "create", name, "--size", &size];
         args.extend_from_slice(placement);
@@ -140,14 +141,14 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
         queues: 1,
         runtime: ctx.params.runtime,
         warmup: ctx.params.warmup,
-        span: SPAN,
+        span,
         client_poll: false,
         inflight: false,
     };
     let mut mbps = std::collections::BTreeMap::new();
     for name in ["one", "remote", "striped"] {
         let socket = a.wait_socket(name)?;
-        fill(&socket)?;
+        fill(&socket, span)?;
         for pattern in [Pattern::Write, Pattern::Read] {
             let s = spec(pattern);
             let r = load::run(&socket, &s).map_err(|e| ProcError::Command {
