@@ -120,16 +120,18 @@ pub fn replace_in(
             held || placed.binary_search(&b).is_ok()
         })
         .collect();
-    if blocks.is_empty() {
+    let mut next = meta.clone();
+    let whole = range.start() == 0 && range.end() == meta.blocks();
+    let moved = match (whole, next.stripe.as_mut()) {
+        (true, Some(stripe)) => stripe.replace(from, to)?,
+        _ => false,
+    };
+    // A member of a stripe wider than the image may hold no block: its place still moves.
+    if blocks.is_empty() && !moved {
         return Err(PlacementError::NothingToReplace {
             from: from.clone(),
             range,
         });
-    }
-    let mut next = meta.clone();
-    let whole = range.start() == 0 && range.end() == meta.blocks();
-    if let (true, Some(stripe)) = (whole, next.stripe.as_mut()) {
-        stripe.replace(from, to)?;
     }
     let added = blocks
         .iter()
@@ -298,6 +300,52 @@ mod tests {
             "{err}"
         );
         assert_eq!(meta, before);
+    }
+
+    proptest::proptest! {
+        /// Whatever a member lost before, replacing it over the whole image gives the new
+        /// member a copy of exactly the blocks the layout places on that slot, moves the slot,
+        /// leaves every other block alone, and leaves no member incomplete.
+        #[test]
+        fn a_replacement_restores_the_layout(
+            members in 2usize..6,
+            width in 1u64..4,
+            copies in 2u32..4,
+            blocks in 1u64..40,
+            victim in 0usize..6,
+            lost_from in 0u64..40,
+        ) {
+            let copies = copies.min(members as u32);
+            let at_i = |i: usize| at(&format!("n{i}"));
+            let stripe = Stripe::new(&StripeSpec {
+                members: (0..members).map(at_i).collect(),
+                width: Some(width),
+                copies: Some(copies),
+            })
+            .unwrap();
+            let name = "p".parse().unwrap();
+            let size = blocks * 4096;
+            let mut meta =
+                ImageMeta::striped(name, NodeId::local(), size, 4096, false, stripe).unwrap();
+            let (victim, new) = (at_i(victim % members), at("spare"));
+            let lost = BlockRange::new(lost_from % blocks, blocks).unwrap();
+            remove_from(&mut meta, lost, &victim).unwrap();
+            let before = meta.clone();
+            let range = all(&meta);
+            replace_in(&mut meta, range, &victim, &new).unwrap();
+            let stripe = meta.stripe.clone().unwrap();
+            let slot = stripe.member_at(&new).unwrap();
+            proptest::prop_assert_eq!(before.stripe.unwrap().member_at(&victim), Some(slot));
+            proptest::prop_assert!(stripe.members().iter().all(|m| !m.incomplete));
+            for b in 0..blocks {
+                let now = meta.table.locations(b).unwrap();
+                let was = before.table.locations(b).unwrap();
+                let placed = stripe.places(b, slot);
+                proptest::prop_assert_eq!(now.iter().any(|l| l.at(&new)), placed);
+                proptest::prop_assert_eq!(&now[..was.len()], was, "block {} kept its copies", b);
+                proptest::prop_assert_eq!(now.len(), was.len() + usize::from(placed));
+            }
+        }
     }
 
     /// Part of a member's blocks: the new copies go there, the stripe keeps its member.
