@@ -348,6 +348,29 @@ mod tests {
         }
     }
 
+    /// A stripe wider than the image leaves a member without blocks: replacing it still
+    /// moves its place (and copies nothing).
+    #[test]
+    fn a_member_without_blocks_can_be_replaced() {
+        let stripe = Stripe::new(&StripeSpec {
+            members: vec![at("a"), at("b"), at("c"), at("d")],
+            width: None,
+            copies: Some(2),
+        })
+        .unwrap();
+        let name = "w".parse().unwrap();
+        let mut meta =
+            ImageMeta::striped(name, NodeId::local(), 2 * 4096, 4096, false, stripe).unwrap();
+        let range = all(&meta);
+        assert_eq!(replace_in(&mut meta, range, &at("d"), &at("e")).unwrap(), 0);
+        assert_eq!(meta.stripe.as_ref().unwrap().members()[3].at, at("e"));
+        let err = replace_in(&mut meta, range, &at("d"), &at("f")).unwrap_err();
+        assert!(
+            matches!(err, PlacementError::NothingToReplace { .. }),
+            "{err}"
+        );
+    }
+
     /// Part of a member's blocks: the new copies go there, the stripe keeps its member.
     #[test]
     fn a_partial_replacement_keeps_the_member() {
