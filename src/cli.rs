@@ -67,6 +67,11 @@ pub enum LocationCommand {
         blocks: Option<BlockRange>,
         #[arg(long)]
         at: Placement,
+        /// Only the blocks with a copy on this NODE:TIER (or that a stripe places on it); for
+        /// a stripe member and all blocks, the new copy takes the member's place in the stripe.
+        /// Remove the old copies with `location rm` once `sync` says the new ones are in sync.
+        #[arg(long, value_name = "NODE:TIER")]
+        replace: Option<Placement>,
     },
     /// Remove the copy of blocks A..B on NODE:TIER; refused when it would remove the last
     /// in-sync copy of any block.
@@ -176,6 +181,8 @@ pub enum ImageCommand {
         read_only: bool,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        stripe: StripeArgs,
     },
     /// Change an image's limits, live (a running guest is held to them at once). Run it on
     /// the image's owner; the limits are stored with the image and follow it to other nodes.
@@ -236,6 +243,36 @@ impl LimitArgs {
             bps: self.bps_limit,
             burst_ms: self.burst,
         }
+    }
+}
+
+/// Striping: blocks spread over members in stripe units (docs/CLUSTER.md).
+#[derive(Debug, Args)]
+pub struct StripeArgs {
+    /// Stripe the blocks over these NODE:TIER members, in order: block i goes on member
+    /// (i / width) mod M, and its further copies on the members after it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NODE:TIER,...",
+        conflicts_with = "at"
+    )]
+    pub stripe: Vec<Placement>,
+    /// Blocks per stripe unit (default 1).
+    #[arg(long, value_name = "BLOCKS", requires = "stripe")]
+    pub stripe_width: Option<u64>,
+    /// Copies of each block, on consecutive members (default 1; at most the member count).
+    #[arg(long, value_name = "K", requires = "stripe")]
+    pub copies: Option<u32>,
+}
+
+impl StripeArgs {
+    pub fn spec(self) -> Option<crate::stripe::StripeSpec> {
+        (!self.stripe.is_empty()).then_some(crate::stripe::StripeSpec {
+            members: self.stripe,
+            width: self.stripe_width,
+            copies: self.copies,
+        })
     }
 }
 

@@ -40,9 +40,20 @@ pub fn run(run_dir: &Path, command: Command) -> Result<(), CommandError> {
     let socket = run_dir.join("control.sock");
     let value = match command {
         Command::Image(image) => image_command(&socket, image)?,
-        Command::Location(LocationCommand::Add { name, blocks, at }) => {
-            call_quiet(&socket, Request::LocationAdd { name, blocks, at })?
-        }
+        Command::Location(LocationCommand::Add {
+            name,
+            blocks,
+            at,
+            replace,
+        }) => call_quiet(
+            &socket,
+            Request::LocationAdd {
+                name,
+                blocks,
+                at,
+                replace,
+            },
+        )?,
         Command::Location(LocationCommand::Rm { name, blocks, at }) => {
             call_quiet(&socket, Request::LocationRm { name, blocks, at })?
         }
@@ -72,6 +83,7 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             at,
             read_only,
             limits,
+            stripe,
         } => call_quiet(
             &socket,
             Request::ImageCreate {
@@ -82,6 +94,7 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
                 read_only,
                 at,
                 qos: limits.update(),
+                stripe: stripe.spec(),
             },
         )?,
         ImageCommand::Set { name, limits } => {

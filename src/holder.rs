@@ -357,6 +357,7 @@ pub(crate) mod tests {
             read_only: false,
             at: vec![],
             qos: Default::default(),
+            stripe: None,
         };
         daemon.apply(create, &mut |_, _| {}).unwrap();
         let disk = daemon.find(&"img".parse().unwrap()).unwrap();

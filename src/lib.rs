@@ -37,5 +37,6 @@ pub mod serve;
 pub mod size;
 pub mod slots;
 pub mod store;
+pub mod stripe;
 pub mod vhost_listener;
 pub mod virtio;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::{BlockRange, ImageName, NodeId, Placement, Tier};
 use crate::qos::QosUpdate;
+use crate::stripe::StripeSpec;
 
 /// Longest request line the daemon reads; requests are small, so anything longer is junk.
 pub const MAX_REQUEST_LEN: usize = 64 << 10;
@@ -25,6 +26,9 @@ pub enum Request {
         /// Limits from the start (see `ImageSet`); none when left out.
         #[serde(default)]
         qos: QosUpdate,
+        /// Stripe the blocks over these members (see `stripe`); refused with `at`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe: Option<StripeSpec>,
     },
     /// Changes an image's limits (IOPS, bytes per second, burst), live: a running guest is
     /// held to them from its next request. Only the owner changes them; they are stored with
@@ -52,10 +56,16 @@ pub enum Request {
     },
     /// Adds a copy of `blocks` (all when None) at `at`; blocks that already have a copy there
     /// keep it. New copies start out of sync and are filled in the background.
+    ///
+    /// With `replace`, only blocks with a copy at `replace` (or that the image's stripe
+    /// places on member `replace`) get one; for all blocks of a stripe member, `at` takes its
+    /// place in the stripe.
     LocationAdd {
         name: ImageName,
         blocks: Option<BlockRange>,
         at: Placement,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replace: Option<Placement>,
     },
     /// Removes the copy at `at` of `blocks`; refused when any block would be left without an
     /// in-sync copy.

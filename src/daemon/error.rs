@@ -36,6 +36,12 @@ pub enum DaemonError {
     UnknownNode(NodeId),
     #[error("{0} is given twice")]
     PlacedTwice(Placement),
+    #[error(
+        "--stripe places the blocks itself: leave out --at (the stripe's members are its copies)"
+    )]
+    StripeWithAt,
+    #[error("stripe: {0}")]
+    Stripe(#[from] crate::stripe::StripeError),
     #[error("this node is not in an etcd cluster")]
     NoCluster,
     #[error("image adopt moves an image between nodes of a cluster (--etcd)")]

@@ -279,8 +279,8 @@ impl Daemon {
                         }
                     }
                 }
-                // An image's limits changed: the nodes holding it read it again.
-                (Key::Qos(id), _) => {
+                // An image's limits or stripe changed: the nodes holding it read it again.
+                (Key::Qos(id) | Key::Stripe(id), _) => {
                     if let Some(name) = self.name_of(id) {
                         touched.insert(name);
                     }
@@ -734,5 +734,6 @@ fn shared_summary(meta: &ImageMeta) -> Value {
         "tier": meta.tier,
         "read_only": meta.read_only,
         "qos": meta.qos.json(),
+        "stripe": meta.stripe.as_ref().map(crate::stripe::Stripe::json),
     })
 }

@@ -26,6 +26,7 @@ use crate::peers::Peers;
 use crate::placement;
 use crate::qos::{QosLimits, QosUpdate};
 use crate::replica::sync;
+use crate::stripe::{Stripe, StripeSpec};
 use crate::vhost_listener::{socket_path, VhostListener};
 
 pub use error::DaemonError;
@@ -61,6 +62,8 @@ struct Shape {
     tier: Tier,
     read_only: bool,
     qos: QosLimits,
+    /// Stripe the blocks over these members instead of placing every block alike.
+    stripe: Option<StripeSpec>,
 }
 
 /// One image's `stats`: its counters, and its limits with what they held back.
@@ -265,6 +268,7 @@ impl Daemon {
                 read_only,
                 at,
                 qos,
+                stripe,
             } => {
                 let qos = QosLimits::default().updated(&qos)?;
                 let shape = Shape {
@@ -273,6 +277,7 @@ impl Daemon {
                     tier,
                     read_only,
                     qos,
+                    stripe,
                 };
                 let disk = self.create(name, shape, &at)?;
                 self.publish(&disk)?;
@@ -289,8 +294,13 @@ impl Daemon {
                 block_size,
                 tier,
             } => self.import(name, Path::new(&path), block_size, tier, progress),
-            Request::LocationAdd { name, blocks, at } => self
-                .location_add(&name, blocks, &at)
+            Request::LocationAdd {
+                name,
+                blocks,
+                at,
+                replace,
+            } => self
+                .location_add(&name, blocks, &at, replace.as_ref())
                 .map_err(DaemonError::from),
             Request::LocationRm { name, blocks, at } => self
                 .location_rm(&name, blocks, &at)
@@ -423,21 +433,25 @@ impl Daemon {
             tier,
             read_only,
             qos,
+            stripe,
         } = shape;
         let mut images = self.lock();
         if images.contains_key(&name) {
             return Err(DaemonError::Exists(name));
         }
-        let locations = self.placements(tier, at)?;
-        let meta = ImageMeta::new(
-            name.clone(),
-            self.config.node.clone(),
-            size,
-            block_size,
-            read_only,
-            locations,
-        )?;
-        let mut meta = meta;
+        let mut meta = match stripe {
+            Some(spec) => {
+                let stripe = self.stripe(&spec, at)?;
+                let owner = self.config.node.clone();
+                ImageMeta::striped(name.clone(), owner, size, block_size, read_only, stripe)?
+            }
+            None => {
+                let locations = self.placements(tier, at)?;
+                let owner = self.config.node.clone();
+                ImageMeta::new(name.clone(), owner, size, block_size, read_only, locations)?
+            }
+        };
+        let tier = meta.tier;
         meta.qos = qos;
         let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
@@ -498,6 +512,21 @@ impl Daemon {
         Ok(locations)
     }
 
+    /// A new image's stripe, checked: no `--at` beside it, every member this node or a known
+    /// peer (then the layout's own rules: see `stripe`).
+    fn stripe(&self, spec: &StripeSpec, at: &[Placement]) -> Result<Stripe, DaemonError> {
+        if !at.is_empty() {
+            return Err(DaemonError::StripeWithAt);
+        }
+        let stripe = Stripe::new(spec)?;
+        for member in &spec.members {
+            if !self.knows(&member.node) {
+                return Err(DaemonError::UnknownNode(member.node.clone()));
+            }
+        }
+        Ok(stripe)
+    }
+
     /// Exports a created image on its socket.
     fn publish(&self, disk: &Arc<Disk>) -> Result<(), DaemonError> {
         let export = self.export(disk).map_err(|source| DaemonError::Publish {
@@ -521,6 +550,7 @@ impl Daemon {
             "tier": meta.tier,
             "read_only": meta.read_only,
             "qos": meta.qos.json(),
+            "stripe": meta.stripe.as_ref().map(Stripe::json),
             "in_use": disk.in_use(),
             "socket": socket_path(&self.config.run_dir, &meta.name),
         })
@@ -668,6 +698,7 @@ impl Daemon {
             tier,
             read_only: false,
             qos: QosLimits::default(),
+            stripe: None,
         };
         let disk = self.create(name.clone(), shape, &[])?;
         let claim = disk

@@ -32,6 +32,14 @@ impl Daemon {
     pub(super) fn localize_on_take_over(&self, disk: &Arc<Disk>) {
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         disk.on_take_over(Box::new(move || {
+            // A stripe is the operator's choice of where blocks live: gathering them on the
+            // new owner would undo it (and fill one node with the whole image).
+            if disk_bg.meta().stripe.is_some() {
+                return log::info!(
+                    "image {}: striped, so its blocks stay on the stripe's members",
+                    disk_bg.name()
+                );
+            }
             let spawned = std::thread::Builder::new()
                 .name("localize".into())
                 .spawn(move || crate::ownership::localize(disk_bg, peers));
@@ -53,6 +61,7 @@ impl Daemon {
         name: &ImageName,
         blocks: Option<BlockRange>,
         at: &Placement,
+        replace: Option<&Placement>,
     ) -> Result<Value, RelocateError> {
         let disk = self
             .owned_disk(name)
@@ -63,8 +72,19 @@ impl Daemon {
         let range = placement::range_of(&disk, blocks)?;
         // The new holder learns of its copy from etcd (a request for a block its view does
         // not place there yet makes it look).
-        let added = placement::add(&disk, range, at)?;
-        log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling");
+        let added = match replace {
+            Some(from) => placement::replace(&disk, range, from, at)?,
+            None => placement::add(&disk, range, at)?,
+        };
+        match replace {
+            Some(from) => log::info!(
+                "image {name}: copy at {at} added to {added} blocks of {range} in place of \
+                 {from}; filling"
+            ),
+            None => {
+                log::info!("image {name}: copy at {at} added to {added} blocks of {range}; filling")
+            }
+        }
         let (disk_bg, peers) = (disk.clone(), self.peers.clone());
         std::thread::Builder::new()
             .name(format!("fill-{name}"))
@@ -85,7 +105,11 @@ impl Daemon {
                 }
             })
             .map_err(RelocateError::Spawn)?;
-        Ok(json!({"image": name, "at": at, "blocks": range, "added": added}))
+        let stripe = disk.meta().stripe.as_ref().map(crate::stripe::Stripe::json);
+        Ok(
+            json!({"image": name, "at": at, "blocks": range, "added": added,
+                  "replaced": replace, "stripe": stripe}),
+        )
     }
 
     pub(super) fn location_rm(
@@ -117,6 +141,10 @@ impl Daemon {
             "image {name}: copy at {at} removed from {} blocks",
             removed.len()
         );
-        Ok(json!({"image": name, "at": at, "blocks": range, "removed": removed.len()}))
+        let stripe = disk.meta().stripe.as_ref().map(crate::stripe::Stripe::json);
+        Ok(
+            json!({"image": name, "at": at, "blocks": range, "removed": removed.len(),
+                  "stripe": stripe}),
+        )
     }
 }

@@ -12,6 +12,7 @@ use super::location::{Location, NodeId, Tier};
 use super::name::ImageName;
 use super::table::{BlockTable, Extent, TableError, MAX_BLOCKS};
 use crate::qos::{QosError, QosLimits};
+use crate::stripe::Stripe;
 
 /// Bumped when the file format changes incompatibly; older daemons refuse newer files.
 pub const FORMAT_VERSION: u32 = 1;
@@ -51,6 +52,9 @@ pub struct MetaFile {
     /// the same as before limits existed.
     #[serde(default, skip_serializing_if = "QosLimits::is_unlimited")]
     pub qos: QosLimits,
+    /// The stripe layout of a striped image (docs/CLUSTER.md); left out for others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe: Option<Stripe>,
     pub extents: Vec<Extent>,
 }
 
@@ -67,6 +71,9 @@ pub struct ImageMeta {
     pub read_only: bool,
     /// Per-image limits (see `qos`): metadata, so they survive restarts and move with it.
     pub qos: QosLimits,
+    /// The rule a striped image's blocks were placed by (see `stripe`); kept consistent with
+    /// `table` by every location change.
+    pub stripe: Option<Stripe>,
     pub table: BlockTable,
 }
 
@@ -137,7 +144,35 @@ impl ImageMeta {
             tier,
             read_only,
             qos: QosLimits::default(),
+            stripe: None,
             table: BlockTable::uniform(blocks, locations)?,
+        })
+    }
+
+    /// A new striped image owned by `owner`: its blocks placed by `stripe` (the first
+    /// member's tier is the image's tier).
+    pub fn striped(
+        name: ImageName,
+        owner: NodeId,
+        size: u64,
+        block_size: u64,
+        read_only: bool,
+        stripe: Stripe,
+    ) -> Result<Self, MetaError> {
+        let blocks = check_shape(size, block_size)?;
+        let tier = stripe.members().first().map_or(Tier::Ram, |m| m.at.tier);
+        Ok(ImageMeta {
+            name,
+            id: ImageId::random(),
+            owner,
+            generation: 0,
+            size,
+            block_size,
+            tier,
+            read_only,
+            qos: QosLimits::default(),
+            table: stripe.table(blocks)?,
+            stripe: Some(stripe),
         })
     }
 
@@ -163,6 +198,7 @@ impl ImageMeta {
             tier: self.tier,
             read_only: self.read_only,
             qos: self.qos,
+            stripe: self.stripe.clone(),
             extents: self.table.extents(),
         }
     }
@@ -184,6 +220,7 @@ impl ImageMeta {
             tier: file.tier,
             read_only: file.read_only,
             qos: file.qos,
+            stripe: file.stripe,
         })
     }
 
@@ -315,6 +352,29 @@ mod tests {
         .unwrap();
         let err = ImageMeta::load(dir.path(), &meta.name).unwrap_err();
         assert!(err.to_string().contains("none"), "{err}");
+    }
+
+    /// A striped image keeps its stripe in its file; an unstriped one's file has none.
+    #[test]
+    fn stripes_are_stored_with_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample();
+        plain.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("disk0.json")).unwrap();
+        assert!(!text.contains("stripe"), "{text}");
+        let at = |n: &str| format!("{n}:volume").parse().unwrap();
+        let spec = crate::stripe::StripeSpec {
+            members: vec![at("a"), at("b"), at("c")],
+            width: Some(2),
+            copies: Some(2),
+        };
+        let stripe = Stripe::new(&spec).unwrap();
+        let name: ImageName = "s".parse().unwrap();
+        let m = ImageMeta::striped(name, NodeId::local(), 40 << 20, 4 << 20, false, stripe);
+        let m = m.unwrap();
+        assert_eq!(m.tier, Tier::Volume);
+        m.save(dir.path()).unwrap();
+        assert_eq!(ImageMeta::load(dir.path(), &m.name).unwrap(), m);
     }
 
     #[test]

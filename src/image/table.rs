@@ -32,6 +32,10 @@ pub enum TableError {
     BadCoverage { blocks: u64, at: u64 },
     #[error("block {0} has no location")]
     NoLocation(u64),
+    #[error("block {0} is past the end of the image")]
+    PastEnd(u64),
+    #[error("block {0} is named out of order")]
+    Unordered(u64),
 }
 
 impl BlockTable {
@@ -135,9 +139,32 @@ impl BlockTable {
     pub fn update(
         &mut self,
         range: BlockRange,
+        change: impl FnMut(&mut Vec<Location>),
+    ) -> Result<(), TableError> {
+        self.update_blocks(range.iter(), change)
+    }
+
+    /// [`BlockTable::update`] on any blocks in increasing order (a stripe member's, say):
+    /// `change` runs once per distinct location list among them. Nothing changes when a
+    /// block is past the end or out of order, or any resulting list would be empty.
+    pub fn update_blocks(
+        &mut self,
+        blocks: impl Iterator<Item = u64> + Clone,
         mut change: impl FnMut(&mut Vec<Location>),
     ) -> Result<(), TableError> {
-        let blocks = range.start() as usize..range.end() as usize;
+        // Each block once: the remap below reads a block's old list id only before it is
+        // rewritten.
+        let mut next = 0;
+        for block in blocks.clone() {
+            if block < next {
+                return Err(TableError::Unordered(block));
+            }
+            if block >= self.blocks() {
+                return Err(TableError::PastEnd(block));
+            }
+            next = block + 1;
+        }
+        let blocks = blocks.map(|b| b as usize);
         let mut remap: Vec<Option<Vec<Location>>> = vec![None; self.placements.len()];
         for block in blocks.clone() {
             let old = self.per_block[block] as usize;
@@ -229,6 +256,28 @@ mod tests {
             .unwrap();
         assert_eq!(t.extents().len(), 1);
         assert_eq!(t.placements.len(), 1);
+    }
+
+    #[test]
+    fn update_blocks_changes_only_the_blocks_named() {
+        let mut t = BlockTable::uniform(10, vec![loc("a", Tier::Ram, true)]).unwrap();
+        t.update_blocks([1, 4, 5].into_iter(), |l| {
+            l.push(loc("b", Tier::Ram, false))
+        })
+        .unwrap();
+        let counts: Vec<usize> = (0..10).map(|b| t.locations(b).unwrap().len()).collect();
+        assert_eq!(counts, [1, 2, 1, 1, 2, 2, 1, 1, 1, 1]);
+        let before = t.clone();
+        let push = |l: &mut Vec<Location>| l.push(loc("c", Tier::Ram, false));
+        assert_eq!(
+            t.update_blocks([3, 3].into_iter(), push),
+            Err(TableError::Unordered(3))
+        );
+        assert_eq!(
+            t.update_blocks([9, 10].into_iter(), push),
+            Err(TableError::PastEnd(10))
+        );
+        assert_eq!(t, before);
     }
 
     #[test]

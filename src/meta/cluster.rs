@@ -14,6 +14,7 @@ use super::records::{
 use super::store::{MetaStore, StoreError};
 use crate::image::{ImageMeta, ImageName, NodeId};
 use crate::qos::QosLimits;
+use crate::stripe::Stripe;
 
 /// Bounds every etcd call of the control and data paths: a majority that does not answer
 /// within it counts as unreachable for that call.
@@ -156,6 +157,8 @@ impl ClusterMeta {
             Default::default();
         let mut limits: std::collections::HashMap<crate::image::ImageId, QosLimits> =
             Default::default();
+        let mut stripes: std::collections::HashMap<crate::image::ImageId, Stripe> =
+            Default::default();
         for kv in &kvs {
             match self.keys.parse(&kv.key) {
                 Some(Key::Image(name)) => {
@@ -167,6 +170,9 @@ impl ClusterMeta {
                 Some(Key::Qos(id)) => {
                     limits.insert(id, decode(kv)?);
                 }
+                Some(Key::Stripe(id)) => {
+                    stripes.insert(id, decode(kv)?);
+                }
                 _ => {}
             }
         }
@@ -176,8 +182,12 @@ impl ClusterMeta {
             parts.sort_by_key(|(c, _)| *c);
             let parts: Vec<ChunkRecord> = parts.into_iter().map(|(_, r)| r).collect();
             let qos = limits.remove(&record.id).unwrap_or_default();
+            let stripe = stripes.remove(&record.id);
             match records::meta_of(name.clone(), epoch, record, &parts, qos) {
-                Ok(meta) => images.push(meta),
+                Ok(mut meta) => {
+                    meta.stripe = stripe;
+                    images.push(meta)
+                }
                 Err(e) => log::error!("image {name}: metadata in etcd is unusable: {e}"),
             }
         }
@@ -200,6 +210,7 @@ impl ClusterMeta {
                 success: vec![
                     Op::GetPrefix(self.keys.chunks(record.id)),
                     Op::Get(self.keys.qos(record.id)),
+                    Op::Get(self.keys.stripe(record.id)),
                 ],
                 failure: vec![],
             };
@@ -216,7 +227,12 @@ impl ClusterMeta {
                 None => QosLimits::default(),
             };
             let epoch = epoch_of(head.mod_revision)?;
-            let meta = records::meta_of(name.clone(), epoch, record, &parts, qos)?;
+            let stripe = match result.responses.get(2).and_then(|kvs| kvs.first()) {
+                Some(kv) => Some(decode::<Stripe>(kv)?),
+                None => None,
+            };
+            let mut meta = records::meta_of(name.clone(), epoch, record, &parts, qos)?;
+            meta.stripe = stripe;
             return Ok(Some(meta));
         }
     }
@@ -246,6 +262,20 @@ impl ClusterMeta {
         }
     }
 
+    /// The write that stores `meta`'s stripe layout: its `stripe` key, deleted when it is not
+    /// striped.
+    fn stripe_write(&self, meta: &ImageMeta) -> Op {
+        let key = self.keys.stripe(meta.id);
+        match &meta.stripe {
+            None => Op::Delete(key),
+            Some(stripe) => Op::Put {
+                key,
+                value: encode(stripe),
+                lease: 0,
+            },
+        }
+    }
+
     /// Creates `meta` (owned by this node) unless an image of that name exists; sets its
     /// epoch.
     pub fn create(&self, meta: &mut ImageMeta) -> Result<(), StoreError> {
@@ -258,6 +288,9 @@ impl ClusterMeta {
         success.extend(self.chunk_puts(meta, records::chunks_of(&meta.table)));
         if !meta.qos.is_unlimited() {
             success.push(self.qos_write(meta));
+        }
+        if meta.stripe.is_some() {
+            success.push(self.stripe_write(meta));
         }
         let txn = Txn {
             compare: vec![Compare::Version(key, Cmp::Equal, 0)],
@@ -353,6 +386,7 @@ impl ClusterMeta {
                 Op::Delete(key),
                 Op::DeletePrefix(self.keys.chunks(meta.id)),
                 Op::Delete(self.keys.qos(meta.id)),
+                Op::Delete(self.keys.stripe(meta.id)),
             ],
             failure: self.refusal_reads(meta),
         };
@@ -554,6 +588,9 @@ impl MetaStore for ClusterMeta {
         let mut success = self.chunk_puts(next, changed);
         if next.qos != current.qos {
             success.push(self.qos_write(next));
+        }
+        if next.stripe != current.stripe {
+            success.push(self.stripe_write(next));
         }
         if success.is_empty() {
             return Ok(());

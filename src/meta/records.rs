@@ -12,10 +12,13 @@
 //! | `active/<id>`               | [`ActiveRecord`]             | owner's   | the image's owner |
 //! | `lost/<id>/<node>`          | [`LostRecord`]               | none      | a holder, at start|
 //! | `qos/<id>`                  | [`QosLimits`]                | none      | the image's owner |
+//! | `stripe/<id>`               | [`Stripe`](crate::stripe::Stripe) | none      | the image's owner |
 //!
 //! An image's limits live in their own key, not its header: writing the header moves the
 //! epoch, which must change only with the owner. An image without the key is unlimited (so
-//! records from before limits existed read as they did).
+//! records from before limits existed read as they did). A striped image's layout lives in
+//! its own key for the same reason (a location change may rename a member); an image
+//! without one is not striped.
 //!
 //! An image's **epoch** is the etcd revision at which its `image/<name>` key was last written:
 //! only creation and ownership changes write it, so the epoch goes up exactly when the owner
@@ -51,6 +54,7 @@ pub enum Key {
     Active(ImageId),
     Lost(ImageId, NodeId),
     Qos(ImageId),
+    Stripe(ImageId),
 }
 
 impl Keys {
@@ -109,6 +113,10 @@ impl Keys {
         self.key(format!("qos/{id}"))
     }
 
+    pub fn stripe(&self, id: ImageId) -> Vec<u8> {
+        self.key(format!("stripe/{id}"))
+    }
+
     /// The key named by `key`.
     pub fn encode(&self, key: &Key) -> Vec<u8> {
         match key {
@@ -119,6 +127,7 @@ impl Keys {
             Key::Active(id) => self.active(*id),
             Key::Lost(id, node) => self.lost(*id, node),
             Key::Qos(id) => self.qos(*id),
+            Key::Stripe(id) => self.stripe(*id),
         }
     }
 
@@ -139,6 +148,7 @@ impl Keys {
             "image" => rest.parse().ok().map(Key::Image),
             "active" => rest.parse().ok().map(Key::Active),
             "qos" => rest.parse().ok().map(Key::Qos),
+            "stripe" => rest.parse().ok().map(Key::Stripe),
             "lost" => {
                 let (id, node) = rest.split_once('/')?;
                 Some(Key::Lost(id.parse().ok()?, node.parse().ok()?))
@@ -309,6 +319,7 @@ pub fn meta_of(
         tier: record.tier,
         read_only: record.read_only,
         qos,
+        stripe: None,
         extents,
     };
     ImageMeta::from_file(file)
@@ -356,6 +367,7 @@ mod tests {
         let n: NodeId = "n2".parse().unwrap();
         assert_eq!(keys.parse(&keys.lost(id, &n)), Some(Key::Lost(id, n)));
         assert_eq!(keys.parse(&keys.qos(id)), Some(Key::Qos(id)));
+        assert_eq!(keys.parse(&keys.stripe(id)), Some(Key::Stripe(id)));
         assert_eq!(keys.parse(b"/cormorant/c2/image/disk"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/image/../x"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/extents/zz/00000001"), None);
