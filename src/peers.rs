@@ -12,7 +12,7 @@
 mod budget;
 mod heartbeat;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, RwLock};
@@ -327,48 +327,50 @@ impl Peers {
 
 impl Peer {
     /// Sends a call that has room; one that waited its whole timeout for room fails with
-    /// `Timeout` instead (its caller has given up by now).
+    /// `Timeout` instead (its caller has given up by now), and its room goes to the next.
     fn send(self: &Arc<Self>, call: Queued) {
-        let Queued {
-            request,
-            lane,
-            timeout,
-            since,
-            done,
-        } = call;
-        if since.elapsed() > timeout {
-            done(Err(PeerError::Timeout(timeout)));
-            return self.release(lane);
-        }
-        let (peer, metrics) = (self.clone(), self.metrics.clone());
-        metrics.calls.fetch_add(1, Relaxed);
-        metrics.in_flight.fetch_add(1, Relaxed);
-        let started = Instant::now();
-        self.client.call_with_timeout(
-            request,
-            timeout,
-            Box::new(move |result| {
-                metrics.in_flight.fetch_sub(1, Relaxed);
-                metrics.latency.record(started.elapsed());
-                if let Err(e) = &result {
-                    metrics.errors.fetch_add(1, Relaxed);
-                    // Refused, reset or lost: the peer is plainly down. A timeout fails
-                    // this call only.
-                    if matches!(e, PeerError::Unavailable(_)) {
-                        peer.fail();
-                    }
+        let mut calls = VecDeque::from([call]);
+        while let Some(call) = calls.pop_front() {
+            let Queued {
+                request,
+                lane,
+                timeout,
+                since,
+                done,
+            } = call;
+            if since.elapsed() > timeout {
+                done(Err(PeerError::Timeout(timeout)));
+                if let Some((image, cost)) = lane {
+                    calls.extend(self.budget.release(&image, cost));
                 }
-                done(result);
-                peer.release(lane);
-            }),
-        );
-    }
-
-    /// A sent call ended: the calls that fit now go.
-    fn release(self: &Arc<Self>, lane: Option<(ImageName, usize)>) {
-        let Some((image, cost)) = lane else { return };
-        for call in self.budget.release(&image, cost) {
-            self.send(call);
+                continue;
+            }
+            let (peer, metrics) = (self.clone(), self.metrics.clone());
+            metrics.calls.fetch_add(1, Relaxed);
+            metrics.in_flight.fetch_add(1, Relaxed);
+            let started = Instant::now();
+            self.client.call_with_timeout(
+                request,
+                timeout,
+                Box::new(move |result| {
+                    metrics.in_flight.fetch_sub(1, Relaxed);
+                    metrics.latency.record(started.elapsed());
+                    if let Err(e) = &result {
+                        metrics.errors.fetch_add(1, Relaxed);
+                        // Refused, reset or lost: the peer is plainly down. A timeout fails
+                        // this call only.
+                        if matches!(e, PeerError::Unavailable(_)) {
+                            peer.fail();
+                        }
+                    }
+                    done(result);
+                    if let Some((image, cost)) = lane {
+                        for next in peer.budget.release(&image, cost) {
+                            peer.send(next);
+                        }
+                    }
+                }),
+            );
         }
     }
 
@@ -383,5 +385,206 @@ impl Peer {
             let error = format!("{} is on the failure list", self.node);
             (call.done)(Err(PeerError::Unavailable(error)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Tier;
+    use crate::peer::{ImageRef, PeerHandler, PeerServer};
+    use crate::store::TierDirs;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    const KEY: &[u8] = b"f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed\n";
+
+    /// A peer whose reads and pings take as long as the test says.
+    #[derive(Default)]
+    struct Slow {
+        read: Mutex<Duration>,
+        ping: Mutex<Duration>,
+    }
+
+    impl PeerHandler for Slow {
+        fn handle(&self, _: &NodeId, request: Request) -> Response {
+            match request {
+                Request::Read { len, .. } => {
+                    std::thread::sleep(*self.read.lock().unwrap());
+                    Response::Data(vec![0; len as usize])
+                }
+                Request::Ping => {
+                    std::thread::sleep(*self.ping.lock().unwrap());
+                    Response::Ok
+                }
+                _ => Response::Ok,
+            }
+        }
+    }
+
+    fn node(id: &str) -> NodeId {
+        id.parse().unwrap()
+    }
+
+    /// Node a's peers, with b served by `slow` on loopback.
+    fn setup(slow: &Arc<Slow>) -> (Arc<Peers>, PeerServer) {
+        let key = ClusterKey::from_bytes(KEY).unwrap();
+        let handler: Arc<dyn PeerHandler> = slow.clone();
+        let server = PeerServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            key.clone(),
+            node("b"),
+            handler,
+        )
+        .unwrap();
+        let config = Config {
+            run_dir: "/nonexistent".into(),
+            dirs: TierDirs {
+                ram: "/nonexistent".into(),
+                volume: "/nonexistent".into(),
+            },
+            node: node("a"),
+            use_uring: false,
+            cluster: None,
+            failure_timeout: Duration::from_secs(60),
+            metrics_listen: None,
+            socket_access: None,
+        };
+        let peers = Arc::new(Peers::new(&config, Some(&key)));
+        peers.set(&node("b"), server.local_addr());
+        (peers, server)
+    }
+
+    fn read(image: &str, len: u32) -> Request {
+        Request::Read {
+            image: ImageRef::new(image.parse().unwrap(), 1),
+            tier: Tier::Ram,
+            block: 0,
+            offset: 0,
+            len,
+        }
+    }
+
+    fn call(
+        peers: &Peers,
+        request: Request,
+        timeout: Duration,
+    ) -> mpsc::Receiver<Result<Response, PeerError>> {
+        let (tx, rx) = mpsc::channel();
+        let done = Box::new(move |result| {
+            let _ = tx.send(result);
+        });
+        peers.call_within(&node("b"), request, timeout, done);
+        rx
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_timeout_fails_the_call_not_the_peer_and_a_refusal_fails_the_peer() {
+        let slow = Arc::new(Slow::default());
+        *slow.read.lock().unwrap() = Duration::from_millis(500);
+        let (peers, server) = setup(&slow);
+        let late = call(&peers, read("x", 4096), Duration::from_millis(100));
+        assert!(matches!(
+            late.recv_timeout(WAIT).unwrap(),
+            Err(PeerError::Timeout(_))
+        ));
+        assert!(
+            !peers.is_failed(&node("b")),
+            "a slow answer is not a dead peer"
+        );
+        *slow.read.lock().unwrap() = Duration::ZERO;
+        let fine = call(&peers, read("x", 4096), REQUEST_TIMEOUT);
+        assert!(matches!(
+            fine.recv_timeout(WAIT).unwrap(),
+            Ok(Response::Data(_))
+        ));
+
+        server.stop();
+        let refused = call(&peers, read("x", 4096), REQUEST_TIMEOUT);
+        let error = refused.recv_timeout(WAIT).unwrap().unwrap_err();
+        assert!(matches!(error, PeerError::Unavailable(_)), "{error}");
+        assert!(
+            peers.is_failed(&node("b")),
+            "a peer that is plainly down is failed"
+        );
+    }
+
+    #[test]
+    fn the_heartbeat_fails_a_peer_that_does_not_answer_and_takes_it_back_when_it_does() {
+        let slow = Arc::new(Slow::default());
+        *slow.ping.lock().unwrap() = HEARTBEAT_TIMEOUT + Duration::from_secs(1);
+        let (peers, _server) = setup(&slow);
+        let b = peers.peer(&node("b")).unwrap();
+        heartbeat::beat(&b);
+        let deadline = Instant::now() + HEARTBEAT_TIMEOUT + Duration::from_secs(2);
+        while !peers.is_failed(&node("b")) {
+            assert!(
+                Instant::now() < deadline,
+                "an unanswered heartbeat fails the peer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *slow.ping.lock().unwrap() = Duration::ZERO;
+        // The late ping's answer is on its way; the next one is sent once it is in.
+        let deadline = Instant::now() + WAIT;
+        while peers.is_failed(&node("b")) {
+            assert!(
+                Instant::now() < deadline,
+                "an answered heartbeat takes the peer back"
+            );
+            heartbeat::beat(&b);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_flood_waits_in_its_own_lane_and_a_lost_lease_fails_it_at_once() {
+        let slow = Arc::new(Slow::default());
+        // Long enough that nothing x sent is answered before b's lease is gone, short enough
+        // that all of it is answered within a request's timeout even one at a time.
+        *slow.read.lock().unwrap() = Duration::from_millis(300);
+        let (peers, _server) = setup(&slow);
+        let chunk = crate::peer::MAX_CHUNK;
+        let (x, y): (ImageName, ImageName) = ("x".parse().unwrap(), "y".parse().unwrap());
+        let flood: Vec<_> = (0..IMAGE_IN_FLIGHT_BYTES / chunk as usize + 2)
+            .map(|_| call(&peers, read("x", chunk), REQUEST_TIMEOUT))
+            .collect();
+        assert!(!peers.has_room(&x), "x's calls past its bound wait");
+        assert!(peers.has_room(&y));
+        let other = call(&peers, read("y", 4096), REQUEST_TIMEOUT);
+        peers.left(&node("b"));
+        assert!(peers.is_failed(&node("b")));
+        assert!(
+            peers.has_room(&x),
+            "the calls that waited are failed at once"
+        );
+        let outcomes: Vec<_> = flood
+            .iter()
+            .map(|rx| rx.recv_timeout(WAIT).unwrap())
+            .collect();
+        let sent = outcomes.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(
+            sent,
+            IMAGE_IN_FLIGHT_BYTES / chunk as usize,
+            "those in flight are answered"
+        );
+        assert!(outcomes
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, PeerError::Unavailable(_))));
+        let answer = other.recv_timeout(WAIT).unwrap();
+        assert!(
+            matches!(answer, Ok(Response::Data(_))),
+            "y's call was sent, not held behind x's"
+        );
+        let refused = call(&peers, read("y", 4096), REQUEST_TIMEOUT);
+        assert!(
+            refused.recv_timeout(WAIT).unwrap().is_err(),
+            "a departed peer is not called"
+        );
+        peers.joined(&node("b"));
+        assert!(!peers.is_failed(&node("b")), "registered again");
     }
 }

@@ -1,7 +1,9 @@
 //! The heartbeat: every peer is pinged on a connection of its own, so a peer busy with one
 //! guest's flood still answers at once, and a peer that is cut off or hung is found within
 //! [`HEARTBEAT_TIMEOUT`] even when no request of ours would fail on it. An unanswered ping
-//! puts the peer on the failure list (an answer of any kind, even a refusal, proves it up).
+//! puts the peer on the failure list; an answer of any kind, even a refusal, proves it up and
+//! takes it off (unless its lease is gone): the failure list only saves requests a wait on a
+//! dead peer, while the copies that missed writes are marked out of sync whatever it says.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -40,7 +42,7 @@ fn run(peers: &Weak<Peers>) {
 }
 
 /// Pings `peer` unless its last ping is still unanswered.
-fn beat(peer: &Arc<Peer>) {
+pub(super) fn beat(peer: &Arc<Peer>) {
     if peer.beating.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -50,13 +52,19 @@ fn beat(peer: &Arc<Peer>) {
         HEARTBEAT_TIMEOUT,
         Box::new(move |result| {
             target.beating.store(false, Ordering::Release);
-            // Any answer, even a refusal, proves the peer up. A wrong key or protocol fails
-            // every call as well; those errors are not liveness and the calls report them.
-            if let Err(e @ (PeerError::Unavailable(_) | PeerError::Timeout(_))) = result {
-                if !target.failures.is_failed(&target.node) {
-                    log::warn!("peer {}: heartbeat: {e}", target.node);
+            match result {
+                Err(e @ (PeerError::Unavailable(_) | PeerError::Timeout(_))) => {
+                    if !target.failures.is_failed(&target.node) {
+                        log::warn!("peer {}: heartbeat: {e}", target.node);
+                    }
+                    target.fail();
                 }
-                target.fail();
+                // A wrong key or protocol fails every call as well; those errors are not
+                // liveness, and the calls report them.
+                Err(PeerError::Auth(_) | PeerError::Protocol(_) | PeerError::BadRequest(_)) => {}
+                // Any answer, even a refusal, proves the peer up: a peer failed for a lost
+                // connection (it restarted) is tried again at once.
+                Ok(_) | Err(PeerError::Refused { .. }) => target.failures.answered(&target.node),
             }
         }),
     );

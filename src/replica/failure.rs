@@ -87,6 +87,17 @@ impl<C: Clock> FailureList<C> {
         }
     }
 
+    /// `node` answered its heartbeat: a timed entry is dropped (the node is tried again at
+    /// once); a departed node stays until it registers again.
+    pub fn answered(&self, node: &NodeId) {
+        let now = self.clock.now();
+        let mut entries = self.lock();
+        let listed = entries.until.remove(node).is_some_and(|t| t > now);
+        if listed && !entries.departed.contains(node) {
+            log::info!("peer {node}: answers its heartbeat again; back");
+        }
+    }
+
     /// Takes `node` off the list (it answered again).
     pub fn recover(&self, node: &NodeId) {
         let mut entries = self.lock();
@@ -155,9 +166,15 @@ mod tests {
         assert_eq!(list.failed(), vec![b.clone()]);
         list.fail(&b);
         assert_eq!(list.failed(), vec![b.clone()], "listed once");
+        list.answered(&b);
+        assert!(
+            list.is_failed(&b),
+            "an answer does not bring back a departed node"
+        );
+        list.fail(&b);
         list.rejoin(&b);
         assert!(list.is_failed(&b), "the timed entry is still due");
-        *clock.0.lock().unwrap() += Duration::from_secs(61);
+        list.answered(&b);
         assert!(!list.is_failed(&b));
     }
 }
