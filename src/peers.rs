@@ -299,8 +299,9 @@ impl Peers {
             since: Instant::now(),
             done,
         };
-        let admitted = match &call.lane {
-            Some((image, cost)) => peer.budget.admit(&image.clone(), *cost, call),
+        let admitted = match call.lane.clone() {
+            Some((image, cost)) => peer.budget.admit(&image, cost, call),
+            // A call about no image (a ping) is not counted.
             None => Some(call),
         };
         if let Some(call) = admitted {
