@@ -94,13 +94,27 @@ impl<T> Budget<T> {
     pub fn admit(&self, image: &ImageName, cost: usize, call: T) -> Option<T> {
         let cost = cost.max(MIN_CALL_BYTES);
         let mut state = self.lock();
-        let peer_fits = fits(state.in_flight, cost, self.peer_limit);
-        let lane = state.lanes.entry(image.clone()).or_default();
-        if lane.waiting.is_empty() && peer_fits && fits(lane.in_flight, cost, self.image_limit) {
-            lane.in_flight += cost;
+        let (lane_in_flight, lane_waits) = state.lanes.get(image).map_or((0, false), |lane| {
+            (lane.in_flight, !lane.waiting.is_empty())
+        });
+        if !lane_waits
+            && fits(state.in_flight, cost, self.peer_limit)
+            && fits(lane_in_flight, cost, self.image_limit)
+        {
             state.in_flight += cost;
+            match state.lanes.get_mut(image) {
+                Some(lane) => lane.in_flight += cost,
+                None => {
+                    let lane = Lane {
+                        in_flight: cost,
+                        waiting: VecDeque::new(),
+                    };
+                    state.lanes.insert(image.clone(), lane);
+                }
+            }
             return Some(call);
         }
+        let lane = state.lanes.entry(image.clone()).or_default();
         lane.waiting.push_back((cost, call));
         if lane.waiting.len() == 1 {
             state.turns.push_back(image.clone());
