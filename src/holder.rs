@@ -288,6 +288,8 @@ impl<H: Holdings> HolderService<H> {
                 code::INVALID,
                 "this node follows etcd: copies are not pushed or released by peers".into(),
             )),
+            // A heartbeat: answering proves this node's server reads, dispatches and answers.
+            Request::Ping => Ok(Response::Ok),
             Request::Meta { image } => {
                 // Reading metadata changes nothing: no epoch check.
                 let disk = self.daemon.find(&image.name).ok_or_else(|| {

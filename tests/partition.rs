@@ -2,78 +2,16 @@
 //! and removes: the cut-off replica is put on the failure list, its copies go stale while the
 //! writes go on, and after the partition heals a sync brings it back.
 //!
-//! The addresses are from 198.51.100.0/24 (TEST-NET-2, not routed; TEST-NET-1 is this machine's own network), on the test's own veth
-//! pair only.
+//! The namespace and its addresses: `common::netns`.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::Cluster;
+use common::netns::Netns;
 use common::TestDir;
 use cormorant_frontend::{BlkClient, ClientOptions};
-
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-impl Netns {
-    /// A namespace joined to this one by a veth pair: 198.51.100.1 here, 198.51.100.2 there.
-    fn create(tag: &str) -> Option<Netns> {
-        let name = format!("cormorant-{tag}-{}", std::process::id());
-        let host_if = format!("cmh{}", std::process::id() % 100_000);
-        let peer_if = format!("cmp{}", std::process::id() % 100_000);
-        let ns = Netns {
-            name: name.clone(),
-            host_if: host_if.clone(),
-        };
-        let ok = ip(&["netns", "add", &name])
-            && ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
-            ])
-            && ip(&["link", "set", &peer_if, "netns", &name])
-            && ip(&["addr", "add", "198.51.100.1/30", "dev", &host_if])
-            && ip(&["link", "set", &host_if, "up"])
-            && ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                "198.51.100.2/30",
-                "dev",
-                &peer_if,
-            ])
-            && ip(&["-n", &name, "link", "set", &peer_if, "up"])
-            && ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ok.then_some(ns)
-    }
-
-    fn cut(&self, down: bool) {
-        assert!(ip(&[
-            "link",
-            "set",
-            &self.host_if,
-            if down { "down" } else { "up" }
-        ]));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
 
 #[test]
 fn a_partitioned_replica_is_failure_listed_and_recovered() {
@@ -117,7 +55,8 @@ fn a_partitioned_replica_is_failure_listed_and_recovered() {
     assert!(b.block_file("ram", "p", 7).exists());
 
     ns.cut(true);
-    // Writes go on: the first to b times out and puts b on the failure list; the rest skip b.
+    // Writes go on: b's heartbeat goes unanswered, which puts b on the failure list (about
+    // when the first write to b times out); the rest skip b.
     for block in 0..8u64 {
         assert_eq!(
             c.write(0, block * 512, &[0xf0 | block as u8; 4096])

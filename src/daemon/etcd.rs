@@ -233,10 +233,15 @@ impl Daemon {
             match (key, event.kind) {
                 (Key::Node(id), EventKind::Put) => {
                     match serde_json::from_slice::<NodeRecord>(&event.kv.value) {
-                        Ok(record) => self.peers.set(&id, record.addr),
+                        Ok(record) => {
+                            self.peers.set(&id, record.addr);
+                            self.peers.joined(&id);
+                        }
                         Err(e) => log::warn!("node {id}: bad record in etcd: {e}"),
                     }
                 }
+                // The node's lease expired (or it stopped): it is failed at once.
+                (Key::Node(id), EventKind::Delete) => self.peers.left(&id),
                 // Only changes to images this node serves, holds or is given copies of are read
                 // back from etcd: the others cost nothing but the event.
                 (Key::Image(name), kind) => {

@@ -172,6 +172,7 @@ impl Daemon {
             suspect: Mutex::new(Vec::new()),
         };
         if daemon.shared.is_some() {
+            daemon.peers.start_heartbeat()?;
             let wiped = wiped_tiers(&daemon.config.dirs);
             *daemon.wiped.lock().unwrap_or_else(|p| p.into_inner()) = wiped.clone();
             let previous = fs::read_to_string(daemon.config.dirs.volume.join(RUN_STATE)).ok();

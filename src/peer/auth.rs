@@ -43,7 +43,7 @@ pub const MAGIC: [u8; 9] = *b"CORMORANT";
 
 /// The protocol version this build speaks; a peer speaking another one is refused. 2: every
 /// frame after the handshake carries a tag (version 1 frames had only a CRC).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Magic and version.
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 2;
@@ -917,7 +917,10 @@ mod tests {
         assert_eq!(reply, preamble());
         assert!(matches!(
             server.join().unwrap(),
-            Err(AuthError::Version { ours: 2, theirs: 1 })
+            Err(AuthError::Version {
+                ours: VERSION,
+                theirs: 1
+            })
         ));
 
         let (client, server) = pair(|mut s| {
@@ -935,7 +938,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(err, AuthError::Version { ours: 2, theirs: 7 }),
+            matches!(
+                err,
+                AuthError::Version {
+                    ours: VERSION,
+                    theirs: 7
+                }
+            ),
             "{err}"
         );
         server.join().unwrap();

@@ -44,6 +44,7 @@ pub enum Kind {
     Hold = 0x15,
     Release = 0x16,
     Meta = 0x17,
+    Ping = 0x18,
     Ok = 0x80,
     Data = 0x81,
     ChecksumList = 0x82,
@@ -52,7 +53,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Proof,
@@ -66,6 +67,7 @@ impl Kind {
         Kind::Hold,
         Kind::Release,
         Kind::Meta,
+        Kind::Ping,
         Kind::Ok,
         Kind::Data,
         Kind::ChecksumList,

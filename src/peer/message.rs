@@ -147,6 +147,9 @@ pub enum Request {
     },
     /// The image's metadata as this node knows it; answered by `MetaJson`.
     Meta { image: ImageRef },
+    /// Answered by `Ok` at once: the sender's heartbeat, on a connection of its own so that
+    /// guest traffic cannot hold it up (`peers.rs`).
+    Ping,
 }
 
 /// What a node answers.
@@ -377,12 +380,13 @@ impl Request {
             Request::Hold { .. } => Kind::Hold,
             Request::Release { .. } => Kind::Release,
             Request::Meta { .. } => Kind::Meta,
+            Request::Ping => Kind::Ping,
         }
     }
 
-    /// The image the request is about.
-    pub fn image(&self) -> &ImageRef {
-        match self {
+    /// The image the request is about (none for `Ping`).
+    pub fn image(&self) -> Option<&ImageRef> {
+        let image = match self {
             Request::Read { image, .. }
             | Request::Write { image, .. }
             | Request::Flush { image }
@@ -391,7 +395,9 @@ impl Request {
             | Request::Hold { image, .. }
             | Request::Release { image, .. }
             | Request::Meta { image } => image,
-        }
+            Request::Ping => return None,
+        };
+        Some(image)
     }
 
     /// What a well-behaved peer answers (besides `Error`, always allowed).
@@ -469,6 +475,7 @@ impl Request {
                 put_image(&mut head, &image);
                 body = meta_json;
             }
+            Request::Ping => {}
         }
         Ok(Payload { kind, head, body })
     }
@@ -552,6 +559,10 @@ impl Request {
                     image,
                     meta_json: payload,
                 }
+            }
+            Kind::Ping => {
+                f.finish()?;
+                Request::Ping
             }
             other => return Err(MessageError::NotARequest(other)),
         };
@@ -774,6 +785,7 @@ mod tests {
             blocks,
         });
         round_trip(Request::Meta { image });
+        round_trip(Request::Ping);
     }
 
     #[test]
@@ -1046,6 +1058,7 @@ mod tests {
                 blocks
             }),
             image().prop_map(|image| Request::Meta { image }),
+            Just(Request::Ping),
         ]
     }
 

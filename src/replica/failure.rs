@@ -1,7 +1,8 @@
 //! The failure list: a peer that failed is not tried again until its entry expires, so a dead
-//! node costs one timeout, not one per request.
+//! node costs one timeout, not one per request. A peer whose lease in etcd is gone stays on it
+//! until it registers again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,14 @@ impl Clock for SystemClock {
 pub struct FailureList<C: Clock = SystemClock> {
     clock: C,
     ttl: Duration,
-    until: Mutex<HashMap<NodeId, Instant>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    until: HashMap<NodeId, Instant>,
+    /// Nodes whose lease is gone: failed without a time limit.
+    departed: HashSet<NodeId>,
 }
 
 impl FailureList<SystemClock> {
@@ -37,16 +45,20 @@ impl<C: Clock> FailureList<C> {
         FailureList {
             clock,
             ttl,
-            until: Mutex::new(HashMap::new()),
+            entries: Mutex::default(),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Puts `node` on the list for the set time; returns true when it was not on it already.
     pub fn fail(&self, node: &NodeId) -> bool {
-        let until = self.clock.now() + self.ttl;
-        let mut map = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = map.get(node).is_none_or(|&t| t <= self.clock.now());
-        map.insert(node.clone(), until);
+        let now = self.clock.now();
+        let mut entries = self.lock();
+        let fresh = entries.until.get(node).is_none_or(|&t| t <= now);
+        entries.until.insert(node.clone(), now + self.ttl);
         if fresh {
             log::warn!("peer {node}: failed; not tried again for {:?}", self.ttl);
         }
@@ -54,14 +66,43 @@ impl<C: Clock> FailureList<C> {
     }
 
     pub fn is_failed(&self, node: &NodeId) -> bool {
-        let map = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(node).is_some_and(|&t| t > self.clock.now())
+        let entries = self.lock();
+        entries
+            .until
+            .get(node)
+            .is_some_and(|&t| t > self.clock.now())
+            || (!entries.departed.is_empty() && entries.departed.contains(node))
+    }
+
+    /// Puts `node` on the list until [`FailureList::rejoin`] (its lease is gone); returns
+    /// true when it was not there for that already.
+    pub fn depart(&self, node: &NodeId) -> bool {
+        self.lock().departed.insert(node.clone())
+    }
+
+    /// `node` has a lease again: only a timed entry keeps it on the list.
+    pub fn rejoin(&self, node: &NodeId) {
+        if self.lock().departed.remove(node) {
+            log::info!("peer {node}: registered again");
+        }
+    }
+
+    /// `node` answered its heartbeat: a timed entry is dropped (the node is tried again at
+    /// once); a departed node stays until it registers again.
+    pub fn answered(&self, node: &NodeId) {
+        let now = self.clock.now();
+        let mut entries = self.lock();
+        let listed = entries.until.remove(node).is_some_and(|t| t > now);
+        if listed && !entries.departed.contains(node) {
+            log::info!("peer {node}: answers its heartbeat again; back");
+        }
     }
 
     /// Takes `node` off the list (it answered again).
     pub fn recover(&self, node: &NodeId) {
-        let mut map = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        if map.remove(node).is_some() {
+        let mut entries = self.lock();
+        let timed = entries.until.remove(node).is_some();
+        if entries.departed.remove(node) || timed {
             log::info!("peer {node}: back");
         }
     }
@@ -69,13 +110,15 @@ impl<C: Clock> FailureList<C> {
     /// Nodes on the list now, for `stats` and `image info`.
     pub fn failed(&self) -> Vec<NodeId> {
         let now = self.clock.now();
-        let map = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        let mut nodes: Vec<NodeId> = map
-            .iter()
-            .filter(|(_, &t)| t > now)
-            .map(|(n, _)| n.clone())
+        let entries = self.lock();
+        let timed = entries.until.iter().filter(|(_, &t)| t > now);
+        let mut nodes: Vec<NodeId> = timed
+            .map(|(n, _)| n)
+            .chain(&entries.departed)
+            .cloned()
             .collect();
         nodes.sort();
+        nodes.dedup();
         nodes
     }
 }
@@ -108,6 +151,30 @@ mod tests {
         assert!(list.failed().is_empty());
         list.fail(&b);
         list.recover(&b);
+        assert!(!list.is_failed(&b));
+    }
+
+    #[test]
+    fn a_departed_node_stays_until_it_rejoins() {
+        let clock = FakeClock(Arc::new(Mutex::new(Instant::now())));
+        let list = FailureList::with_clock(Duration::from_secs(60), clock.clone());
+        let b: NodeId = "b".parse().unwrap();
+        assert!(list.depart(&b));
+        assert!(!list.depart(&b), "already departed");
+        *clock.0.lock().unwrap() += Duration::from_secs(3600);
+        assert!(list.is_failed(&b));
+        assert_eq!(list.failed(), vec![b.clone()]);
+        list.fail(&b);
+        assert_eq!(list.failed(), vec![b.clone()], "listed once");
+        list.answered(&b);
+        assert!(
+            list.is_failed(&b),
+            "an answer does not bring back a departed node"
+        );
+        list.fail(&b);
+        list.rejoin(&b);
+        assert!(list.is_failed(&b), "the timed entry is still due");
+        list.answered(&b);
         assert!(!list.is_failed(&b));
     }
 }

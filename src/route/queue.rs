@@ -205,9 +205,12 @@ impl Queue {
         self.slots.len() + self.deferred.len() + self.finished.len()
     }
 
-    /// Whether the caller should stop taking requests until some complete.
+    /// Whether the caller should stop taking requests until some complete: too many
+    /// operations in flight, or calls of this image waiting for room on a peer (they wait
+    /// in the guest's ring, not in ours; see `peers::Transport::has_room`).
     pub fn is_full(&self) -> bool {
         self.ops_in_flight() >= MAX_IN_FLIGHT_OPS
+            || (self.remote.in_flight() > 0 && !self.peers.has_room(self.disk.name()))
     }
 
     fn ops_in_flight(&self) -> usize {

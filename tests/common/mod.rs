@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod guest;
 pub mod libvirt;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod qsd;
