@@ -14,7 +14,7 @@ mod heartbeat;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,11 @@ const POOL: usize = 1;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a control-path call (hold, release, checksums, a resync copy) may take.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Calls timed out in a row, with no answer on the data connection between them, that fail
+/// a peer even while its heartbeat answers: its disk or data path is hung, and every call
+/// to it would cost a whole timeout. A flood does not do this: its own calls keep being
+/// answered.
+pub const HUNG_AFTER: u32 = 3;
 
 pub type Callback = Box<dyn FnOnce(Result<Response, PeerError>) + Send>;
 
@@ -137,6 +142,11 @@ struct Peer {
     heartbeat: PeerClient,
     /// Set while a heartbeat is unanswered.
     beating: AtomicBool,
+    /// Calls that timed out since the last answer on the data connection.
+    timeouts: AtomicU32,
+    /// Set once `Peers::set` replaced this peer (the node moved): what its calls report
+    /// about the node no longer counts.
+    replaced: AtomicBool,
     metrics: Arc<PeerMetrics>,
     budget: Budget<Queued>,
     failures: Arc<FailureList>,
@@ -203,12 +213,16 @@ impl Peers {
             client: client(POOL, REQUEST_TIMEOUT),
             heartbeat: client(1, HEARTBEAT_TIMEOUT),
             beating: AtomicBool::new(false),
+            timeouts: AtomicU32::new(0),
+            replaced: AtomicBool::new(false),
             metrics: Arc::default(),
             budget: Budget::new(self.waiting.clone()),
             failures: self.failures.clone(),
         };
         log::info!("peer {node} at {addr}");
-        clients.insert(node.clone(), (addr, Arc::new(peer)));
+        if let Some((_, old)) = clients.insert(node.clone(), (addr, Arc::new(peer))) {
+            old.replaced.store(true, Relaxed);
+        }
     }
 
     /// `node`'s lease in etcd is gone: it is failed at once, until it registers again.
@@ -227,6 +241,21 @@ impl Peers {
     /// `node` registered (again) in etcd: a lease's absence no longer fails it.
     pub fn joined(&self, node: &NodeId) {
         self.failures.rejoin(node);
+    }
+
+    /// The whole node registry, read again after the watch missed events: every node in it
+    /// is reachable at its address and registered; every peer not in it has left.
+    pub fn registry(&self, nodes: &[crate::meta::records::NodeRecord]) {
+        for record in nodes {
+            self.set(&record.id, record.addr);
+            self.joined(&record.id);
+        }
+        let known: Vec<NodeId> = self.all().iter().map(|p| p.node.clone()).collect();
+        for node in known {
+            if !nodes.iter().any(|r| r.id == node) {
+                self.left(&node);
+            }
+        }
     }
 
     /// Whether `node` is this node or a peer this node can call.
@@ -340,10 +369,10 @@ impl Peer {
                 done,
             } = call;
             if since.elapsed() > timeout {
-                done(Err(PeerError::Timeout(timeout)));
                 if let Some((image, cost)) = lane {
                     calls.extend(self.budget.release(&image, cost));
                 }
+                done(Err(PeerError::Timeout(timeout)));
                 continue;
             }
             let (peer, metrics) = (self.clone(), self.metrics.clone());
@@ -356,20 +385,32 @@ impl Peer {
                 Box::new(move |result| {
                     metrics.in_flight.fetch_sub(1, Relaxed);
                     metrics.latency.record(started.elapsed());
-                    if let Err(e) = &result {
-                        metrics.errors.fetch_add(1, Relaxed);
-                        // Refused, reset or lost: the peer is plainly down. A timeout fails
-                        // this call only.
-                        if matches!(e, PeerError::Unavailable(_)) {
+                    match &result {
+                        // Refused, reset or lost: the peer is plainly down.
+                        Err(PeerError::Unavailable(_)) => {
+                            metrics.errors.fetch_add(1, Relaxed);
                             peer.fail();
                         }
+                        // This call only, unless nothing is answered any more.
+                        Err(PeerError::Timeout(_)) => {
+                            metrics.errors.fetch_add(1, Relaxed);
+                            peer.timed_out();
+                        }
+                        Err(_) => {
+                            metrics.errors.fetch_add(1, Relaxed);
+                            peer.timeouts.store(0, Relaxed);
+                        }
+                        Ok(_) => peer.timeouts.store(0, Relaxed),
                     }
-                    done(result);
+                    // Room first, and the calls it lets go sent before the completion runs:
+                    // a completion that panics must not keep this call's bytes counted or
+                    // strand the calls behind it.
                     if let Some((image, cost)) = lane {
                         for next in peer.budget.release(&image, cost) {
                             peer.send(next);
                         }
                     }
+                    done(result);
                 }),
             );
         }
@@ -377,7 +418,28 @@ impl Peer {
 
     /// Puts the peer on the failure list, and fails the calls waiting for room on it.
     fn fail(&self) {
+        if self.replaced.load(Relaxed) {
+            return;
+        }
         self.failures.fail(&self.node);
+        self.fail_waiting();
+    }
+
+    /// A call timed out: after [`HUNG_AFTER`] in a row with no answer between, the peer's
+    /// data path is hung, and it is failed until its time on the list is up (its heartbeat
+    /// does not take it back).
+    fn timed_out(&self) {
+        let row = self.timeouts.fetch_add(1, Relaxed) + 1;
+        if row < HUNG_AFTER || self.replaced.load(Relaxed) {
+            return;
+        }
+        if self.failures.fail_hung(&self.node) {
+            log::warn!(
+                "peer {}: {row} calls in a row timed out with none answered; failed though \
+                 its heartbeat answers",
+                self.node
+            );
+        }
         self.fail_waiting();
     }
 
@@ -405,12 +467,24 @@ mod tests {
     struct Slow {
         read: Mutex<Duration>,
         ping: Mutex<Duration>,
+        /// While set, reads wait (up to [`WAIT`]) until it is cleared.
+        held: Mutex<bool>,
+        release: std::sync::Condvar,
+    }
+
+    impl Slow {
+        fn hold(&self, held: bool) {
+            *self.held.lock().unwrap() = held;
+            self.release.notify_all();
+        }
     }
 
     impl PeerHandler for Slow {
         fn handle(&self, _: &NodeId, request: Request) -> Response {
             match request {
                 Request::Read { len, .. } => {
+                    let held = self.held.lock().unwrap();
+                    drop(self.release.wait_timeout_while(held, WAIT, |h| *h).unwrap());
                     std::thread::sleep(*self.read.lock().unwrap());
                     Response::Data(vec![0; len as usize])
                 }
@@ -513,6 +587,31 @@ mod tests {
     }
 
     #[test]
+    fn calls_that_all_time_out_fail_the_peer_though_its_heartbeat_answers() {
+        let slow = Arc::new(Slow::default());
+        *slow.read.lock().unwrap() = Duration::from_millis(1500);
+        let (peers, _server) = setup(&slow);
+        let late: Vec<_> = (0..HUNG_AFTER)
+            .map(|_| call(&peers, read("x", 4096), Duration::from_millis(100)))
+            .collect();
+        for answer in late {
+            assert!(matches!(
+                answer.recv_timeout(WAIT).unwrap(),
+                Err(PeerError::Timeout(_))
+            ));
+        }
+        assert!(
+            peers.is_failed(&node("b")),
+            "a hung data path fails the peer"
+        );
+        peers.failures().answered(&node("b"));
+        assert!(
+            peers.is_failed(&node("b")),
+            "an answered heartbeat does not take a hung peer back"
+        );
+    }
+
+    #[test]
     fn the_heartbeat_fails_a_peer_that_does_not_answer_and_takes_it_back_when_it_does() {
         let slow = Arc::new(Slow::default());
         *slow.ping.lock().unwrap() = HEARTBEAT_TIMEOUT + Duration::from_secs(1);
@@ -543,9 +642,8 @@ mod tests {
     #[test]
     fn a_flood_waits_in_its_own_lane_and_a_lost_lease_fails_it_at_once() {
         let slow = Arc::new(Slow::default());
-        // Long enough that nothing x sent is answered before b's lease is gone, short enough
-        // that all of it is answered within a request's timeout even one at a time.
-        *slow.read.lock().unwrap() = Duration::from_millis(300);
+        // Nothing x sent is answered before b's lease is gone.
+        slow.hold(true);
         let (peers, _server) = setup(&slow);
         let chunk = crate::peer::MAX_CHUNK;
         let (x, y): (ImageName, ImageName) = ("x".parse().unwrap(), "y".parse().unwrap());
@@ -561,6 +659,7 @@ mod tests {
             peers.has_room(&x),
             "the calls that waited are failed at once"
         );
+        slow.hold(false);
         let outcomes: Vec<_> = flood
             .iter()
             .map(|rx| rx.recv_timeout(WAIT).unwrap())

@@ -57,7 +57,6 @@ pub struct StripeSpec {
 
 /// One member of a stripe: where its copies go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Member {
     pub at: Placement,
     /// Some block the layout places on this member has no copy there (a `location rm`
@@ -78,7 +77,6 @@ pub struct Stripe {
 
 /// The persisted form of a [`Stripe`], checked when read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StripeFile {
     pub members: Vec<Member>,
     pub width: u64,

@@ -200,6 +200,12 @@ impl Daemon {
     /// Re-reads everything (after the watch missed changes) and puts this node in line.
     fn reload_all(&self) {
         let Ok(cluster) = self.cluster() else { return };
+        // Node events the watch missed too: a peer whose lease went and came back meanwhile
+        // would otherwise stay departed, and one that left would stay up.
+        match cluster.nodes() {
+            Ok(nodes) => self.peers.registry(&nodes),
+            Err(e) => log::warn!("cannot reload the cluster's nodes: {e}"),
+        }
         match cluster.images() {
             Ok((images, revision)) => {
                 let mut seen: BTreeSet<ImageName> = BTreeSet::new();

@@ -171,7 +171,9 @@ impl ClusterMeta {
                     limits.insert(id, decode(kv)?);
                 }
                 Some(Key::Stripe(id)) => {
-                    stripes.insert(id, decode(kv)?);
+                    if let Some(stripe) = stripe_of(kv) {
+                        stripes.insert(id, stripe);
+                    }
                 }
                 _ => {}
             }
@@ -228,7 +230,7 @@ impl ClusterMeta {
             };
             let epoch = epoch_of(head.mod_revision)?;
             let stripe = match result.responses.get(2).and_then(|kvs| kvs.first()) {
-                Some(kv) => Some(decode::<Stripe>(kv)?),
+                Some(kv) => stripe_of(kv),
                 None => None,
             };
             let mut meta = records::meta_of(name.clone(), epoch, record, &parts, qos)?;
@@ -688,6 +690,19 @@ fn next_incarnation(etcd: &Etcd, keys: &Keys, me: &NodeId) -> Result<u64, StoreE
         };
         if etcd.txn(&txn)?.succeeded {
             return Ok(n + 1);
+        }
+    }
+}
+
+/// A stripe record read back. The stripe only describes the layout (the block table says
+/// where every copy is), so one that does not decode is logged and left out rather than
+/// making the image, or every image, unreadable.
+fn stripe_of(kv: &Kv) -> Option<Stripe> {
+    match decode::<Stripe>(kv) {
+        Ok(stripe) => Some(stripe),
+        Err(e) => {
+            log::warn!("{e}; the image's stripe description is left out");
+            None
         }
     }
 }

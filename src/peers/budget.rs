@@ -26,8 +26,10 @@ pub const PEER_IN_FLIGHT_BYTES: usize = 16 << 20;
 pub const IMAGE_IN_FLIGHT_BYTES: usize = 4 << 20;
 
 /// What a call costs at least: its frame, the peer's work and its answer are not free even
-/// when it carries no data.
-pub const MIN_CALL_BYTES: usize = 4 << 10;
+/// when it carries no data. It also bounds the calls in flight: 64 per image and 256 per
+/// peer, so a flood of small calls cannot queue thousands of operations on the peer ahead
+/// of another image's call (the peer runs a few at a time per connection).
+pub const MIN_CALL_BYTES: usize = 64 << 10;
 
 /// One peer's budget; `T` is a call waiting to be sent.
 pub struct Budget<T> {
@@ -98,6 +100,7 @@ impl<T> Budget<T> {
             (lane.in_flight, !lane.waiting.is_empty())
         });
         if !lane_waits
+            && !self.peer_wanted(&state)
             && fits(state.in_flight, cost, self.peer_limit)
             && fits(lane_in_flight, cost, self.image_limit)
         {
@@ -121,6 +124,19 @@ impl<T> Budget<T> {
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         None
+    }
+
+    /// Whether some image's next call waits for room on the peer (not for its own bound):
+    /// a new call of another image then waits its turn too, so that a stream of small calls
+    /// cannot keep taking the room a bigger waiting call needs.
+    fn peer_wanted(&self, state: &State<T>) -> bool {
+        state.turns.iter().any(|image| {
+            state.lanes.get(image).is_some_and(|lane| {
+                lane.waiting
+                    .front()
+                    .is_some_and(|&(cost, _)| fits(lane.in_flight, cost, self.image_limit))
+            })
+        })
     }
 
     /// A call of `cost` bytes for `image` that was sent has ended (answered, failed or timed
@@ -277,5 +293,17 @@ mod tests {
         assert!(!b.has_backlog(&x));
         assert!(b.release(&x, MIB).is_empty());
         assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn small_calls_do_not_overtake_a_call_waiting_for_the_peer() {
+        let b = Budget::with_limits(2 * MIB, 2 * MIB, Arc::default());
+        let (x, y) = (name("x"), name("y"));
+        assert_eq!(b.admit(&y, MIB, 10), Some(10));
+        assert_eq!(b.admit(&y, MIB - MIN_CALL_BYTES, 11), Some(11));
+        // x's chunk needs room on the peer; y's small calls must not keep taking it.
+        assert_eq!(b.admit(&x, MIB, 1), None);
+        assert_eq!(b.admit(&y, MIN_CALL_BYTES, 12), None);
+        assert_eq!(b.release(&y, MIB), vec![1, 12]);
     }
 }

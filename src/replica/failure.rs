@@ -32,6 +32,9 @@ struct Entries {
     until: HashMap<NodeId, Instant>,
     /// Nodes whose lease is gone: failed without a time limit.
     departed: HashSet<NodeId>,
+    /// Nodes failed because calls go unanswered while their heartbeat answers (a hung disk
+    /// or data path): the heartbeat does not take them back, their time limit does.
+    hung: HashSet<NodeId>,
 }
 
 impl FailureList<SystemClock> {
@@ -59,9 +62,19 @@ impl<C: Clock> FailureList<C> {
         let mut entries = self.lock();
         let fresh = entries.until.get(node).is_none_or(|&t| t <= now);
         entries.until.insert(node.clone(), now + self.ttl);
+        entries.hung.remove(node);
         if fresh {
             log::warn!("peer {node}: failed; not tried again for {:?}", self.ttl);
         }
+        fresh
+    }
+
+    /// Puts `node` on the list for the set time, and keeps it there even while it answers
+    /// its heartbeat: its calls go unanswered though it is up. Returns true when it was not
+    /// on the list already.
+    pub fn fail_hung(&self, node: &NodeId) -> bool {
+        let fresh = self.fail(node);
+        self.lock().hung.insert(node.clone());
         fresh
     }
 
@@ -88,10 +101,17 @@ impl<C: Clock> FailureList<C> {
     }
 
     /// `node` answered its heartbeat: a timed entry is dropped (the node is tried again at
-    /// once); a departed node stays until it registers again.
+    /// once), unless it was failed as hung; a departed node stays until it registers again.
     pub fn answered(&self, node: &NodeId) {
         let now = self.clock.now();
         let mut entries = self.lock();
+        let until = entries.until.get(node).copied();
+        if entries.hung.contains(node) {
+            if until.is_some_and(|t| t > now) {
+                return;
+            }
+            entries.hung.remove(node);
+        }
         let listed = entries.until.remove(node).is_some_and(|t| t > now);
         if listed && !entries.departed.contains(node) {
             log::info!("peer {node}: answers its heartbeat again; back");
@@ -102,6 +122,7 @@ impl<C: Clock> FailureList<C> {
     pub fn recover(&self, node: &NodeId) {
         let mut entries = self.lock();
         let timed = entries.until.remove(node).is_some();
+        entries.hung.remove(node);
         if entries.departed.remove(node) || timed {
             log::info!("peer {node}: back");
         }
@@ -175,6 +196,25 @@ mod tests {
         list.rejoin(&b);
         assert!(list.is_failed(&b), "the timed entry is still due");
         list.answered(&b);
+        assert!(!list.is_failed(&b));
+    }
+
+    #[test]
+    fn a_hung_node_stays_failed_while_it_answers_its_heartbeat() {
+        let clock = FakeClock(Arc::new(Mutex::new(Instant::now())));
+        let list = FailureList::with_clock(Duration::from_secs(60), clock.clone());
+        let b: NodeId = "b".parse().unwrap();
+        assert!(list.fail_hung(&b));
+        list.answered(&b);
+        assert!(list.is_failed(&b), "its calls still go unanswered");
+        *clock.0.lock().unwrap() += Duration::from_secs(61);
+        assert!(!list.is_failed(&b), "its time limit takes it back");
+        // A later plain failure is cleared by an answer again.
+        list.fail(&b);
+        list.answered(&b);
+        assert!(!list.is_failed(&b));
+        list.fail_hung(&b);
+        list.recover(&b);
         assert!(!list.is_failed(&b));
     }
 }
