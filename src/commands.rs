@@ -88,8 +88,9 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             let qos = limits.update();
             if qos.is_empty() {
                 return Err(CommandError::Usage(
-                    "image set changes an image's limits: give --iops-limit N|none, \
-                     --bps-limit BYTES|none and/or --burst TIME|default"
+                    "image set changes an image's limits and cache: give --iops-limit N|none, \
+                     --bps-limit BYTES|none, --burst TIME|default, --cache ram|volume|off \
+                     and/or --cache-size SIZE|none"
                         .into(),
                 ));
             }

@@ -40,6 +40,8 @@ pub struct Daemon {
     config: Config,
     images: Mutex<BTreeMap<ImageName, Entry>>,
     peers: Arc<Peers>,
+    /// Cache copies of remote blocks, one budget per tier for every image (see `cache`).
+    caches: Arc<crate::cache::Caches>,
     /// Where this node's image metadata changes are made durable.
     store: Arc<dyn MetaStore>,
     /// The cluster's metadata in etcd; None for a single node.
@@ -67,6 +69,7 @@ struct Shape {
 fn image_stats(disk: &Disk) -> Value {
     let mut value = disk.metrics().json(disk.out_of_sync_copies());
     value["qos"] = disk.qos().json();
+    value["cache"] = disk.cache().figures().json();
     value
 }
 
@@ -160,6 +163,7 @@ impl Daemon {
         };
         let daemon = Daemon {
             peers: Arc::new(Peers::new(&config, key)),
+            caches: crate::cache::Caches::new(&config.dirs, config.cache_budgets)?,
             store,
             shared,
             config,
@@ -220,6 +224,7 @@ impl Daemon {
             self.config.node.clone(),
             self.store.clone(),
         );
+        disk.cache().attach(self.caches.clone());
         self.check_lost_tiers(&disk).map_err(io::Error::other)?;
         // Only the owner exports an image; other nodes hold copies of its blocks for it.
         let export = if disk.meta().owner == self.config.node {
@@ -347,6 +352,7 @@ impl Daemon {
                 totals: entry.disk.metrics().totals(),
                 out_of_sync: entry.disk.out_of_sync_copies(),
                 qos: entry.disk.qos().figures(),
+                cache: entry.disk.cache().figures(),
             })
             .collect();
         let failures = self.peers.failures();
@@ -451,12 +457,14 @@ impl Daemon {
                 Some(cluster) => cluster.create(&mut meta)?,
                 None => meta.save(&self.config.meta_dir())?,
             }
-            Disk::open(
+            let disk = Disk::open(
                 meta,
                 &self.config.dirs,
                 self.config.node.clone(),
                 self.store.clone(),
-            )
+            );
+            disk.cache().attach(self.caches.clone());
+            disk
         };
         images.insert(
             name.clone(),

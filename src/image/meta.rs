@@ -49,7 +49,7 @@ pub struct MetaFile {
     pub read_only: bool,
     /// Per-image limits; left out when there are none, so files of unlimited images read
     /// the same as before limits existed.
-    #[serde(default, skip_serializing_if = "QosLimits::is_unlimited")]
+    #[serde(default, skip_serializing_if = "QosLimits::is_default")]
     pub qos: QosLimits,
     pub extents: Vec<Extent>,
 }

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::error::IoError;
 use super::split::{self, BlockSpan, Piece};
+use crate::cache::CacheHit;
 use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{
@@ -102,6 +103,16 @@ pub(super) struct RemoteRead {
     pub offset: u64,
     pub bufs: IoVecs,
     pub tried: SmallVec<[NodeId; 2]>,
+    /// When its data may fill the cache: the owner epoch and the block's write count when
+    /// the read was issued with no write in flight (see `cache`).
+    pub fill: Option<Fill>,
+}
+
+/// What a remote read needs to fill the cache on completion.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fill {
+    pub epoch: u64,
+    pub writes: u32,
 }
 
 /// A request in flight.
@@ -351,9 +362,12 @@ impl Queue {
                     if let Some(tier) = split::local_copy(locations, self.disk.me()) {
                         return Ok(Source::Local(tier));
                     }
-                    next_remote(locations, &[], &*self.peers)
-                        .map(Source::Remote)
-                        .ok_or(IoError::NoCopy(piece.block))
+                    let remote = next_remote(locations, &[], &*self.peers)
+                        .ok_or(IoError::NoCopy(piece.block));
+                    Ok(match self.cached(meta.generation, piece) {
+                        Ok(hit) => Source::Cached(hit),
+                        Err(fill) => Source::Remote(remote?, fill),
+                    })
                 })
                 .collect()
         };
@@ -375,7 +389,15 @@ impl Queue {
                     ),
                     Err(e) => self.fail(slot, e.into()),
                 },
-                Source::Remote(location) => {
+                Source::Cached(hit) => self.push(
+                    tag(slot, 0),
+                    hit.tier,
+                    OpKind::Read,
+                    Target::File(hit.file),
+                    piece.offset,
+                    piece.bufs,
+                ),
+                Source::Remote(location, fill) => {
                     let Some(request) = self.slots.get_mut(slot) else {
                         return;
                     };
@@ -384,6 +406,7 @@ impl Queue {
                         offset: piece.offset,
                         bufs: IoVecs(piece.bufs.0.clone()),
                         tried: smallvec::smallvec![location.node.clone()],
+                        fill,
                     });
                     let part = request.reads.len();
                     let target = self.peer_target(&location, piece.block);
@@ -398,6 +421,23 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// A read piece's cache copy when it holds every page the piece needs; otherwise what
+    /// the remote read must remember to fill the cache (None when caching is off, or a write
+    /// to the block is in flight: its data might be either side of the write).
+    fn cached(&self, epoch: u64, piece: &Piece) -> Result<CacheHit, Option<Fill>> {
+        let cache = self.disk.cache();
+        if cache.tier().is_none() {
+            return Err(None);
+        }
+        // The write count first: a write that starts after this drops what the lookup saw
+        // only once issued, and a fill after it is refused.
+        let writes = self.disk.writes().idle(piece.block);
+        if let Some(hit) = cache.lookup(epoch, piece.block, piece.offset, piece.len) {
+            return Ok(hit);
+        }
+        Err(writes.map(|writes| Fill { epoch, writes }))
     }
 
     pub(super) fn peer_target(&self, location: &Location, block: u64) -> Target {
@@ -427,6 +467,8 @@ impl Queue {
             return;
         };
         request.written.push((piece.block, request.copies.len()));
+        // Its write count started (`begin_writes`): no fill racing it is kept from here on.
+        self.disk.cache().invalidate(piece.block);
         for location in locations {
             let Some(copy) = self.add_copy(slot, &location, false) else {
                 return;
@@ -525,6 +567,7 @@ impl Queue {
         if let Some(request) = self.slots.get_mut(slot) {
             request.written.push((span.block, request.copies.len()));
         }
+        self.disk.cache().invalidate(span.block);
         for location in locations {
             let local = &location.node == self.disk.me();
             let stored = local && self.free_here(&location, span);
@@ -666,7 +709,9 @@ impl Drop for Queue {
 /// Where a read piece is served from.
 enum Source {
     Local(Tier),
-    Remote(Location),
+    /// This node's cache copy (of a block whose copies are all on other nodes).
+    Cached(CacheHit),
+    Remote(Location, Option<Fill>),
 }
 
 /// The next in-sync copy on another node, not yet tried, whose node is not on the failure
