@@ -1,0 +1,221 @@
+//! Cache copies of remote blocks (issue 12 part 2): a node that serves an image keeps what it
+//! read from other nodes, serves it back, drops it on its own writes, never exceeds its
+//! budget, and never serves it once another node could have written the image.
+//! Driven with the VM-less client against nodes keeping their metadata in a real etcd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{Cluster, Daemon};
+use common::etcd::EtcdCluster;
+use common::{tools_available, wait_until, TestDir};
+use cormorant_frontend::{BlkClient, ClientOptions, DiscardRange};
+
+const S_OK: u8 = 0;
+/// 64 KiB per block written and read back (blocks are 1 MiB).
+const PART: u32 = 64 << 10;
+
+fn client(node: &Daemon, image: &str) -> BlkClient {
+    BlkClient::connect(node.socket(image), &ClientOptions::default()).expect("connect")
+}
+
+fn pattern(block: u64, round: u8) -> Vec<u8> {
+    (0..PART)
+        .map(|i: u32| (i as u8) ^ (block as u8).wrapping_mul(7) ^ round.wrapping_mul(13))
+        .collect()
+}
+
+fn setup(dir: &TestDir, nodes: usize, extra: &[&str]) -> Option<(EtcdCluster, Cluster)> {
+    if !tools_available(&["etcd", "etcdctl"]) {
+        return None;
+    }
+    let etcd = common::start_etcd(dir.path());
+    let cluster = Cluster::start_etcd_with(dir.path(), nodes, &etcd.endpoint_arg(), extra);
+    Some((etcd, cluster))
+}
+
+fn cache_stats(node: &Daemon, image: &str) -> serde_json::Value {
+    node.cli(&["stats", image])["cache"].clone()
+}
+
+fn count(stats: &serde_json::Value, key: &str) -> u64 {
+    stats[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {stats}"))
+}
+
+/// Block files in the node's RAM-tier cache, over all images.
+fn cache_files(node: &Daemon) -> usize {
+    let Ok(images) = std::fs::read_dir(node.ram_dir.join("cache")) else {
+        return 0;
+    };
+    images
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).map_or(0, |f| f.count()))
+        .sum()
+}
+
+fn write_blocks(client: &mut BlkClient, blocks: u64, round: u8) {
+    for block in 0..blocks {
+        let status = client
+            .write(0, block * 2048, &pattern(block, round))
+            .unwrap();
+        assert_eq!(status, S_OK, "write block {block}");
+    }
+    assert_eq!(client.flush(0).unwrap(), S_OK);
+}
+
+fn check_blocks(client: &mut BlkClient, blocks: u64, round: u8) {
+    for block in 0..blocks {
+        let (status, data) = client.read(0, block * 2048, PART).unwrap();
+        assert_eq!(status, S_OK, "read block {block}");
+        assert!(data == pattern(block, round), "block {block}: wrong data");
+    }
+}
+
+#[test]
+fn remote_reads_are_cached_and_the_owners_writes_drop_them() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 2, &[]) else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("c", "4M", "1M", &["b:ram"]);
+    a.cli(&["image", "set", "c", "--cache", "ram", "--cache-size", "2M"]);
+    assert_eq!(a.cli(&["image", "info", "c"])["qos"]["cache"], "ram");
+    let mut guest = client(a, "c");
+    write_blocks(&mut guest, 4, 1);
+    check_blocks(&mut guest, 4, 1); // misses: fills
+    let cold = cache_stats(a, "c");
+    assert_eq!(count(&cold, "hits"), 0, "{cold}");
+    assert_eq!(count(&cold, "used"), 4 * u64::from(PART), "{cold}");
+    check_blocks(&mut guest, 4, 1); // hits
+    let warm = cache_stats(a, "c");
+    assert_eq!(count(&warm, "hits"), 4, "{warm}");
+    assert_eq!(count(&warm, "misses"), count(&cold, "misses"), "{warm}");
+    // The cache is node-private: nothing of it reaches the image's locations.
+    let info = a.cli(&["image", "info", "c"]);
+    for block in info["blocks"].as_array().unwrap() {
+        for location in block["locations"].as_array().unwrap() {
+            assert_eq!(
+                location["node"], "b",
+                "a cache copy became a location: {info}"
+            );
+        }
+    }
+    assert!(!a.block_file("ram", "c", 0).exists());
+
+    // The owner writes a cached block: the next read sees the new data, not the cache.
+    assert_eq!(guest.write(0, 2 * 2048, &pattern(2, 2)).unwrap(), S_OK);
+    let (status, data) = guest.read(0, 2 * 2048, PART).unwrap();
+    assert_eq!((status, data == pattern(2, 2)), (S_OK, true));
+    // A discard of a cached block reads back as zeros.
+    let range = DiscardRange {
+        sector: 3 * 2048,
+        num_sectors: PART / 512,
+        flags: 0,
+    };
+    assert_eq!(guest.write_zeroes(0, &[range]).unwrap(), S_OK);
+    let (status, data) = guest.read(0, 3 * 2048, PART).unwrap();
+    assert_eq!((status, data == vec![0; PART as usize]), (S_OK, true));
+    let (status, data) = guest.read(0, 3 * 2048, PART).unwrap();
+    assert_eq!(
+        (status, data == vec![0; PART as usize]),
+        (S_OK, true),
+        "cached zeros"
+    );
+
+    // Off: nothing is kept, reads go to b every time.
+    a.cli(&["image", "set", "c", "--cache", "off"]);
+    let before = cache_stats(a, "c");
+    assert_eq!(count(&before, "used"), 0, "{before}");
+    assert_eq!(
+        b.cli(&["image", "info", "c"])["qos"]["cache"],
+        "off",
+        "the setting is the image's, in etcd"
+    );
+    check_blocks(&mut guest, 2, 1);
+    let after = cache_stats(a, "c");
+    assert_eq!(count(&after, "hits"), count(&before, "hits"));
+    assert_eq!(count(&after, "used"), 0);
+}
+
+#[test]
+fn a_small_budget_is_never_exceeded_and_data_stays_right() {
+    let dir = TestDir::new();
+    let budget: u64 = 256 << 10;
+    let Some((_etcd, cluster)) = setup(&dir, 2, &["--cache-budget-ram", "256K"]) else {
+        return;
+    };
+    let a = &cluster.nodes[0];
+    a.create_image("e", "8M", "1M", &["b:ram"]);
+    a.cli(&["image", "set", "e", "--cache", "ram"]);
+    let mut guest = client(a, "e");
+    write_blocks(&mut guest, 8, 3);
+    for pass in 0..2 {
+        for block in 0..8u64 {
+            let (status, data) = guest.read(0, block * 2048, PART).unwrap();
+            assert_eq!(status, S_OK);
+            assert!(data == pattern(block, 3), "pass {pass} block {block}");
+            let stats = cache_stats(a, "e");
+            assert!(count(&stats, "used") <= budget, "over the budget: {stats}");
+        }
+    }
+    let stats = cache_stats(a, "e");
+    assert_eq!(count(&stats, "used"), budget, "the budget is used: {stats}");
+    // The least recently used went: the last four blocks read are the ones cached, each in
+    // a file of its own (evicted ones are unlinked).
+    let hits = count(&stats, "hits");
+    for block in 4..8u64 {
+        let (status, data) = guest.read(0, block * 2048, PART).unwrap();
+        assert_eq!((status, data == pattern(block, 3)), (S_OK, true));
+    }
+    assert_eq!(count(&cache_stats(a, "e"), "hits"), hits + 4);
+    assert_eq!(cache_files(a), 4);
+}
+
+/// The image moves to b and back: a must not serve what it cached before b wrote.
+#[test]
+fn a_node_that_lost_the_image_never_serves_its_old_cache() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 3, &[]) else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("m", "4M", "1M", &["c:ram"]);
+    a.cli(&["image", "set", "m", "--cache", "ram"]);
+    {
+        let mut on_a = client(a, "m");
+        write_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        assert_eq!(count(&cache_stats(a, "m"), "hits"), 4);
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        a.log().contains("device stopped") || a.log().contains("frontend disconnected")
+    }));
+    b.cli(&["image", "adopt", "m"]);
+    {
+        let mut on_b = client(b, "m");
+        write_blocks(&mut on_b, 4, 2);
+        check_blocks(&mut on_b, 4, 2);
+        assert_eq!(
+            b.cli(&["stats", "m"])["cache"]["mode"],
+            "ram",
+            "the setting moved"
+        );
+    }
+    // a lost the image (and holds no copy of it, so it closes it): its cache files are gone.
+    assert!(
+        wait_until(Duration::from_secs(10), || cache_files(a) == 0),
+        "a kept its cache after it lost the image"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        b.log().contains("device stopped") || b.log().contains("frontend disconnected")
+    }));
+    a.cli(&["image", "adopt", "m"]);
+    let mut on_a = client(a, "m");
+    check_blocks(&mut on_a, 4, 2);
+    assert_eq!(a.cli(&["image", "info", "m"])["owner"], "a");
+}
