@@ -219,3 +219,45 @@ fn a_node_that_lost_the_image_never_serves_its_old_cache() {
     check_blocks(&mut on_a, 4, 2);
     assert_eq!(a.cli(&["image", "info", "m"])["owner"], "a");
 }
+
+/// A guest reading sequentially: read-ahead brings the next bytes into the cache before it
+/// asks, and the data is right.
+#[test]
+fn sequential_reads_are_read_ahead() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 2, &[]) else {
+        return;
+    };
+    let a = &cluster.nodes[0];
+    a.create_image("s", "8M", "1M", &["b:ram"]);
+    a.cli(&["image", "set", "s", "--cache", "ram"]);
+    let mut guest = client(a, "s");
+    let chunks = (8u64 << 20) / u64::from(PART);
+    for chunk in 0..chunks {
+        let sector = chunk * u64::from(PART) / 512;
+        assert_eq!(guest.write(0, sector, &pattern(chunk, 4)).unwrap(), S_OK);
+    }
+    assert_eq!(guest.flush(0).unwrap(), S_OK);
+    for chunk in 0..chunks {
+        let sector = chunk * u64::from(PART) / 512;
+        let (status, data) = guest.read(0, sector, PART).unwrap();
+        assert_eq!(status, S_OK);
+        assert!(data == pattern(chunk, 4), "chunk {chunk}: wrong data");
+        // Give read-ahead a moment, as a guest's own work between reads would.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let stats = cache_stats(a, "s");
+    assert!(count(&stats, "readahead_bytes") > 0, "{stats}");
+    assert!(count(&stats, "readahead_hits") > chunks / 2, "{stats}");
+    assert!(count(&stats, "hits") > chunks / 2, "{stats}");
+    // Random reads do not read ahead.
+    let before = count(&stats, "readahead_bytes");
+    a.cli(&["image", "set", "s", "--cache", "off"]);
+    a.cli(&["image", "set", "s", "--cache", "ram"]);
+    for chunk in [9u64, 3, 77, 40, 12, 100, 5] {
+        let sector = chunk * u64::from(PART) / 512;
+        let (status, data) = guest.read(0, sector, PART).unwrap();
+        assert_eq!((status, data == pattern(chunk, 4)), (S_OK, true));
+    }
+    assert_eq!(count(&cache_stats(a, "s"), "readahead_bytes"), before);
+}

@@ -23,6 +23,7 @@
 
 pub mod pages;
 pub mod shelf;
+pub mod stream;
 
 use std::fs::File;
 use std::io;
@@ -208,6 +209,8 @@ pub struct ImageCache {
 pub struct CacheHit {
     pub tier: Tier,
     pub file: Arc<File>,
+    /// Some of the bytes were brought by read-ahead (and not read before).
+    pub ahead: bool,
 }
 
 impl ImageCache {
@@ -289,6 +292,7 @@ impl ImageCache {
                 Some(CacheHit {
                     tier,
                     file: hit.file,
+                    ahead: hit.ahead_pages > 0,
                 })
             }
             None => {
@@ -296,6 +300,18 @@ impl ImageCache {
                 None
             }
         }
+    }
+
+    /// Whether bytes `offset..offset + len` of `block` are all cached under `epoch` (not
+    /// counted as a hit or a miss).
+    pub fn holds(&self, epoch: u64, block: u64, offset: u64, len: u64) -> bool {
+        let (Some(tier), Some(stake), Some(caches)) =
+            (self.tier(), self.stake(epoch), self.caches.get())
+        else {
+            return false;
+        };
+        let (first, end) = pages::outer(offset, len);
+        caches.shelf(tier).holds(stake, block, first, end)
     }
 
     /// Stores the data a read of `block` at `offset` brought into `bufs`, if `unchanged()`

@@ -147,6 +147,19 @@ impl Shelf {
         })
     }
 
+    /// Whether pages `first..end` of `block` are all valid under `stake`, without counting
+    /// as a use (read-ahead asks before it reads).
+    pub fn holds(&self, stake: Stake, block: u64, first: u64, end: u64) -> bool {
+        let state = self.lock();
+        state.stocks.get(&stake.id).is_some_and(|stock| {
+            stock.epoch == stake.epoch
+                && stock
+                    .blocks
+                    .get(&block)
+                    .is_some_and(|e| e.pages.covers(first, end))
+        })
+    }
+
     /// Writes a fill's whole pages to the cache and marks them valid, if `unchanged()` says
     /// no write to the block started since the read that brought the data was issued (and
     /// none is in flight). Evicts least recently used blocks to make room. Returns the bytes

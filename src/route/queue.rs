@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::error::IoError;
 use super::split::{self, BlockSpan, Piece};
+use crate::cache::stream::Stream;
 use crate::cache::CacheHit;
 use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
@@ -108,6 +109,32 @@ pub(super) struct RemoteRead {
     pub fill: Option<Fill>,
 }
 
+/// A read-ahead read: its own buffer (the remote engine writes into it), and where the data
+/// goes in the cache.
+pub(super) struct Ahead {
+    pub buf: Vec<u8>,
+    pub block: u64,
+    pub offset: u64,
+    pub fill: Fill,
+}
+
+impl Ahead {
+    pub fn iovecs(&mut self) -> IoVecs {
+        IoVecs(smallvec::smallvec![libc::iovec {
+            iov_base: self.buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: self.buf.len(),
+        }])
+    }
+}
+
+/// The request slot read-ahead's operations are tagged with: never a real slot's index (a
+/// queue has at most a few thousand), so its completions are told apart at once.
+pub(super) const AHEAD_SLOT: usize = u32::MAX as usize;
+
+/// Largest read-ahead operation: one peer chunk, so each lands in the cache as soon as it
+/// arrives instead of waiting for a whole block.
+const AHEAD_OP: u64 = crate::peer::MAX_CHUNK as u64;
+
 /// What a remote read needs to fill the cache on completion.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Fill {
@@ -172,6 +199,12 @@ pub struct Queue {
     /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
     stamp: u64,
     sample: u32,
+    /// The guest's reads as a stream, for read-ahead (see `cache::stream`).
+    stream: Stream,
+    /// Read-ahead reads in flight, each with its own buffer (tagged [`AHEAD_SLOT`]).
+    pub(super) ahead: Slots<Ahead>,
+    /// Bytes of `ahead`, bounded by `cache::stream::MAX_AHEAD_IN_FLIGHT`.
+    pub(super) ahead_bytes: u64,
     pub(super) logs: Throttle,
     /// This queue's counts (one writer: this queue's thread).
     pub(super) counters: Arc<QueueCounters>,
@@ -200,6 +233,9 @@ impl Queue {
             deferred: Vec::new(),
             stamp: 0,
             sample: 0,
+            stream: Stream::default(),
+            ahead: Slots::default(),
+            ahead_bytes: 0,
             logs: Throttle::default(),
             counters,
         })
@@ -350,9 +386,9 @@ impl Queue {
     /// Reads each piece from an in-sync copy: this node's when it has one (a block never
     /// written fills zeros without any I/O), else another node's.
     fn read(&mut self, slot: usize, pieces: SmallVec<[Piece; 2]>) {
-        let sources: Result<SmallVec<[Source; 2]>, IoError> = {
+        let (epoch, sources) = {
             let meta = self.disk.meta();
-            pieces
+            let sources: Result<SmallVec<[Source; 2]>, IoError> = pieces
                 .iter()
                 .map(|piece| {
                     let locations = meta
@@ -369,12 +405,21 @@ impl Queue {
                         Err(fill) => Source::Remote(remote?, fill),
                     })
                 })
-                .collect()
+                .collect();
+            (meta.generation, sources)
         };
         let sources = match sources {
             Ok(sources) => sources,
             Err(e) => return self.fail(slot, e),
         };
+        let remote = sources.iter().any(|s| !matches!(s, Source::Local(_)));
+        let ahead_hit = sources
+            .iter()
+            .any(|s| matches!(s, Source::Cached(hit) if hit.ahead));
+        let span = pieces.first().map(|p| {
+            let start = p.block * self.disk.meta().block_size + p.offset;
+            (start, pieces.iter().map(|p| p.len).sum::<u64>())
+        });
         for (piece, source) in pieces.into_iter().zip(sources) {
             match source {
                 Source::Local(tier) => match self.disk.blocks().file_for_read(tier, piece.block) {
@@ -421,6 +466,106 @@ impl Queue {
                 }
             }
         }
+        if let (true, Some((start, len))) = (remote, span) {
+            self.read_ahead(epoch, start, len, ahead_hit);
+        }
+    }
+
+    /// Feeds a guest read of remote blocks to the stream detector, and reads ahead what it
+    /// asks for.
+    fn read_ahead(&mut self, epoch: u64, start: u64, len: u64, ahead_hit: bool) {
+        if self.disk.cache().tier().is_none() {
+            return;
+        }
+        let Some((from, to)) = self.stream.on_read(start, len, ahead_hit) else {
+            return;
+        };
+        let (block_size, size) = {
+            let meta = self.disk.meta();
+            (meta.block_size, meta.size)
+        };
+        let to = to.min(size);
+        let mut at = from;
+        while at < to {
+            let (block, in_block) = (at / block_size, at % block_size);
+            let take = (to - at)
+                .min(block_size - in_block)
+                .min(AHEAD_OP - in_block % AHEAD_OP);
+            if self.ahead_bytes + take > crate::cache::stream::MAX_AHEAD_IN_FLIGHT {
+                self.stream.asked_to(at);
+                break;
+            }
+            self.ahead_piece(epoch, block, in_block, take);
+            at += take;
+        }
+    }
+
+    /// Reads bytes `offset..offset + len` of `block` into the cache, unless this node has
+    /// an in-sync copy, the cache holds them already, or a write to the block is in flight.
+    fn ahead_piece(&mut self, epoch: u64, block: u64, offset: u64, len: u64) {
+        let location = {
+            let meta = self.disk.meta();
+            let Some(locations) = meta.table.locations(block) else {
+                return;
+            };
+            if split::local_copy(locations, self.disk.me()).is_some() {
+                return;
+            }
+            next_remote(locations, &[], &*self.peers)
+        };
+        let Some(location) = location else {
+            return;
+        };
+        if self.disk.cache().holds(epoch, block, offset, len) {
+            return;
+        }
+        let Some(writes) = self.disk.writes().idle(block) else {
+            return;
+        };
+        let mut ahead = Ahead {
+            buf: vec![0; len as usize],
+            block,
+            offset,
+            fill: Fill { epoch, writes },
+        };
+        let iovecs = ahead.iovecs();
+        let index = self.ahead.insert(ahead);
+        self.ahead_bytes += len;
+        let target = self.peer_target(&location, block);
+        let tag = tag(AHEAD_SLOT, index);
+        self.push(tag, location.tier, OpKind::Read, target, offset, iovecs);
+    }
+
+    /// A read-ahead read is done: its data goes to the cache (checked against writes that
+    /// started since, like any fill); a failure only means no read-ahead.
+    pub(super) fn ahead_done(
+        &mut self,
+        index: usize,
+        result: Result<usize, crate::engine::OpError>,
+    ) {
+        let Some(mut ahead) = self.ahead.remove(index) else {
+            return;
+        };
+        self.ahead_bytes -= ahead.buf.len() as u64;
+        if let Err(e) = result {
+            log::debug!(
+                "image {}: read-ahead of block {}: {e}",
+                self.disk.name(),
+                ahead.block
+            );
+            return;
+        }
+        let iovecs = ahead.iovecs();
+        let writes = self.disk.writes();
+        let unchanged = || writes.idle(ahead.block) == Some(ahead.fill.writes);
+        self.disk.cache().fill(
+            ahead.fill.epoch,
+            ahead.block,
+            ahead.offset,
+            &iovecs,
+            true,
+            &unchanged,
+        );
     }
 
     /// A read piece's cache copy when it holds every page the piece needs; otherwise what

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::error::IoError;
-use super::queue::{next_remote, tag, untag, Completion, Queue, RemoteRead, Slot};
+use super::queue::{next_remote, tag, untag, Completion, Queue, RemoteRead, Slot, AHEAD_SLOT};
 use crate::engine::{OpError, OpKind};
 use crate::replica::ack::{self, Outcome};
 
@@ -32,6 +32,9 @@ impl Queue {
     /// to the next in-sync copy, if there is one.
     pub(super) fn part_done(&mut self, op: u64, result: Result<usize, OpError>) {
         let (index, part) = untag(op);
+        if index == AHEAD_SLOT {
+            return self.ahead_done(part, result);
+        }
         let Some(request) = self.slots.get_mut(index) else {
             return;
         };
