@@ -38,6 +38,7 @@ fn node(
         .map(String::from)
         .to_vec();
     args.push(key.to_string_lossy().into_owned());
+    args.extend(["--cache-budget-ram".into(), crate::cache::BUDGET_RAM.into()]);
     args.extend_from_slice(peers);
     Cormorant::start_with(
         &ctx.cormorant_bin,
@@ -171,5 +172,7 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
         Some((">= 0.6x", ratio >= 0.6)),
     ));
 
+    // Issue 12 part 2: cache copies of the remote image's blocks on a.
+    crate::cache::run(&a, &spec, figures)?;
     Ok(())
 }

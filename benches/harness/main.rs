@@ -7,6 +7,7 @@
 //! `target/bench/<date>/`) and prints the markdown table.
 
 mod backend;
+mod cache;
 mod cluster;
 mod fio;
 mod load;
