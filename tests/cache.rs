@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::daemon::{Cluster, Daemon};
 use common::etcd::EtcdCluster;
+use common::guest::{Disk as GuestDisk, Guest, GuestOpts, GuestOutput};
 use common::{tools_available, wait_until, TestDir};
 use cormorant_frontend::{BlkClient, ClientOptions, DiscardRange};
 
@@ -260,4 +261,118 @@ fn sequential_reads_are_read_ahead() {
         assert_eq!((status, data == pattern(chunk, 4)), (S_OK, true));
     }
     assert_eq!(count(&cache_stats(a, "s"), "readahead_bytes"), before);
+}
+
+/// Writes 256 KiB chunks `first..=last` with `tag` from a real guest (as tests/etcd_guests.rs
+/// does); `RESULT write_errors=N`.
+fn guest_write(first: u32, last: u32, tag: u32) -> String {
+    format!(
+        r#"
+tag={tag}; errors=0
+for i in $(seq {first} {last}); do
+  printf "%0262144d" $((i*1000+tag)) > /tmp/c
+  dd if=/tmp/c of=/dev/vda bs=64k seek=$((i*4)) oflag=direct conv=fsync 2>/dev/null || errors=$((errors+1))
+done
+echo "RESULT write_errors=$errors"
+"#
+    )
+}
+
+/// Checks chunks `first..=last` against `tag`, reading each 64 KiB at a time with O_DIRECT;
+/// `RESULT NAME=N` counts the bad ones.
+fn guest_check(name: &str, first: u32, last: u32, tag: u32) -> String {
+    format!(
+        r#"
+tag={tag}; bad=0
+for i in $(seq {first} {last}); do
+  printf "%0262144d" $((i*1000+tag)) > /tmp/c
+  want=$(md5sum < /tmp/c | cut -d' ' -f1)
+  got=$(dd if=/dev/vda bs=64k skip=$((i*4)) count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || bad=$((bad+1))
+done
+echo "RESULT {name}=$bad"
+"#
+    )
+}
+
+fn boot(dir: &TestDir, name: &str, node: &Daemon, image: &str, script: &str) -> GuestOutput {
+    let out = Guest::run(
+        &GuestOpts::new(dir.join(name), script)
+            .disk(GuestDisk::new(node.socket(image)))
+            .timeout(Duration::from_secs(300)),
+    );
+    out.expect_ok();
+    out
+}
+
+fn wait_stopped(node: &Daemon) {
+    assert!(wait_until(Duration::from_secs(10), || {
+        node.log().contains("device stopped") || node.log().contains("frontend disconnected")
+    }));
+}
+
+/// Real guests read an image whose blocks are all on another node: with the cache on (a
+/// warm second pass served from it, the owner's own writes never read back stale, a
+/// sequential read read ahead), after the image moved to another owner, and with it off.
+#[test]
+fn guests_read_remote_blocks_with_the_cache_on_and_off() {
+    if !tools_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 3, &[]) else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("g", "8M", "1M", &["c:ram"]);
+    a.cli(&["image", "set", "g", "--cache", "ram"]);
+    let script = [
+        guest_write(0, 15, 1),
+        guest_check("cold", 0, 15, 1),
+        guest_check("warm", 0, 15, 1),
+        guest_write(4, 7, 2),
+        guest_check("old", 0, 3, 1),
+        guest_check("new", 4, 7, 2),
+        guest_check("rest", 8, 15, 1),
+        // One sequential pass over the whole disk, in 128 KiB reads.
+        "dd if=/dev/vda of=/dev/null bs=128k iflag=direct 2>/dev/null; echo \"RESULT seq=$?\"\n"
+            .to_string(),
+    ]
+    .concat();
+    let out = boot(&dir, "on", a, "g", &script);
+    for key in ["write_errors", "cold", "warm", "old", "new", "rest", "seq"] {
+        assert_eq!(out.value(key), Some("0"), "{key}: {}", out.console);
+    }
+    let stats = cache_stats(a, "g");
+    assert!(
+        count(&stats, "hits") >= 64,
+        "the warm pass was not served: {stats}"
+    );
+    assert!(count(&stats, "readahead_hits") > 0, "{stats}");
+    wait_stopped(a);
+
+    // The image moves to b, whose guest overwrites some chunks; then back to a, cache off.
+    b.cli(&["image", "adopt", "g"]);
+    let out = boot(
+        &dir,
+        "moved",
+        b,
+        "g",
+        &[guest_write(0, 3, 3), guest_check("moved", 0, 3, 3)].concat(),
+    );
+    assert_eq!(out.value("moved"), Some("0"), "{}", out.console);
+    wait_stopped(b);
+    b.cli(&["image", "set", "g", "--cache", "off"]);
+    a.cli(&["image", "adopt", "g"]);
+    let script = [
+        guest_check("back", 0, 3, 3),
+        guest_check("new", 4, 7, 2),
+        guest_check("rest", 8, 15, 1),
+    ]
+    .concat();
+    let out = boot(&dir, "off", a, "g", &script);
+    for key in ["back", "new", "rest"] {
+        assert_eq!(out.value(key), Some("0"), "{key}: {}", out.console);
+    }
+    assert_eq!(count(&cache_stats(a, "g"), "used"), 0);
 }
