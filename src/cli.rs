@@ -203,6 +203,18 @@ pub enum ImageCommand {
         #[arg(long)]
         from: Option<NodeId>,
     },
+    /// Copy every block this node reads from other nodes into the image's cache, in the
+    /// background while the guest runs (the image needs --cache ram|volume). Shows a
+    /// progress bar until it is done, unless --no-wait.
+    Prefetch {
+        name: ImageName,
+        /// Copy at most this many bytes per second (K/M/G suffixes); unlimited when left out.
+        #[arg(long)]
+        rate: Option<Size>,
+        /// Return once the prefetch started.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Remove an image and its block files (refused while a VM uses it).
     Rm { name: ImageName },
     /// Create an image from a file: raw, or any format `qemu-img` reads.

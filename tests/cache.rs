@@ -376,3 +376,76 @@ fn guests_read_remote_blocks_with_the_cache_on_and_off() {
     }
     assert_eq!(count(&cache_stats(a, "g"), "used"), 0);
 }
+
+/// `image prefetch` copies the whole image into the cache at its rate while a guest reads
+/// and writes; afterwards every read is a hit, and the guest's writes were never undone.
+#[test]
+fn prefetch_fills_the_cache_at_its_rate_while_a_guest_runs() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 2, &[]) else {
+        return;
+    };
+    let a = &cluster.nodes[0];
+    a.create_image("p", "8M", "1M", &["b:ram"]);
+    let mut guest = client(a, "p");
+    write_blocks(&mut guest, 8, 1);
+    let out = a.cli_raw(&["image", "prefetch", "p"]);
+    assert!(!out.status.success(), "a prefetch without a cache");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no cache"));
+    a.cli(&["image", "set", "p", "--cache", "ram"]);
+    let started = std::time::Instant::now();
+    a.cli(&["image", "prefetch", "p", "--rate", "4M", "--no-wait"]);
+    let again = a.cli_raw(&["image", "prefetch", "p"]);
+    assert!(!again.status.success(), "two prefetches at once");
+    // The guest keeps reading and writing meanwhile.
+    let mut round = 1;
+    while cache_stats(a, "p")["prefetch"]["running"] == true {
+        round = 3 - round;
+        for block in 0..2u64 {
+            let status = guest
+                .write(0, block * 2048, &pattern(block, round))
+                .unwrap();
+            assert_eq!(status, S_OK);
+        }
+        for block in 0..8u64 {
+            let want = if block < 2 { round } else { 1 };
+            let (status, data) = guest.read(0, block * 2048, PART).unwrap();
+            assert_eq!(
+                (status, data == pattern(block, want)),
+                (S_OK, true),
+                "block {block}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "prefetch never ended"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "8 MiB at 4 MiB/s took {took:?}"
+    );
+    let stats = cache_stats(a, "p");
+    assert_eq!(stats["prefetch"]["blocks_done"], 8, "{stats}");
+    assert!(stats["prefetch"]["stopped"].is_null(), "{stats}");
+    // Blocks the guest did not rewrite are cached whole: a read anywhere in them hits.
+    let hits = count(&stats, "hits");
+    for block in 2..8u64 {
+        let (status, data) = guest.read(0, block * 2048 + 1024, PART).unwrap();
+        assert_eq!((status, data == vec![0; PART as usize]), (S_OK, true));
+    }
+    assert_eq!(
+        count(&cache_stats(a, "p"), "hits"),
+        hits + 6,
+        "prefetched blocks missed"
+    );
+    for block in 0..2u64 {
+        let (status, data) = guest.read(0, block * 2048, PART).unwrap();
+        assert_eq!((status, data == pattern(block, round)), (S_OK, true));
+    }
+    // The CLI's own wait returns the figures once done.
+    let done = a.cli(&["image", "prefetch", "p"]);
+    assert_eq!(done["prefetch"]["running"], false, "{done}");
+}

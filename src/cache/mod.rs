@@ -22,6 +22,7 @@
 //! partial hit goes to the remote copy whole (and fills the rest).
 
 pub mod pages;
+pub mod prefetch;
 pub mod shelf;
 pub mod stream;
 
@@ -163,6 +164,11 @@ pub struct CacheFigures {
     pub filled_bytes: u64,
     pub ahead_hits: u64,
     pub ahead_bytes: u64,
+    /// `image prefetch`: blocks done, blocks in all, bytes brought in.
+    pub prefetch_done: u64,
+    pub prefetch_blocks: u64,
+    pub prefetch_bytes: u64,
+    pub prefetch_running: bool,
 }
 
 impl CacheFigures {
@@ -177,6 +183,12 @@ impl CacheFigures {
             "filled_bytes": self.filled_bytes,
             "readahead_hits": self.ahead_hits,
             "readahead_bytes": self.ahead_bytes,
+            "prefetch": {
+                "running": self.prefetch_running,
+                "blocks_done": self.prefetch_done,
+                "blocks": self.prefetch_blocks,
+                "bytes": self.prefetch_bytes,
+            },
         })
     }
 }
@@ -203,6 +215,8 @@ pub struct ImageCache {
     /// Epochs below this are refused (this node was fenced under an older one).
     floor: AtomicU64,
     pub counters: CacheCounters,
+    /// `image prefetch`'s progress.
+    pub prefetch: prefetch::PrefetchState,
 }
 
 /// A cached copy that serves a read.
@@ -225,6 +239,7 @@ impl ImageCache {
             caches: OnceLock::new(),
             floor: AtomicU64::new(0),
             counters: CacheCounters::default(),
+            prefetch: prefetch::PrefetchState::default(),
         };
         cache.set_policy(policy);
         cache
@@ -314,6 +329,17 @@ impl ImageCache {
         caches.shelf(tier).holds(stake, block, first, end)
     }
 
+    /// Bytes this image may still cache before evicting its own blocks: its cap and the
+    /// node's budget, less what it holds (0 when caching is off).
+    pub fn room(&self) -> u64 {
+        let (Some(tier), Some(caches)) = (self.tier(), self.caches.get()) else {
+            return 0;
+        };
+        let shelf = caches.shelf(tier);
+        let cap = self.cap.load(Relaxed).min(shelf.limit());
+        cap.saturating_sub(shelf.used_by(self.id))
+    }
+
     /// Stores the data a read of `block` at `offset` brought into `bufs`, if `unchanged()`
     /// (checked under the cache's lock) says no write raced it. `ahead`: read-ahead's own.
     pub fn fill(
@@ -376,7 +402,12 @@ impl ImageCache {
             _ => 0,
         };
         let c = &self.counters;
+        let (prefetch_done, prefetch_blocks, prefetch_bytes) = self.prefetch.progress();
         CacheFigures {
+            prefetch_done,
+            prefetch_blocks,
+            prefetch_bytes,
+            prefetch_running: self.prefetch.is_running(),
             tier: policy.map(|p| p.tier),
             cap: policy.and_then(|p| p.size),
             used,

@@ -191,6 +191,22 @@ impl Scrape {
         }
         family(
             e,
+            "cormorant_image_cache_prefetch_blocks_done",
+            "Blocks the running or last image prefetch went through",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.cache.prefetch_done as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_cache_prefetch_blocks",
+            "Blocks of the running or last image prefetch",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.cache.prefetch_blocks as i64)),
+        )?;
+        family(
+            e,
             "cormorant_image_cache_used_bytes",
             "Bytes of cache copies the image holds on this node",
             None,

@@ -308,6 +308,7 @@ impl Daemon {
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
+            Request::ImagePrefetch { name, rate } => self.prefetch(&name, rate),
             Request::ImageAdopt { name, from } => match &self.shared {
                 Some(_) => self.adopt_shared(&name, from.as_ref()),
                 None => Err(DaemonError::AdoptNeedsCluster),
@@ -396,6 +397,29 @@ impl Daemon {
             }),
             None => Err(DaemonError::NoImage(name.clone())),
         }
+    }
+
+    /// Starts `image prefetch` on a thread of its own (see `cache::prefetch`).
+    fn prefetch(&self, name: &ImageName, rate: Option<u64>) -> Result<Value, DaemonError> {
+        let disk = self.owned_disk(name)?;
+        if disk.cache().tier().is_none() {
+            return Err(DaemonError::NoCache(name.clone()));
+        }
+        let blocks = disk.meta().blocks();
+        if !disk.cache().prefetch.start(blocks) {
+            return Err(DaemonError::Prefetching(name.clone()));
+        }
+        let peers: Arc<dyn crate::peers::Transport> = self.peers.clone();
+        let worker = disk.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("prefetch {name}"))
+            .spawn(move || crate::cache::prefetch::run(&worker, &*peers, rate));
+        if let Err(e) = spawned {
+            disk.cache().prefetch.abort(&e.to_string());
+            return Err(DaemonError::Text(format!("cannot start the prefetch: {e}")));
+        }
+        log::info!("image {name}: prefetch started ({blocks} blocks, rate {rate:?} B/s)");
+        Ok(json!({"name": name, "blocks": blocks, "rate": rate}))
     }
 
     /// Changes an image's limits on its owner; the queues apply them at their next request.
