@@ -204,7 +204,7 @@ const VOLUME: u8 = 2;
 /// One image's view of the node's caches.
 pub struct ImageCache {
     id: u64,
-    /// `<image>@<id>`: the image's directory on the shelf.
+    /// `<image>@<id>.<cache id>`: the image cache's directory on the shelf.
     dir: String,
     block_size: u64,
     policy: Mutex<Option<CachePolicy>>,
@@ -229,9 +229,12 @@ pub struct CacheHit {
 
 impl ImageCache {
     pub fn new(dir: String, block_size: u64, policy: Option<CachePolicy>) -> ImageCache {
+        let id = NEXT_ID.fetch_add(1, Relaxed);
         let cache = ImageCache {
-            id: NEXT_ID.fetch_add(1, Relaxed),
-            dir,
+            id,
+            // One directory per image cache, not per image: a disk reopened while the old one
+            // lingers must never open (and truncate) the old one's files.
+            dir: format!("{dir}.{id}"),
             block_size,
             policy: Mutex::new(None),
             tier: AtomicU8::new(OFF),
@@ -525,6 +528,29 @@ mod tests {
         assert!(cache.lookup(0, 0, 0, 4096).is_none());
         assert_eq!(cache.caches.get().unwrap().shelf(Tier::Ram).used(), 0);
         assert_eq!(cache.figures().cap, Some(1 << 20));
+    }
+
+    #[test]
+    fn two_caches_of_one_image_never_share_files() {
+        use std::os::unix::fs::FileExt;
+        let (_d, first) = setup(1 << 20, RAM_CACHE);
+        let second = ImageCache::new("img@1".into(), 1 << 20, RAM_CACHE);
+        second.attach(first.caches.get().unwrap().clone());
+        let mut ones = vec![1u8; 4096];
+        let mut twos = vec![2u8; 4096];
+        first.fill(0, 0, 0, &page(&mut ones), false, &|| true);
+        second.fill(0, 0, 0, &page(&mut twos), false, &|| true);
+        let mut back = vec![0u8; 4096];
+        let hit = first.lookup(0, 0, 0, 4096).unwrap();
+        hit.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 1),
+            "the second cache clobbered the first"
+        );
+        drop(second);
+        let hit = first.lookup(0, 0, 0, 4096).unwrap();
+        hit.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 1));
     }
 
     #[test]
