@@ -116,6 +116,17 @@ pub(super) struct Ahead {
     pub block: u64,
     pub offset: u64,
     pub fill: Fill,
+    /// Guest read pieces that arrived while it was in flight and wait for its data instead
+    /// of reading the same bytes again.
+    pub waiters: Vec<Waiter>,
+}
+
+/// A guest read piece served from a read-ahead's buffer once it arrives.
+pub(super) struct Waiter {
+    pub slot: usize,
+    pub block: u64,
+    pub offset: u64,
+    pub bufs: IoVecs,
 }
 
 impl Ahead {
@@ -413,7 +424,7 @@ impl Queue {
             Err(e) => return self.fail(slot, e),
         };
         let remote = sources.iter().any(|s| !matches!(s, Source::Local(_)));
-        let ahead_hit = sources
+        let mut ahead_hit = sources
             .iter()
             .any(|s| matches!(s, Source::Cached(hit) if hit.ahead));
         let span = pieces.first().map(|p| {
@@ -443,6 +454,10 @@ impl Queue {
                     piece.bufs,
                 ),
                 Source::Remote(location, fill) => {
+                    if self.wait_for_ahead(slot, &piece) {
+                        ahead_hit = true;
+                        continue;
+                    }
                     let Some(request) = self.slots.get_mut(slot) else {
                         return;
                     };
@@ -527,6 +542,7 @@ impl Queue {
             block,
             offset,
             fill: Fill { epoch, writes },
+            waiters: Vec::new(),
         };
         let iovecs = ahead.iovecs();
         let index = self.ahead.insert(ahead);
@@ -536,8 +552,38 @@ impl Queue {
         self.push(tag, location.tier, OpKind::Read, target, offset, iovecs);
     }
 
+    /// Attaches a guest read piece to a read-ahead in flight that covers it, if one does
+    /// and no write to the block started since the read-ahead was issued (none is in
+    /// flight either: the piece then reads what a read of its own would).
+    fn wait_for_ahead(&mut self, slot: usize, piece: &Piece) -> bool {
+        let now = self.disk.writes().idle(piece.block);
+        let Some(ahead) = self.ahead.iter_mut().find(|a| {
+            a.block == piece.block
+                && a.offset <= piece.offset
+                && piece.offset + piece.len <= a.offset + a.buf.len() as u64
+                && now == Some(a.fill.writes)
+        }) else {
+            return false;
+        };
+        ahead.waiters.push(Waiter {
+            slot,
+            block: piece.block,
+            offset: piece.offset,
+            bufs: IoVecs(piece.bufs.0.clone()),
+        });
+        if let Some(request) = self.slots.get_mut(slot) {
+            request.pending += 1;
+        }
+        let counters = &self.disk.cache().counters;
+        counters
+            .ahead_hits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
     /// A read-ahead read is done: its data goes to the cache (checked against writes that
-    /// started since, like any fill); a failure only means no read-ahead.
+    /// started since, like any fill) and to the guest reads waiting for it; a failure only
+    /// means no read-ahead (those reads then go to a copy themselves).
     pub(super) fn ahead_done(
         &mut self,
         index: usize,
@@ -547,13 +593,25 @@ impl Queue {
             return;
         };
         self.ahead_bytes -= ahead.buf.len() as u64;
+        let waiters = std::mem::take(&mut ahead.waiters);
         if let Err(e) = result {
             log::debug!(
                 "image {}: read-ahead of block {}: {e}",
                 self.disk.name(),
                 ahead.block
             );
+            for waiter in waiters {
+                self.read_waiter_elsewhere(waiter);
+            }
             return;
+        }
+        for waiter in waiters {
+            let at = (waiter.offset - ahead.offset) as usize;
+            let len = waiter.bufs.len();
+            if let Some(bytes) = ahead.buf.get(at..at + len) {
+                waiter.bufs.copy_in(0, bytes);
+            }
+            self.part_done(tag(waiter.slot, 0), Ok(len));
         }
         let iovecs = ahead.iovecs();
         let writes = self.disk.writes();
@@ -565,6 +623,44 @@ impl Queue {
             &iovecs,
             true,
             &unchanged,
+        );
+    }
+
+    /// A waiting guest read whose read-ahead failed: read from the next in-sync copy like
+    /// any remote piece (its count in the request carries over).
+    fn read_waiter_elsewhere(&mut self, waiter: Waiter) {
+        let location = {
+            let meta = self.disk.meta();
+            meta.table
+                .locations(waiter.block)
+                .and_then(|locations| next_remote(locations, &[], &*self.peers))
+        };
+        let Some(location) = location else {
+            let error = crate::engine::OpError::Io(std::io::Error::other("no in-sync copy left"));
+            return self.part_done(tag(waiter.slot, 0), Err(error));
+        };
+        let Some(request) = self.slots.get_mut(waiter.slot) else {
+            return;
+        };
+        request.reads.push(RemoteRead {
+            block: waiter.block,
+            offset: waiter.offset,
+            bufs: IoVecs(waiter.bufs.0.clone()),
+            tried: smallvec::smallvec![location.node.clone()],
+            fill: None,
+        });
+        // The waiter's count carries over to the read.
+        request.pending -= 1;
+        let part = request.reads.len();
+        let target = self.peer_target(&location, waiter.block);
+        let (offset, bufs) = (waiter.offset, waiter.bufs);
+        self.push(
+            tag(waiter.slot, part),
+            location.tier,
+            OpKind::Read,
+            target,
+            offset,
+            bufs,
         );
     }
 
