@@ -43,6 +43,11 @@ impl<T> Slots<T> {
     }
 
     /// The items stored, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter().flatten()
+    }
+
+    /// The items stored, in index order.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
         self.items.iter_mut().flatten()
     }

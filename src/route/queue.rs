@@ -531,7 +531,9 @@ impl Queue {
         let Some(location) = location else {
             return;
         };
-        if self.disk.cache().holds(epoch, block, offset, len) {
+        if self.disk.cache().holds(epoch, block, offset, len)
+            || self.guest_reading(block, offset, len)
+        {
             return;
         }
         let Some(writes) = self.disk.writes().idle(block) else {
@@ -550,6 +552,19 @@ impl Queue {
         let target = self.peer_target(&location, block);
         let tag = tag(AHEAD_SLOT, index);
         self.push(tag, location.tier, OpKind::Read, target, offset, iovecs);
+    }
+
+    /// Whether a guest read in flight on this queue already fetches some of bytes
+    /// `offset..offset + len` of `block` from another node: a deep queue's own reads run
+    /// ahead of the stream, and reading their bytes twice would halve the link.
+    fn guest_reading(&self, block: u64, offset: u64, len: u64) -> bool {
+        self.slots.iter().any(|slot| {
+            slot.reads.iter().any(|r| {
+                r.block == block
+                    && r.offset < offset + len
+                    && offset < r.offset + r.bufs.len() as u64
+            })
+        })
     }
 
     /// Attaches a guest read piece to a read-ahead in flight that covers it, if one does
