@@ -343,6 +343,14 @@ impl ImageCache {
         cap.saturating_sub(shelf.used_by(self.id))
     }
 
+    /// Bytes this image may cache at most: its cap and the node's budget for its tier.
+    pub fn room_total(&self) -> u64 {
+        let (Some(tier), Some(caches)) = (self.tier(), self.caches.get()) else {
+            return 0;
+        };
+        self.cap.load(Relaxed).min(caches.shelf(tier).limit())
+    }
+
     /// Stores the data a read of `block` at `offset` brought into `bufs`, if `unchanged()`
     /// (checked under the cache's lock) says no write raced it. `ahead`: read-ahead's own.
     pub fn fill(

@@ -4,7 +4,8 @@
 //! The window works as the kernel's and Ceph's do: it opens at [`INITIAL_WINDOW`] on the
 //! second read in a row that starts where the last one ended, doubles each time a read is
 //! served by pages read-ahead brought in (the stream is real and read-ahead keeps up), up to
-//! [`MAX_WINDOW`], and closes on the first read that breaks the sequence. The next batch is
+//! [`MAX_WINDOW`], and closes on the first read that breaks the sequence. Reads as large as
+//! the window are not read ahead (they keep the link busy themselves). The next batch is
 //! asked for when the reader passes the middle of what was read ahead, so the transfer
 //! overlaps the guest's reading of the first half.
 
@@ -27,6 +28,8 @@ pub struct Stream {
     window: u64,
     /// Everything below this was asked for already.
     ahead_to: u64,
+    /// Bytes read in this run of sequential reads.
+    run_bytes: u64,
 }
 
 impl Stream {
@@ -37,8 +40,10 @@ impl Stream {
         let sequential = self.run > 0 || self.next != 0;
         if sequential && offset == self.next {
             self.run += 1;
+            self.run_bytes = self.run_bytes.saturating_add(len);
         } else {
             self.run = 0;
+            self.run_bytes = len;
             self.window = INITIAL_WINDOW;
             self.ahead_to = 0;
         }
@@ -48,6 +53,11 @@ impl Stream {
         }
         if ahead_hit {
             self.window = (self.window * 2).min(MAX_WINDOW);
+        }
+        // Reads as large as the window keep the link busy on their own: reading ahead of
+        // them only moved the same bytes twice (measured: 1 MiB reads 0.86x without it).
+        if len >= self.window {
+            return None;
         }
         // Ask for more once the reader is past the middle of what was asked for.
         if self.ahead_to > end + self.window / 2 {
@@ -63,6 +73,18 @@ impl Stream {
     /// asks again from there.
     pub fn asked_to(&mut self, to: u64) {
         self.ahead_to = self.ahead_to.min(to);
+    }
+
+    /// Whether a read at `offset` continues a stream that already read more than `room`
+    /// bytes: a scan larger than the cache, whose bytes would only evict each other (and
+    /// everything else) before anyone reads them again. Its data is not kept.
+    pub fn is_scan(&self, offset: u64, room: u64) -> bool {
+        self.run > 0 && offset == self.next && self.run_bytes > room
+    }
+
+    /// Where the stream's next read would start.
+    pub fn next(&self) -> u64 {
+        self.next
     }
 
     pub fn window(&self) -> u64 {
@@ -107,13 +129,33 @@ mod tests {
     }
 
     #[test]
-    fn what_did_not_fit_is_asked_again() {
+    fn reads_as_large_as_the_window_are_not_read_ahead() {
         let mut s = Stream::default();
+        for i in 0..10 {
+            assert_eq!(s.on_read(i * MIB, MIB, false), None);
+        }
+    }
+
+    #[test]
+    fn a_stream_longer_than_the_room_is_a_scan() {
+        let mut s = Stream::default();
+        assert!(!s.is_scan(0, MIB));
         s.on_read(0, MIB, false);
-        let (from, to) = s.on_read(MIB, MIB, false).unwrap();
+        s.on_read(MIB, MIB, false);
+        assert!(s.is_scan(2 * MIB, MIB));
+        assert!(!s.is_scan(2 * MIB, 4 * MIB), "it still fits");
+        assert!(!s.is_scan(9 * MIB, MIB), "not the stream's next read");
+    }
+
+    #[test]
+    fn what_did_not_fit_is_asked_again() {
+        let k = 32 << 10;
+        let mut s = Stream::default();
+        s.on_read(0, k, false);
+        let (from, to) = s.on_read(k, k, false).unwrap();
         s.asked_to(from);
-        let again = s.on_read(2 * MIB, MIB, false).unwrap();
-        assert_eq!(again.0, 3 * MIB);
+        let again = s.on_read(2 * k, k, false).unwrap();
+        assert_eq!(again.0, 3 * k);
         assert!(again.1 > to);
     }
 }

@@ -119,6 +119,8 @@ pub(super) struct Ahead {
     /// Guest read pieces that arrived while it was in flight and wait for its data instead
     /// of reading the same bytes again.
     pub waiters: Vec<Waiter>,
+    /// Whether its data goes to the cache too (not for a scan larger than the cache).
+    pub keep: bool,
 }
 
 /// A guest read piece served from a read-ahead's buffer once it arrives.
@@ -137,6 +139,10 @@ impl Ahead {
         }])
     }
 }
+
+/// Read-ahead buffers kept for reuse per queue: as many as fit in flight at the largest
+/// operation.
+const AHEAD_POOL: usize = (crate::cache::stream::MAX_AHEAD_IN_FLIGHT / AHEAD_OP) as usize;
 
 /// The request slot read-ahead's operations are tagged with: never a real slot's index (a
 /// queue has at most a few thousand), so its completions are told apart at once.
@@ -216,6 +222,9 @@ pub struct Queue {
     pub(super) ahead: Slots<Ahead>,
     /// Bytes of `ahead`, bounded by `cache::stream::MAX_AHEAD_IN_FLIGHT`.
     pub(super) ahead_bytes: u64,
+    /// Read-ahead buffers to use again: a fresh 1 MiB buffer is a fresh mapping, whose page
+    /// faults cost more than the transfer saves.
+    ahead_pool: Vec<Vec<u8>>,
     pub(super) logs: Throttle,
     /// This queue's counts (one writer: this queue's thread).
     pub(super) counters: Arc<QueueCounters>,
@@ -247,6 +256,7 @@ impl Queue {
             stream: Stream::default(),
             ahead: Slots::default(),
             ahead_bytes: 0,
+            ahead_pool: Vec::new(),
             logs: Throttle::default(),
             counters,
         })
@@ -397,6 +407,7 @@ impl Queue {
     /// Reads each piece from an in-sync copy: this node's when it has one (a block never
     /// written fills zeros without any I/O), else another node's.
     fn read(&mut self, slot: usize, pieces: SmallVec<[Piece; 2]>) {
+        let scan = self.is_scan(&pieces);
         let (epoch, sources) = {
             let meta = self.disk.meta();
             let sources: Result<SmallVec<[Source; 2]>, IoError> = pieces
@@ -413,7 +424,7 @@ impl Queue {
                         .ok_or(IoError::NoCopy(piece.block));
                     Ok(match self.cached(meta.generation, piece) {
                         Ok(hit) => Source::Cached(hit),
-                        Err(fill) => Source::Remote(remote?, fill),
+                        Err(fill) => Source::Remote(remote?, fill.filter(|_| !scan)),
                     })
                 })
                 .collect();
@@ -486,6 +497,17 @@ impl Queue {
         }
     }
 
+    /// Whether a read continues a scan larger than the image's cache (see
+    /// `cache::stream::Stream::is_scan`): its data, and what is read ahead for it, is handed
+    /// over but not kept.
+    fn is_scan(&self, pieces: &[Piece]) -> bool {
+        let Some(first) = pieces.first() else {
+            return false;
+        };
+        let start = first.block * self.disk.meta().block_size + first.offset;
+        self.stream.is_scan(start, self.disk.cache().room_total())
+    }
+
     /// Feeds a guest read of remote blocks to the stream detector, and reads ahead what it
     /// asks for.
     fn read_ahead(&mut self, epoch: u64, start: u64, len: u64, ahead_hit: bool) {
@@ -539,12 +561,17 @@ impl Queue {
         let Some(writes) = self.disk.writes().idle(block) else {
             return;
         };
+        let mut buf = self.ahead_pool.pop().unwrap_or_default();
+        buf.resize(len as usize, 0);
         let mut ahead = Ahead {
-            buf: vec![0; len as usize],
+            buf,
             block,
             offset,
             fill: Fill { epoch, writes },
             waiters: Vec::new(),
+            keep: !self
+                .stream
+                .is_scan(self.stream.next(), self.disk.cache().room_total()),
         };
         let iovecs = ahead.iovecs();
         let index = self.ahead.insert(ahead);
@@ -628,6 +655,16 @@ impl Queue {
             }
             self.part_done(tag(waiter.slot, 0), Ok(len));
         }
+        if ahead.keep {
+            self.keep_ahead(&mut ahead);
+        }
+        if self.ahead_pool.len() < AHEAD_POOL {
+            self.ahead_pool.push(ahead.buf);
+        }
+    }
+
+    /// Stores a read-ahead's data in the cache, if no write to its block started since.
+    fn keep_ahead(&self, ahead: &mut Ahead) {
         let iovecs = ahead.iovecs();
         let writes = self.disk.writes();
         let unchanged = || writes.idle(ahead.block) == Some(ahead.fill.writes);
