@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::CacheMode;
 use crate::image::{BlockRange, ImageName, LocationError, NodeId, Placement, Tier};
 use crate::qos::{self, Limit, QosUpdate};
 use crate::size::Size;
@@ -135,6 +136,13 @@ pub struct ServeArgs {
     /// Seconds a failed peer stays on the failure list before it is tried again.
     #[arg(long, default_value_t = 60)]
     pub failure_timeout: u64,
+    /// Node-wide budget for cache copies of remote blocks on the RAM tier, shared by every
+    /// image with `--cache ram` (K/M/G/T suffixes; 0: no RAM caching).
+    #[arg(long, default_value = "256M")]
+    pub cache_budget_ram: Size,
+    /// Node-wide budget for cache copies on the volume tier (images with `--cache volume`).
+    #[arg(long, default_value = "1G")]
+    pub cache_budget_volume: Size,
 }
 
 /// Why a `--peer ID=ADDR` is refused.
@@ -202,6 +210,18 @@ pub enum ImageCommand {
         #[arg(long)]
         from: Option<NodeId>,
     },
+    /// Copy every block this node reads from other nodes into the image's cache, in the
+    /// background while the guest runs (the image needs --cache ram|volume). Shows a
+    /// progress bar until it is done, unless --no-wait.
+    Prefetch {
+        name: ImageName,
+        /// Copy at most this many bytes per second (K/M/G suffixes); unlimited when left out.
+        #[arg(long)]
+        rate: Option<Size>,
+        /// Return once the prefetch started.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Remove an image and its block files (refused while a VM uses it).
     Rm { name: ImageName },
     /// Create an image from a file: raw, or any format `qemu-img` reads.
@@ -234,6 +254,13 @@ pub struct LimitArgs {
     /// buckets hold that much of each limit); `default` for 100ms.
     #[arg(long, value_parser = qos::parse_burst)]
     pub burst: Option<Limit>,
+    /// Keep cache copies of the blocks this node reads from other nodes, on `ram` or
+    /// `volume`, or `off` (see README: caching).
+    #[arg(long)]
+    pub cache: Option<CacheMode>,
+    /// The image's cache cap (K/M/G/T suffixes), or `none` for the node's budget only.
+    #[arg(long, value_parser = qos::parse_cache_size)]
+    pub cache_size: Option<Limit>,
 }
 
 impl LimitArgs {
@@ -242,6 +269,8 @@ impl LimitArgs {
             iops: self.iops_limit,
             bps: self.bps_limit,
             burst_ms: self.burst,
+            cache: self.cache,
+            cache_size: self.cache_size,
         }
     }
 }

@@ -101,8 +101,9 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             let qos = limits.update();
             if qos.is_empty() {
                 return Err(CommandError::Usage(
-                    "image set changes an image's limits: give --iops-limit N|none, \
-                     --bps-limit BYTES|none and/or --burst TIME|default"
+                    "image set changes an image's limits and cache: give --iops-limit N|none, \
+                     --bps-limit BYTES|none, --burst TIME|default, --cache ram|volume|off \
+                     and/or --cache-size SIZE|none"
                         .into(),
                 ));
             }
@@ -113,6 +114,25 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             call_quiet(&socket, Request::ImageAdopt { name, from })?
         }
         ImageCommand::Info { name } => call_quiet(&socket, Request::ImageInfo { name })?,
+        ImageCommand::Prefetch {
+            name,
+            rate,
+            no_wait,
+        } => {
+            let rate = rate.map(|r| r.0);
+            let started = call_quiet(
+                &socket,
+                Request::ImagePrefetch {
+                    name: name.clone(),
+                    rate,
+                },
+            )?;
+            if no_wait {
+                started
+            } else {
+                prefetch_progress(&socket, &name)?
+            }
+        }
         ImageCommand::Rm { name } => call_quiet(&socket, Request::ImageRm { name })?,
         ImageCommand::Import { name, file, layout } => {
             let raw = RawSource::prepare(&file)?;
@@ -150,12 +170,51 @@ fn call_quiet(socket: &Path, request: Request) -> Result<serde_json::Value, Clie
     call(socket, &request, |_, _| {})
 }
 
+/// How often the prefetch's progress bar asks the daemon.
+const PREFETCH_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Follows a prefetch in the daemon (polling `stats`) with a progress bar until it ends;
+/// returns its final figures.
+fn prefetch_progress(
+    socket: &Path,
+    name: &crate::image::ImageName,
+) -> Result<serde_json::Value, ClientError> {
+    let bar = progress_bar("prefetch");
+    loop {
+        let stats = call_quiet(
+            socket,
+            Request::Stats {
+                name: Some(name.clone()),
+            },
+        )?;
+        let prefetch = stats["cache"]["prefetch"].clone();
+        bar.set_length(prefetch["blocks"].as_u64().unwrap_or(0));
+        bar.set_position(prefetch["blocks_done"].as_u64().unwrap_or(0));
+        if prefetch["running"] != serde_json::Value::Bool(true) {
+            bar.finish_and_clear();
+            return Ok(stats["cache"].clone());
+        }
+        std::thread::sleep(PREFETCH_POLL);
+    }
+}
+
 /// Calls with a progress bar on a terminal (indicatif draws nothing when stderr is not one).
 fn call_with_progress(
     socket: &Path,
     request: Request,
     what: &str,
 ) -> Result<serde_json::Value, ClientError> {
+    let bar = progress_bar(what);
+    let result = call(socket, &request, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// A progress bar in blocks on a terminal (indicatif draws nothing when stderr is not one).
+fn progress_bar(what: &str) -> ProgressBar {
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)
     } else {
@@ -167,12 +226,7 @@ fn call_with_progress(
     {
         bar.set_style(style);
     }
-    let result = call(socket, &request, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    result
+    bar
 }
 
 /// The daemon opens the file itself, so it gets an absolute path.

@@ -21,6 +21,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Owner group and mode for the image sockets; None keeps the process's defaults.
     pub socket_access: Option<SocketAccess>,
+    /// Node-wide cache budgets per tier (see `cache`).
+    pub cache_budgets: crate::cache::Budgets,
 }
 
 /// Who may connect to the image sockets.
@@ -114,6 +116,10 @@ impl Config {
                 args.socket_group.as_deref(),
                 args.socket_mode.as_deref(),
             )?,
+            cache_budgets: crate::cache::Budgets {
+                ram: args.cache_budget_ram.0,
+                volume: args.cache_budget_volume.0,
+            },
         })
     }
 

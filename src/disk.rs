@@ -6,6 +6,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
+use crate::cache::ImageCache;
 use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::meta::store::MetaStore;
 use crate::metrics::ImageMetrics;
@@ -32,6 +33,9 @@ pub struct Disk {
     on_take_over: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// The image's block files on this node: every block read, write, free and flush.
     blocks: Blocks,
+    /// Cache copies of blocks read from other nodes (see `cache`); follows the metadata's
+    /// `qos.cache`.
+    cache: ImageCache,
     claimed: AtomicBool,
     /// The newest owner epoch seen for this image, from the metadata or from a peer's
     /// request: requests carrying an older one are refused (see [`Disk::admit_epoch`]).
@@ -167,6 +171,7 @@ impl Disk {
     ) -> Arc<Disk> {
         let name = meta.name.clone();
         let blocks = Blocks::open(dirs, &name, meta.id, meta.block_size, meta.size);
+        let cache = ImageCache::new(meta.id.dir_name(&name), meta.block_size, meta.qos.cache);
         let meta_epoch = meta.generation;
         let disk = Disk {
             name,
@@ -182,6 +187,7 @@ impl Disk {
             on_take_over: Mutex::new(None),
             meta: RwLock::new(meta),
             blocks,
+            cache,
             claimed: AtomicBool::new(false),
             newest_epoch: AtomicU64::new(meta_epoch),
             epoch_gate: RwLock::new(()),
@@ -308,6 +314,8 @@ impl Disk {
         if !self.fenced.swap(true, Ordering::AcqRel) {
             log::warn!("image {}: fenced: this node no longer serves it", self.name);
         }
+        // Another owner may write from now on: nothing cached under this epoch is served.
+        self.cache.fence(self.newest_epoch.load(Ordering::Acquire));
         self.active_under.store(0, Ordering::Release);
     }
 
@@ -393,6 +401,11 @@ impl Disk {
             })
         });
         self.qos.set(&meta.qos);
+        self.cache.set_policy(meta.qos.cache);
+        if meta.owner != self.me {
+            // The image is someone else's now (moved away): its writes no longer pass here.
+            self.cache.fence(meta.generation);
+        }
         *live = meta;
     }
 
@@ -548,6 +561,11 @@ impl Disk {
         &self.qos
     }
 
+    /// Cache copies of remote blocks (see `cache`).
+    pub fn cache(&self) -> &ImageCache {
+        &self.cache
+    }
+
     /// Copies marked out of sync, over all blocks.
     pub fn out_of_sync_copies(&self) -> u64 {
         self.meta()
@@ -621,6 +639,7 @@ impl Disk {
         if next != *live {
             self.store.commit(&live, &next).map_err(|e| e.to_string())?;
             self.qos.set(&next.qos);
+            self.cache.set_policy(next.qos.cache);
             *live = next;
         }
         Ok(result)

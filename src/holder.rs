@@ -348,6 +348,7 @@ pub(crate) mod tests {
             failure_timeout: std::time::Duration::from_secs(5),
             metrics_listen: None,
             socket_access: None,
+            cache_budgets: Default::default(),
         };
         std::fs::create_dir_all(&config.run_dir).unwrap();
         let daemon = Arc::new(Daemon::start(config, None, None).unwrap());

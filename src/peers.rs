@@ -524,6 +524,7 @@ mod tests {
             failure_timeout: Duration::from_secs(60),
             metrics_listen: None,
             socket_access: None,
+            cache_budgets: Default::default(),
         };
         let peers = Arc::new(Peers::new(&config, Some(&key)));
         peers.set(&node("b"), server.local_addr());

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::cache::{CacheMode, CachePolicy};
 use crate::size::Size;
 
 /// Burst when the operator sets none: 100 ms of the limit (QEMU's throttling uses the same
@@ -54,6 +55,10 @@ pub struct QosLimits {
     /// The buckets' depth, in milliseconds of each limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<u64>,
+    /// Cache copies of remote blocks (see `cache`): not a limit, but a per-image service
+    /// setting stored the same way, so it follows the image. None: no caching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
 }
 
 /// One setting in an update: remove it (`"none"`), or set it.
@@ -75,6 +80,12 @@ pub struct QosUpdate {
     pub bps: Option<Limit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<Limit>,
+    /// Where to keep cache copies of remote blocks, or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheMode>,
+    /// The image's cache cap in bytes, or none (the node's budget only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<Limit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,11 +108,23 @@ pub enum QosError {
     BadBurst(String),
     #[error("a burst needs a limit: set --iops-limit or --bps-limit too")]
     BurstWithoutLimit,
+    #[error("a cache size needs a cache: set --cache ram or --cache volume too")]
+    CacheSizeWithoutCache,
+    #[error("cache size {0} is below the minimum of {MIN_CACHE_SIZE} bytes (one 4K page)")]
+    CacheSizeTooSmall(u64),
 }
+
+/// Smallest per-image cache cap: one page, the cache's unit.
+pub const MIN_CACHE_SIZE: u64 = crate::cache::pages::PAGE;
 
 impl QosLimits {
     pub fn is_unlimited(&self) -> bool {
         self.iops.is_none() && self.bps.is_none()
+    }
+
+    /// Nothing set at all (no limit, no cache): stored as if settings never existed.
+    pub fn is_default(&self) -> bool {
+        self.is_unlimited() && self.cache.is_none()
     }
 
     /// The burst in effect.
@@ -121,6 +144,10 @@ impl QosLimits {
             Some(n) if !(MIN_BPS..=MAX_BPS).contains(&n) => return Err(QosError::BpsOutOfRange(n)),
             _ => {}
         }
+        match self.cache.and_then(|c| c.size) {
+            Some(n) if n < MIN_CACHE_SIZE => return Err(QosError::CacheSizeTooSmall(n)),
+            _ => {}
+        }
         match self.burst_ms {
             Some(n) if !(1..=MAX_BURST_MS).contains(&n) => Err(QosError::BurstOutOfRange(n)),
             _ => Ok(()),
@@ -135,10 +162,27 @@ impl QosLimits {
             Some(Limit::None) => None,
             Some(Limit::Set(n)) => Some(n),
         };
+        let cache = match update.cache.map(CacheMode::tier) {
+            None => self.cache,
+            Some(None) => None,
+            Some(Some(tier)) => Some(CachePolicy {
+                tier,
+                size: self.cache.and_then(|c| c.size),
+            }),
+        };
+        let cache = match (cache, update.cache_size) {
+            (cache, None) => cache,
+            (None, Some(_)) => return Err(QosError::CacheSizeWithoutCache),
+            (Some(c), Some(size)) => Some(CachePolicy {
+                tier: c.tier,
+                size: pick(c.size, Some(size)),
+            }),
+        };
         let mut next = QosLimits {
             iops: pick(self.iops, update.iops),
             bps: pick(self.bps, update.bps),
             burst_ms: pick(self.burst_ms, update.burst_ms),
+            cache,
         };
         next.validate()?;
         if next.is_unlimited() {
@@ -157,13 +201,22 @@ impl QosLimits {
             "iops_limit": self.iops,
             "bps_limit": self.bps,
             "burst_ms": self.burst().as_millis() as u64,
+            "cache": self.cache.map_or("off", |c| match c.tier {
+                crate::image::Tier::Ram => "ram",
+                crate::image::Tier::Volume => "volume",
+            }),
+            "cache_size": self.cache.and_then(|c| c.size),
         })
     }
 }
 
 impl QosUpdate {
     pub fn is_empty(&self) -> bool {
-        self.iops.is_none() && self.bps.is_none() && self.burst_ms.is_none()
+        self.iops.is_none()
+            && self.bps.is_none()
+            && self.burst_ms.is_none()
+            && self.cache.is_none()
+            && self.cache_size.is_none()
     }
 }
 
@@ -216,6 +269,19 @@ pub fn parse_burst(text: &str) -> Result<Limit, QosError> {
         return Err(QosError::BurstOutOfRange(ms));
     }
     Ok(Limit::Set(ms))
+}
+
+/// `--cache-size`: bytes with an optional K/M/G/T suffix, or `none` (the node's budget only).
+pub fn parse_cache_size(text: &str) -> Result<Limit, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit::None);
+    }
+    let size: Size = text.parse().map_err(|e| format!("{e}"))?;
+    if size.0 < MIN_CACHE_SIZE {
+        return Err(QosError::CacheSizeTooSmall(size.0).to_string());
+    }
+    Ok(Limit::Set(size.0))
 }
 
 /// Whether a request may go now.
@@ -394,6 +460,7 @@ mod tests {
             iops,
             bps,
             burst_ms,
+            cache: None,
         }
     }
 
@@ -475,12 +542,56 @@ mod tests {
     }
 
     #[test]
+    fn cache_settings_update_and_store() {
+        let none = QosLimits::default();
+        let ram = QosUpdate {
+            cache: Some(CacheMode::Ram),
+            cache_size: Some(Limit::Set(64 << 20)),
+            ..QosUpdate::default()
+        };
+        let with = none.updated(&ram).unwrap();
+        assert_eq!(
+            with.cache,
+            Some(CachePolicy {
+                tier: crate::image::Tier::Ram,
+                size: Some(64 << 20)
+            })
+        );
+        assert!(with.is_unlimited() && !with.is_default());
+        let text = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<QosLimits>(&text).unwrap(), with);
+        let volume = QosUpdate {
+            cache: Some(CacheMode::Volume),
+            ..QosUpdate::default()
+        };
+        let moved = with.updated(&volume).unwrap();
+        assert_eq!(moved.cache.unwrap().size, Some(64 << 20), "the cap stays");
+        let off = QosUpdate {
+            cache: Some(CacheMode::Off),
+            ..QosUpdate::default()
+        };
+        assert!(moved.updated(&off).unwrap().is_default());
+        let size_only = QosUpdate {
+            cache_size: Some(Limit::Set(1 << 20)),
+            ..QosUpdate::default()
+        };
+        assert_eq!(
+            none.updated(&size_only),
+            Err(QosError::CacheSizeWithoutCache)
+        );
+        assert!(parse_cache_size("1").is_err());
+        assert_eq!(parse_cache_size("none"), Ok(Limit::None));
+        assert_eq!(parse_cache_size("8M"), Ok(Limit::Set(8 << 20)));
+    }
+
+    #[test]
     fn updates_are_checked() {
         let none = QosLimits::default();
         let set = |iops, bps, burst| QosUpdate {
             iops,
             bps,
             burst_ms: burst,
+            ..QosUpdate::default()
         };
         assert_eq!(
             none.updated(&set(Some(Limit::Set(0)), None, None)),

@@ -42,6 +42,16 @@ impl<T> Slots<T> {
         self.items.get_mut(index)?.as_mut()
     }
 
+    /// The items stored, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter().flatten()
+    }
+
+    /// The items stored, in index order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.items.iter_mut().flatten()
+    }
+
     /// Items stored.
     pub fn len(&self) -> usize {
         self.items.len() - self.free.len()

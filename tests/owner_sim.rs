@@ -65,6 +65,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use cormorant::cache::{Budgets, CachePolicy, Caches};
 use cormorant::copies::DiskCopies;
 use cormorant::disk::Disk;
 use cormorant::holder::{HolderService, Holdings};
@@ -83,6 +84,8 @@ const BLOCKS: u64 = 4;
 const BLOCK_SIZE: u64 = 4096;
 /// What a guest write writes (its value, then zeros) and a guest read reads.
 const SECTOR: usize = 512;
+/// Each node's RAM-tier cache budget: half the image, so the cache evicts.
+const CACHE_BUDGET: u64 = BLOCKS * BLOCK_SIZE / 2;
 const STEPS: usize = 120;
 /// Simulated milliseconds. The lease rule of `meta::lease`: renewed every TTL/3, good until
 /// the renewal was sent + TTL - margin (a fifth of the TTL, at least 1 s).
@@ -588,6 +591,9 @@ struct Stats {
     refused_epoch: u64,
     recreated: u64,
     diverged: u64,
+    /// Reads served by an owner's cache copies (at least: counted when a disk is replaced
+    /// and at the end).
+    cache_hits: u64,
 }
 
 fn file_value(disk: &Disk, tier: Tier, block: u64) -> io::Result<u64> {
@@ -689,6 +695,12 @@ impl Sim {
             locations,
         )
         .unwrap();
+        // Every owner keeps cache copies of the blocks it reads from other nodes, within a
+        // budget smaller than the image, so reads are also served by the cache and evicted.
+        meta.qos.cache = Some(CachePolicy {
+            tier: Tier::Ram,
+            size: None,
+        });
         if self.nodes[i].store.create(&mut meta).is_err() {
             return;
         }
@@ -699,9 +711,19 @@ impl Sim {
 
     /// `Daemon::open_shared`: the block directories of the tiers with copies here, the disk.
     fn open(&mut self, i: usize, meta: ImageMeta) {
+        if let Some(old) = &self.nodes[i].disk {
+            self.stats.cache_hits += old.cache().figures().hits;
+        }
         let node = &self.nodes[i];
         let here = meta.table.nodes().contains(&node.id);
         let disk = Disk::open(meta, &node.dirs, node.id.clone(), node.store.clone());
+        // `Daemon::start`: the node's caches, emptied (a fresh disk here is a fresh cache).
+        let budgets = Budgets {
+            ram: CACHE_BUDGET,
+            volume: 0,
+        };
+        disk.cache()
+            .attach(Caches::new(&node.dirs, budgets).unwrap());
         if here {
             disk.blocks().files(Tier::Ram).create_dir().unwrap();
         }
@@ -1045,7 +1067,8 @@ impl Sim {
         let Some(disk) = self.kick(i) else { return };
         let image = disk.meta().id;
         let acked = self.acked.get(&(image, block)).copied().unwrap_or(0);
-        let mut buf = vec![0xeeu8; SECTOR];
+        // The whole block (the value, then zeros): a read of whole pages can fill the cache.
+        let mut buf = vec![0xeeu8; BLOCK_SIZE as usize];
         let request = BlockRequest::Read {
             offset: block * BLOCK_SIZE,
             bufs: iovecs(&mut buf),
@@ -1812,6 +1835,11 @@ fn run(seed: u64) -> Stats {
     let path: PathBuf = root.path().to_path_buf();
     let mut sim = Sim::new(seed, &path);
     sim.run();
+    for node in &sim.nodes {
+        if let Some(disk) = &node.disk {
+            sim.stats.cache_hits += disk.cache().figures().hits;
+        }
+    }
     sim.stats
 }
 
@@ -1844,10 +1872,11 @@ fn one_writer_and_no_stale_reads_for_many_seeds() {
         total.refused_epoch += s.refused_epoch;
         total.recreated += s.recreated;
         total.diverged += s.diverged;
+        total.cache_hits += s.cache_hits;
     }
     eprintln!("{seeds} seeds: {total:?}");
     assert!(
-        total.acked > 0 && total.take_overs > 0,
+        total.acked > 0 && total.take_overs > 0 && total.cache_hits > 0,
         "the simulation exercised nothing: {total:?}"
     );
 }

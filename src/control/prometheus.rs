@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::cache::CacheFigures;
 use crate::daemon::Daemon;
 use crate::metrics::{prometheus_buckets, ImageTotals};
 use crate::qos::QosFigures;
@@ -62,6 +63,7 @@ pub struct ImageFigures {
     pub totals: ImageTotals,
     pub out_of_sync: u64,
     pub qos: QosFigures,
+    pub cache: CacheFigures,
 }
 
 /// One peer's figures at a scrape.
@@ -98,6 +100,9 @@ type Labels = [(&'static str, String); 1];
 
 /// One figure of an image's totals.
 type Figure = fn(&ImageTotals) -> u64;
+
+/// One figure of an image's cache.
+type CacheFigure = fn(&CacheFigures) -> u64;
 
 /// One family: its descriptor, then one sample per labelled item.
 fn family<T>(
@@ -141,6 +146,74 @@ enum Sample<'a> {
     Gauge(i64),
     Seconds(f64),
     Histogram { counts: &'a [u64], sum_us: u64 },
+}
+
+impl Scrape {
+    /// The cache families (see `cache`): one sample per image.
+    fn encode_cache(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let img = |i: &ImageFigures| -> Labels { [("image", i.image.clone())] };
+        let counters: [(&str, &str, CacheFigure); 6] = [
+            (
+                "cormorant_image_cache_hits",
+                "Reads served from this node's cache copies",
+                |c| c.hits,
+            ),
+            (
+                "cormorant_image_cache_misses",
+                "Reads of remote blocks the cache could not serve",
+                |c| c.misses,
+            ),
+            (
+                "cormorant_image_cache_hit_bytes",
+                "Bytes read from cache copies",
+                |c| c.hit_bytes,
+            ),
+            (
+                "cormorant_image_cache_filled_bytes",
+                "Bytes written into cache copies",
+                |c| c.filled_bytes,
+            ),
+            (
+                "cormorant_image_cache_readahead_hits",
+                "Reads served by pages read-ahead brought in",
+                |c| c.ahead_hits,
+            ),
+            (
+                "cormorant_image_cache_readahead_bytes",
+                "Bytes read-ahead brought into the cache",
+                |c| c.ahead_bytes,
+            ),
+        ];
+        for (name, help, figure) in counters {
+            family(e, name, help, None, &self.images, |i| {
+                (img(i), Sample::Counter(figure(&i.cache)))
+            })?;
+        }
+        family(
+            e,
+            "cormorant_image_cache_prefetch_blocks_done",
+            "Blocks the running or last image prefetch went through",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.cache.prefetch_done as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_cache_prefetch_blocks",
+            "Blocks of the running or last image prefetch",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.cache.prefetch_blocks as i64)),
+        )?;
+        family(
+            e,
+            "cormorant_image_cache_used_bytes",
+            "Bytes of cache copies the image holds on this node",
+            None,
+            &self.images,
+            |i| (img(i), Sample::Gauge(i.cache.used as i64)),
+        )
+    }
 }
 
 impl Collector for Scrape {
@@ -242,6 +315,7 @@ impl Collector for Scrape {
             &self.images,
             |i| (img(i), Sample::Seconds(i.qos.throttled_seconds)),
         )?;
+        self.encode_cache(e)?;
         let peer = |p: &PeerFigures| -> Labels { [("peer", p.peer.clone())] };
         family(
             e,
@@ -313,6 +387,11 @@ mod tests {
                 throttled_seconds: 1.5,
                 ..QosFigures::default()
             },
+            cache: CacheFigures {
+                hits: 7,
+                used: 4096,
+                ..CacheFigures::default()
+            },
         }];
         let text = render(images, Vec::new());
         for line in [
@@ -329,6 +408,8 @@ mod tests {
             "cormorant_image_request_seconds_count{image=\"vm1\"} 2",
             "cormorant_image_iops_limit{image=\"vm1\"} 500",
             "cormorant_image_throttled_seconds_total{image=\"vm1\"} 1.5",
+            "cormorant_image_cache_hits_total{image=\"vm1\"} 7",
+            "cormorant_image_cache_used_bytes{image=\"vm1\"} 4096",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

@@ -90,6 +90,14 @@ pub enum Request {
         #[serde(default)]
         from: Option<NodeId>,
     },
+    /// Starts copying every block this node reads from other nodes into the image's cache,
+    /// in the background, at most `rate` bytes per second; progress shows in `Stats`. Only
+    /// on the owner, with the image's cache on; refused while one runs.
+    ImagePrefetch {
+        name: ImageName,
+        #[serde(default)]
+        rate: Option<u64>,
+    },
     /// Counters and latency for one image, or for every image and peer.
     Stats {
         name: Option<ImageName>,

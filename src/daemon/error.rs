@@ -30,6 +30,10 @@ pub enum DaemonError {
     InUse(ImageName),
     #[error("image '{0}' is busy")]
     Busy(ImageName),
+    #[error("image '{0}' has no cache: set one first (image set NAME --cache ram|volume)")]
+    NoCache(ImageName),
+    #[error("image '{0}' is being prefetched already")]
+    Prefetching(ImageName),
     #[error("image '{0}' vanished")]
     Vanished(ImageName),
     #[error("node '{0}' is neither this node nor a peer")]

@@ -41,6 +41,8 @@ pub struct Daemon {
     config: Config,
     images: Mutex<BTreeMap<ImageName, Entry>>,
     peers: Arc<Peers>,
+    /// Cache copies of remote blocks, one budget per tier for every image (see `cache`).
+    caches: Arc<crate::cache::Caches>,
     /// Where this node's image metadata changes are made durable.
     store: Arc<dyn MetaStore>,
     /// The cluster's metadata in etcd; None for a single node.
@@ -70,6 +72,7 @@ struct Shape {
 fn image_stats(disk: &Disk) -> Value {
     let mut value = disk.metrics().json(disk.out_of_sync_copies());
     value["qos"] = disk.qos().json();
+    value["cache"] = disk.cache().figures().json();
     value
 }
 
@@ -163,6 +166,7 @@ impl Daemon {
         };
         let daemon = Daemon {
             peers: Arc::new(Peers::new(&config, key)),
+            caches: crate::cache::Caches::new(&config.dirs, config.cache_budgets)?,
             store,
             shared,
             config,
@@ -224,6 +228,7 @@ impl Daemon {
             self.config.node.clone(),
             self.store.clone(),
         );
+        disk.cache().attach(self.caches.clone());
         self.check_lost_tiers(&disk).map_err(io::Error::other)?;
         // Only the owner exports an image; other nodes hold copies of its blocks for it.
         let export = if disk.meta().owner == self.config.node {
@@ -314,6 +319,7 @@ impl Daemon {
                 Ok(json!(report))
             }
             Request::Stats { name } => self.stats(name.as_ref()),
+            Request::ImagePrefetch { name, rate } => self.prefetch(&name, rate),
             Request::ImageAdopt { name, from } => match &self.shared {
                 Some(_) => self.adopt_shared(&name, from.as_ref()),
                 None => Err(DaemonError::AdoptNeedsCluster),
@@ -358,6 +364,7 @@ impl Daemon {
                 totals: entry.disk.metrics().totals(),
                 out_of_sync: entry.disk.out_of_sync_copies(),
                 qos: entry.disk.qos().figures(),
+                cache: entry.disk.cache().figures(),
             })
             .collect();
         let failures = self.peers.failures();
@@ -401,6 +408,29 @@ impl Daemon {
             }),
             None => Err(DaemonError::NoImage(name.clone())),
         }
+    }
+
+    /// Starts `image prefetch` on a thread of its own (see `cache::prefetch`).
+    fn prefetch(&self, name: &ImageName, rate: Option<u64>) -> Result<Value, DaemonError> {
+        let disk = self.owned_disk(name)?;
+        if disk.cache().tier().is_none() {
+            return Err(DaemonError::NoCache(name.clone()));
+        }
+        let blocks = disk.meta().blocks();
+        if !disk.cache().prefetch.start(blocks) {
+            return Err(DaemonError::Prefetching(name.clone()));
+        }
+        let peers: Arc<dyn crate::peers::Transport> = self.peers.clone();
+        let worker = disk.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("prefetch {name}"))
+            .spawn(move || crate::cache::prefetch::run(&worker, &*peers, rate));
+        if let Err(e) = spawned {
+            disk.cache().prefetch.abort(&e.to_string());
+            return Err(DaemonError::Text(format!("cannot start the prefetch: {e}")));
+        }
+        log::info!("image {name}: prefetch started ({blocks} blocks, rate {rate:?} B/s)");
+        Ok(json!({"name": name, "blocks": blocks, "rate": rate}))
     }
 
     /// Changes an image's limits on its owner; the queues apply them at their next request.
@@ -466,12 +496,14 @@ impl Daemon {
                 Some(cluster) => cluster.create(&mut meta)?,
                 None => meta.save(&self.config.meta_dir())?,
             }
-            Disk::open(
+            let disk = Disk::open(
                 meta,
                 &self.config.dirs,
                 self.config.node.clone(),
                 self.store.clone(),
-            )
+            );
+            disk.cache().attach(self.caches.clone());
+            disk
         };
         images.insert(
             name.clone(),

@@ -50,7 +50,7 @@ pub struct MetaFile {
     pub read_only: bool,
     /// Per-image limits; left out when there are none, so files of unlimited images read
     /// the same as before limits existed.
-    #[serde(default, skip_serializing_if = "QosLimits::is_unlimited")]
+    #[serde(default, skip_serializing_if = "QosLimits::is_default")]
     pub qos: QosLimits,
     /// The stripe layout of a striped image (docs/CLUSTER.md); left out for others.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -253,7 +253,7 @@ impl ClusterMeta {
     /// The write that stores `meta`'s limits: its `qos` key, deleted when it has none.
     fn qos_write(&self, meta: &ImageMeta) -> Op {
         let key = self.keys.qos(meta.id);
-        if meta.qos.is_unlimited() {
+        if meta.qos.is_default() {
             Op::Delete(key)
         } else {
             Op::Put {
@@ -288,7 +288,7 @@ impl ClusterMeta {
             lease: 0,
         }];
         success.extend(self.chunk_puts(meta, records::chunks_of(&meta.table)));
-        if !meta.qos.is_unlimited() {
+        if !meta.qos.is_default() {
             success.push(self.qos_write(meta));
         }
         if meta.stripe.is_some() {

@@ -14,6 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::error::IoError;
 use super::split::{self, BlockSpan, Piece};
+use crate::cache::stream::Stream;
+use crate::cache::CacheHit;
 use crate::disk::Disk;
 use crate::engine::remote::RemoteEngine;
 use crate::engine::{
@@ -102,6 +104,59 @@ pub(super) struct RemoteRead {
     pub offset: u64,
     pub bufs: IoVecs,
     pub tried: SmallVec<[NodeId; 2]>,
+    /// When its data may fill the cache: the owner epoch and the block's write count when
+    /// the read was issued with no write in flight (see `cache`).
+    pub fill: Option<Fill>,
+}
+
+/// A read-ahead read: its own buffer (the remote engine writes into it), and where the data
+/// goes in the cache.
+pub(super) struct Ahead {
+    pub buf: Vec<u8>,
+    pub block: u64,
+    pub offset: u64,
+    pub fill: Fill,
+    /// Guest read pieces that arrived while it was in flight and wait for its data instead
+    /// of reading the same bytes again.
+    pub waiters: Vec<Waiter>,
+    /// Whether its data goes to the cache too (not for a scan larger than the cache).
+    pub keep: bool,
+}
+
+/// A guest read piece served from a read-ahead's buffer once it arrives.
+pub(super) struct Waiter {
+    pub slot: usize,
+    pub block: u64,
+    pub offset: u64,
+    pub bufs: IoVecs,
+}
+
+impl Ahead {
+    pub fn iovecs(&mut self) -> IoVecs {
+        IoVecs(smallvec::smallvec![libc::iovec {
+            iov_base: self.buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: self.buf.len(),
+        }])
+    }
+}
+
+/// Read-ahead buffers kept for reuse per queue: as many as fit in flight at the largest
+/// operation.
+const AHEAD_POOL: usize = (crate::cache::stream::MAX_AHEAD_IN_FLIGHT / AHEAD_OP) as usize;
+
+/// The request slot read-ahead's operations are tagged with: never a real slot's index (a
+/// queue has at most a few thousand), so its completions are told apart at once.
+pub(super) const AHEAD_SLOT: usize = u32::MAX as usize;
+
+/// Largest read-ahead operation: one peer chunk, so each lands in the cache as soon as it
+/// arrives instead of waiting for a whole block.
+const AHEAD_OP: u64 = crate::peer::MAX_CHUNK as u64;
+
+/// What a remote read needs to fill the cache on completion.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fill {
+    pub epoch: u64,
+    pub writes: u32,
 }
 
 /// A request in flight.
@@ -161,6 +216,15 @@ pub struct Queue {
     /// it sends to another node's copy carries it (see `peer::ImageRef::stamp`).
     stamp: u64,
     sample: u32,
+    /// The guest's reads as a stream, for read-ahead (see `cache::stream`).
+    stream: Stream,
+    /// Read-ahead reads in flight, each with its own buffer (tagged [`AHEAD_SLOT`]).
+    pub(super) ahead: Slots<Ahead>,
+    /// Bytes of `ahead`, bounded by `cache::stream::MAX_AHEAD_IN_FLIGHT`.
+    pub(super) ahead_bytes: u64,
+    /// Read-ahead buffers to use again: a fresh 1 MiB buffer is a fresh mapping, whose page
+    /// faults cost more than the transfer saves.
+    ahead_pool: Vec<Vec<u8>>,
     pub(super) logs: Throttle,
     /// This queue's counts (one writer: this queue's thread).
     pub(super) counters: Arc<QueueCounters>,
@@ -189,6 +253,10 @@ impl Queue {
             deferred: Vec::new(),
             stamp: 0,
             sample: 0,
+            stream: Stream::default(),
+            ahead: Slots::default(),
+            ahead_bytes: 0,
+            ahead_pool: Vec::new(),
             logs: Throttle::default(),
             counters,
         })
@@ -342,9 +410,10 @@ impl Queue {
     /// Reads each piece from an in-sync copy: this node's when it has one (a block never
     /// written fills zeros without any I/O), else another node's.
     fn read(&mut self, slot: usize, pieces: SmallVec<[Piece; 2]>) {
-        let sources: Result<SmallVec<[Source; 2]>, IoError> = {
+        let scan = self.is_scan(&pieces);
+        let (epoch, sources) = {
             let meta = self.disk.meta();
-            pieces
+            let sources: Result<SmallVec<[Source; 2]>, IoError> = pieces
                 .iter()
                 .map(|piece| {
                     let locations = meta
@@ -354,16 +423,28 @@ impl Queue {
                     if let Some(tier) = split::local_copy(locations, self.disk.me()) {
                         return Ok(Source::Local(tier));
                     }
-                    next_remote(locations, &[], &*self.peers)
-                        .map(Source::Remote)
-                        .ok_or(IoError::NoCopy(piece.block))
+                    let remote = next_remote(locations, &[], &*self.peers)
+                        .ok_or(IoError::NoCopy(piece.block));
+                    Ok(match self.cached(meta.generation, piece) {
+                        Ok(hit) => Source::Cached(hit),
+                        Err(fill) => Source::Remote(remote?, fill.filter(|_| !scan)),
+                    })
                 })
-                .collect()
+                .collect();
+            (meta.generation, sources)
         };
         let sources = match sources {
             Ok(sources) => sources,
             Err(e) => return self.fail(slot, e),
         };
+        let remote = sources.iter().any(|s| !matches!(s, Source::Local(_)));
+        let mut ahead_hit = sources
+            .iter()
+            .any(|s| matches!(s, Source::Cached(hit) if hit.ahead));
+        let span = pieces.first().map(|p| {
+            let start = p.block * self.disk.meta().block_size + p.offset;
+            (start, pieces.iter().map(|p| p.len).sum::<u64>())
+        });
         for (piece, source) in pieces.into_iter().zip(sources) {
             match source {
                 Source::Local(tier) => match self.disk.blocks().file_for_read(tier, piece.block) {
@@ -378,7 +459,19 @@ impl Queue {
                     ),
                     Err(e) => self.fail(slot, e.into()),
                 },
-                Source::Remote(location) => {
+                Source::Cached(hit) => self.push(
+                    tag(slot, 0),
+                    hit.tier,
+                    OpKind::Read,
+                    Target::File(hit.file),
+                    piece.offset,
+                    piece.bufs,
+                ),
+                Source::Remote(location, fill) => {
+                    if self.wait_for_ahead(slot, &piece) {
+                        ahead_hit = true;
+                        continue;
+                    }
                     let Some(request) = self.slots.get_mut(slot) else {
                         return;
                     };
@@ -387,6 +480,7 @@ impl Queue {
                         offset: piece.offset,
                         bufs: IoVecs(piece.bufs.0.clone()),
                         tried: smallvec::smallvec![location.node.clone()],
+                        fill,
                     });
                     let part = request.reads.len();
                     let target = self.peer_target(&location, piece.block);
@@ -401,6 +495,245 @@ impl Queue {
                 }
             }
         }
+        if let (true, Some((start, len))) = (remote, span) {
+            self.read_ahead(epoch, start, len, ahead_hit);
+        }
+    }
+
+    /// Whether a read continues a scan larger than the image's cache (see
+    /// `cache::stream::Stream::is_scan`): its data, and what is read ahead for it, is handed
+    /// over but not kept.
+    fn is_scan(&self, pieces: &[Piece]) -> bool {
+        let Some(first) = pieces.first() else {
+            return false;
+        };
+        let start = first.block * self.disk.meta().block_size + first.offset;
+        self.stream.is_scan(start, self.disk.cache().room_total())
+    }
+
+    /// Feeds a guest read of remote blocks to the stream detector, and reads ahead what it
+    /// asks for.
+    fn read_ahead(&mut self, epoch: u64, start: u64, len: u64, ahead_hit: bool) {
+        if self.disk.cache().tier().is_none() {
+            return;
+        }
+        let Some((from, to)) = self.stream.on_read(start, len, ahead_hit) else {
+            return;
+        };
+        let (block_size, size) = {
+            let meta = self.disk.meta();
+            (meta.block_size, meta.size)
+        };
+        let to = to.min(size);
+        let mut at = from;
+        while at < to {
+            let (block, in_block) = (at / block_size, at % block_size);
+            let take = (to - at)
+                .min(block_size - in_block)
+                .min(AHEAD_OP - in_block % AHEAD_OP);
+            if self.ahead_bytes + take > crate::cache::stream::MAX_AHEAD_IN_FLIGHT {
+                self.stream.asked_to(at);
+                break;
+            }
+            self.ahead_piece(epoch, block, in_block, take);
+            at += take;
+        }
+    }
+
+    /// Reads bytes `offset..offset + len` of `block` into the cache, unless this node has
+    /// an in-sync copy, the cache holds them already, or a write to the block is in flight.
+    fn ahead_piece(&mut self, epoch: u64, block: u64, offset: u64, len: u64) {
+        let location = {
+            let meta = self.disk.meta();
+            let Some(locations) = meta.table.locations(block) else {
+                return;
+            };
+            if split::local_copy(locations, self.disk.me()).is_some() {
+                return;
+            }
+            next_remote(locations, &[], &*self.peers)
+        };
+        let Some(location) = location else {
+            return;
+        };
+        if self.disk.cache().holds(epoch, block, offset, len)
+            || self.guest_reading(block, offset, len)
+        {
+            return;
+        }
+        let Some(writes) = self.disk.writes().idle(block) else {
+            return;
+        };
+        let mut buf = self.ahead_pool.pop().unwrap_or_default();
+        buf.resize(len as usize, 0);
+        let mut ahead = Ahead {
+            buf,
+            block,
+            offset,
+            fill: Fill { epoch, writes },
+            waiters: Vec::new(),
+            keep: !self
+                .stream
+                .is_scan(self.stream.next(), self.disk.cache().room_total()),
+        };
+        let iovecs = ahead.iovecs();
+        let index = self.ahead.insert(ahead);
+        self.ahead_bytes += len;
+        let target = self.peer_target(&location, block);
+        let tag = tag(AHEAD_SLOT, index);
+        self.push(tag, location.tier, OpKind::Read, target, offset, iovecs);
+    }
+
+    /// Whether a guest read in flight on this queue already fetches some of bytes
+    /// `offset..offset + len` of `block` from another node: a deep queue's own reads run
+    /// ahead of the stream, and reading their bytes twice would halve the link.
+    fn guest_reading(&self, block: u64, offset: u64, len: u64) -> bool {
+        self.slots.iter().any(|slot| {
+            slot.reads.iter().any(|r| {
+                r.block == block
+                    && r.offset < offset + len
+                    && offset < r.offset + r.bufs.len() as u64
+            })
+        })
+    }
+
+    /// Attaches a guest read piece to a read-ahead in flight that covers it, if one does
+    /// and no write to the block started since the read-ahead was issued (none is in
+    /// flight either: the piece then reads what a read of its own would).
+    fn wait_for_ahead(&mut self, slot: usize, piece: &Piece) -> bool {
+        let now = self.disk.writes().idle(piece.block);
+        let Some(ahead) = self.ahead.iter_mut().find(|a| {
+            a.block == piece.block
+                && a.offset <= piece.offset
+                && piece.offset + piece.len <= a.offset + a.buf.len() as u64
+                && now == Some(a.fill.writes)
+        }) else {
+            return false;
+        };
+        ahead.waiters.push(Waiter {
+            slot,
+            block: piece.block,
+            offset: piece.offset,
+            bufs: IoVecs(piece.bufs.0.clone()),
+        });
+        if let Some(request) = self.slots.get_mut(slot) {
+            request.pending += 1;
+        }
+        let counters = &self.disk.cache().counters;
+        counters
+            .ahead_hits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// A read-ahead read is done: its data goes to the cache (checked against writes that
+    /// started since, like any fill) and to the guest reads waiting for it; a failure only
+    /// means no read-ahead (those reads then go to a copy themselves).
+    pub(super) fn ahead_done(
+        &mut self,
+        index: usize,
+        result: Result<usize, crate::engine::OpError>,
+    ) {
+        let Some(mut ahead) = self.ahead.remove(index) else {
+            return;
+        };
+        self.ahead_bytes -= ahead.buf.len() as u64;
+        let waiters = std::mem::take(&mut ahead.waiters);
+        if let Err(e) = result {
+            log::debug!(
+                "image {}: read-ahead of block {}: {e}",
+                self.disk.name(),
+                ahead.block
+            );
+            for waiter in waiters {
+                self.read_waiter_elsewhere(waiter);
+            }
+            return;
+        }
+        for waiter in waiters {
+            let at = (waiter.offset - ahead.offset) as usize;
+            let len = waiter.bufs.len();
+            if let Some(bytes) = ahead.buf.get(at..at + len) {
+                waiter.bufs.copy_in(0, bytes);
+            }
+            self.part_done(tag(waiter.slot, 0), Ok(len));
+        }
+        if ahead.keep {
+            self.keep_ahead(&mut ahead);
+        }
+        if self.ahead_pool.len() < AHEAD_POOL {
+            self.ahead_pool.push(ahead.buf);
+        }
+    }
+
+    /// Stores a read-ahead's data in the cache, if no write to its block started since.
+    fn keep_ahead(&self, ahead: &mut Ahead) {
+        let iovecs = ahead.iovecs();
+        let writes = self.disk.writes();
+        let unchanged = || writes.idle(ahead.block) == Some(ahead.fill.writes);
+        self.disk.cache().fill(
+            ahead.fill.epoch,
+            ahead.block,
+            ahead.offset,
+            &iovecs,
+            true,
+            &unchanged,
+        );
+    }
+
+    /// A waiting guest read whose read-ahead failed: read from the next in-sync copy like
+    /// any remote piece (its count in the request carries over).
+    fn read_waiter_elsewhere(&mut self, waiter: Waiter) {
+        let location = {
+            let meta = self.disk.meta();
+            meta.table
+                .locations(waiter.block)
+                .and_then(|locations| next_remote(locations, &[], &*self.peers))
+        };
+        let Some(location) = location else {
+            let error = crate::engine::OpError::Io(std::io::Error::other("no in-sync copy left"));
+            return self.part_done(tag(waiter.slot, 0), Err(error));
+        };
+        let Some(request) = self.slots.get_mut(waiter.slot) else {
+            return;
+        };
+        request.reads.push(RemoteRead {
+            block: waiter.block,
+            offset: waiter.offset,
+            bufs: IoVecs(waiter.bufs.0.clone()),
+            tried: smallvec::smallvec![location.node.clone()],
+            fill: None,
+        });
+        // The waiter's count carries over to the read.
+        request.pending -= 1;
+        let part = request.reads.len();
+        let target = self.peer_target(&location, waiter.block);
+        let (offset, bufs) = (waiter.offset, waiter.bufs);
+        self.push(
+            tag(waiter.slot, part),
+            location.tier,
+            OpKind::Read,
+            target,
+            offset,
+            bufs,
+        );
+    }
+
+    /// A read piece's cache copy when it holds every page the piece needs; otherwise what
+    /// the remote read must remember to fill the cache (None when caching is off, or a write
+    /// to the block is in flight: its data might be either side of the write).
+    fn cached(&self, epoch: u64, piece: &Piece) -> Result<CacheHit, Option<Fill>> {
+        let cache = self.disk.cache();
+        if cache.tier().is_none() {
+            return Err(None);
+        }
+        // The write count first: a write that starts after this drops what the lookup saw
+        // only once issued, and a fill after it is refused.
+        let writes = self.disk.writes().idle(piece.block);
+        if let Some(hit) = cache.lookup(epoch, piece.block, piece.offset, piece.len) {
+            return Ok(hit);
+        }
+        Err(writes.map(|writes| Fill { epoch, writes }))
     }
 
     pub(super) fn peer_target(&self, location: &Location, block: u64) -> Target {
@@ -430,6 +763,8 @@ impl Queue {
             return;
         };
         request.written.push((piece.block, request.copies.len()));
+        // Its write count started (`begin_writes`): no fill racing it is kept from here on.
+        self.disk.cache().invalidate(piece.block);
         for location in locations {
             let Some(copy) = self.add_copy(slot, &location, false) else {
                 return;
@@ -528,6 +863,7 @@ impl Queue {
         if let Some(request) = self.slots.get_mut(slot) {
             request.written.push((span.block, request.copies.len()));
         }
+        self.disk.cache().invalidate(span.block);
         for location in locations {
             let local = &location.node == self.disk.me();
             let stored = local && self.free_here(&location, span);
@@ -669,7 +1005,9 @@ impl Drop for Queue {
 /// Where a read piece is served from.
 enum Source {
     Local(Tier),
-    Remote(Location),
+    /// This node's cache copy (of a block whose copies are all on other nodes).
+    Cached(CacheHit),
+    Remote(Location, Option<Fill>),
 }
 
 /// The next in-sync copy on another node, not yet tried, whose node is not on the failure

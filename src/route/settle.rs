@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::error::IoError;
-use super::queue::{next_remote, tag, untag, Completion, Queue, Slot};
+use super::queue::{next_remote, tag, untag, Completion, Queue, RemoteRead, Slot, AHEAD_SLOT};
 use crate::engine::{OpError, OpKind};
 use crate::replica::ack::{self, Outcome};
 
@@ -32,6 +32,9 @@ impl Queue {
     /// to the next in-sync copy, if there is one.
     pub(super) fn part_done(&mut self, op: u64, result: Result<usize, OpError>) {
         let (index, part) = untag(op);
+        if index == AHEAD_SLOT {
+            return self.ahead_done(part, result);
+        }
         let Some(request) = self.slots.get_mut(index) else {
             return;
         };
@@ -40,6 +43,9 @@ impl Queue {
             Ok(_) => {
                 if let Some(c) = copy.and_then(|c| request.copies.get_mut(c)) {
                     c.stored = true;
+                }
+                if let Some(read) = copy.and_then(|c| request.reads.get(c)) {
+                    fill_cache(&self.disk, read);
                 }
             }
             Err(error) => {
@@ -252,4 +258,22 @@ impl Queue {
             result,
         });
     }
+}
+
+/// Keeps what a remote read brought in the cache, unless a write to its block started
+/// since it was issued (checked under the cache's lock, see `cache`).
+fn fill_cache(disk: &crate::disk::Disk, read: &RemoteRead) {
+    let Some(fill) = read.fill else {
+        return;
+    };
+    let writes = disk.writes();
+    let unchanged = || writes.idle(read.block) == Some(fill.writes);
+    disk.cache().fill(
+        fill.epoch,
+        read.block,
+        read.offset,
+        &read.bufs,
+        false,
+        &unchanged,
+    );
 }
