@@ -51,6 +51,53 @@ impl<H: Holdings> HolderService<H> {
         self.serve(request).unwrap_or_else(|refusal| refusal)
     }
 
+    /// Answers `request` if it is a RAM-tier read or write this node's view settles by
+    /// itself (image known at an epoch not older than the request's, block held here on the
+    /// RAM tier, copy not lost): a memory copy with no etcd look-up, cheap enough for the peer
+    /// server's reader thread. Anything else (the volume tier, control calls, and whatever
+    /// may ask etcd) is handed back for a worker. A metadata change between this check and
+    /// the answer may still make the answer ask etcd; that is rare and only slower.
+    pub fn answer_inline(&self, request: Request) -> Result<Response, Request> {
+        let cheap = match &request {
+            Request::Read {
+                image,
+                tier: Tier::Ram,
+                block,
+                ..
+            }
+            | Request::Write {
+                image,
+                tier: Tier::Ram,
+                block,
+                ..
+            } => self.settled_here(image, *block),
+            _ => false,
+        };
+        if cheap {
+            Ok(self.answer(request))
+        } else {
+            Err(request)
+        }
+    }
+
+    /// Whether this node's view alone answers a RAM-tier request for `block` of `image`:
+    /// none of the checks in [`HolderService::serve`] would turn to etcd.
+    fn settled_here(&self, image: &ImageRef, block: u64) -> bool {
+        let Some(disk) = self.daemon.find(&image.name) else {
+            return false;
+        };
+        let meta = disk.meta();
+        if self.daemon.is_shared() && meta.generation < image.epoch {
+            return false;
+        }
+        let held = meta.table.locations(block).is_some_and(|ls| {
+            ls.iter()
+                .any(|l| &l.node == disk.me() && l.tier == Tier::Ram)
+        });
+        drop(meta);
+        held && !disk.is_lost(Tier::Ram, block)
+    }
+
     /// The disk of `image`, once the request's epoch is found current: a request from an
     /// owner that has since been replaced is refused, whatever it asks.
     fn disk(&self, image: &ImageRef) -> Result<Arc<Disk>, Response> {
@@ -304,6 +351,10 @@ impl<H: Holdings> HolderService<H> {
 impl<H: Holdings> PeerHandler for HolderService<H> {
     fn handle(&self, _from: &NodeId, request: Request) -> Response {
         self.answer(request)
+    }
+
+    fn handle_inline(&self, _from: &NodeId, request: Request) -> Result<Response, Request> {
+        self.answer_inline(request)
     }
 }
 

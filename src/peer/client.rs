@@ -11,7 +11,7 @@
 //! [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]; at once to the longest for authentication
 //! failures), and while backing off calls fail at once.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use super::auth::HANDSHAKE_TIMEOUT;
 use super::auth::{self, ClusterKey};
-use super::frame::{Decoder, Frame, ReadError, MAX_PAYLOAD};
+use super::frame::{Decoder, Frame, Outgoing, ReadError, MAX_PAYLOAD};
 use super::message::{Expect, Payload, Request, Response};
 use super::outbox::Outbox;
 use super::seal::{Opener, Session};
@@ -67,6 +67,38 @@ thread_local! {
     /// Set while a completion runs: `call` then never waits for room, since the thread it
     /// would wait on may be this one.
     static IN_COMPLETION: Cell<bool> = const { Cell::new(false) };
+}
+
+thread_local! {
+    /// Inside [`batch`]: the connections this thread staged frames on, flushed when it ends.
+    static BATCH: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
+}
+
+/// Bytes a batch stages on one connection before it writes them anyway: large writes leave
+/// as they come, small frames share system calls.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Runs `f`, and sends the calls it makes on this thread together: the frames are staged on
+/// their connections and leave in one system call per connection when `f` returns (or
+/// earlier, once [`BATCH_BYTES`] are staged on one), written by this thread unless another
+/// is writing on that connection. A queue sends the calls of one kick so, instead of one
+/// system call each or a hand-off to the writer thread. Batches nest (the outer one sends).
+pub fn batch<R>(f: impl FnOnce() -> R) -> R {
+    if BATCH.with_borrow(Option::is_some) {
+        return f();
+    }
+    BATCH.set(Some(Vec::new()));
+    // Sends the batch even if `f` panics: staged frames must not wait for a later call.
+    struct Flush;
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            for conn in BATCH.take().unwrap_or_default() {
+                conn.flush();
+            }
+        }
+    }
+    let _flush = Flush;
+    f()
 }
 
 fn complete(done: Done, result: Result<Response, PeerError>) {
@@ -331,7 +363,7 @@ impl Conn {
         lock(&self.state).dead.is_some()
     }
 
-    fn submit(&self, payload: Payload, pending: Pending) {
+    fn submit(self: &Arc<Self>, payload: Payload, pending: Pending) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = match payload.into_frame(id) {
             Ok(frame) => frame,
@@ -347,16 +379,55 @@ impl Conn {
             state.pending.insert(id, pending);
             state.pending.len() == 1
         };
-        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call. A call
-        // alone on its connection goes out from this thread, for latency; with others in
-        // flight the writer thread sends it with theirs, in one system call. In a completion
-        // the writer thread always sends it: this thread may be the connection's reader.
-        if IN_COMPLETION.get() || !alone {
+        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call. Inside a
+        // `batch` the frame is staged and leaves with the batch. Otherwise a call alone on
+        // its connection goes out from this thread, for latency; with others in flight the
+        // writer thread sends it with theirs, in one system call. In a completion the writer
+        // thread always sends it: this thread may be the connection's reader.
+        if IN_COMPLETION.get() {
+            self.outbox.push(frame, 0);
+            return;
+        }
+        let frame = match self.stage_in_batch(frame) {
+            Ok(()) => return,
+            Err(frame) => frame,
+        };
+        if !alone {
             self.outbox.push(frame, 0);
         } else if let Err(e) = self.outbox.send(frame, 0) {
-            let error = format!("sending to {} failed: {e}", self.ctx.addr);
-            self.kill(PeerError::Unavailable(error), true);
+            self.failed_to_send(&e);
         }
+    }
+
+    /// Stages `frame` when this thread is inside [`batch`] (false, and `frame` untouched,
+    /// when it is not); writes what is staged once it reaches [`BATCH_BYTES`].
+    fn stage_in_batch(self: &Arc<Self>, frame: Outgoing) -> Result<(), Outgoing> {
+        BATCH.with_borrow_mut(|batch| {
+            let Some(conns) = batch else {
+                return Err(frame);
+            };
+            self.outbox.stage(frame, 0);
+            if !conns.iter().any(|c| Arc::ptr_eq(c, self)) {
+                conns.push(self.clone());
+            }
+            Ok(())
+        })?;
+        if self.outbox.queued_bytes() >= BATCH_BYTES {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Writes what is staged, from this thread unless another is writing.
+    fn flush(&self) {
+        if let Err(e) = self.outbox.flush() {
+            self.failed_to_send(&e);
+        }
+    }
+
+    fn failed_to_send(&self, e: &io::Error) {
+        let error = format!("sending to {} failed: {e}", self.ctx.addr);
+        self.kill(PeerError::Unavailable(error), true);
     }
 
     /// Fails the connection: every pending call gets `error`, once; so do later calls. With

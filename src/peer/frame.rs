@@ -230,6 +230,28 @@ impl Decoder {
         self.header_filled == 0 && self.body.is_none()
     }
 
+    /// Whether `buffered` (bytes read from the stream but not yet given to the decoder)
+    /// complete the next frame, so that decoding it will not wait for the stream. A reader
+    /// that answers what it decodes sends its staged answers when this is false.
+    pub fn holds_frame(&self, buffered: &[u8]) -> bool {
+        let trailer = self.trailer();
+        match &self.body {
+            Some(body) => buffered.len() >= body.want - body.payload.len(),
+            None => {
+                let need = HEADER_LEN - self.header_filled;
+                if buffered.len() < need {
+                    return false;
+                }
+                let mut header = self.header;
+                header[self.header_filled..].copy_from_slice(&buffered[..need]);
+                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                // A bad header fails at once: no wait either.
+                buffered.len() - need >= (len as usize).saturating_add(trailer)
+                    || len as usize > self.max_payload
+            }
+        }
+    }
+
     /// Checks a header once it is complete, and hands out a frame once its payload is.
     fn step(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.body.is_none() {
@@ -403,6 +425,23 @@ impl Outgoing {
         writer.write_all(&self.header)?;
         writer.write_all(&self.head)?;
         writer.write_all(&self.body)
+    }
+
+    /// The frame's parts in wire order (header, then the payload's non-empty parts), for a
+    /// vectored write.
+    pub fn slices<'a>(&'a self, out: &mut Vec<io::IoSlice<'a>>) {
+        out.push(io::IoSlice::new(&self.header));
+        for part in [&self.head, &self.body] {
+            if !part.is_empty() {
+                out.push(io::IoSlice::new(part));
+            }
+        }
+    }
+
+    /// The tag of this frame under `sealer`'s next sequence number (a tagging sealer: see
+    /// [`Sealer::tag`]).
+    pub fn tag(&self, sealer: &mut Sealer) -> [u8; TAG_LEN] {
+        sealer.tag(&[&self.header, &self.head, &self.body])
     }
 
     /// Writes the frame followed by its tag, which takes the next sequence number of

@@ -22,6 +22,8 @@ impl Queue {
         for d in done.drain(..) {
             self.part_done(d.tag, d.result);
         }
+        // A failed remote read may have gone to the next copy: its calls leave now.
+        self.submit_queued();
         self.done = done;
         out.append(&mut self.finished);
     }
