@@ -497,6 +497,59 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_ram_tier_reads_and_writes_held_here_are_answered_inline() {
+        let (_root, service, disk) = setup();
+        let create = Control::ImageCreate {
+            name: "fast".parse().unwrap(),
+            size: 2 * BLOCK,
+            block_size: BLOCK,
+            tier: Tier::Ram,
+            read_only: false,
+            at: vec![],
+            qos: Default::default(),
+        };
+        daemon(&service).apply(create, &mut |_, _| {}).unwrap();
+        let fast = daemon(&service).find(&"fast".parse().unwrap()).unwrap();
+        let write = |image: ImageRef, tier| Request::Write {
+            image,
+            tier,
+            block: 1,
+            offset: 0,
+            data: vec![7; 4096],
+        };
+        let read = |image: ImageRef, tier| Request::Read {
+            image,
+            tier,
+            block: 1,
+            offset: 0,
+            len: 4096,
+        };
+        assert!(matches!(
+            service.answer_inline(write(fast.image_ref(), Tier::Ram)),
+            Ok(Response::Ok)
+        ));
+        match service.answer_inline(read(fast.image_ref(), Tier::Ram)) {
+            Ok(Response::Data(data)) => assert_eq!(data, vec![7; 4096]),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        // The volume tier, a tier not held, another image, a flush: handed back as they came.
+        for request in [
+            read(disk.image_ref(), Tier::Volume),
+            read(disk.image_ref(), Tier::Ram),
+            read(fast.image_ref(), Tier::Volume),
+            write(ImageRef::new("gone".parse().unwrap(), 1), Tier::Ram),
+            Request::Flush {
+                image: fast.image_ref(),
+            },
+        ] {
+            match service.answer_inline(request.clone()) {
+                Err(back) => assert_eq!(back, request),
+                Ok(answer) => panic!("{request:?} answered inline: {answer:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_span_past_the_block_is_refused_as_invalid() {
         let (_root, service, disk) = setup();
         let write = Request::Write {

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Done, Engine, IoVecs, Op, OpError, OpKind, PeerTarget, Target};
 use crate::image::NodeId;
-use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
+use crate::peer::{client, PeerError, Request, Response, MAX_CHUNK};
 use crate::peers::Transport;
 
 pub struct RemoteEngine {
@@ -170,9 +170,12 @@ impl RemoteEngine {
                     len,
                 },
             };
+            let landing = (op.kind == OpKind::Read).then(|| pending.iovecs.landing(at, len));
             let (pending, kind, from) = (pending.clone(), op.kind, node.clone());
             let done = Box::new(move |result: Result<Response, PeerError>| {
                 let outcome = match (kind, result) {
+                    // The payload landed in the buffers (only a landed read is answered so).
+                    (OpKind::Read, Ok(Response::Ok)) => Ok(()),
                     (OpKind::Read, Ok(Response::Data(data))) if data.len() == len => {
                         pending.iovecs.copy_in(at, &data);
                         Ok(())
@@ -185,7 +188,12 @@ impl RemoteEngine {
                 };
                 pending.chunk_done(outcome);
             });
-            self.peers.call(&node, request, done);
+            match landing {
+                Some(landing) => {
+                    client::with_landing(landing, || self.peers.call(&node, request, done))
+                }
+                None => self.peers.call(&node, request, done),
+            }
         }
     }
 

@@ -13,7 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 pub use super::auth::HANDSHAKE_TIMEOUT;
 use super::auth::{self, ClusterKey};
-use super::frame::{Decoder, Frame, Outgoing, ReadError, MAX_PAYLOAD};
+use super::frame::{Decoder, Frame, Kind, Outgoing, ReadError, MAX_PAYLOAD};
 use super::message::{Expect, Payload, Request, Response};
 use super::outbox::Outbox;
 use super::seal::{Opener, Session};
 use super::{lock, PeerError};
 use crate::image::NodeId;
+use smallvec::SmallVec;
 
 /// How long a call waits for its answer unless told otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +73,90 @@ thread_local! {
 thread_local! {
     /// Inside [`batch`]: the connections this thread staged frames on, flushed when it ends.
     static BATCH: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
+}
+
+thread_local! {
+    /// Set by [`with_landing`] for the one read call made inside it.
+    static LANDING: RefCell<Option<Landing>> = const { RefCell::new(None) };
+}
+
+/// Caller buffers that a read's answer is decoded straight into (see [`with_landing`]), so
+/// its payload is copied once, from the connection's read buffer, and never held in a `Vec`.
+pub struct Landing {
+    segments: SmallVec<[(*mut u8, usize); 4]>,
+    len: usize,
+}
+
+// SAFETY: plain addresses of buffers that the creator keeps valid for writing until the call
+// completes (see `Landing::new`); only the connection's reader writes through them.
+unsafe impl Send for Landing {}
+
+impl Landing {
+    /// The first `len` bytes of `segments` (address, length), in order.
+    ///
+    /// # Safety
+    /// Each segment must stay valid for writes, and not be read or written by this process
+    /// otherwise, until the call it is given to completes (the answer is written before the
+    /// completion runs, and never after).
+    pub unsafe fn new(segments: impl IntoIterator<Item = (*mut u8, usize)>, len: usize) -> Self {
+        let mut left = len;
+        let mut kept = SmallVec::new();
+        for (at, n) in segments {
+            if left == 0 {
+                break;
+            }
+            let n = n.min(left);
+            kept.push((at, n));
+            left -= n;
+        }
+        Landing {
+            segments: kept,
+            len: len - left,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `bytes` into the buffers at byte `at`; what would fall past them is dropped.
+    fn put(&self, at: usize, bytes: &[u8]) {
+        let mut skip = at;
+        let mut src = bytes;
+        for &(base, n) in &self.segments {
+            if src.is_empty() {
+                break;
+            }
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let count = (n - skip).min(src.len());
+            // SAFETY: `base..base + n` is writable and ours until the call completes (see
+            // `Landing::new`); `skip + count <= n` and `count <= src.len()`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.add(skip), count) };
+            src = &src[count..];
+            skip = 0;
+        }
+    }
+}
+
+/// Runs `f` (which makes one read call on this thread, e.g. through `peers::Transport`)
+/// with `landing` offered to it: a [`PeerClient`] read call whose length is the landing's
+/// takes it, and then answers `Response::Ok` once the payload is in the buffers and its tag
+/// checked, instead of `Response::Data`. A call that did not take it (another transport, a
+/// call that failed before it was sent) answers as usual. The landing goes with the thread
+/// to the call rather than through the `Transport` interface, which knows nothing of
+/// buffers.
+pub fn with_landing<R>(landing: Landing, f: impl FnOnce() -> R) -> R {
+    LANDING.set(Some(landing));
+    let result = f();
+    LANDING.set(None);
+    result
 }
 
 /// Bytes a batch stages on one connection before it writes them anyway: large writes leave
@@ -260,11 +345,18 @@ impl PeerClient {
         if !IN_COMPLETION.get() && !conn.outbox.wait_room(MAX_QUEUED_BYTES, deadline) {
             return complete(done, Err(PeerError::Timeout(timeout)));
         }
+        let landing = match expects {
+            Expect::Data(len) => LANDING
+                .take()
+                .filter(|landing| landing.len() == len && len > 0),
+            _ => None,
+        };
         let pending = Pending {
             expects,
             deadline,
             timeout,
             done,
+            landing,
         };
         conn.submit(payload, pending);
     }
@@ -315,6 +407,8 @@ struct Pending {
     deadline: Instant,
     timeout: Duration,
     done: Done,
+    /// Where a read's payload goes, answered `Ok` (see [`with_landing`]).
+    landing: Option<Landing>,
 }
 
 /// One connection and the calls waiting on it.
@@ -547,6 +641,11 @@ impl Conn {
         let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
         let mut next_scan = Instant::now() + TICK;
         let error = loop {
+            match self.land(&mut decoder, &mut reader) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break e,
+            }
             match decoder.read_from(&mut reader) {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.answer(frame) {
@@ -570,6 +669,72 @@ impl Conn {
             }
         };
         self.kill(error, true);
+    }
+
+    /// When the next frame (whole header buffered) answers a call with a landing, decodes
+    /// its payload into the landing and completes the call: `Ok(true)`. The call is out of
+    /// the pending map meanwhile, so neither `kill` nor `expire` completes it; it fails here
+    /// if the frame does (the connection is then done for: `Err`), or if its deadline passes
+    /// mid-frame. `Ok(false)`: nothing to land, read the frame as usual.
+    fn land(
+        &self,
+        decoder: &mut Decoder,
+        reader: &mut BufReader<&TcpStream>,
+    ) -> Result<bool, PeerError> {
+        if !decoder.is_idle() {
+            return Ok(false);
+        }
+        if reader.buffer().is_empty() {
+            match reader.fill_buf() {
+                Ok(_) => {}
+                // Let the usual path see (and report) it.
+                Err(_) => return Ok(false),
+            }
+        }
+        let Some(peeked) = decoder.peek(reader.buffer()) else {
+            return Ok(false);
+        };
+        if peeked.kind != Kind::Data {
+            return Ok(false);
+        }
+        let call = {
+            let mut state = lock(&self.state);
+            let lands = state.pending.get(&peeked.id).is_some_and(|call| {
+                call.landing
+                    .as_ref()
+                    .is_some_and(|landing| landing.len() == peeked.len)
+            });
+            match lands {
+                true => state.pending.remove(&peeked.id),
+                false => None,
+            }
+        };
+        let Some(mut call) = call else {
+            return Ok(false);
+        };
+        let Some(landing) = call.landing.take() else {
+            return Ok(false);
+        };
+        let deadline = call.deadline;
+        let landed = decoder.land(reader, &mut |at, bytes| landing.put(at, bytes), &mut || {
+            !self.is_dead() && Instant::now() < deadline
+        });
+        drop(landing);
+        match landed {
+            Ok(()) => {
+                complete(call.done, Ok(Response::Ok));
+                Ok(true)
+            }
+            Err(e) => {
+                let error = match e {
+                    ReadError::Io(e) if is_timeout(&e) => PeerError::Timeout(call.timeout),
+                    ReadError::Io(e) => PeerError::Unavailable(format!("connection lost: {e}")),
+                    ReadError::Frame(e) => PeerError::Protocol(format!("bad frame: {e}")),
+                };
+                complete(call.done, Err(error.clone()));
+                Err(error)
+            }
+        }
     }
 
     /// Completes the call `frame` answers. An `Err` is a protocol violation that ends the

@@ -13,7 +13,7 @@
 //! The decoder is incremental and resumable: it takes bytes as they come (a slice, or a
 //! `Read` that may time out half-way through a frame) and never panics on any input.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use super::seal::{Opener, Sealer, TAG_LEN};
 
@@ -252,6 +252,84 @@ impl Decoder {
         }
     }
 
+    /// The next frame's header, when the decoder is between frames, `buffered` (bytes read
+    /// but not yet given to the decoder) starts with a whole header that passes its checks,
+    /// and the payload can be checked piece by piece (the frames are tagged, not encrypted):
+    /// then [`Decoder::land`] may decode it into a caller's buffers.
+    pub fn peek(&self, buffered: &[u8]) -> Option<Peeked> {
+        if !self.is_idle() || self.opener.as_ref().is_some_and(Opener::decrypts) {
+            return None;
+        }
+        let header: [u8; HEADER_LEN] = buffered.get(..HEADER_LEN)?.try_into().ok()?;
+        let header = parse_header(&header, self.max_payload).ok()?;
+        Some(Peeked {
+            kind: header.kind,
+            id: header.id,
+            len: header.len,
+        })
+    }
+
+    /// Decodes the frame [`Decoder::peek`] just saw at the start of `reader`'s buffer,
+    /// handing its payload to `put` (byte offset, bytes) piece by piece as it comes out of
+    /// the read buffer instead of collecting it: a caller's buffers get each byte once. The
+    /// CRC and the tag are computed over the bytes as received, so nothing the owner of those
+    /// buffers does to them meanwhile changes the outcome. `Ok` only when both check; after
+    /// an `Err` the buffers hold whatever arrived. When a read times out, `wait` says whether
+    /// to keep waiting; if not, this fails with `TimedOut` and the stream is left mid-frame
+    /// (drop the connection).
+    pub fn land<R: BufRead>(
+        &mut self,
+        reader: &mut R,
+        put: &mut dyn FnMut(usize, &[u8]),
+        wait: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ReadError> {
+        let buffered = fill(reader, wait)?;
+        let Some(bytes) = buffered.get(..HEADER_LEN) else {
+            return Err(io::Error::other("no whole header buffered to land").into());
+        };
+        self.header.copy_from_slice(bytes);
+        let header = parse_header(&self.header, self.max_payload)?;
+        reader.consume(HEADER_LEN);
+        let mut crc = crc32c::crc32c(&self.header[..16]);
+        let mut check = match self.opener.as_mut().map(Opener::begin_check) {
+            Some(None) => return Err(io::Error::other("an encrypted payload cannot land").into()),
+            other => other.flatten(),
+        };
+        let mut at = 0;
+        while at < header.len {
+            let piece = fill(reader, wait)?;
+            let n = piece.len().min(header.len - at);
+            let piece = &piece[..n];
+            crc = crc32c::crc32c_append(crc, piece);
+            if let Some(check) = check.as_mut() {
+                check.update(piece);
+            }
+            put(at, piece);
+            reader.consume(n);
+            at += n;
+        }
+        let mut tag = [0u8; TAG_LEN];
+        let mut filled = 0;
+        while check.is_some() && filled < TAG_LEN {
+            let piece = fill(reader, wait)?;
+            let n = piece.len().min(TAG_LEN - filled);
+            tag[filled..filled + n].copy_from_slice(&piece[..n]);
+            reader.consume(n);
+            filled += n;
+        }
+        if crc != header.crc {
+            return Err(FrameError::BadCrc {
+                expected: header.crc,
+                actual: crc,
+            }
+            .into());
+        }
+        match check.map(|check| check.finish(&self.header, &tag)) {
+            Some(false) => Err(FrameError::BadTag.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks a header once it is complete, and hands out a frame once its payload is.
     fn step(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.body.is_none() {
@@ -380,6 +458,44 @@ impl Decoder {
             }
         }
     }
+}
+
+/// A header [`Decoder::peek`] saw in buffered bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peeked {
+    pub kind: Kind,
+    pub id: u64,
+    /// Payload bytes.
+    pub len: usize,
+}
+
+/// Buffered bytes of `reader`, at least one: reads when its buffer is empty, and on a read
+/// timeout asks `wait` whether to try again. The end of the stream is `UnexpectedEof` (the
+/// caller is inside a frame).
+fn fill<'r, R: BufRead>(
+    reader: &'r mut R,
+    wait: &mut dyn FnMut() -> bool,
+) -> Result<&'r [u8], ReadError> {
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !wait() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Buffered now: no system call.
+    Ok(reader.fill_buf()?)
 }
 
 /// A frame ready to be written: the header, then the payload in two parts so that bulk data
@@ -524,6 +640,26 @@ mod tests {
         }
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(0xff), None);
+    }
+
+    #[test]
+    fn holds_frame_says_whether_decoding_would_wait() {
+        let (mut a, b) = Session::pair(&[1; 32], &[2; 32]);
+        let bytes = encode_sealed(Kind::Data, 5, &[3; 100], &mut a.sealer).unwrap();
+        let decoder = Decoder::sealed(MAX_PAYLOAD, b.opener.clone());
+        assert!(decoder.holds_frame(&bytes));
+        assert!(!decoder.holds_frame(&bytes[..bytes.len() - 1]), "tag cut");
+        assert!(!decoder.holds_frame(&bytes[..10]), "header cut");
+        assert!(!decoder.holds_frame(&[]));
+        // Part of the frame already taken by the decoder.
+        let mut decoder = Decoder::sealed(MAX_PAYLOAD, b.opener);
+        assert_eq!(decoder.push(&bytes[..30]).unwrap(), (30, None));
+        assert!(decoder.holds_frame(&bytes[30..]));
+        assert!(!decoder.holds_frame(&bytes[30..bytes.len() - 1]));
+        // A header over the limit fails at once: nothing to wait for.
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Decoder::new(MAX_PAYLOAD).holds_frame(&header));
     }
 
     #[test]

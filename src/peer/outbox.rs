@@ -333,6 +333,60 @@ mod tests {
         writer.join().unwrap().unwrap();
     }
 
+    /// A sink that counts the system calls a batch takes.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<(usize, Vec<u8>)>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[io::IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut calls = lock(&self.0);
+            calls.0 += 1;
+            // Like a socket that takes at most 1000 bytes per call.
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(1000 - n);
+                calls.1.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == 1000 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn staged_frames_leave_together_on_flush_and_whole() {
+        let outbox: Outbox<Calls> = Outbox::new(|_, _| {});
+        let sink = Calls::default();
+        outbox.attach(sink.clone(), None);
+        for id in 0..10 {
+            assert!(outbox.stage(ok(id), 0));
+        }
+        assert_eq!(lock(&sink.0).0, 0, "staging writes nothing");
+        assert_eq!(outbox.queued_bytes(), 10 * 24);
+        assert!(outbox.flush().unwrap());
+        assert_eq!(lock(&sink.0).0, 1, "ten frames, one system call");
+        assert_eq!(outbox.queued_bytes(), 0);
+        // A batch larger than one call takes: written whole, in order, over several.
+        let big = Outgoing::new(Kind::Data, 77, vec![1; 10], vec![2; 2500]).unwrap();
+        let expected = [big.to_bytes(), ok(78).to_bytes()].concat();
+        outbox.stage(big, 0);
+        outbox.stage(ok(78), 0);
+        outbox.flush().unwrap();
+        let calls = lock(&sink.0);
+        assert_eq!(&calls.1[240..], &expected[..]);
+        assert_eq!(calls.0, 1 + 3);
+    }
+
     #[test]
     fn room_waits_until_the_deadline() {
         let outbox: Outbox<Sink> = Outbox::new(|_, _| {});
