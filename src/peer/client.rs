@@ -513,10 +513,50 @@ impl Conn {
     }
 
     /// Writes what is staged, from this thread unless another is writing.
+    /// Writes what is staged, from this thread unless another is writing, or unless the
+    /// socket has no room for it: then the writer thread sends it, and a peer that stopped
+    /// reading holds up that thread rather than the caller (a queue serving a guest).
     fn flush(&self) {
+        if !self.has_room(self.outbox.queued_bytes()) {
+            return self.outbox.wake_writer();
+        }
         if let Err(e) = self.outbox.flush() {
             self.failed_to_send(&e);
         }
+    }
+
+    /// Whether the socket's send buffer has room for `bytes` more, as far as the kernel
+    /// says (SIOCOUTQ against SO_SNDBUF); true when it cannot tell.
+    fn has_room(&self, bytes: usize) -> bool {
+        let stream = lock(&self.stream);
+        let Some(stream) = stream.as_ref() else {
+            return true;
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (for a socket: SIOCOUTQ, the same number; unsent and unacknowledged
+        // bytes) writes one int into `queued`, which lives across the call.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+            return true;
+        }
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `len` bytes into `size`, which lives across
+        // the call.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw mut size).cast(),
+                &raw mut len,
+            )
+        };
+        if got != 0 {
+            return true;
+        }
+        let free = usize::try_from(size.saturating_sub(queued)).unwrap_or(0);
+        bytes <= free
     }
 
     fn failed_to_send(&self, e: &io::Error) {

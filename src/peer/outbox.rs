@@ -128,6 +128,12 @@ impl<W: Write> Outbox<W> {
         self.drain().map(|()| true)
     }
 
+    /// Lets the writer thread send what is queued (staged frames wake no one by themselves).
+    pub(crate) fn wake_writer(&self) {
+        let _state = lock(&self.state);
+        self.queued.notify_one();
+    }
+
     /// Bytes queued or being written.
     pub(crate) fn queued_bytes(&self) -> usize {
         lock(&self.state).bytes
