@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use cormorant::image::{BlockRange, NodeId, Tier};
 use cormorant::peer::auth::{self, HANDSHAKE_TIMEOUT};
+use cormorant::peer::client::{batch, with_landing, Landing};
 use cormorant::peer::frame::{self, Decoder, Kind, HEADER_LEN, MAX_PAYLOAD};
 use cormorant::peer::message::MAX_CHUNK;
 use cormorant::peer::seal::{Session, TAG_LEN};
@@ -901,4 +902,225 @@ fn peers_that_disagree_on_encryption_are_refused_naming_both_settings() {
         }
         assert_eq!(toy.calls.load(Ordering::SeqCst), 0);
     }
+}
+
+/// Reads `len` bytes of `block` into `buf` through a landing; the call's answer.
+fn landed_read(client: &PeerClient, block: u64, buf: &mut [u8]) -> Result<Response, PeerError> {
+    let len = buf.len();
+    // SAFETY: `buf` outlives the call (call_wait returns after the completion ran) and is not
+    // touched meanwhile.
+    let landing = unsafe { Landing::new([(buf.as_mut_ptr(), len)], len) };
+    with_landing(landing, || client.call_wait(read(block, len as u32), WAIT))
+}
+
+#[test]
+fn a_read_with_a_landing_is_decoded_into_the_callers_buffers() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let client = client(server.local_addr(), key(), 1);
+    // Sizes around the connection's read buffer (64 KiB) and up to a whole chunk.
+    for (block, len) in [
+        (1u64, 4096usize),
+        (2, 1),
+        (3, 65_000),
+        (4, 70_000),
+        (5, MAX_CHUNK as usize),
+    ] {
+        let mut buf = vec![0xeeu8; len];
+        let answer = landed_read(&client, block, &mut buf);
+        assert_eq!(answer, Ok(Response::Ok), "block {block}");
+        assert!(
+            buf == block_bytes(block, len as u32),
+            "block {block}: wrong bytes landed"
+        );
+    }
+    // Two segments, and a landing of another length: answered as usual, buffers untouched.
+    let (mut head, mut tail) = (vec![0u8; 100], vec![0u8; 3996]);
+    let landing =
+        unsafe { Landing::new([(head.as_mut_ptr(), 100), (tail.as_mut_ptr(), 3996)], 4096) };
+    let answer = with_landing(landing, || client.call_wait(read(6, 4096), WAIT));
+    assert_eq!(answer, Ok(Response::Ok));
+    assert_eq!([head, tail].concat(), block_bytes(6, 4096));
+    let mut other = vec![0u8; 10];
+    let landing = unsafe { Landing::new([(other.as_mut_ptr(), 10)], 10) };
+    let answer = with_landing(landing, || client.call_wait(read(7, 4096), WAIT));
+    assert_eq!(answer, Ok(Response::Data(block_bytes(7, 4096))));
+    assert_eq!(other, vec![0u8; 10]);
+    // Landed reads mixed with plain ones and answered out of order.
+    let (tx, rx) = mpsc::channel();
+    let mut bufs: Vec<Vec<u8>> = (0..40).map(|_| vec![0u8; 4096]).collect();
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        let tx = tx.clone();
+        let done = Box::new(move |result| tx.send((i, result)).unwrap());
+        if i % 2 == 0 {
+            let landing = unsafe { Landing::new([(buf.as_mut_ptr(), 4096)], 4096) };
+            with_landing(landing, || client.call(read(i as u64, 4096), done));
+        } else {
+            client.call(read(i as u64, 4096), done);
+        }
+    }
+    for _ in 0..40 {
+        let (i, result) = rx.recv_timeout(WAIT).unwrap();
+        match (i % 2, result) {
+            (0, Ok(Response::Ok)) => {}
+            (1, Ok(Response::Data(data))) => assert_eq!(data, block_bytes(i as u64, 4096)),
+            other => panic!("call {i}: {other:?}"),
+        }
+    }
+    for (i, buf) in bufs.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        assert!(
+            *buf == block_bytes(i as u64, 4096),
+            "call {i}: wrong bytes landed"
+        );
+    }
+}
+
+/// A host between two nodes that changes the payload of the first read answer on its way
+/// back and fixes the CRC up: the landed read fails (its tag does not check), it is never
+/// reported done, and the connection closes.
+#[test]
+fn a_landed_read_altered_on_the_way_fails() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let proxy = std::net::TcpListener::bind(any_port()).unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let upstream = server.local_addr();
+    let on_path = thread::spawn(move || {
+        let (mut to_client, _) = proxy.accept().unwrap();
+        let mut to_server = TcpStream::connect(upstream).unwrap();
+        let mut from_server = to_server.try_clone().unwrap();
+        let mut from_client = to_client.try_clone().unwrap();
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut from_client, &mut to_server);
+            let _ = to_server.shutdown(std::net::Shutdown::Both);
+        });
+        let mut preamble = [0u8; auth::PREAMBLE_LEN];
+        from_server.read_exact(&mut preamble).unwrap();
+        to_client.write_all(&preamble).unwrap();
+        // Challenge and Accept pass untouched (no tags); then the read's answer and its tag.
+        for frame in 0..3 {
+            let mut header = [0u8; HEADER_LEN];
+            from_server.read_exact(&mut header).unwrap();
+            let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
+            let tag = if frame == 2 { TAG_LEN } else { 0 };
+            let mut payload = vec![0u8; len + tag];
+            from_server.read_exact(&mut payload).unwrap();
+            if frame == 2 {
+                assert_eq!(header[4], Kind::Data as u8);
+                payload[0] ^= 0xff;
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..16]), &payload[..len]);
+                header[16..20].copy_from_slice(&crc.to_le_bytes());
+            }
+            to_client
+                .write_all(&[&header[..], &payload].concat())
+                .unwrap();
+        }
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+    });
+    let client = client(proxy_addr, key(), 1);
+    let mut buf = vec![0u8; 4096];
+    let answer = landed_read(&client, 5, &mut buf);
+    assert!(matches!(answer, Err(PeerError::Protocol(_))), "{answer:?}");
+    drop(client);
+    let _ = on_path.join();
+}
+
+/// A toy that answers reads of even blocks inline (on the server's reader thread) and hands
+/// everything else to the workers, which take a few milliseconds.
+struct Mixed {
+    inline: AtomicUsize,
+    toy: Toy,
+}
+
+impl PeerHandler for Mixed {
+    fn handle(&self, from: &NodeId, request: Request) -> Response {
+        self.toy.handle(from, request)
+    }
+
+    fn handle_inline(&self, _from: &NodeId, request: Request) -> Result<Response, Request> {
+        match request {
+            Request::Read { block, len, .. } if block % 2 == 0 => {
+                self.inline.fetch_add(1, Ordering::SeqCst);
+                assert_ne!(block, 444, "the mixed handler panics inline on block 444");
+                Ok(Response::Data(block_bytes(block, len)))
+            }
+            other => Err(other),
+        }
+    }
+}
+
+#[test]
+fn inline_answers_interleave_with_worker_answers() {
+    let mixed = Arc::new(Mixed {
+        inline: AtomicUsize::new(0),
+        toy: Toy::default(),
+    });
+    let handler: Arc<dyn PeerHandler> = mixed.clone();
+    let server = PeerServer::start(any_port(), key(), node("server"), handler).unwrap();
+    let client = client(server.local_addr(), key(), 1);
+    const CALLS: u64 = 300;
+    let (tx, rx) = mpsc::channel();
+    for block in 0..CALLS {
+        let tx = tx.clone();
+        client.call(
+            read(block, 512),
+            Box::new(move |result| tx.send((block, result)).unwrap()),
+        );
+    }
+    let mut seen = vec![false; CALLS as usize];
+    for _ in 0..CALLS {
+        let (block, result) = rx.recv_timeout(WAIT).expect("every call completes");
+        assert!(!std::mem::replace(&mut seen[block as usize], true));
+        assert_eq!(result.unwrap(), Response::Data(block_bytes(block, 512)));
+    }
+    assert_eq!(mixed.inline.load(Ordering::SeqCst), CALLS as usize / 2);
+    assert_eq!(mixed.toy.calls.load(Ordering::SeqCst), CALLS as usize / 2);
+    // A panic inline is answered like one on a worker, and the connection lives on.
+    match client.call_wait(read(444, 8), WAIT) {
+        Err(PeerError::Refused { code: c, .. }) => assert_eq!(c, code::INTERNAL),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client.call_wait(read(3, 8), WAIT),
+        Ok(Response::Data(block_bytes(3, 8)))
+    );
+}
+
+#[test]
+fn calls_made_in_a_batch_leave_when_it_ends_and_all_complete() {
+    let toy = Arc::new(Toy::default());
+    let server = start(&toy, any_port());
+    let client = client(server.local_addr(), key(), 2);
+    let (tx, rx) = mpsc::channel();
+    // Small reads, and writes adding up to more than a batch stages before writing.
+    batch(|| {
+        for block in 0..64u64 {
+            let tx = tx.clone();
+            let request = if block % 4 == 0 {
+                Request::Write {
+                    image: image(),
+                    tier: Tier::Ram,
+                    block: 2000 + block,
+                    offset: 0,
+                    data: vec![block as u8; 64 << 10],
+                }
+            } else {
+                read(block, 700)
+            };
+            client.call(
+                request,
+                Box::new(move |result| tx.send((block, result)).unwrap()),
+            );
+        }
+    });
+    for _ in 0..64 {
+        let (block, result) = rx.recv_timeout(WAIT).expect("every call completes");
+        match (block % 4, result) {
+            (0, Ok(Response::Ok)) => {}
+            (_, Ok(Response::Data(data))) => assert_eq!(data, block_bytes(block, 700)),
+            other => panic!("call {block}: {other:?}"),
+        }
+    }
+    let written = toy.written.lock().unwrap();
+    assert_eq!(written.get(&2060), Some(&vec![60u8; 64 << 10]));
 }

@@ -68,6 +68,18 @@ impl IoVecs {
         }
     }
 
+    /// Bytes `at..at + len` of the buffers, for a remote read's answer to be decoded into
+    /// (see `peer::client::with_landing`). The owner of these buffers keeps them mapped until
+    /// the operation completes, which is after every call of it completed.
+    pub fn landing(&self, at: usize, len: usize) -> crate::peer::client::Landing {
+        let rest = self.from(at);
+        let segments = rest.0.iter().map(|v| (v.iov_base.cast::<u8>(), v.iov_len));
+        // SAFETY: the buffers are device-writable guest memory kept mapped by the request
+        // until its operation completes (see the type's doc); the chunks of one operation land
+        // in disjoint byte ranges, and nothing else touches them while a read is in flight.
+        unsafe { crate::peer::client::Landing::new(segments, len) }
+    }
+
     /// `len` bytes of the buffers from byte `at` (a remote write's payload).
     pub fn copy_out(&self, at: usize, len: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(len);

@@ -1,7 +1,9 @@
 //! The remote strategy: operations on copies held by other nodes. A read or write becomes one
 //! or more peer calls of at most `MAX_CHUNK` bytes, pipelined on the peer's pooled
-//! connections; a sync is the peer's flush of the image, a free its discard. Each completes
-//! through the queue's eventfd like an io_uring operation, with the peer's error kept typed.
+//! connections; a sync is the peer's flush of the image, a free its discard. Operations pushed
+//! between two submits go out together (one system call per peer connection, like one
+//! io_uring submit per kick). Each completes through the queue's eventfd like an io_uring
+//! operation, with the peer's error kept typed; a run of answers wakes the queue once.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,12 +13,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Done, Engine, IoVecs, Op, OpError, OpKind, PeerTarget, Target};
 use crate::image::NodeId;
-use crate::peer::{PeerError, Request, Response, MAX_CHUNK};
+use crate::peer::{client, PeerError, Request, Response, MAX_CHUNK};
 use crate::peers::Transport;
 
 pub struct RemoteEngine {
     peers: Arc<dyn Transport>,
     shared: Arc<Shared>,
+    /// Operations pushed since the last [`Engine::submit`]: their calls leave together.
+    queued: Vec<Op>,
 }
 
 struct Shared {
@@ -50,16 +54,28 @@ impl Pending {
             None => Ok(self.total),
         };
         let shared = &self.shared;
-        shared
-            .done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Done {
-                tag: self.tag,
-                result,
-            });
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        let _ = shared.notify.write(1);
+        shared.finish(Done {
+            tag: self.tag,
+            result,
+        });
+    }
+}
+
+impl Shared {
+    /// Hands a finished operation to `reap`. Only the first of a run of completions wakes the
+    /// queue: until it reaps, the list is not empty, and it takes the whole list when it does
+    /// (the check and the take are under the same lock), so one eventfd write serves a whole
+    /// batch of answers.
+    fn finish(&self, done: Done) {
+        let wake = {
+            let mut list = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            list.push(done);
+            list.len() == 1
+        };
+        if wake {
+            let _ = self.notify.write(1);
+        }
     }
 }
 
@@ -88,6 +104,7 @@ impl RemoteEngine {
                 notify,
                 in_flight: AtomicUsize::new(0),
             }),
+            queued: Vec::new(),
         }
     }
 
@@ -109,7 +126,6 @@ impl RemoteEngine {
             OpKind::Read | OpKind::Write => total.div_ceil(chunk).max(1),
             OpKind::Sync | OpKind::Free { .. } => 1,
         };
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let pending = Arc::new(Pending {
             shared: self.shared.clone(),
             tag: op.tag,
@@ -154,9 +170,12 @@ impl RemoteEngine {
                     len,
                 },
             };
+            let landing = (op.kind == OpKind::Read).then(|| pending.iovecs.landing(at, len));
             let (pending, kind, from) = (pending.clone(), op.kind, node.clone());
             let done = Box::new(move |result: Result<Response, PeerError>| {
                 let outcome = match (kind, result) {
+                    // The payload landed in the buffers (only a landed read is answered so).
+                    (OpKind::Read, Ok(Response::Ok)) => Ok(()),
                     (OpKind::Read, Ok(Response::Data(data))) if data.len() == len => {
                         pending.iovecs.copy_in(at, &data);
                         Ok(())
@@ -169,21 +188,35 @@ impl RemoteEngine {
                 };
                 pending.chunk_done(outcome);
             });
-            self.peers.call(&node, request, done);
+            match landing {
+                Some(landing) => {
+                    client::with_landing(landing, || self.peers.call(&node, request, done))
+                }
+                None => self.peers.call(&node, request, done),
+            }
         }
     }
 
     /// Completes an operation that was never sent.
     fn fail(&self, tag: u64, error: OpError) {
-        self.shared
-            .done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Done {
-                tag,
-                result: Err(error),
-            });
-        let _ = self.shared.notify.write(1);
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.finish(Done {
+            tag,
+            result: Err(error),
+        });
+    }
+
+    /// Sends the calls of every queued operation, in one batch per peer connection.
+    fn send_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.queued);
+        crate::peer::client::batch(|| {
+            for op in ops {
+                self.start(op);
+            }
+        });
     }
 }
 
@@ -192,13 +225,18 @@ impl Engine for RemoteEngine {
         usize::MAX
     }
 
+    /// Queues the operation (it counts as in flight from now on); its calls go out with the
+    /// next [`Engine::submit`].
     fn push(&mut self, op: Op) {
-        self.start(op);
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.queued.push(op);
     }
 
-    /// Calls go out as they are pushed: the peer client batches what queues up behind a
-    /// call in flight.
+    /// Sends the calls of the operations pushed since the last submit together: the frames
+    /// for one peer connection leave in one system call, from this thread (see
+    /// `peer::client::batch`).
     fn submit(&mut self) -> io::Result<()> {
+        self.send_queued();
         Ok(())
     }
 
@@ -213,6 +251,7 @@ impl Engine for RemoteEngine {
 
     /// Peer calls end by answer or by their timeout; nothing to block on but time.
     fn wait(&mut self) -> io::Result<()> {
+        self.send_queued();
         if self.shared.in_flight.load(Ordering::Acquire) > 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

@@ -11,9 +11,9 @@
 //! [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]; at once to the longest for authentication
 //! failures), and while backing off calls fail at once.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 pub use super::auth::HANDSHAKE_TIMEOUT;
 use super::auth::{self, ClusterKey};
-use super::frame::{Decoder, Frame, ReadError, MAX_PAYLOAD};
+use super::frame::{Decoder, Frame, Kind, Outgoing, ReadError, MAX_PAYLOAD};
 use super::message::{Expect, Payload, Request, Response};
 use super::outbox::Outbox;
 use super::seal::{Opener, Session};
 use super::{lock, PeerError};
 use crate::image::NodeId;
+use smallvec::SmallVec;
 
 /// How long a call waits for its answer unless told otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +68,122 @@ thread_local! {
     /// Set while a completion runs: `call` then never waits for room, since the thread it
     /// would wait on may be this one.
     static IN_COMPLETION: Cell<bool> = const { Cell::new(false) };
+}
+
+thread_local! {
+    /// Inside [`batch`]: the connections this thread staged frames on, flushed when it ends.
+    static BATCH: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
+}
+
+thread_local! {
+    /// Set by [`with_landing`] for the one read call made inside it.
+    static LANDING: RefCell<Option<Landing>> = const { RefCell::new(None) };
+}
+
+/// Caller buffers that a read's answer is decoded straight into (see [`with_landing`]), so
+/// its payload is copied once, from the connection's read buffer, and never held in a `Vec`.
+pub struct Landing {
+    segments: SmallVec<[(*mut u8, usize); 4]>,
+    len: usize,
+}
+
+// SAFETY: plain addresses of buffers that the creator keeps valid for writing until the call
+// completes (see `Landing::new`); only the connection's reader writes through them.
+unsafe impl Send for Landing {}
+
+impl Landing {
+    /// The first `len` bytes of `segments` (address, length), in order.
+    ///
+    /// # Safety
+    /// Each segment must stay valid for writes, and not be read or written by this process
+    /// otherwise, until the call it is given to completes (the answer is written before the
+    /// completion runs, and never after).
+    pub unsafe fn new(segments: impl IntoIterator<Item = (*mut u8, usize)>, len: usize) -> Self {
+        let mut left = len;
+        let mut kept = SmallVec::new();
+        for (at, n) in segments {
+            if left == 0 {
+                break;
+            }
+            let n = n.min(left);
+            kept.push((at, n));
+            left -= n;
+        }
+        Landing {
+            segments: kept,
+            len: len - left,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `bytes` into the buffers at byte `at`; what would fall past them is dropped.
+    fn put(&self, at: usize, bytes: &[u8]) {
+        let mut skip = at;
+        let mut src = bytes;
+        for &(base, n) in &self.segments {
+            if src.is_empty() {
+                break;
+            }
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let count = (n - skip).min(src.len());
+            // SAFETY: `base..base + n` is writable and ours until the call completes (see
+            // `Landing::new`); `skip + count <= n` and `count <= src.len()`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.add(skip), count) };
+            src = &src[count..];
+            skip = 0;
+        }
+    }
+}
+
+/// Runs `f` (which makes one read call on this thread, e.g. through `peers::Transport`)
+/// with `landing` offered to it: a [`PeerClient`] read call whose length is the landing's
+/// takes it, and then answers `Response::Ok` once the payload is in the buffers and its tag
+/// checked, instead of `Response::Data`. A call that did not take it (another transport, a
+/// call that failed before it was sent) answers as usual. The landing goes with the thread
+/// to the call rather than through the `Transport` interface, which knows nothing of
+/// buffers.
+pub fn with_landing<R>(landing: Landing, f: impl FnOnce() -> R) -> R {
+    LANDING.set(Some(landing));
+    let result = f();
+    LANDING.set(None);
+    result
+}
+
+/// Bytes a batch stages on one connection before it writes them anyway: large writes leave
+/// as they come, small frames share system calls.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Runs `f`, and sends the calls it makes on this thread together: the frames are staged on
+/// their connections and leave in one system call per connection when `f` returns (or
+/// earlier, once [`BATCH_BYTES`] are staged on one), written by this thread unless another
+/// is writing on that connection. A queue sends the calls of one kick so, instead of one
+/// system call each or a hand-off to the writer thread. Batches nest (the outer one sends).
+pub fn batch<R>(f: impl FnOnce() -> R) -> R {
+    if BATCH.with_borrow(Option::is_some) {
+        return f();
+    }
+    BATCH.set(Some(Vec::new()));
+    // Sends the batch even if `f` panics: staged frames must not wait for a later call.
+    struct Flush;
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            for conn in BATCH.take().unwrap_or_default() {
+                conn.flush();
+            }
+        }
+    }
+    let _flush = Flush;
+    f()
 }
 
 fn complete(done: Done, result: Result<Response, PeerError>) {
@@ -228,11 +345,18 @@ impl PeerClient {
         if !IN_COMPLETION.get() && !conn.outbox.wait_room(MAX_QUEUED_BYTES, deadline) {
             return complete(done, Err(PeerError::Timeout(timeout)));
         }
+        let landing = match expects {
+            Expect::Data(len) => LANDING
+                .take()
+                .filter(|landing| landing.len() == len && len > 0),
+            _ => None,
+        };
         let pending = Pending {
             expects,
             deadline,
             timeout,
             done,
+            landing,
         };
         conn.submit(payload, pending);
     }
@@ -283,6 +407,8 @@ struct Pending {
     deadline: Instant,
     timeout: Duration,
     done: Done,
+    /// Where a read's payload goes, answered `Ok` (see [`with_landing`]).
+    landing: Option<Landing>,
 }
 
 /// One connection and the calls waiting on it.
@@ -331,7 +457,7 @@ impl Conn {
         lock(&self.state).dead.is_some()
     }
 
-    fn submit(&self, payload: Payload, pending: Pending) {
+    fn submit(self: &Arc<Self>, payload: Payload, pending: Pending) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = match payload.into_frame(id) {
             Ok(frame) => frame,
@@ -347,16 +473,95 @@ impl Conn {
             state.pending.insert(id, pending);
             state.pending.len() == 1
         };
-        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call. A call
-        // alone on its connection goes out from this thread, for latency; with others in
-        // flight the writer thread sends it with theirs, in one system call. In a completion
-        // the writer thread always sends it: this thread may be the connection's reader.
-        if IN_COMPLETION.get() || !alone {
+        // If the outbox closed meanwhile, `kill` has failed (or will fail) the call. Inside a
+        // `batch` the frame is staged and leaves with the batch. Otherwise a call alone on
+        // its connection goes out from this thread, for latency; with others in flight the
+        // writer thread sends it with theirs, in one system call. In a completion the writer
+        // thread always sends it: this thread may be the connection's reader.
+        if IN_COMPLETION.get() {
+            self.outbox.push(frame, 0);
+            return;
+        }
+        let frame = match self.stage_in_batch(frame) {
+            Ok(()) => return,
+            Err(frame) => frame,
+        };
+        if !alone {
             self.outbox.push(frame, 0);
         } else if let Err(e) = self.outbox.send(frame, 0) {
-            let error = format!("sending to {} failed: {e}", self.ctx.addr);
-            self.kill(PeerError::Unavailable(error), true);
+            self.failed_to_send(&e);
         }
+    }
+
+    /// Stages `frame` when this thread is inside [`batch`] (false, and `frame` untouched,
+    /// when it is not); writes what is staged once it reaches [`BATCH_BYTES`].
+    fn stage_in_batch(self: &Arc<Self>, frame: Outgoing) -> Result<(), Outgoing> {
+        BATCH.with_borrow_mut(|batch| {
+            let Some(conns) = batch else {
+                return Err(frame);
+            };
+            self.outbox.stage(frame, 0);
+            if !conns.iter().any(|c| Arc::ptr_eq(c, self)) {
+                conns.push(self.clone());
+            }
+            Ok(())
+        })?;
+        if self.outbox.queued_bytes() >= BATCH_BYTES {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Writes what is staged, from this thread unless another is writing.
+    /// Writes what is staged, from this thread unless another is writing, or unless the
+    /// socket has no room for it: then the writer thread sends it, and a peer that stopped
+    /// reading holds up that thread rather than the caller (a queue serving a guest).
+    fn flush(&self) {
+        if !self.has_room(self.outbox.queued_bytes()) {
+            return self.outbox.wake_writer();
+        }
+        if let Err(e) = self.outbox.flush() {
+            self.failed_to_send(&e);
+        }
+    }
+
+    /// Whether the socket's send buffer has room for `bytes` more, as far as the kernel
+    /// says (SIOCOUTQ against SO_SNDBUF); true when it cannot tell.
+    fn has_room(&self, bytes: usize) -> bool {
+        let stream = lock(&self.stream);
+        let Some(stream) = stream.as_ref() else {
+            return true;
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (for a socket: SIOCOUTQ, the same number; unsent and unacknowledged
+        // bytes) writes one int into `queued`, which lives across the call.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+            return true;
+        }
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `len` bytes into `size`, which lives across
+        // the call.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw mut size).cast(),
+                &raw mut len,
+            )
+        };
+        if got != 0 {
+            return true;
+        }
+        let free = usize::try_from(size.saturating_sub(queued)).unwrap_or(0);
+        bytes <= free
+    }
+
+    fn failed_to_send(&self, e: &io::Error) {
+        let error = format!("sending to {} failed: {e}", self.ctx.addr);
+        self.kill(PeerError::Unavailable(error), true);
     }
 
     /// Fails the connection: every pending call gets `error`, once; so do later calls. With
@@ -476,6 +681,11 @@ impl Conn {
         let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
         let mut next_scan = Instant::now() + TICK;
         let error = loop {
+            match self.land(&mut decoder, &mut reader) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break e,
+            }
             match decoder.read_from(&mut reader) {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.answer(frame) {
@@ -499,6 +709,72 @@ impl Conn {
             }
         };
         self.kill(error, true);
+    }
+
+    /// When the next frame (whole header buffered) answers a call with a landing, decodes
+    /// its payload into the landing and completes the call: `Ok(true)`. The call is out of
+    /// the pending map meanwhile, so neither `kill` nor `expire` completes it; it fails here
+    /// if the frame does (the connection is then done for: `Err`), or if its deadline passes
+    /// mid-frame. `Ok(false)`: nothing to land, read the frame as usual.
+    fn land(
+        &self,
+        decoder: &mut Decoder,
+        reader: &mut BufReader<&TcpStream>,
+    ) -> Result<bool, PeerError> {
+        if !decoder.is_idle() {
+            return Ok(false);
+        }
+        if reader.buffer().is_empty() {
+            match reader.fill_buf() {
+                Ok(_) => {}
+                // Let the usual path see (and report) it.
+                Err(_) => return Ok(false),
+            }
+        }
+        let Some(peeked) = decoder.peek(reader.buffer()) else {
+            return Ok(false);
+        };
+        if peeked.kind != Kind::Data {
+            return Ok(false);
+        }
+        let call = {
+            let mut state = lock(&self.state);
+            let lands = state.pending.get(&peeked.id).is_some_and(|call| {
+                call.landing
+                    .as_ref()
+                    .is_some_and(|landing| landing.len() == peeked.len)
+            });
+            match lands {
+                true => state.pending.remove(&peeked.id),
+                false => None,
+            }
+        };
+        let Some(mut call) = call else {
+            return Ok(false);
+        };
+        let Some(landing) = call.landing.take() else {
+            return Ok(false);
+        };
+        let deadline = call.deadline;
+        let landed = decoder.land(reader, &mut |at, bytes| landing.put(at, bytes), &mut || {
+            !self.is_dead() && Instant::now() < deadline
+        });
+        drop(landing);
+        match landed {
+            Ok(()) => {
+                complete(call.done, Ok(Response::Ok));
+                Ok(true)
+            }
+            Err(e) => {
+                let error = match e {
+                    ReadError::Io(e) if is_timeout(&e) => PeerError::Timeout(call.timeout),
+                    ReadError::Io(e) => PeerError::Unavailable(format!("connection lost: {e}")),
+                    ReadError::Frame(e) => PeerError::Protocol(format!("bad frame: {e}")),
+                };
+                complete(call.done, Err(error.clone()));
+                Err(error)
+            }
+        }
     }
 
     /// Completes the call `frame` answers. An `Err` is a protocol violation that ends the

@@ -13,7 +13,7 @@
 //! The decoder is incremental and resumable: it takes bytes as they come (a slice, or a
 //! `Read` that may time out half-way through a frame) and never panics on any input.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use super::seal::{Opener, Sealer, TAG_LEN};
 
@@ -232,6 +232,110 @@ impl Decoder {
         self.header_filled == 0 && self.body.is_none()
     }
 
+    /// Whether `buffered` (bytes read from the stream but not yet given to the decoder)
+    /// complete the next frame, so that decoding it will not wait for the stream. A reader
+    /// that answers what it decodes sends its staged answers when this is false.
+    pub fn holds_frame(&self, buffered: &[u8]) -> bool {
+        let trailer = self.trailer();
+        match &self.body {
+            Some(body) => buffered.len() >= body.want - body.payload.len(),
+            None => {
+                let need = HEADER_LEN - self.header_filled;
+                if buffered.len() < need {
+                    return false;
+                }
+                let mut header = self.header;
+                header[self.header_filled..].copy_from_slice(&buffered[..need]);
+                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                // A bad header fails at once: no wait either.
+                buffered.len() - need >= (len as usize).saturating_add(trailer)
+                    || len as usize > self.max_payload
+            }
+        }
+    }
+
+    /// The next frame's header, when the decoder is between frames, `buffered` (bytes read
+    /// but not yet given to the decoder) starts with a whole header that passes its checks,
+    /// and the payload can be checked piece by piece (the frames are tagged, not encrypted):
+    /// then [`Decoder::land`] may decode it into a caller's buffers.
+    pub fn peek(&self, buffered: &[u8]) -> Option<Peeked> {
+        if !self.is_idle() || self.opener.as_ref().is_some_and(Opener::decrypts) {
+            return None;
+        }
+        let header: [u8; HEADER_LEN] = buffered.get(..HEADER_LEN)?.try_into().ok()?;
+        let header = parse_header(&header, self.max_payload).ok()?;
+        Some(Peeked {
+            kind: header.kind,
+            id: header.id,
+            len: header.len,
+        })
+    }
+
+    /// Decodes the frame [`Decoder::peek`] just saw at the start of `reader`'s buffer,
+    /// handing its payload to `put` (byte offset, bytes) piece by piece as it comes out of
+    /// the read buffer instead of collecting it: a caller's buffers get each byte once. The
+    /// CRC and the tag are computed over the bytes as received, so nothing the owner of those
+    /// buffers does to them meanwhile changes the outcome. `Ok` only when both check; after
+    /// an `Err` the buffers hold whatever arrived. When a read times out, `wait` says whether
+    /// to keep waiting; if not, this fails with `TimedOut` and the stream is left mid-frame
+    /// (drop the connection).
+    pub fn land<R: BufRead>(
+        &mut self,
+        reader: &mut R,
+        put: &mut dyn FnMut(usize, &[u8]),
+        wait: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ReadError> {
+        let buffered = fill(reader, wait)?;
+        let Some(bytes) = buffered.get(..HEADER_LEN) else {
+            return Err(io::Error::other("no whole header buffered to land").into());
+        };
+        self.header.copy_from_slice(bytes);
+        let header = parse_header(&self.header, self.max_payload)?;
+        reader.consume(HEADER_LEN);
+        let mut check = match self.opener.as_mut().map(Opener::begin_check) {
+            Some(None) => return Err(io::Error::other("an encrypted payload cannot land").into()),
+            other => other.flatten(),
+        };
+        // With a tag the CRC adds nothing (see `check`); a landed payload is not kept, so a
+        // tag that fails is reported as such, without the CRC's diagnosis.
+        let mut crc = check.is_none().then(|| crc32c::crc32c(&self.header[..16]));
+        let mut at = 0;
+        while at < header.len {
+            let piece = fill(reader, wait)?;
+            let n = piece.len().min(header.len - at);
+            let piece = &piece[..n];
+            if let Some(crc) = crc.as_mut() {
+                *crc = crc32c::crc32c_append(*crc, piece);
+            }
+            if let Some(check) = check.as_mut() {
+                check.update(piece);
+            }
+            put(at, piece);
+            reader.consume(n);
+            at += n;
+        }
+        let mut tag = [0u8; TAG_LEN];
+        let mut filled = 0;
+        while check.is_some() && filled < TAG_LEN {
+            let piece = fill(reader, wait)?;
+            let n = piece.len().min(TAG_LEN - filled);
+            tag[filled..filled + n].copy_from_slice(&piece[..n]);
+            reader.consume(n);
+            filled += n;
+        }
+        if let Some(actual) = crc.filter(|&crc| crc != header.crc) {
+            return Err(FrameError::BadCrc {
+                expected: header.crc,
+                actual,
+            }
+            .into());
+        }
+        match check.map(|check| check.finish(&self.header, &tag)) {
+            Some(false) => Err(FrameError::BadTag.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks a header once it is complete, and hands out a frame once its payload is.
     fn step(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.body.is_none() {
@@ -262,18 +366,13 @@ impl Decoder {
     fn check(&mut self, body: Body) -> Result<Frame, FrameError> {
         let mut payload = body.payload;
         if let Some(opener) = self.opener.as_mut().filter(|o| o.decrypts()) {
-            // Encrypted: decrypt (which authenticates), then the CRC of the plaintext.
+            // Encrypted: decrypt, which authenticates.
             let (content, tag) = payload.split_at_mut(body.header.len);
             if !opener.decrypt(&self.header, content, tag) {
                 return Err(FrameError::BadTag);
             }
-            let actual = crc32c::crc32c_append(crc32c::crc32c(&self.header[..16]), content);
-            if actual != body.header.crc {
-                return Err(FrameError::BadCrc {
-                    expected: body.header.crc,
-                    actual,
-                });
-            }
+            // The plaintext is what the sender sealed: its CRC, computed by the sender over
+            // the same bytes and authenticated with the header, needs no second look.
             payload.truncate(body.header.len);
             return Ok(Frame {
                 kind: body.header.kind,
@@ -282,17 +381,23 @@ impl Decoder {
             });
         }
         let (content, tag) = payload.split_at(body.header.len);
-        let actual = crc32c::crc32c_append(crc32c::crc32c(&self.header[..16]), content);
-        if actual != body.header.crc {
-            return Err(FrameError::BadCrc {
-                expected: body.header.crc,
-                actual,
-            });
-        }
-        if let Some(opener) = &mut self.opener {
-            if !opener.check(&[&self.header, content], tag) {
-                return Err(FrameError::BadTag);
+        // A tag that checks covers every byte the CRC does: the CRC is only computed without
+        // a tag, or to tell a corrupted frame from a forged one once the tag failed.
+        let tagged = match &mut self.opener {
+            Some(opener) => Some(opener.check(&[&self.header, content], tag)),
+            None => None,
+        };
+        if tagged != Some(true) {
+            let actual = crc32c::crc32c_append(crc32c::crc32c(&self.header[..16]), content);
+            if actual != body.header.crc {
+                return Err(FrameError::BadCrc {
+                    expected: body.header.crc,
+                    actual,
+                });
             }
+        }
+        if tagged == Some(false) {
+            return Err(FrameError::BadTag);
         }
         payload.truncate(body.header.len);
         Ok(Frame {
@@ -362,6 +467,44 @@ impl Decoder {
     }
 }
 
+/// A header [`Decoder::peek`] saw in buffered bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peeked {
+    pub kind: Kind,
+    pub id: u64,
+    /// Payload bytes.
+    pub len: usize,
+}
+
+/// Buffered bytes of `reader`, at least one: reads when its buffer is empty, and on a read
+/// timeout asks `wait` whether to try again. The end of the stream is `UnexpectedEof` (the
+/// caller is inside a frame).
+fn fill<'r, R: BufRead>(
+    reader: &'r mut R,
+    wait: &mut dyn FnMut() -> bool,
+) -> Result<&'r [u8], ReadError> {
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !wait() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Buffered now: no system call.
+    Ok(reader.fill_buf()?)
+}
+
 /// A frame ready to be written: the header, then the payload in two parts so that bulk data
 /// (a write's bytes, a read's answer) is never copied into a bigger buffer.
 #[derive(Debug)]
@@ -405,6 +548,23 @@ impl Outgoing {
         writer.write_all(&self.header)?;
         writer.write_all(&self.head)?;
         writer.write_all(&self.body)
+    }
+
+    /// The frame's parts in wire order (header, then the payload's non-empty parts), for a
+    /// vectored write.
+    pub fn slices<'a>(&'a self, out: &mut Vec<io::IoSlice<'a>>) {
+        out.push(io::IoSlice::new(&self.header));
+        for part in [&self.head, &self.body] {
+            if !part.is_empty() {
+                out.push(io::IoSlice::new(part));
+            }
+        }
+    }
+
+    /// The tag of this frame under `sealer`'s next sequence number (a tagging sealer: see
+    /// [`Sealer::tag`]).
+    pub fn tag(&self, sealer: &mut Sealer) -> [u8; TAG_LEN] {
+        sealer.tag(&[&self.header, &self.head, &self.body])
     }
 
     /// Writes the frame followed by its tag, which takes the next sequence number of
@@ -487,6 +647,26 @@ mod tests {
         }
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(0xff), None);
+    }
+
+    #[test]
+    fn holds_frame_says_whether_decoding_would_wait() {
+        let (mut a, b) = Session::pair(&[1; 32], &[2; 32]);
+        let bytes = encode_sealed(Kind::Data, 5, &[3; 100], &mut a.sealer).unwrap();
+        let decoder = Decoder::sealed(MAX_PAYLOAD, b.opener.clone());
+        assert!(decoder.holds_frame(&bytes));
+        assert!(!decoder.holds_frame(&bytes[..bytes.len() - 1]), "tag cut");
+        assert!(!decoder.holds_frame(&bytes[..10]), "header cut");
+        assert!(!decoder.holds_frame(&[]));
+        // Part of the frame already taken by the decoder.
+        let mut decoder = Decoder::sealed(MAX_PAYLOAD, b.opener);
+        assert_eq!(decoder.push(&bytes[..30]).unwrap(), (30, None));
+        assert!(decoder.holds_frame(&bytes[30..]));
+        assert!(!decoder.holds_frame(&bytes[30..bytes.len() - 1]));
+        // A header over the limit fails at once: nothing to wait for.
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Decoder::new(MAX_PAYLOAD).holds_frame(&header));
     }
 
     #[test]

@@ -1,21 +1,19 @@
 //! Frames waiting to be written to one connection. A thread that queues a frame while no
 //! one is writing becomes the writer: it writes everything queued, including what others
-//! queue meanwhile, and flushes once per batch, so pipelined frames share system calls and a
-//! lone frame goes out without a hand-off to another thread. Threads that must not block on
+//! queue meanwhile, in one `writev` per batch, so pipelined frames share system calls and a
+//! lone frame goes out without a hand-off to another thread. A thread with several frames to
+//! send stages them and flushes once. Threads that must not block on
 //! the socket only queue, and a writer thread (`run`) picks their frames up.
 
 use std::collections::VecDeque;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, IoSlice, Write};
 use std::mem;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use super::frame::Outgoing;
 use super::lock;
-use super::seal::Sealer;
-
-/// Write buffer per connection: many small frames per system call; bulk data goes past it.
-const WRITE_BUFFER: usize = 64 << 10;
+use super::seal::{Sealer, TAG_LEN};
 
 /// Told, after each batch went out, how many frames it held and the sum of their charges.
 type Written = Box<dyn Fn(usize, usize) + Send + Sync>;
@@ -28,7 +26,7 @@ pub(crate) struct Outbox<W: Write = std::net::TcpStream> {
     drained: Condvar,
     /// The stream, once attached, and the sealer that tags each frame after the handshake
     /// in the order written. Only the thread that set `State::writing` touches them.
-    out: Mutex<Option<(BufWriter<W>, Option<Sealer>)>>,
+    out: Mutex<Option<(W, Option<Sealer>)>>,
     written: Written,
 }
 
@@ -57,7 +55,7 @@ impl<W: Write> Outbox<W> {
     /// Gives the outbox its stream; frames queued before are written by the writer thread.
     /// With a sealer every frame is followed by its tag.
     pub(crate) fn attach(&self, stream: W, sealer: Option<Sealer>) {
-        *lock(&self.out) = Some((BufWriter::with_capacity(WRITE_BUFFER, stream), sealer));
+        *lock(&self.out) = Some((stream, sealer));
         lock(&self.state).attached = true;
         self.queued.notify_all();
     }
@@ -93,6 +91,52 @@ impl<W: Write> Outbox<W> {
             state.writing = true;
         }
         self.drain().map(|()| true)
+    }
+
+    /// Queues a frame to go out with the next [`Outbox::flush`] (or whatever write comes
+    /// first), waking no one: frames staged together leave in one system call. False when
+    /// the outbox is closed (the frame is dropped).
+    pub(crate) fn stage(&self, frame: Outgoing, charge: usize) -> bool {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return false;
+        }
+        state.bytes += frame.len();
+        state.queue.push_back((frame, charge));
+        true
+    }
+
+    /// Writes what is queued on this thread, unless another thread is writing (it takes the
+    /// queue before it stops) or the stream is not attached yet (the writer thread is woken
+    /// for it). `Ok(false)` when the outbox is closed; an error is the stream's, and the
+    /// connection is done for.
+    pub(crate) fn flush(&self) -> io::Result<bool> {
+        {
+            let mut state = lock(&self.state);
+            if state.closed {
+                return Ok(false);
+            }
+            if state.queue.is_empty() || state.writing {
+                return Ok(true);
+            }
+            if !state.attached {
+                self.queued.notify_one();
+                return Ok(true);
+            }
+            state.writing = true;
+        }
+        self.drain().map(|()| true)
+    }
+
+    /// Lets the writer thread send what is queued (staged frames wake no one by themselves).
+    pub(crate) fn wake_writer(&self) {
+        let _state = lock(&self.state);
+        self.queued.notify_one();
+    }
+
+    /// Bytes queued or being written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        lock(&self.state).bytes
     }
 
     /// Waits while `limit` bytes or more are queued. False if `deadline` passed first.
@@ -171,17 +215,55 @@ impl<W: Write> Outbox<W> {
         }
     }
 
+    /// Writes a batch with as few system calls as the kernel allows (one `writev` of every
+    /// frame's parts, up to `IOV_MAX` pieces each), then tags them in order as they go.
     fn write_batch(&self, batch: &VecDeque<(Outgoing, usize)>) -> io::Result<()> {
         let mut out = lock(&self.out);
         let (out, sealer) = out.as_mut().ok_or(io::ErrorKind::NotConnected)?;
-        for (frame, _) in batch {
-            match sealer {
-                Some(sealer) => frame.write_sealed(out, sealer)?,
-                None => frame.write_to(out)?,
+        // Each frame's tail, computed in wire order: its tag, or with an encrypting sealer
+        // the whole sealed frame (the payload is encrypted into a copy).
+        let tails: Vec<Tail> = batch
+            .iter()
+            .map(|(frame, _)| match sealer {
+                Some(s) if s.encrypts() => Tail::Sealed(frame.to_sealed_bytes(s)),
+                Some(s) => Tail::Tag(frame.tag(s)),
+                None => Tail::None,
+            })
+            .collect();
+        let mut slices = Vec::with_capacity(batch.len() * 4);
+        for ((frame, _), tail) in batch.iter().zip(&tails) {
+            match tail {
+                Tail::Sealed(bytes) => slices.push(IoSlice::new(bytes)),
+                Tail::Tag(tag) => {
+                    frame.slices(&mut slices);
+                    slices.push(IoSlice::new(tag));
+                }
+                Tail::None => frame.slices(&mut slices),
             }
         }
-        out.flush()
+        write_all_vectored(out, &mut slices)
     }
+}
+
+/// What follows a frame's parts on the wire.
+enum Tail {
+    None,
+    Tag([u8; TAG_LEN]),
+    Sealed(Vec<u8>),
+}
+
+/// `write_all` for a list of slices: `writev` until all of it is out.
+fn write_all_vectored<W: Write>(out: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match out.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,6 +337,60 @@ mod tests {
         assert_eq!(lock(&sink.0).len(), 48);
         outbox.close();
         writer.join().unwrap().unwrap();
+    }
+
+    /// A sink that counts the system calls a batch takes.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<(usize, Vec<u8>)>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[io::IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut calls = lock(&self.0);
+            calls.0 += 1;
+            // Like a socket that takes at most 1000 bytes per call.
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(1000 - n);
+                calls.1.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == 1000 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn staged_frames_leave_together_on_flush_and_whole() {
+        let outbox: Outbox<Calls> = Outbox::new(|_, _| {});
+        let sink = Calls::default();
+        outbox.attach(sink.clone(), None);
+        for id in 0..10 {
+            assert!(outbox.stage(ok(id), 0));
+        }
+        assert_eq!(lock(&sink.0).0, 0, "staging writes nothing");
+        assert_eq!(outbox.queued_bytes(), 10 * 24);
+        assert!(outbox.flush().unwrap());
+        assert_eq!(lock(&sink.0).0, 1, "ten frames, one system call");
+        assert_eq!(outbox.queued_bytes(), 0);
+        // A batch larger than one call takes: written whole, in order, over several.
+        let big = Outgoing::new(Kind::Data, 77, vec![1; 10], vec![2; 2500]).unwrap();
+        let expected = [big.to_bytes(), ok(78).to_bytes()].concat();
+        outbox.stage(big, 0);
+        outbox.stage(ok(78), 0);
+        outbox.flush().unwrap();
+        let calls = lock(&sink.0);
+        assert_eq!(&calls.1[240..], &expected[..]);
+        assert_eq!(calls.0, 1 + 3);
     }
 
     #[test]

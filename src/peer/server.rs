@@ -3,7 +3,10 @@
 //!
 //! Threads per connection: one that does the handshake and then reads frames,
 //! [`WORKERS_PER_CONNECTION`] that call the handler, and one that writes answers in batches
-//! (an answer to the only request in flight goes out from its worker, saving a hand-off). The reader
+//! (an answer to the only request in flight goes out from its worker, saving a hand-off).
+//! Requests the handler finds cheap (a RAM-tier copy: [`PeerHandler::handle_inline`]) are
+//! answered by the reader itself, and the answers to what one read brought in leave together
+//! in one system call, so such a request crosses no thread on this side. The reader
 //! stops reading while [`MAX_IN_FLIGHT`] requests or [`MAX_IN_FLIGHT_BYTES`] are in flight on
 //! its connection (read but not yet answered on the wire), so a fast peer is slowed down by
 //! TCP rather than by our memory.
@@ -70,6 +73,16 @@ pub trait PeerHandler: Send + Sync {
     /// Answers one request from the authenticated node `from`. A panic is answered with
     /// `code::INTERNAL`.
     fn handle(&self, from: &NodeId, request: Request) -> Response;
+
+    /// Answers `request` at once on the thread that read it, when that is cheap (a memory
+    /// copy: no disk, no lock that waits on I/O, no look-up elsewhere), saving the hand-off
+    /// to a worker and back; otherwise hands it back for [`PeerHandler::handle`] on a worker.
+    /// Requests after it on the connection wait meanwhile. A panic is answered with
+    /// `code::INTERNAL`. The default answers nothing inline.
+    fn handle_inline(&self, from: &NodeId, request: Request) -> Result<Response, Request> {
+        let _ = from;
+        Err(request)
+    }
 }
 
 /// A running server; [`PeerServer::stop`] (or dropping it) ends it.
@@ -340,6 +353,11 @@ impl Gauge {
         lock(&self.flight).count
     }
 
+    fn is_full(&self) -> bool {
+        let flight = lock(&self.flight);
+        flight.count >= MAX_IN_FLIGHT || flight.bytes >= MAX_IN_FLIGHT_BYTES
+    }
+
     /// Blocks while the connection is full. False once `closed` says so.
     fn wait_for_room(&self, closed: impl Fn() -> bool) -> bool {
         let mut flight = lock(&self.flight);
@@ -415,7 +433,13 @@ fn serve(
             .spawn(move || write_answers(&conn))?
     };
     threads.push(writer);
-    let result = read_requests(&conn, stream, &jobs, session.opener);
+    let result = read_requests(
+        &conn,
+        stream,
+        &jobs,
+        session.opener,
+        shared.handler.as_ref(),
+    );
     conn.outbox.close();
     let _ = stream.shutdown(Shutdown::Both);
     drop(jobs);
@@ -439,10 +463,20 @@ fn read_requests(
     stream: &TcpStream,
     jobs: &Sender<Job>,
     opener: Opener,
+    handler: &dyn PeerHandler,
 ) -> Result<(), ReadError> {
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
     let mut decoder = Decoder::sealed(MAX_PAYLOAD, opener);
-    while conn.gauge.wait_for_room(|| conn.outbox.is_closed()) {
+    loop {
+        // Answers given inline are staged; they leave together, in one system call, once no
+        // further request can be had without waiting (or the connection is full: they are
+        // what frees it).
+        if !decoder.holds_frame(reader.buffer()) || conn.gauge.is_full() {
+            conn.flush_staged();
+        }
+        if !conn.gauge.wait_for_room(|| conn.outbox.is_closed()) {
+            return Ok(());
+        }
         let Some(frame) = decoder.read_from(&mut reader)? else {
             return Ok(());
         };
@@ -453,27 +487,18 @@ fn read_requests(
                 what,
             )));
         }
-        dispatch(conn, frame, jobs);
+        dispatch(conn, frame, jobs, handler);
     }
-    Ok(())
 }
 
-/// Hands a request to the workers, or answers at once when its payload does not decode (the
-/// frame itself was sound, so the connection stays up).
-fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>) {
+/// Answers a request inline when the handler finds that cheap, else hands it to the
+/// workers; answers at once when its payload does not decode (the frame itself was sound,
+/// so the connection stays up).
+fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>, handler: &dyn PeerHandler) {
     let charge = frame.payload.len();
     conn.gauge.charge(1, charge);
-    match Request::decode(frame.kind, frame.payload) {
-        Ok(request) => {
-            let job = Job {
-                id: frame.id,
-                request,
-                charge,
-            };
-            if jobs.send(job).is_err() {
-                conn.gauge.release(1, charge);
-            }
-        }
+    let request = match Request::decode(frame.kind, frame.payload) {
+        Ok(request) => request,
         Err(e) => {
             if let Some(n) = conn.logs.allow() {
                 log::warn!(
@@ -482,12 +507,29 @@ fn dispatch(conn: &Connection, frame: Frame, jobs: &Sender<Job>) {
                     frame.kind
                 );
             }
-            conn.answer(
-                frame.id,
-                Response::error(code::BAD_REQUEST, e.to_string()),
-                charge,
-            );
+            let answer = Response::error(code::BAD_REQUEST, e.to_string());
+            return conn.answer(frame.id, answer, charge, Delivery::Stage);
         }
+    };
+    let inline = catch_unwind(AssertUnwindSafe(|| {
+        handler.handle_inline(&conn.peer, request)
+    }));
+    let request = match inline {
+        Ok(Ok(answer)) => return conn.answer(frame.id, answer, charge, Delivery::Stage),
+        Ok(Err(request)) => request,
+        Err(_) => {
+            log::error!("peer {}: the request handler panicked", conn.peer);
+            let answer = Response::error(code::INTERNAL, "the request handler panicked");
+            return conn.answer(frame.id, answer, charge, Delivery::Stage);
+        }
+    };
+    let job = Job {
+        id: frame.id,
+        request,
+        charge,
+    };
+    if jobs.send(job).is_err() {
+        conn.gauge.release(1, charge);
     }
 }
 
@@ -504,7 +546,7 @@ fn work(conn: &Connection, queue: &Mutex<Receiver<Job>>, handler: &dyn PeerHandl
             log::error!("peer {}: the request handler panicked", conn.peer);
             Response::error(code::INTERNAL, "the request handler panicked")
         });
-        conn.answer(job.id, answer, job.charge);
+        conn.answer(job.id, answer, job.charge, Delivery::Now);
     }
 }
 
@@ -521,9 +563,19 @@ fn encode_answer(id: u64, response: Response) -> Result<Outgoing, EncodeError> {
     Ok(response.encode()?.into_frame(id)?)
 }
 
+/// How an answer leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// From this thread if it is the only request in flight (for latency), else with the
+    /// others, by the writer thread, in one system call.
+    Now,
+    /// Staged, to leave with the next [`Connection::flush_staged`] (the reader's answers).
+    Stage,
+}
+
 impl Connection {
     /// Sends the answer to request `id`; `charge` is what the request holds of the budget.
-    fn answer(&self, id: u64, response: Response, charge: usize) {
+    fn answer(&self, id: u64, response: Response, charge: usize, how: Delivery) {
         let frame = encode_answer(id, response).or_else(|e| {
             if let Some(n) = self.logs.allow() {
                 log::error!(
@@ -539,12 +591,23 @@ impl Connection {
         };
         let charge = charge + frame.len();
         self.gauge.charge(0, frame.len());
-        // Alone on the connection, the answer goes out from this thread, for latency; with
-        // others in flight, the writer thread sends it with theirs in one system call.
-        let sent = match self.gauge.in_flight() {
-            1 => self.outbox.send(frame, charge),
-            _ => Ok(self.outbox.push(frame, charge)),
+        let sent = match (how, self.gauge.in_flight()) {
+            (Delivery::Stage, _) => Ok(self.outbox.stage(frame, charge)),
+            (Delivery::Now, 1) => self.outbox.send(frame, charge),
+            (Delivery::Now, _) => Ok(self.outbox.push(frame, charge)),
         };
+        self.sent(sent, charge);
+    }
+
+    /// Writes the staged answers from this thread (unless another is writing: it takes them).
+    fn flush_staged(&self) {
+        match self.outbox.flush() {
+            Ok(_) => {}
+            Err(e) => self.sent(Err(e), 0),
+        }
+    }
+
+    fn sent(&self, sent: io::Result<bool>, charge: usize) {
         match sent {
             Ok(true) => {}
             Ok(false) => self.gauge.release(1, charge),

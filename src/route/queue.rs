@@ -950,13 +950,15 @@ impl Queue {
         }
     }
 
-    /// Hands queued io_uring operations to the kernel, in one system call.
+    /// Hands queued io_uring operations to the kernel, in one system call, and sends queued
+    /// peer calls, in one system call per peer connection.
     pub fn submit_queued(&mut self) {
         if let Some(uring) = self.uring.as_mut() {
             if let Err(e) = uring.submit() {
                 log::error!("image {}: io_uring submit: {e}", self.disk.name());
             }
         }
+        let _ = self.remote.submit();
     }
 
     /// Collects finished operations from every engine.

@@ -18,10 +18,15 @@ const ACK_WAIT_LIMIT: Duration = Duration::from_secs(60);
 impl Queue {
     /// Applies finished operations, and appends to `out` every request that is now settled.
     pub fn complete(&mut self, out: &mut Vec<Completion>) {
+        // Peer calls still queued leave first: an answer that comes at once (an in-process
+        // transport) is then reaped here.
+        self.submit_queued();
         let mut done = self.reap();
         for d in done.drain(..) {
             self.part_done(d.tag, d.result);
         }
+        // A failed remote read may have gone to the next copy: its calls leave now.
+        self.submit_queued();
         self.done = done;
         out.append(&mut self.finished);
     }
