@@ -518,6 +518,7 @@ pub(crate) mod tests {
             tier: Tier::Ram,
             read_only: false,
             at: vec![],
+            stripe: None,
             qos: Default::default(),
         };
         daemon(&service).apply(create, &mut |_, _| {}).unwrap();
