@@ -48,7 +48,7 @@ fn count(stats: &serde_json::Value, key: &str) -> u64 {
 
 /// Block files in the node's RAM-tier cache, over all images.
 fn cache_files(node: &Daemon) -> usize {
-    let Ok(images) = std::fs::read_dir(node.ram_dir.join("cache")) else {
+    let Ok(images) = std::fs::read_dir(node.ram_dir.join(".cache")) else {
         return 0;
     };
     images

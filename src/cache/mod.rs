@@ -4,7 +4,7 @@
 //!
 //! A cache copy is not a replica. It never appears in the image's locations, never counts
 //! toward the acknowledgement rule and is never the source of a resync; it lives in
-//! node-private files under `<tier dir>/cache/<image>@<id>/`, wiped when the daemon starts.
+//! node-private files under `<tier dir>/.cache/<image>@<id>/`, wiped when the daemon starts.
 //! It stays right because every write goes through the image's owner, which is the node that
 //! caches:
 //!
@@ -109,6 +109,11 @@ impl Default for Budgets {
     }
 }
 
+/// The cache's directory under each tier's dir. It starts with a dot because image names
+/// cannot: a legacy image's block directory is its bare name, so `cache` could be an image
+/// named `cache`, whose blocks the wipe at start would delete.
+pub const CACHE_DIR: &str = ".cache";
+
 /// This node's caches: one shelf per tier, shared by every image.
 pub struct Caches {
     ram: Shelf,
@@ -116,11 +121,11 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Empties `<tier dir>/cache` on both tiers and starts with nothing cached.
+    /// Empties `<tier dir>/.cache` on both tiers and starts with nothing cached.
     pub fn new(dirs: &TierDirs, budgets: Budgets) -> io::Result<Arc<Caches>> {
         Ok(Arc::new(Caches {
-            ram: Shelf::new(dirs.ram.join("cache"), budgets.ram)?,
-            volume: Shelf::new(dirs.volume.join("cache"), budgets.volume)?,
+            ram: Shelf::new(dirs.ram.join(CACHE_DIR), budgets.ram)?,
+            volume: Shelf::new(dirs.volume.join(CACHE_DIR), budgets.volume)?,
         }))
     }
 
@@ -559,6 +564,28 @@ mod tests {
         let hit = first.lookup(0, 0, 0, 4096).unwrap();
         hit.file.read_exact_at(&mut back, 0).unwrap();
         assert!(back.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn the_wipe_at_start_spares_a_legacy_image_named_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: dir.path().join("ram"),
+            volume: dir.path().join("vol"),
+        };
+        // A legacy image's block directory is its bare name.
+        for root in [&dirs.ram, &dirs.volume] {
+            std::fs::create_dir_all(root.join("cache")).unwrap();
+            std::fs::write(root.join("cache/00000000"), b"guest data").unwrap();
+        }
+        let _caches = Caches::new(&dirs, Budgets::default()).unwrap();
+        for root in [&dirs.ram, &dirs.volume] {
+            assert_eq!(
+                std::fs::read(root.join("cache/00000000")).unwrap(),
+                b"guest data"
+            );
+            assert!(root.join(CACHE_DIR).is_dir());
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! One tier's cache on this node: every image's cached blocks on that tier, one sparse file
-//! per block under `<tier dir>/cache/<image>@<id>/`, kept within the node's budget for the
+//! per block under `<tier dir>/.cache/<image>@<id>/`, kept within the node's budget for the
 //! tier (and each image's own cap) by evicting the least recently used blocks.
 //!
 //! One lock covers the whole shelf: a lookup (a hit touches the LRU order), a fill (the check
@@ -79,7 +79,7 @@ pub struct Shelf {
 }
 
 impl Shelf {
-    /// The shelf under `root` (`<tier dir>/cache`), emptied: the cache is disposable, and
+    /// The shelf under `root` (`<tier dir>/.cache`), emptied: the cache is disposable, and
     /// writes may have happened elsewhere while this node was down.
     pub fn new(root: PathBuf, limit: u64) -> io::Result<Shelf> {
         match fs::remove_dir_all(&root) {
