@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,7 +88,10 @@ impl Shelf {
             _ => {}
         }
         if limit > 0 {
-            fs::create_dir_all(&root)?;
+            if let Some(parent) = root.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            private_dir(&root)?;
         }
         Ok(Shelf {
             root,
@@ -317,15 +321,28 @@ fn path(dir: &Path, block: u64) -> PathBuf {
     dir.join(format!("{block:08}"))
 }
 
+/// Creates `dir` (and a missing cache root above it) readable by this user only: cached
+/// blocks are guest data, as private as the block files they copy.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn create(dir: &Path, block: u64) -> io::Result<File> {
-    fs::create_dir_all(dir)?;
+    private_dir(dir)?;
     let path = path(dir, block);
     // A file left by an eviction whose unlink failed holds unknown bytes: start empty.
+    // 0600 and O_NOFOLLOW as for block files (`store::files`): a symlink planted in the
+    // cache is refused (ELOOP), never followed and truncated.
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
 }
 
@@ -542,6 +559,36 @@ mod tests {
             !dir.path().join("cache/a@1/00000000").exists(),
             "evicted files are unlinked"
         );
+    }
+
+    #[test]
+    fn cache_files_are_private_and_symlinks_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shelf = Shelf::new(dir.path().join(".cache"), 1 << 20).unwrap();
+        let a = Stake { id: 1, epoch: 0 };
+        fill_page(&shelf, a, 0, 0, 1);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join(".cache")), 0o700);
+        assert_eq!(mode(&dir.path().join(".cache/img@1")), 0o700);
+        assert_eq!(mode(&dir.path().join(".cache/img@1/00000000")), 0o600);
+        // A symlink where block 1's file will go: the fill fails, the target is untouched.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join(".cache/img@1/00000001")).unwrap();
+        let mut data = vec![2u8; PAGE as usize];
+        let b = bufs(&mut data);
+        let fill = Fill {
+            block: 1,
+            block_pages: 16,
+            offset: 0,
+            bufs: &b,
+            ahead: false,
+            cap: u64::MAX,
+        };
+        assert!(shelf.fill("img@1", a, &fill, &|| true).is_err());
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(shelf.lookup(a, 1, 0, 1).is_none());
     }
 
     #[test]
