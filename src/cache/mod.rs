@@ -434,6 +434,16 @@ impl ImageCache {
         }
     }
 
+    /// Drops, on both tiers, every cached block for which `which` is true (their copies
+    /// changed: the cache must never outlive the in-sync copies it was filled from).
+    pub fn invalidate_where(&self, which: &dyn Fn(u64) -> bool) {
+        if let Some(caches) = self.caches.get() {
+            for tier in [Tier::Ram, Tier::Volume] {
+                caches.shelf(tier).drop_where(self.id, which);
+            }
+        }
+    }
+
     /// This node no longer owns the image as of `epoch`: drops everything, and refuses
     /// fills and reads under `epoch` or older from now on.
     pub fn fence(&self, epoch: u64) {

@@ -242,6 +242,18 @@ impl Shelf {
         state.evict(id, block);
     }
 
+    /// Drops every block of image cache `id` for which `which` is true.
+    pub fn drop_where(&self, id: u64, which: &dyn Fn(u64) -> bool) {
+        let mut state = self.lock();
+        let Some(stock) = state.stocks.get(&id) else {
+            return;
+        };
+        let blocks: Vec<u64> = stock.blocks.keys().copied().filter(|&b| which(b)).collect();
+        for block in blocks {
+            state.evict(id, block);
+        }
+    }
+
     /// Drops everything image cache `id` holds here; contents filled under an epoch below
     /// `floor` are refused from now on.
     pub fn drop_all(&self, id: u64, floor: u64) {
