@@ -412,6 +412,11 @@ fn prefetch_fills_the_cache_at_its_rate_while_a_guest_runs() {
     assert!(!out.status.success(), "a prefetch without a cache");
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no cache"));
     a.cli(&["image", "set", "p", "--cache", "ram"]);
+    for rate in ["0", "1K"] {
+        let out = a.cli_raw(&["image", "prefetch", "p", "--rate", rate]);
+        assert!(!out.status.success(), "--rate {rate}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("too low"));
+    }
     let started = std::time::Instant::now();
     a.cli(&["image", "prefetch", "p", "--rate", "4M", "--no-wait"]);
     let again = a.cli_raw(&["image", "prefetch", "p"]);
@@ -467,4 +472,23 @@ fn prefetch_fills_the_cache_at_its_rate_while_a_guest_runs() {
     // The CLI's own wait returns the figures once done.
     let done = a.cli(&["image", "prefetch", "p"]);
     assert_eq!(done["prefetch"]["running"], false, "{done}");
+    // At the lowest rate the second chunk is 16 s away; turning caching off stops the
+    // prefetch within its sleep, and says why.
+    a.cli(&["image", "set", "p", "--cache", "volume"]);
+    a.cli(&["image", "prefetch", "p", "--rate", "64K", "--no-wait"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let turned_off = std::time::Instant::now();
+    a.cli(&["image", "set", "p", "--cache", "off"]);
+    while cache_stats(a, "p")["prefetch"]["running"] == true {
+        assert!(
+            turned_off.elapsed() < Duration::from_secs(5),
+            "the prefetch slept on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = cache_stats(a, "p");
+    assert_eq!(
+        stats["prefetch"]["stopped"], "caching was turned off",
+        "{stats}"
+    );
 }

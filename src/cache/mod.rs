@@ -174,6 +174,8 @@ pub struct CacheFigures {
     pub prefetch_blocks: u64,
     pub prefetch_bytes: u64,
     pub prefetch_running: bool,
+    /// Why the last prefetch ended early, if it did.
+    pub prefetch_stopped: Option<String>,
 }
 
 impl CacheFigures {
@@ -193,6 +195,7 @@ impl CacheFigures {
                 "blocks_done": self.prefetch_done,
                 "blocks": self.prefetch_blocks,
                 "bytes": self.prefetch_bytes,
+                "stopped": self.prefetch_stopped,
             },
         })
     }
@@ -469,6 +472,7 @@ impl ImageCache {
             prefetch_blocks,
             prefetch_bytes,
             prefetch_running: self.prefetch.is_running(),
+            prefetch_stopped: self.prefetch.stopped(),
             tier: policy.map(|p| p.tier),
             cap: policy.and_then(|p| p.size),
             used,
