@@ -221,6 +221,62 @@ fn a_node_that_lost_the_image_never_serves_its_old_cache() {
     assert_eq!(a.cli(&["image", "info", "m"])["owner"], "a");
 }
 
+/// As above, but a keeps a copy of block 0, so it keeps the image open (and the same cache)
+/// while b owns it: only the fence and the owner epoch keep its old cache from being served.
+#[test]
+fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 3, &[]) else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.create_image("k", "4M", "1M", &["c:ram"]);
+    a.cli(&[
+        "location", "add", "k", "--blocks", "0..1", "--at", "a:volume",
+    ]);
+    a.cli(&["sync", "k"]);
+    a.cli(&["image", "set", "k", "--cache", "ram"]);
+    {
+        let mut on_a = client(a, "k");
+        write_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        // Block 0 is read from a's own copy; blocks 1..4 from the cache.
+        assert_eq!(count(&cache_stats(a, "k"), "hits"), 3);
+    }
+    assert!(cache_files(a) > 0);
+    assert!(wait_until(Duration::from_secs(5), || {
+        a.log().contains("device stopped") || a.log().contains("frontend disconnected")
+    }));
+    b.cli(&["image", "adopt", "k"]);
+    {
+        let mut on_b = client(b, "k");
+        write_blocks(&mut on_b, 4, 2);
+        check_blocks(&mut on_b, 4, 2);
+    }
+    // a still holds the image (its copy of block 0) but was fenced: its cache is dropped.
+    assert!(
+        wait_until(Duration::from_secs(10), || cache_files(a) == 0),
+        "a kept its cache after it lost the image"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        b.log().contains("device stopped") || b.log().contains("frontend disconnected")
+    }));
+    // Taken back: a serves b's data or fails (a node fenced while it kept the image open
+    // does not serve it again today), never what it cached before.
+    a.cli(&["image", "adopt", "k"]);
+    let mut on_a = client(a, "k");
+    for _ in 0..2 {
+        for block in 0..4u64 {
+            let (status, data) = on_a.read(0, block * 2048, PART).unwrap();
+            assert!(
+                status != S_OK || data == pattern(block, 2),
+                "block {block}: a served old data"
+            );
+        }
+    }
+}
+
 /// A guest reading sequentially: read-ahead brings the next bytes into the cache before it
 /// asks, and the data is right.
 #[test]
