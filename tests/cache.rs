@@ -221,8 +221,9 @@ fn a_node_that_lost_the_image_never_serves_its_old_cache() {
     assert_eq!(a.cli(&["image", "info", "m"])["owner"], "a");
 }
 
-/// As above, but a keeps a copy of block 0, so it keeps the image open (and the same cache)
-/// while b owns it: only the fence and the owner epoch keep its old cache from being served.
+/// As above, but a keeps copies (a stripe member: a take-over does not gather a striped
+/// image's blocks on the new owner), so it keeps the image open, and the same cache, while b
+/// owns it: only the fence and the owner epoch keep its old cache from being served.
 #[test]
 fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
     let dir = TestDir::new();
@@ -230,19 +231,25 @@ fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
         return;
     };
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    a.create_image("k", "4M", "1M", &["c:ram"]);
     a.cli(&[
-        "location", "add", "k", "--blocks", "0..1", "--at", "a:volume",
+        "image",
+        "create",
+        "k",
+        "--size",
+        "4M",
+        "--block-size",
+        "1M",
+        "--stripe",
+        "a:volume,c:ram",
     ]);
-    a.cli(&["sync", "k"]);
     a.cli(&["image", "set", "k", "--cache", "ram"]);
     {
         let mut on_a = client(a, "k");
         write_blocks(&mut on_a, 4, 1);
         check_blocks(&mut on_a, 4, 1);
         check_blocks(&mut on_a, 4, 1);
-        // Block 0 is read from a's own copy; blocks 1..4 from the cache.
-        assert_eq!(count(&cache_stats(a, "k"), "hits"), 3);
+        // a's stripe member's blocks are read from its own copies, c's from the cache.
+        assert_eq!(count(&cache_stats(a, "k"), "hits"), 2);
     }
     assert!(cache_files(a) > 0);
     assert!(wait_until(Duration::from_secs(5), || {
@@ -254,7 +261,7 @@ fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
         write_blocks(&mut on_b, 4, 2);
         check_blocks(&mut on_b, 4, 2);
     }
-    // a still holds the image (its copy of block 0) but was fenced: its cache is dropped.
+    // a still holds the image (its stripe member) but was fenced: its cache is dropped.
     assert!(
         wait_until(Duration::from_secs(10), || cache_files(a) == 0),
         "a kept its cache after it lost the image"
