@@ -192,6 +192,9 @@ fn prefetch_progress(
         bar.set_position(prefetch["blocks_done"].as_u64().unwrap_or(0));
         if prefetch["running"] != serde_json::Value::Bool(true) {
             bar.finish_and_clear();
+            if let Some(why) = prefetch["stopped"].as_str() {
+                eprintln!("cormorant: prefetch of {name} stopped early: {why}");
+            }
             return Ok(stats["cache"].clone());
         }
         std::thread::sleep(PREFETCH_POLL);

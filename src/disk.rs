@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use crate::cache::ImageCache;
-use crate::image::{BlockRange, ImageMeta, ImageName, Location, NodeId, Tier};
+use crate::image::{BlockRange, BlockTable, ImageMeta, ImageName, Location, NodeId, Tier};
 use crate::meta::store::MetaStore;
 use crate::metrics::ImageMetrics;
 use crate::qos::Limiter;
@@ -402,11 +402,26 @@ impl Disk {
         });
         self.qos.set(&meta.qos);
         self.cache.set_policy(meta.qos.cache);
+        self.drop_moved_from_cache(&live.table, &meta.table);
         if meta.owner != self.me {
             // The image is someone else's now (moved away): its writes no longer pass here.
             self.cache.fence(meta.generation);
         }
         *live = meta;
+    }
+
+    /// Drops the cache copies of blocks whose locations or in-sync flags differ between
+    /// `old` and `new` (called under the metadata's write lock, before `new` is live): the
+    /// copy a block was cached from may have gone out of sync or away.
+    fn drop_moved_from_cache(&self, old: &BlockTable, new: &BlockTable) {
+        let changed = changed_runs(old, new);
+        if changed.is_empty() {
+            return;
+        }
+        self.cache.invalidate_where(&|block| {
+            let at = changed.partition_point(|&(_, end)| end <= block);
+            changed.get(at).is_some_and(|&(start, _)| start <= block)
+        });
     }
 
     /// Marks this node's in-sync copies on `tier` as lost (see `lost`); returns how many.
@@ -640,6 +655,7 @@ impl Disk {
             self.store.commit(&live, &next).map_err(|e| e.to_string())?;
             self.qos.set(&next.qos);
             self.cache.set_policy(next.qos.cache);
+            self.drop_moved_from_cache(&live.table, &next.table);
             *live = next;
         }
         Ok(result)
@@ -768,6 +784,40 @@ impl Disk {
     }
 }
 
+/// A location list by address and length: the same list of a table is the same slice.
+type ListKey = (*const Location, usize);
+
+/// Runs `start..end` of blocks of `old` whose locations differ in `new` (or that `new` no
+/// longer has), in order.
+fn changed_runs(old: &BlockTable, new: &BlockTable) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    // Most blocks share a few placements: compare each pair of lists once.
+    let mut last: Option<(ListKey, ListKey, bool)> = None;
+    for block in 0..old.blocks() {
+        let differs = match (old.locations(block), new.locations(block)) {
+            (Some(a), Some(b)) => {
+                let key = ((a.as_ptr(), a.len()), (b.as_ptr(), b.len()));
+                match last {
+                    Some((ka, kb, d)) if (ka, kb) == key => d,
+                    _ => {
+                        let d = a != b;
+                        last = Some((key.0, key.1, d));
+                        d
+                    }
+                }
+            }
+            _ => true,
+        };
+        if differs {
+            match runs.last_mut() {
+                Some(run) if run.1 == block => run.1 = block + 1,
+                _ => runs.push((block, block + 1)),
+            }
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,5 +862,74 @@ mod tests {
         );
         let (a, b) = (disk.next_stamp(), disk.next_stamp());
         assert!(b > a);
+    }
+
+    #[test]
+    fn a_block_whose_copies_change_leaves_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: dir.path().join("ram"),
+            volume: dir.path().join("vol"),
+        };
+        let b_ram = Location {
+            node: "b".parse().unwrap(),
+            tier: Tier::Ram,
+            synced: true,
+        };
+        let mut meta = ImageMeta::new(
+            "img".parse().unwrap(),
+            "a".parse().unwrap(),
+            12 << 20,
+            4 << 20,
+            false,
+            vec![b_ram.clone()],
+        )
+        .unwrap();
+        meta.qos.cache = Some(crate::cache::CachePolicy {
+            tier: Tier::Ram,
+            size: None,
+        });
+        std::fs::create_dir_all(dir.path().join("meta")).unwrap();
+        let store = Arc::new(crate::meta::store::LocalStore::new(dir.path().join("meta")));
+        let disk = Disk::open(meta, &dirs, "a".parse().unwrap(), store);
+        let caches = crate::cache::Caches::new(&dirs, crate::cache::Budgets::default()).unwrap();
+        disk.cache().attach(caches);
+        let epoch = disk.meta().generation;
+        let mut data = vec![1u8; 4096];
+        let bufs = crate::engine::IoVecs(smallvec::smallvec![libc::iovec {
+            iov_base: data.as_mut_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        }]);
+        let fill_all = || {
+            for block in 0..3 {
+                disk.cache().fill(epoch, block, 0, &bufs, false, &|| true);
+            }
+        };
+        let cached = |block| disk.cache().holds(epoch, block, 0, 4096);
+        fill_all();
+        assert!((0..3).all(cached));
+        // b's copy of block 1 goes out of sync (a write it missed): block 1 leaves the cache.
+        disk.update_meta(|meta| {
+            let one = BlockRange::new(1, 2).map_err(|e| e.to_string())?;
+            meta.table
+                .update(one, |ls| ls.iter_mut().for_each(|l| l.synced = false))
+                .map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert!(cached(0) && !cached(1) && cached(2));
+        // The cluster's view moves block 2 elsewhere.
+        let mut next = disk.meta().clone();
+        let two = BlockRange::new(2, 3).unwrap();
+        next.table
+            .update(two, |ls| {
+                *ls = vec![Location {
+                    node: "c".parse().unwrap(),
+                    tier: Tier::Volume,
+                    synced: true,
+                }]
+            })
+            .unwrap();
+        disk.set_meta(next);
+        assert!(cached(0) && !cached(2), "set_meta drops it too");
     }
 }

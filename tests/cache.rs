@@ -48,7 +48,7 @@ fn count(stats: &serde_json::Value, key: &str) -> u64 {
 
 /// Block files in the node's RAM-tier cache, over all images.
 fn cache_files(node: &Daemon) -> usize {
-    let Ok(images) = std::fs::read_dir(node.ram_dir.join("cache")) else {
+    let Ok(images) = std::fs::read_dir(node.ram_dir.join(".cache")) else {
         return 0;
     };
     images
@@ -219,6 +219,69 @@ fn a_node_that_lost_the_image_never_serves_its_old_cache() {
     let mut on_a = client(a, "m");
     check_blocks(&mut on_a, 4, 2);
     assert_eq!(a.cli(&["image", "info", "m"])["owner"], "a");
+}
+
+/// As above, but a keeps copies (a stripe member: a take-over does not gather a striped
+/// image's blocks on the new owner), so it keeps the image open, and the same cache, while b
+/// owns it: only the fence and the owner epoch keep its old cache from being served.
+#[test]
+fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
+    let dir = TestDir::new();
+    let Some((_etcd, cluster)) = setup(&dir, 3, &[]) else {
+        return;
+    };
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "k",
+        "--size",
+        "4M",
+        "--block-size",
+        "1M",
+        "--stripe",
+        "a:volume,c:ram",
+    ]);
+    a.cli(&["image", "set", "k", "--cache", "ram"]);
+    {
+        let mut on_a = client(a, "k");
+        write_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        check_blocks(&mut on_a, 4, 1);
+        // a's stripe member's blocks are read from its own copies, c's from the cache.
+        assert_eq!(count(&cache_stats(a, "k"), "hits"), 2);
+    }
+    assert!(cache_files(a) > 0);
+    assert!(wait_until(Duration::from_secs(5), || {
+        a.log().contains("device stopped") || a.log().contains("frontend disconnected")
+    }));
+    b.cli(&["image", "adopt", "k"]);
+    {
+        let mut on_b = client(b, "k");
+        write_blocks(&mut on_b, 4, 2);
+        check_blocks(&mut on_b, 4, 2);
+    }
+    // a still holds the image (its stripe member) but was fenced: its cache is dropped.
+    assert!(
+        wait_until(Duration::from_secs(10), || cache_files(a) == 0),
+        "a kept its cache after it lost the image"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        b.log().contains("device stopped") || b.log().contains("frontend disconnected")
+    }));
+    // Taken back: a serves b's data or fails (a node fenced while it kept the image open
+    // does not serve it again today), never what it cached before.
+    a.cli(&["image", "adopt", "k"]);
+    let mut on_a = client(a, "k");
+    for _ in 0..2 {
+        for block in 0..4u64 {
+            let (status, data) = on_a.read(0, block * 2048, PART).unwrap();
+            assert!(
+                status != S_OK || data == pattern(block, 2),
+                "block {block}: a served old data"
+            );
+        }
+    }
 }
 
 /// A guest reading sequentially: read-ahead brings the next bytes into the cache before it
@@ -412,6 +475,11 @@ fn prefetch_fills_the_cache_at_its_rate_while_a_guest_runs() {
     assert!(!out.status.success(), "a prefetch without a cache");
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no cache"));
     a.cli(&["image", "set", "p", "--cache", "ram"]);
+    for rate in ["0", "1K"] {
+        let out = a.cli_raw(&["image", "prefetch", "p", "--rate", rate]);
+        assert!(!out.status.success(), "--rate {rate}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("too low"));
+    }
     let started = std::time::Instant::now();
     a.cli(&["image", "prefetch", "p", "--rate", "4M", "--no-wait"]);
     let again = a.cli_raw(&["image", "prefetch", "p"]);
@@ -467,4 +535,23 @@ fn prefetch_fills_the_cache_at_its_rate_while_a_guest_runs() {
     // The CLI's own wait returns the figures once done.
     let done = a.cli(&["image", "prefetch", "p"]);
     assert_eq!(done["prefetch"]["running"], false, "{done}");
+    // At the lowest rate the second chunk is 16 s away; turning caching off stops the
+    // prefetch within its sleep, and says why.
+    a.cli(&["image", "set", "p", "--cache", "volume"]);
+    a.cli(&["image", "prefetch", "p", "--rate", "64K", "--no-wait"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let turned_off = std::time::Instant::now();
+    a.cli(&["image", "set", "p", "--cache", "off"]);
+    while cache_stats(a, "p")["prefetch"]["running"] == true {
+        assert!(
+            turned_off.elapsed() < Duration::from_secs(5),
+            "the prefetch slept on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = cache_stats(a, "p");
+    assert_eq!(
+        stats["prefetch"]["stopped"], "caching was turned off",
+        "{stats}"
+    );
 }

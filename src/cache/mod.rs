@@ -4,7 +4,7 @@
 //!
 //! A cache copy is not a replica. It never appears in the image's locations, never counts
 //! toward the acknowledgement rule and is never the source of a resync; it lives in
-//! node-private files under `<tier dir>/cache/<image>@<id>/`, wiped when the daemon starts.
+//! node-private files under `<tier dir>/.cache/<image>@<id>/`, wiped when the daemon starts.
 //! It stays right because every write goes through the image's owner, which is the node that
 //! caches:
 //!
@@ -28,7 +28,7 @@ pub mod stream;
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -109,6 +109,11 @@ impl Default for Budgets {
     }
 }
 
+/// The cache's directory under each tier's dir. It starts with a dot because image names
+/// cannot: a legacy image's block directory is its bare name, so `cache` could be an image
+/// named `cache`, whose blocks the wipe at start would delete.
+pub const CACHE_DIR: &str = ".cache";
+
 /// This node's caches: one shelf per tier, shared by every image.
 pub struct Caches {
     ram: Shelf,
@@ -116,11 +121,11 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Empties `<tier dir>/cache` on both tiers and starts with nothing cached.
+    /// Empties `<tier dir>/.cache` on both tiers and starts with nothing cached.
     pub fn new(dirs: &TierDirs, budgets: Budgets) -> io::Result<Arc<Caches>> {
         Ok(Arc::new(Caches {
-            ram: Shelf::new(dirs.ram.join("cache"), budgets.ram)?,
-            volume: Shelf::new(dirs.volume.join("cache"), budgets.volume)?,
+            ram: Shelf::new(dirs.ram.join(CACHE_DIR), budgets.ram)?,
+            volume: Shelf::new(dirs.volume.join(CACHE_DIR), budgets.volume)?,
         }))
     }
 
@@ -169,6 +174,8 @@ pub struct CacheFigures {
     pub prefetch_blocks: u64,
     pub prefetch_bytes: u64,
     pub prefetch_running: bool,
+    /// Why the last prefetch ended early, if it did.
+    pub prefetch_stopped: Option<String>,
 }
 
 impl CacheFigures {
@@ -188,6 +195,7 @@ impl CacheFigures {
                 "blocks_done": self.prefetch_done,
                 "blocks": self.prefetch_blocks,
                 "bytes": self.prefetch_bytes,
+                "stopped": self.prefetch_stopped,
             },
         })
     }
@@ -210,6 +218,12 @@ pub struct ImageCache {
     policy: Mutex<Option<CachePolicy>>,
     /// The policy's tier as one byte: what the read path loads first.
     tier: AtomicU8,
+    /// Bumped by every policy change (after the new tier is stored, before the old tier's
+    /// contents are forgotten). A fill loads it before the tier and the shelf checks it again
+    /// under its lock, so a fill that chose its tier before a change is refused rather than
+    /// stored into a shelf whose contents the change already forgot (where no write would
+    /// invalidate it, and a later change back to that tier would serve it).
+    generation: AtomicU64,
     cap: AtomicU64,
     caches: OnceLock<Arc<Caches>>,
     /// Epochs below this are refused (this node was fenced under an older one).
@@ -238,6 +252,7 @@ impl ImageCache {
             block_size,
             policy: Mutex::new(None),
             tier: AtomicU8::new(OFF),
+            generation: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
             caches: OnceLock::new(),
             floor: AtomicU64::new(0),
@@ -258,11 +273,6 @@ impl ImageCache {
         let mut current = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         let old_tier = current.map(|p| p.tier);
         let new_tier = policy.map(|p| p.tier);
-        if old_tier != new_tier {
-            if let (Some(tier), Some(caches)) = (old_tier, self.caches.get()) {
-                caches.shelf(tier).forget(self.id);
-            }
-        }
         let code = match new_tier {
             None => OFF,
             Some(Tier::Ram) => RAM,
@@ -270,14 +280,22 @@ impl ImageCache {
         };
         self.cap
             .store(policy.and_then(|p| p.size).unwrap_or(u64::MAX), Relaxed);
-        self.tier.store(code, Relaxed);
+        // In this order (see `generation`): a fill that saw the old generation is refused
+        // under the shelf's lock, or got there before `forget` and is forgotten with the rest.
+        self.tier.store(code, SeqCst);
+        self.generation.fetch_add(1, SeqCst);
+        if old_tier != new_tier {
+            if let (Some(tier), Some(caches)) = (old_tier, self.caches.get()) {
+                caches.shelf(tier).forget(self.id);
+            }
+        }
         *current = policy;
     }
 
     /// The tier to cache on, when caching is on for this image and the node has a budget
     /// there.
     pub fn tier(&self) -> Option<Tier> {
-        let tier = match self.tier.load(Relaxed) {
+        let tier = match self.tier.load(SeqCst) {
             RAM => Tier::Ram,
             VOLUME => Tier::Volume,
             _ => return None,
@@ -362,12 +380,33 @@ impl ImageCache {
         ahead: bool,
         unchanged: &dyn Fn() -> bool,
     ) {
-        let (Some(tier), Some(stake)) = (self.tier(), self.stake(epoch)) else {
+        let generation = self.generation.load(SeqCst);
+        let Some(tier) = self.tier() else {
             return;
         };
-        let Some(caches) = self.caches.get() else {
+        self.fill_on(
+            tier, generation, epoch, block, offset, bufs, ahead, unchanged,
+        );
+    }
+
+    /// [`ImageCache::fill`] on `tier`, chosen under policy `generation`: refused when the
+    /// policy changed since.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_on(
+        &self,
+        tier: Tier,
+        generation: u64,
+        epoch: u64,
+        block: u64,
+        offset: u64,
+        bufs: &IoVecs,
+        ahead: bool,
+        unchanged: &dyn Fn() -> bool,
+    ) {
+        let (Some(stake), Some(caches)) = (self.stake(epoch), self.caches.get()) else {
             return;
         };
+        let unchanged = || self.generation.load(SeqCst) == generation && unchanged();
         let fill = Fill {
             block,
             block_pages: self.block_size.div_ceil(pages::PAGE),
@@ -376,7 +415,7 @@ impl ImageCache {
             ahead,
             cap: self.cap.load(Relaxed),
         };
-        match caches.shelf(tier).fill(&self.dir, stake, &fill, unchanged) {
+        match caches.shelf(tier).fill(&self.dir, stake, &fill, &unchanged) {
             Ok(bytes) => {
                 self.counters.filled_bytes.fetch_add(bytes, Relaxed);
                 if ahead {
@@ -387,10 +426,24 @@ impl ImageCache {
         }
     }
 
-    /// Drops `block` from the cache (a write or discard is changing it).
+    /// Drops `block` from the cache (a write or discard is changing it) on both tiers,
+    /// whatever the setting says now: a fill racing a policy change may have chosen the
+    /// other one.
     pub fn invalidate(&self, block: u64) {
-        if let (Some(tier), Some(caches)) = (self.tier(), self.caches.get()) {
-            caches.shelf(tier).drop_block(self.id, block);
+        if let Some(caches) = self.caches.get() {
+            for tier in [Tier::Ram, Tier::Volume] {
+                caches.shelf(tier).drop_block(self.id, block);
+            }
+        }
+    }
+
+    /// Drops, on both tiers, every cached block for which `which` is true (their copies
+    /// changed: the cache must never outlive the in-sync copies it was filled from).
+    pub fn invalidate_where(&self, which: &dyn Fn(u64) -> bool) {
+        if let Some(caches) = self.caches.get() {
+            for tier in [Tier::Ram, Tier::Volume] {
+                caches.shelf(tier).drop_where(self.id, which);
+            }
         }
     }
 
@@ -419,6 +472,7 @@ impl ImageCache {
             prefetch_blocks,
             prefetch_bytes,
             prefetch_running: self.prefetch.is_running(),
+            prefetch_stopped: self.prefetch.stopped(),
             tier: policy.map(|p| p.tier),
             cap: policy.and_then(|p| p.size),
             used,
@@ -539,6 +593,47 @@ mod tests {
     }
 
     #[test]
+    fn a_fill_that_chose_its_tier_before_a_policy_change_is_refused() {
+        let (_d, cache) = setup(1 << 20, RAM_CACHE);
+        let mut data = vec![1u8; 4096];
+        // The fill loads its tier (ram) ...
+        let generation = cache.generation.load(SeqCst);
+        let tier = cache.tier().unwrap();
+        // ... `image set --cache off` forgets ram ...
+        cache.set_policy(None);
+        // ... the fill stores; a guest write invalidates (caching is off) ...
+        cache.fill_on(tier, generation, 0, 0, 0, &page(&mut data), false, &|| true);
+        cache.invalidate(0);
+        // ... `--cache ram` again: the read must not see the bytes from before the write.
+        cache.set_policy(RAM_CACHE);
+        assert!(cache.lookup(0, 0, 0, 4096).is_none());
+        assert_eq!(cache.caches.get().unwrap().shelf(Tier::Ram).used(), 0);
+    }
+
+    #[test]
+    fn a_write_drops_the_block_from_a_tier_no_longer_set() {
+        let (_d, cache) = setup(1 << 20, RAM_CACHE);
+        let mut data = vec![1u8; 4096];
+        let generation = cache.generation.load(SeqCst);
+        // A fill on ram under the current generation, stored just before a change to off
+        // would forget it; the write that follows must drop it wherever it is.
+        cache.fill_on(
+            Tier::Ram,
+            generation,
+            0,
+            0,
+            0,
+            &page(&mut data),
+            false,
+            &|| true,
+        );
+        cache.tier.store(OFF, SeqCst);
+        cache.invalidate(0);
+        cache.tier.store(RAM, SeqCst);
+        assert!(cache.lookup(0, 0, 0, 4096).is_none());
+    }
+
+    #[test]
     fn two_caches_of_one_image_never_share_files() {
         use std::os::unix::fs::FileExt;
         let (_d, first) = setup(1 << 20, RAM_CACHE);
@@ -559,6 +654,28 @@ mod tests {
         let hit = first.lookup(0, 0, 0, 4096).unwrap();
         hit.file.read_exact_at(&mut back, 0).unwrap();
         assert!(back.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn the_wipe_at_start_spares_a_legacy_image_named_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: dir.path().join("ram"),
+            volume: dir.path().join("vol"),
+        };
+        // A legacy image's block directory is its bare name.
+        for root in [&dirs.ram, &dirs.volume] {
+            std::fs::create_dir_all(root.join("cache")).unwrap();
+            std::fs::write(root.join("cache/00000000"), b"guest data").unwrap();
+        }
+        let _caches = Caches::new(&dirs, Budgets::default()).unwrap();
+        for root in [&dirs.ram, &dirs.volume] {
+            assert_eq!(
+                std::fs::read(root.join("cache/00000000")).unwrap(),
+                b"guest data"
+            );
+            assert!(root.join(CACHE_DIR).is_dir());
+        }
     }
 
     #[test]

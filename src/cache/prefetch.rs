@@ -63,6 +63,14 @@ impl PrefetchState {
         self.running.load(Relaxed)
     }
 
+    /// Why the last prefetch ended early (None while running, or when it went through).
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// (blocks done, blocks in all, bytes)
     pub fn progress(&self) -> (u64, u64, u64) {
         (
@@ -79,8 +87,75 @@ impl PrefetchState {
             "blocks_done": done,
             "blocks": total,
             "bytes": bytes,
-            "stopped": *self.stopped.lock().unwrap_or_else(|p| p.into_inner()),
+            "stopped": self.stopped(),
         })
+    }
+}
+
+/// The lowest `--rate`: below it one chunk (1 MiB) takes over 16 s, and a prefetch of a
+/// large image would take days; 0 would never end.
+pub const MIN_RATE: u64 = 64 << 10;
+
+/// Refuses a rate a prefetch could not usefully run at.
+pub fn check_rate(rate: Option<u64>) -> Result<(), String> {
+    match rate {
+        Some(rate) if rate < MIN_RATE => Err(format!(
+            "--rate {rate} B/s is too low: use at least 64K (or leave it out for no limit)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The longest a prefetch sleeps before it looks at its stop reason again.
+const SLICE: Duration = Duration::from_millis(100);
+
+/// A token bucket: `rate` bytes a second, at most `burst` saved up while idle, so a
+/// prefetch that was slowed (a busy peer) never catches up in a burst afterwards.
+struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64, now: Instant) -> Pacer {
+        let burst = f64::from(MAX_CHUNK);
+        Pacer {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes `bytes` (just read) from the bucket; returns how long to wait before the next
+    /// read, while the bucket is in debt.
+    fn spend(&mut self, bytes: u64, now: Instant) -> Duration {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst) - bytes as f64;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Sleeps `wait` in slices of at most [`SLICE`], asking `stop` before each: the prefetch's
+/// reason to stop, when it has one.
+fn sleep_unless(wait: Duration, stop: &dyn Fn() -> Option<&'static str>) -> Result<(), String> {
+    let end = Instant::now() + wait;
+    loop {
+        if let Some(why) = stop() {
+            return Err(why.to_string());
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(SLICE));
     }
 }
 
@@ -105,14 +180,14 @@ pub fn run(disk: &Disk, peers: &dyn Transport, rate: Option<u64>) {
         let meta = disk.meta();
         (meta.generation, meta.blocks())
     };
-    let started = Instant::now();
+    let mut pacer = rate.map(|rate| Pacer::new(rate, Instant::now()));
     let mut stopped = None;
     for block in 0..blocks {
         if let Some(why) = stop_reason(disk, epoch) {
             stopped = Some(why.to_string());
             break;
         }
-        match prefetch_block(disk, peers, epoch, block, state, rate, started) {
+        match prefetch_block(disk, peers, epoch, block, state, pacer.as_mut()) {
             Ok(()) => {}
             Err(why) => {
                 stopped = Some(why);
@@ -136,8 +211,7 @@ fn prefetch_block(
     epoch: u64,
     block: u64,
     state: &PrefetchState,
-    rate: Option<u64>,
-    started: Instant,
+    mut pacer: Option<&mut Pacer>,
 ) -> Result<(), String> {
     let (location, len) = {
         let meta = disk.meta();
@@ -166,8 +240,12 @@ fn prefetch_block(
     let Some(writes) = disk.writes().idle(block) else {
         return Ok(());
     };
+    let stop = || stop_reason(disk, epoch);
     let mut offset = 0;
     while offset < len {
+        if let Some(why) = stop() {
+            return Err(why.to_string());
+        }
         let chunk = (len - offset).min(u64::from(MAX_CHUNK));
         let request = Request::Read {
             image: disk.image_ref(),
@@ -188,19 +266,60 @@ fn prefetch_block(
         let unchanged = || disk.writes().idle(block) == Some(writes);
         cache.fill(epoch, block, offset, &bufs, false, &unchanged);
         offset += chunk;
-        let total = state.bytes.fetch_add(chunk, Relaxed) + chunk;
-        pace(rate, total, started);
+        state.bytes.fetch_add(chunk, Relaxed);
+        if let Some(pacer) = pacer.as_deref_mut() {
+            sleep_unless(pacer.spend(chunk, Instant::now()), &stop)?;
+        }
     }
     Ok(())
 }
 
-/// Sleeps until `bytes` at `rate` bytes per second are due since `started`.
-fn pace(rate: Option<u64>, bytes: u64, started: Instant) {
-    let Some(rate) = rate.filter(|&r| r > 0) else {
-        return;
-    };
-    let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-    if let Some(wait) = due.checked_sub(started.elapsed()) {
-        std::thread::sleep(wait);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn a_rate_of_zero_or_under_64k_is_refused() {
+        assert!(check_rate(Some(0)).is_err());
+        assert!(check_rate(Some(1024)).unwrap_err().contains("64K"));
+        assert!(check_rate(Some(MIN_RATE)).is_ok());
+        assert!(check_rate(None).is_ok());
+    }
+
+    #[test]
+    fn an_idle_bucket_saves_one_chunk_and_never_catches_up() {
+        let t0 = Instant::now();
+        let rate = 1 << 20;
+        let mut pacer = Pacer::new(rate, t0);
+        let chunk = u64::from(MAX_CHUNK);
+        // A minute without reading (a slow peer): one chunk goes at once, then the rate.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(pacer.spend(chunk, later), Duration::ZERO);
+        let wait = pacer.spend(chunk, later);
+        assert!(
+            wait >= Duration::from_millis(990) && wait <= Duration::from_millis(1010),
+            "{wait:?}"
+        );
+        let wait = pacer.spend(chunk, later);
+        assert!(wait >= Duration::from_millis(1990), "{wait:?}");
+    }
+
+    #[test]
+    fn a_long_wait_ends_soon_after_the_prefetch_must_stop() {
+        let asked = Cell::new(0);
+        let stop = || {
+            asked.set(asked.get() + 1);
+            (asked.get() > 2).then_some("caching was turned off")
+        };
+        let started = Instant::now();
+        let result = sleep_unless(Duration::from_secs(1000), &stop);
+        assert_eq!(result, Err("caching was turned off".to_string()));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(sleep_unless(Duration::from_millis(10), &|| None).is_ok());
     }
 }

@@ -1,15 +1,19 @@
 //! One tier's cache on this node: every image's cached blocks on that tier, one sparse file
-//! per block under `<tier dir>/cache/<image>@<id>/`, kept within the node's budget for the
+//! per block under `<tier dir>/.cache/<image>@<id>/`, kept within the node's budget for the
 //! tier (and each image's own cap) by evicting the least recently used blocks.
 //!
 //! One lock covers the whole shelf: a lookup (a hit touches the LRU order), a fill (the check
 //! that no write raced it, the file write and the page bits together, so an old fill can never
-//! overwrite a newer one's bytes) and every eviction. Evicting unlinks the file: a reader that
-//! already holds the descriptor still reads the pages it was told were valid.
+//! overwrite a newer one's bytes) and every eviction. Evicting unlinks the file, after the
+//! lock is released (a file system's unlink can be slow, and every image's reads wait on this
+//! lock): a reader that already holds the descriptor still reads the pages it was told were
+//! valid. Each file's name carries a serial (`<block>.<serial>`), never reused, so a block
+//! filled again before its old file is unlinked gets a new file, never the old one truncated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +57,8 @@ struct Entry {
     /// Pages read-ahead filled that no guest read has used yet.
     ahead: Pages,
     tick: u64,
+    /// The file's serial, part of its name.
+    serial: u64,
 }
 
 struct Stock {
@@ -69,6 +75,10 @@ struct State {
     /// Least recently used first: tick -> (image cache id, block).
     lru: BTreeMap<u64, (u64, u64)>,
     stocks: HashMap<u64, Stock>,
+    /// The last serial given to a file or a doomed directory.
+    serial: u64,
+    /// Files evicted under the lock, to unlink once it is released.
+    doomed: Vec<PathBuf>,
 }
 
 pub struct Shelf {
@@ -79,7 +89,7 @@ pub struct Shelf {
 }
 
 impl Shelf {
-    /// The shelf under `root` (`<tier dir>/cache`), emptied: the cache is disposable, and
+    /// The shelf under `root` (`<tier dir>/.cache`), emptied: the cache is disposable, and
     /// writes may have happened elsewhere while this node was down.
     pub fn new(root: PathBuf, limit: u64) -> io::Result<Shelf> {
         match fs::remove_dir_all(&root) {
@@ -87,7 +97,10 @@ impl Shelf {
             _ => {}
         }
         if limit > 0 {
-            fs::create_dir_all(&root)?;
+            if let Some(parent) = root.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            private_dir(&root)?;
         }
         Ok(Shelf {
             root,
@@ -98,12 +111,23 @@ impl Shelf {
                 tick: 0,
                 lru: BTreeMap::new(),
                 stocks: HashMap::new(),
+                serial: 0,
+                doomed: Vec::new(),
             }),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases the lock, then unlinks the files evicted under it.
+    fn release(&self, mut state: MutexGuard<'_, State>) {
+        let doomed = std::mem::take(&mut state.doomed);
+        drop(state);
+        for path in doomed {
+            unlink(&path);
+        }
     }
 
     pub fn limit(&self) -> u64 {
@@ -123,11 +147,22 @@ impl Shelf {
     /// The cached file of `block` when pages `first..end` are all valid under `stake`.
     pub fn lookup(&self, stake: Stake, block: u64, first: u64, end: u64) -> Option<Hit> {
         let mut state = self.lock();
-        let state = &mut *state;
+        let hit = Self::lookup_locked(&mut state, stake, block, first, end);
+        self.release(state);
+        hit
+    }
+
+    fn lookup_locked(
+        state: &mut State,
+        stake: Stake,
+        block: u64,
+        first: u64,
+        end: u64,
+    ) -> Option<Hit> {
         let stock = state.stocks.get_mut(&stake.id)?;
         if stock.epoch != stake.epoch {
             if stock.epoch < stake.epoch {
-                state.used -= clear(stock, &mut state.lru);
+                state.used -= clear(stock, &mut state.lru, &mut state.doomed);
                 stock.epoch = stake.epoch;
             }
             return None;
@@ -176,7 +211,22 @@ impl Shelf {
             return Ok(0);
         }
         let mut state = self.lock();
-        let state = &mut *state;
+        let added = self.fill_locked(&mut state, dir_name, stake, fill, unchanged, first, end);
+        self.release(state);
+        added
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill_locked(
+        &self,
+        state: &mut State,
+        dir_name: &str,
+        stake: Stake,
+        fill: &Fill,
+        unchanged: &dyn Fn() -> bool,
+        first: u64,
+        end: u64,
+    ) -> io::Result<u64> {
         let stock = state.stocks.entry(stake.id).or_insert_with(|| Stock {
             dir: self.root.join(dir_name),
             epoch: stake.epoch,
@@ -187,7 +237,7 @@ impl Shelf {
             return Ok(0);
         }
         if stake.epoch > stock.epoch {
-            state.used -= clear(stock, &mut state.lru);
+            state.used -= clear(stock, &mut state.lru, &mut state.doomed);
             stock.epoch = stake.epoch;
         }
         let missing = match stock.blocks.get(&fill.block) {
@@ -207,12 +257,14 @@ impl Shelf {
         let entry = match stock.blocks.entry(fill.block) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                let file = create(&stock.dir, fill.block)?;
+                state.serial += 1;
+                let file = create(&path(&stock.dir, fill.block, state.serial))?;
                 v.insert(Entry {
                     file: Arc::new(file),
                     pages: Pages::new(fill.block_pages),
                     ahead: Pages::new(fill.block_pages),
                     tick: 0,
+                    serial: state.serial,
                 })
             }
         };
@@ -236,26 +288,61 @@ impl Shelf {
     pub fn drop_block(&self, id: u64, block: u64) {
         let mut state = self.lock();
         state.evict(id, block);
+        self.release(state);
+    }
+
+    /// Drops every block of image cache `id` for which `which` is true.
+    pub fn drop_where(&self, id: u64, which: &dyn Fn(u64) -> bool) {
+        let mut state = self.lock();
+        let blocks: Vec<u64> = state.stocks.get(&id).map_or_else(Vec::new, |stock| {
+            stock.blocks.keys().copied().filter(|&b| which(b)).collect()
+        });
+        for block in blocks {
+            state.evict(id, block);
+        }
+        self.release(state);
     }
 
     /// Drops everything image cache `id` holds here; contents filled under an epoch below
     /// `floor` are refused from now on.
     pub fn drop_all(&self, id: u64, floor: u64) {
-        let mut state = self.lock();
-        let state = &mut *state;
+        let mut guard = self.lock();
+        let state = &mut *guard;
         if let Some(stock) = state.stocks.get_mut(&id) {
-            state.used -= clear(stock, &mut state.lru);
+            state.used -= clear(stock, &mut state.lru, &mut state.doomed);
             stock.epoch = stock.epoch.max(floor);
         }
+        self.release(guard);
     }
 
-    /// Forgets image cache `id` (the image is closed): its files and directory go.
+    /// Forgets image cache `id` (the image is closed): its files and directory go. The
+    /// directory is renamed aside under the lock (a fill may create it again at once) and
+    /// removed after.
     pub fn forget(&self, id: u64) {
-        let mut state = self.lock();
-        let state = &mut *state;
-        if let Some(mut stock) = state.stocks.remove(&id) {
-            state.used -= clear(&mut stock, &mut state.lru);
-            let _ = fs::remove_dir_all(&stock.dir);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(mut stock) = state.stocks.remove(&id) else {
+            return;
+        };
+        let mut files = Vec::new();
+        state.used -= clear(&mut stock, &mut state.lru, &mut files);
+        state.serial += 1;
+        // Image names cannot start with a dot: no stock's directory is ever called this.
+        let aside = self.root.join(format!(".gone-{}", state.serial));
+        let moved = match fs::rename(&stock.dir, &aside) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => {
+                log::warn!("cache: cannot move {} aside: {e}", stock.dir.display());
+                state.doomed.append(&mut files);
+                false
+            }
+        };
+        self.release(guard);
+        if moved {
+            if let Err(e) = fs::remove_dir_all(&aside) {
+                log::warn!("cache: cannot remove {}: {e}", aside.display());
+            }
         }
     }
 }
@@ -299,39 +386,51 @@ impl State {
             stock.used -= bytes;
             self.used -= bytes;
             self.lru.remove(&entry.tick);
-            unlink(&stock.dir, block);
+            self.doomed.push(path(&stock.dir, block, entry.serial));
         }
     }
 }
 
-/// Drops every block of `stock`; returns the bytes it held.
-fn clear(stock: &mut Stock, lru: &mut BTreeMap<u64, (u64, u64)>) -> u64 {
+/// Drops every block of `stock`, its files added to `doomed`; returns the bytes it held.
+fn clear(stock: &mut Stock, lru: &mut BTreeMap<u64, (u64, u64)>, doomed: &mut Vec<PathBuf>) -> u64 {
     for (block, entry) in stock.blocks.drain() {
         lru.remove(&entry.tick);
-        unlink(&stock.dir, block);
+        doomed.push(path(&stock.dir, block, entry.serial));
     }
     std::mem::take(&mut stock.used)
 }
 
-fn path(dir: &Path, block: u64) -> PathBuf {
-    dir.join(format!("{block:08}"))
+fn path(dir: &Path, block: u64, serial: u64) -> PathBuf {
+    dir.join(format!("{block:08}.{serial}"))
 }
 
-fn create(dir: &Path, block: u64) -> io::Result<File> {
-    fs::create_dir_all(dir)?;
-    let path = path(dir, block);
-    // A file left by an eviction whose unlink failed holds unknown bytes: start empty.
+/// Creates `dir` (and a missing cache root above it) readable by this user only: cached
+/// blocks are guest data, as private as the block files they copy.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn create(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
+    // A new file (O_EXCL): the serial makes its name unique, and an existing one (a planted
+    // symlink, say) is refused, never followed or truncated. 0600 and O_NOFOLLOW as for
+    // block files (`store::files`).
     OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
 }
 
-fn unlink(dir: &Path, block: u64) {
-    let path = path(dir, block);
-    if let Err(e) = fs::remove_file(&path) {
+fn unlink(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
             log::warn!("cache: cannot remove {}: {e}", path.display());
         }
@@ -390,6 +489,16 @@ mod tests {
             iov_base: data.as_mut_ptr() as *mut libc::c_void,
             iov_len: data.len(),
         }])
+    }
+
+    /// The names in `dir`, sorted.
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     fn fill_page(shelf: &Shelf, stake: Stake, block: u64, page: u64, byte: u8) -> u64 {
@@ -506,8 +615,11 @@ mod tests {
         assert!(shelf.lookup(a, 0, 0, 1).is_some());
         assert!(shelf.lookup(b, 0, 0, 1).is_some());
         assert!(shelf.lookup(b, 1, 0, 1).is_some());
-        assert!(!dir.path().join("cache/img@1/00000001").exists());
-        assert!(dir.path().join("cache/img@2/00000001").exists());
+        assert_eq!(files(&dir.path().join("cache/img@1")), ["00000000.1"]);
+        assert_eq!(
+            files(&dir.path().join("cache/img@2")),
+            ["00000000.3", "00000001.4"]
+        );
     }
 
     #[test]
@@ -538,10 +650,41 @@ mod tests {
             shelf.lookup(b, 0, 0, 1).is_some(),
             "another image keeps its blocks"
         );
-        assert!(
-            !dir.path().join("cache/a@1/00000000").exists(),
+        assert_eq!(
+            files(&dir.path().join("cache/a@1")),
+            ["00000002.4", "00000003.5"],
             "evicted files are unlinked"
         );
+    }
+
+    #[test]
+    fn cache_files_are_private_and_symlinks_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shelf = Shelf::new(dir.path().join(".cache"), 1 << 20).unwrap();
+        let a = Stake { id: 1, epoch: 0 };
+        fill_page(&shelf, a, 0, 0, 1);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join(".cache")), 0o700);
+        assert_eq!(mode(&dir.path().join(".cache/img@1")), 0o700);
+        assert_eq!(mode(&dir.path().join(".cache/img@1/00000000.1")), 0o600);
+        // A symlink where block 1's file will go: the fill fails, the target is untouched.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join(".cache/img@1/00000001.2")).unwrap();
+        let mut data = vec![2u8; PAGE as usize];
+        let b = bufs(&mut data);
+        let fill = Fill {
+            block: 1,
+            block_pages: 16,
+            offset: 0,
+            bufs: &b,
+            ahead: false,
+            cap: u64::MAX,
+        };
+        assert!(shelf.fill("img@1", a, &fill, &|| true).is_err());
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(shelf.lookup(a, 1, 0, 1).is_none());
     }
 
     #[test]
@@ -557,5 +700,28 @@ mod tests {
         assert!(shelf.lookup(a, 4, 1, 2).is_none());
         shelf.forget(1);
         assert!(!dir.path().join("cache/img@1").exists());
+        assert!(
+            files(&dir.path().join("cache")).is_empty(),
+            "nothing set aside is left"
+        );
+    }
+
+    #[test]
+    fn a_block_filled_again_gets_a_new_file_and_the_old_reader_its_bytes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shelf = Shelf::new(dir.path().join("cache"), 1 << 20).unwrap();
+        let a = Stake { id: 1, epoch: 0 };
+        fill_page(&shelf, a, 0, 0, 1);
+        let old = shelf.lookup(a, 0, 0, 1).unwrap();
+        shelf.drop_block(1, 0);
+        fill_page(&shelf, a, 0, 0, 2);
+        let mut back = vec![0u8; PAGE as usize];
+        old.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 1), "the old file was reused");
+        let new = shelf.lookup(a, 0, 0, 1).unwrap();
+        new.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 2));
+        assert_eq!(files(&dir.path().join("cache/img@1")), ["00000000.2"]);
     }
 }

@@ -412,6 +412,7 @@ impl Daemon {
 
     /// Starts `image prefetch` on a thread of its own (see `cache::prefetch`).
     fn prefetch(&self, name: &ImageName, rate: Option<u64>) -> Result<Value, DaemonError> {
+        crate::cache::prefetch::check_rate(rate).map_err(DaemonError::Text)?;
         let disk = self.owned_disk(name)?;
         if disk.cache().tier().is_none() {
             return Err(DaemonError::NoCache(name.clone()));

@@ -423,11 +423,13 @@ impl Queue {
                     if let Some(tier) = split::local_copy(locations, self.disk.me()) {
                         return Ok(Source::Local(tier));
                     }
+                    // A readable in-sync copy first, hit or not: the cache copies one, and
+                    // must never be the last place a block's data is served from.
                     let remote = next_remote(locations, &[], &*self.peers)
-                        .ok_or(IoError::NoCopy(piece.block));
+                        .ok_or(IoError::NoCopy(piece.block))?;
                     Ok(match self.cached(meta.generation, piece) {
                         Ok(hit) => Source::Cached(hit),
-                        Err(fill) => Source::Remote(remote?, fill.filter(|_| !scan)),
+                        Err(fill) => Source::Remote(remote, fill.filter(|_| !scan)),
                     })
                 })
                 .collect();
