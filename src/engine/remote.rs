@@ -16,11 +16,17 @@ use crate::image::NodeId;
 use crate::peer::{client, PeerError, Request, Response, MAX_CHUNK};
 use crate::peers::Transport;
 
+/// Data bytes of remote operations a queue gathers before it sends them: the bytes one
+/// image may have in flight to a peer (`peers::IMAGE_IN_FLIGHT_BYTES`).
+pub const UNSENT_BYTES: usize = crate::peers::IMAGE_IN_FLIGHT_BYTES;
+
 pub struct RemoteEngine {
     peers: Arc<dyn Transport>,
     shared: Arc<Shared>,
     /// Operations pushed since the last [`Engine::submit`]: their calls leave together.
     queued: Vec<Op>,
+    /// Data bytes of the queued operations (see [`UNSENT_BYTES`]).
+    queued_bytes: usize,
 }
 
 struct Shared {
@@ -105,6 +111,7 @@ impl RemoteEngine {
                 in_flight: AtomicUsize::new(0),
             }),
             queued: Vec::new(),
+            queued_bytes: 0,
         }
     }
 
@@ -212,6 +219,7 @@ impl RemoteEngine {
             return;
         }
         let ops = std::mem::take(&mut self.queued);
+        self.queued_bytes = 0;
         crate::peer::client::batch(|| {
             for op in ops {
                 self.start(op);
@@ -221,14 +229,23 @@ impl RemoteEngine {
 }
 
 impl Engine for RemoteEngine {
+    /// None once a kick's unsent calls carry [`UNSENT_BYTES`]: the queue then stops taking
+    /// requests and sends these, so that what the peer's push-back holds waiting is one
+    /// image's bound, not a whole ring of requests (a call that waits its whole timeout for
+    /// room fails).
     fn room(&self) -> usize {
-        usize::MAX
+        if self.queued_bytes >= UNSENT_BYTES {
+            0
+        } else {
+            usize::MAX
+        }
     }
 
     /// Queues the operation (it counts as in flight from now on); its calls go out with the
     /// next [`Engine::submit`].
     fn push(&mut self, op: Op) {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.queued_bytes += op.iovecs.len();
         self.queued.push(op);
     }
 

@@ -274,10 +274,12 @@ impl Queue {
     }
 
     /// Whether the caller should stop taking requests until some complete: too many
-    /// operations in flight, or calls of this image waiting for room on a peer (they wait
-    /// in the guest's ring, not in ours; see `peers::Transport::has_room`).
+    /// operations in flight, a peer bound's worth of remote calls gathered and not yet
+    /// sent, or calls of this image waiting for room on a peer (they wait in the guest's
+    /// ring, not in ours; see `peers::Transport::has_room`).
     pub fn is_full(&self) -> bool {
         self.ops_in_flight() >= MAX_IN_FLIGHT_OPS
+            || self.remote.room() == 0
             || (self.remote.in_flight() > 0 && !self.peers.has_room(self.disk.name()))
     }
 
