@@ -507,6 +507,22 @@ impl Daemon {
         }
     }
 
+    /// Opens image `name` again as a new instance (a fenced one is never served again):
+    /// its export and entry are replaced; its block files stay.
+    fn reopen(&self, name: &ImageName, meta: ImageMeta) -> Result<Arc<Disk>, DaemonError> {
+        let entry = self.lock().remove(name);
+        if let Some(Entry { disk, export }) = entry {
+            if let Some(export) = export {
+                export.stop();
+            }
+            disk.fence();
+        }
+        log::info!("image {name}: opened again here as a new instance");
+        self.open_shared(meta)?;
+        self.find(name)
+            .ok_or_else(|| DaemonError::Vanished(name.clone()))
+    }
+
     /// Drops image `name` (of id `id`) from this node: export, files, entry.
     fn forget(&self, name: &ImageName, id: ImageId) {
         let entry = {
@@ -719,6 +735,15 @@ impl Daemon {
         }
         let from = meta.owner.clone();
         let disk = match self.find(name) {
+            // Fenced when the image moved away while this node kept a copy: that instance
+            // stays fenced for good (a stale frontend must never be served again), so the
+            // image comes back here as a new one, once the old frontend has gone.
+            Some(disk) if disk.is_fenced() => {
+                if disk.in_use() {
+                    return Err(DaemonError::InUse(name.clone()));
+                }
+                self.reopen(name, meta)?
+            }
             Some(disk) => disk,
             None => {
                 self.open_shared(meta)?;
