@@ -276,8 +276,14 @@ fn a_node_that_keeps_a_copy_never_serves_its_old_cache() {
     for _ in 0..2 {
         for block in 0..4u64 {
             let (status, data) = on_a.read(0, block * 2048, PART).unwrap();
-            assert_eq!(status, S_OK, "block {block}: a does not serve the image again");
-            assert!(data == pattern(block, 2), "block {block}: a served old data");
+            assert_eq!(
+                status, S_OK,
+                "block {block}: a does not serve the image again"
+            );
+            assert!(
+                data == pattern(block, 2),
+                "block {block}: a served old data"
+            );
         }
     }
 }
