@@ -72,6 +72,7 @@ fn key(bytes: &[u8], with_prefix: bool) {
         Key::Active(id) => keys.active(*id),
         Key::Lost(id, node) => keys.lost(*id, node),
         Key::Qos(id) => keys.qos(*id),
+        Key::Stripe(id) => keys.stripe(*id),
     };
     assert_eq!(again, key, "{parsed:?} re-encodes differently");
     assert_eq!(keys.encode(&parsed), key);
