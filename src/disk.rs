@@ -59,8 +59,8 @@ pub struct Disk {
     adopted_at: AtomicU64,
     /// The counter of this node's write stamps (see [`Disk::next_stamp`]).
     stamps: AtomicU64,
-    /// As a holder: per block, the (epoch, stamp) of the newest change applied here.
-    applied: Mutex<HashMap<(Tier, u64), (u64, u64)>>,
+    /// As a holder: per block, the changes applied here lately (see [`Disk::admit_change`]).
+    applied: Mutex<HashMap<(Tier, u64), Applied>>,
     /// Copies that missed a write whose out-of-sync mark could not be recorded (etcd
     /// unreachable): per block, the marks still to record. Until they are, those copies and
     /// the ones that took the write differ while all are "in sync" in etcd.
@@ -282,16 +282,28 @@ impl Disk {
             | (counter & ((1 << STAMP_COUNTER_BITS) - 1))
     }
 
-    /// As a holder: whether a change to `block` on `tier` made under (`epoch`, `stamp`) may be
-    /// applied, i.e. no newer one was; records it. Call under the epoch gate.
-    pub fn admit_change(&self, tier: Tier, block: u64, epoch: u64, stamp: u64) -> bool {
+    /// As a holder: whether a change to `bytes` of `block` on `tier` made under (`epoch`,
+    /// `stamp`) may be applied, i.e. no newer change to any of those bytes was; records it.
+    /// Call under the epoch gate.
+    ///
+    /// Changes the owner sent together to different bytes of one block may be applied here
+    /// in any order (the peer server runs several at once), so only an overlap makes a
+    /// change late. Past [`CHANGES_KEPT`] per block the oldest is forgotten into a floor,
+    /// and anything older than the floor is refused whatever bytes it touches: a change
+    /// overtaken by that many others is one its owner gave up on.
+    pub fn admit_change(
+        &self,
+        tier: Tier,
+        block: u64,
+        epoch: u64,
+        stamp: u64,
+        bytes: std::ops::Range<u64>,
+    ) -> bool {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let newest = applied.entry((tier, block)).or_insert((0, 0));
-        if (epoch, stamp) < *newest {
-            return false;
-        }
-        *newest = (epoch, stamp);
-        true
+        applied
+            .entry((tier, block))
+            .or_default()
+            .admit((epoch, stamp), bytes)
     }
 
     /// Records that this node adopted the image at its current epoch.
@@ -818,6 +830,48 @@ fn changed_runs(old: &BlockTable, new: &BlockTable) -> Vec<(u64, u64)> {
     runs
 }
 
+/// Changes kept per block by [`Applied`]: more than the calls one image may have in flight
+/// to a peer (`peers::budget`, 64), so changes sent together are never refused for their
+/// order alone.
+const CHANGES_KEPT: usize = 96;
+
+/// The changes applied lately to one block on a holder: (epoch, stamp) and the bytes each
+/// touched, newest last, and a floor below which every change is late.
+#[derive(Default)]
+struct Applied {
+    floor: (u64, u64),
+    recent: std::collections::VecDeque<((u64, u64), std::ops::Range<u64>)>,
+}
+
+impl Applied {
+    fn admit(&mut self, change: (u64, u64), bytes: std::ops::Range<u64>) -> bool {
+        if change < self.floor {
+            return false;
+        }
+        let overlaps = |b: &std::ops::Range<u64>| b.start < bytes.end && bytes.start < b.end;
+        if self
+            .recent
+            .iter()
+            .any(|(newer, b)| *newer > change && overlaps(b))
+        {
+            return false;
+        }
+        // Once a change from a newer owner (epoch) arrives, nothing older can be admitted:
+        // the floor says so and the older changes are forgotten.
+        if change.0 > self.floor.0 {
+            self.floor = (change.0, 0);
+            self.recent.retain(|(c, _)| c.0 >= change.0);
+        }
+        self.recent.push_back((change, bytes));
+        if self.recent.len() > CHANGES_KEPT {
+            if let Some((oldest, _)) = self.recent.pop_front() {
+                self.floor = self.floor.max(oldest);
+            }
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,22 +898,46 @@ mod tests {
         .unwrap();
         let store = Arc::new(crate::meta::store::LocalStore::new(dir.path().join("meta")));
         let disk = Disk::open(meta, &dirs, "b".parse().unwrap(), store);
-        assert!(disk.admit_change(Tier::Ram, 0, 5, 10));
+        let all = 0..4096;
+        assert!(disk.admit_change(Tier::Ram, 0, 5, 10, all.clone()));
         assert!(
-            disk.admit_change(Tier::Ram, 0, 5, 10),
+            disk.admit_change(Tier::Ram, 0, 5, 10, all.clone()),
             "pieces of one change"
         );
         assert!(
-            !disk.admit_change(Tier::Ram, 0, 5, 9),
-            "a late, older write"
+            !disk.admit_change(Tier::Ram, 0, 5, 9, 1024..2048),
+            "a late, older write over the same bytes"
         );
-        assert!(disk.admit_change(Tier::Ram, 1, 5, 9), "another block");
-        assert!(disk.admit_change(Tier::Volume, 0, 5, 1), "another tier");
-        assert!(!disk.admit_change(Tier::Ram, 0, 4, 99), "an older epoch");
         assert!(
-            disk.admit_change(Tier::Ram, 0, 6, 1),
+            disk.admit_change(Tier::Ram, 0, 5, 8, 4096..8192),
+            "an older write to other bytes, applied in another order"
+        );
+        assert!(
+            disk.admit_change(Tier::Ram, 1, 5, 9, all.clone()),
+            "another block"
+        );
+        assert!(
+            disk.admit_change(Tier::Volume, 0, 5, 1, all.clone()),
+            "another tier"
+        );
+        assert!(
+            !disk.admit_change(Tier::Ram, 0, 4, 99, 8192..9000),
+            "an older epoch"
+        );
+        assert!(
+            disk.admit_change(Tier::Ram, 0, 6, 1, all.clone()),
             "a newer owner starts over"
         );
+        assert!(
+            !disk.admit_change(Tier::Ram, 0, 5, 11, 9000..9100),
+            "nothing of an older owner after it"
+        );
+        // A change overtaken by more than CHANGES_KEPT others is late, whatever it touches.
+        for stamp in 10..(10 + CHANGES_KEPT as u64 + 1) {
+            let at = stamp * 4096;
+            assert!(disk.admit_change(Tier::Ram, 2, 7, stamp, at..at + 4096));
+        }
+        assert!(!disk.admit_change(Tier::Ram, 2, 7, 5, 0..1));
         let (a, b) = (disk.next_stamp(), disk.next_stamp());
         assert!(b > a);
     }

@@ -239,8 +239,9 @@ impl<H: Holdings> HolderService<H> {
         image: &ImageRef,
         tier: Tier,
         block: u64,
+        bytes: std::ops::Range<u64>,
     ) -> Result<(), Response> {
-        if disk.admit_change(tier, block, image.epoch, image.stamp) {
+        if disk.admit_change(tier, block, image.epoch, image.stamp, bytes) {
             return Ok(());
         }
         Err(refuse(
@@ -294,7 +295,8 @@ impl<H: Holdings> HolderService<H> {
             } => {
                 let disk = self.held(&image, tier, block, offset, data.len() as u64)?;
                 let _gate = self.gate(&disk, &image)?;
-                self.newest_change(&disk, &image, tier, block)?;
+                let at = u64::from(offset);
+                self.newest_change(&disk, &image, tier, block, at..at + data.len() as u64)?;
                 disk.blocks()
                     .write(tier, block, u64::from(offset), &data)
                     .map_err(io)?;
@@ -313,7 +315,8 @@ impl<H: Holdings> HolderService<H> {
             } => {
                 let disk = self.held(&image, tier, block, offset, u64::from(len))?;
                 let _gate = self.gate(&disk, &image)?;
-                self.newest_change(&disk, &image, tier, block)?;
+                let at = u64::from(offset);
+                self.newest_change(&disk, &image, tier, block, at..at + u64::from(len))?;
                 disk.blocks()
                     .free(tier, block, u64::from(offset), u64::from(len))
                     .map_err(io)?;

@@ -280,6 +280,16 @@ impl Cormorant {
         Ok(sock)
     }
 
+    /// The first `n` error lines of the daemon's log, for a note when a load saw errors.
+    pub fn log_errors(&self, n: usize) -> Vec<String> {
+        read_lossy(&self.proc.log)
+            .lines()
+            .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+            .take(n)
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn socket(&self, name: &str) -> PathBuf {
         self.run_dir.join(format!("{name}.sock"))
     }

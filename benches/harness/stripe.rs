@@ -157,9 +157,10 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
             })?;
             if r.errors > 0 {
                 notes.push(format!(
-                    "stripe: {} on {name}: {} errors",
+                    "stripe: {} on {name}: {} errors; node a's log: {}",
                     s.label(),
-                    r.errors
+                    r.errors,
+                    a.log_errors(4).join(" / ")
                 ));
             }
             let case = format!("{name} seq {} 1M QD{QD}: MB/s", pattern.name());
