@@ -44,13 +44,6 @@ const CACHE_SIZE: &str = "512M";
 /// Figures and measurements name this system.
 const SYSTEM: &str = "cormorant";
 
-fn free_port(ip: &str) -> Result<u16, ProcError> {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_ctx("pick a port"))
-}
-
 fn node(
     ctx: &Ctx,
     work: &Path,
@@ -100,7 +93,10 @@ impl Nodes {
         // A key file group or others can read is refused.
         let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
         std::fs::set_permissions(&key, private).map_err(io_ctx("key file"))?;
-        let (pa, pb) = (free_port("127.0.0.2")?, free_port("127.0.0.3")?);
+        let (pa, pb) = (
+            procs::free_port("127.0.0.2")?,
+            procs::free_port("127.0.0.3")?,
+        );
         let (aa, ab) = (format!("127.0.0.2:{pa}"), format!("127.0.0.3:{pb}"));
         // The nodes find each other through a 1-member etcd (kept to the end).
         std::fs::create_dir_all(w.join("etcd")).map_err(io_ctx("etcd dir"))?;

@@ -400,6 +400,14 @@ const OWNER_FILE: &str = "owner.pid";
 /// A work directory under `parent`, removed on drop, with the owner's pid inside so that a later
 /// run can remove it if this one is killed before its destructors run (a RAM-tier run leaves
 /// gigabytes in /dev/shm otherwise).
+/// A TCP port free on `ip` now (for a daemon's peer listener).
+pub fn free_port(ip: &str) -> Result<u16, ProcError> {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_ctx("pick a port"))
+}
+
 pub fn work_dir(parent: &Path, what: &str) -> Result<tempfile::TempDir, ProcError> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("{WORK_PREFIX}{what}-"))

@@ -30,13 +30,6 @@ const QD: u16 = 4;
 /// Request size.
 const BS: u32 = 1 << 20;
 
-fn free_port(ip: &str) -> Result<u16, ProcError> {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_ctx("pick a port"))
-}
-
 /// Node `id` listening on `addr`, its RAM tier under `ram` and its volume tier under `vol`.
 fn node(
     ctx: &Ctx,
@@ -107,7 +100,7 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
     let mut nodes = Vec::new();
     for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
         let ip = format!("127.0.0.{}", i + 2);
-        let addr = format!("{ip}:{}", free_port(&ip)?);
+        let addr = format!("{ip}:{}", procs::free_port(&ip)?);
         let dirs = (ram.path(), vol.path());
         nodes.push(node(ctx, dirs, (id, &addr), &etcd.endpoint_arg(), &key)?);
     }
