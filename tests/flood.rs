@@ -15,9 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::daemon::Cluster;
 use common::guest::{Disk, Guest, GuestOpts};
-use common::netns::Netns;
+use common::netns;
 use common::{tools_available, TestDir};
 use cormorant_frontend::{BlkClient, BlkRequest, ClientOptions, GuestBuf};
 
@@ -95,33 +94,13 @@ fn a_flooding_guest_does_not_fail_the_peer_for_another_image() {
     if !tools_available(&["qemu-system-x86_64", "etcd", "tc"]) {
         return;
     }
-    let Some(ns) = Netns::create("flood") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "network namespaces are needed in CI"
-        );
-        eprintln!("note: cannot create network namespaces here; skipping");
+    let Some(ns) = netns::create_or_skip("flood") else {
         return;
     };
     let dir = TestDir::new();
-    let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
     // b reaches etcd through the veth too. Its lease (10 s) outlasts any queueing on the
     // slow link by far: what is tested is the peer path, not the lease.
-    let etcd = common::start_etcd(dir.path());
-    let first: std::net::SocketAddr = etcd.endpoints()[0]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = common::proxy::Proxy::start_on("198.51.100.1", first);
-    let endpoints = [etcd.endpoint_arg(), proxy.url()];
-    let cluster = Cluster::start_etcd_at(
-        dir.path(),
-        &ips,
-        &[None, Some(ns.name.clone())],
-        &endpoints,
-        10,
-        None,
-    );
+    let (_etcd, _proxy, cluster) = netns::cluster_across(&ns, dir.path(), 10);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.create_image("x", "64M", "4M", &["b:ram"]);
     a.create_image("y", "8M", "1M", &["b:ram"]);

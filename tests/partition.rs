@@ -8,40 +8,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::Cluster;
-use common::netns::Netns;
+use common::netns;
 use common::TestDir;
 use cormorant_frontend::{BlkClient, ClientOptions};
 
 #[test]
 fn a_partitioned_replica_is_failure_listed_and_recovered() {
-    let Some(ns) = Netns::create("part") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "network namespaces are needed in CI"
-        );
-        eprintln!("note: cannot create network namespaces here; skipping");
+    let Some(ns) = netns::create_or_skip("part") else {
         return;
     };
     let dir = TestDir::new();
-    let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
     // b, inside the namespace, reaches etcd through the veth: the cut takes etcd away
     // from it too.
-    let etcd = common::start_etcd(dir.path());
-    let first: std::net::SocketAddr = etcd.endpoints()[0]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = common::proxy::Proxy::start_on("198.51.100.1", first);
-    let endpoints = [etcd.endpoint_arg(), proxy.url()];
-    let cluster = Cluster::start_etcd_at(
-        dir.path(),
-        &ips,
-        &[None, Some(ns.name.clone())],
-        &endpoints,
-        3,
-        None,
-    );
+    let (_etcd, _proxy, cluster) = netns::cluster_across(&ns, dir.path(), 3);
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     a.create_image("p", "2M", "256K", &["a:ram", "b:ram"]);
     let opts = ClientOptions {

@@ -134,19 +134,10 @@ impl ImageMeta {
     ) -> Result<Self, MetaError> {
         let blocks = check_shape(size, block_size)?;
         let tier = locations.first().map_or(Tier::Ram, |l| l.tier);
-        Ok(ImageMeta {
-            name,
-            id: ImageId::random(),
-            owner,
-            generation: 0,
-            size,
-            block_size,
-            tier,
-            read_only,
-            qos: QosLimits::default(),
-            stripe: None,
-            table: BlockTable::uniform(blocks, locations)?,
-        })
+        let table = BlockTable::uniform(blocks, locations)?;
+        Ok(ImageMeta::fresh(
+            name, owner, size, block_size, tier, read_only, table, None,
+        ))
     }
 
     /// A new striped image owned by `owner`: its blocks placed by `stripe` (the first
@@ -161,7 +152,26 @@ impl ImageMeta {
     ) -> Result<Self, MetaError> {
         let blocks = check_shape(size, block_size)?;
         let tier = stripe.members().first().map_or(Tier::Ram, |m| m.at.tier);
-        Ok(ImageMeta {
+        let table = stripe.table(blocks)?;
+        let stripe = Some(stripe);
+        Ok(ImageMeta::fresh(
+            name, owner, size, block_size, tier, read_only, table, stripe,
+        ))
+    }
+
+    /// A new image of a fresh id at epoch 0, without limits.
+    #[allow(clippy::too_many_arguments)]
+    fn fresh(
+        name: ImageName,
+        owner: NodeId,
+        size: u64,
+        block_size: u64,
+        tier: Tier,
+        read_only: bool,
+        table: BlockTable,
+        stripe: Option<Stripe>,
+    ) -> Self {
+        ImageMeta {
             name,
             id: ImageId::random(),
             owner,
@@ -171,9 +181,9 @@ impl ImageMeta {
             tier,
             read_only,
             qos: QosLimits::default(),
-            table: stripe.table(blocks)?,
-            stripe: Some(stripe),
-        })
+            stripe,
+            table,
+        }
     }
 
     pub fn blocks(&self) -> u64 {

@@ -96,3 +96,49 @@ impl Drop for Netns {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// A namespace for `tag`, or `None` (with a note) where namespaces cannot be made; in CI
+/// they must be.
+pub fn create_or_skip(tag: &str) -> Option<Netns> {
+    let ns = Netns::create(tag);
+    if ns.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "network namespaces are needed in CI"
+        );
+        eprintln!("note: cannot create network namespaces here; skipping");
+    }
+    ns
+}
+
+/// Two etcd-backed nodes across `ns`'s link: a here (198.51.100.1), b inside the namespace
+/// (198.51.100.2), b reaching etcd through the veth too (by a proxy on a's side), so a cut
+/// or a slow link takes etcd from it as well. Each node's lease lasts `lease_ttl` seconds.
+/// Keep all three; they drop cluster first.
+pub fn cluster_across(
+    ns: &Netns,
+    dir: &std::path::Path,
+    lease_ttl: u64,
+) -> (
+    super::etcd::EtcdCluster,
+    super::proxy::Proxy,
+    super::daemon::Cluster,
+) {
+    let ips = ["198.51.100.1".to_string(), "198.51.100.2".to_string()];
+    let etcd = super::start_etcd(dir);
+    let first: std::net::SocketAddr = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = super::proxy::Proxy::start_on("198.51.100.1", first);
+    let endpoints = [etcd.endpoint_arg(), proxy.url()];
+    let cluster = super::daemon::Cluster::start_etcd_at(
+        dir,
+        &ips,
+        &[None, Some(ns.name.clone())],
+        &endpoints,
+        lease_ttl,
+        None,
+    );
+    (etcd, proxy, cluster)
+}
