@@ -82,9 +82,9 @@ impl From<ImageId> for String {
 }
 
 /// Splits a block directory's name into image name and id (`None` for names that are not
-/// block directories, such as `.meta`).
+/// block directories, such as `.meta`). A snapshot's directory is `<image>@<snap>@<id>`.
 pub fn parse_dir_name(dir: &str) -> Option<(super::ImageName, ImageId)> {
-    match dir.split_once('@') {
+    match dir.rsplit_once('@') {
         Some((name, id)) => Some((name.parse().ok()?, id.parse().ok()?)),
         None => Some((dir.parse().ok()?, ImageId::LEGACY)),
     }
@@ -118,5 +118,7 @@ mod tests {
         assert_eq!(parse_dir_name("disk0"), Some((name, ImageId::LEGACY)));
         assert_eq!(parse_dir_name(".meta"), None);
         assert_eq!(parse_dir_name("disk0@zz"), None);
+        let snap: super::super::ImageName = "disk0@monday".parse().unwrap();
+        assert_eq!(parse_dir_name(&id.dir_name(&snap)), Some((snap, id)));
     }
 }

@@ -55,7 +55,26 @@ pub struct MetaFile {
     /// The stripe layout of a striped image (docs/CLUSTER.md); left out for others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe: Option<Stripe>,
+    /// The image a clone reads its unwritten blocks from; left out for others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
     pub extents: Vec<Extent>,
+}
+
+/// The image a clone (or a snapshot of a clone) reads through to: a block this image has no
+/// data of its own for reads as the parent's block. Named by id as well as name, so an image
+/// removed and re-created under the parent's name is never read through by mistake.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Parent {
+    pub name: ImageName,
+    pub id: ImageId,
+}
+
+impl std::fmt::Display for Parent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.id)
+    }
 }
 
 /// An image's shape and block table, validated.
@@ -74,6 +93,8 @@ pub struct ImageMeta {
     /// The rule a striped image's blocks were placed by (see `stripe`); kept consistent with
     /// `table` by every location change.
     pub stripe: Option<Stripe>,
+    /// Where unwritten blocks read from (a clone); `None` for an image of its own.
+    pub parent: Option<Parent>,
     pub table: BlockTable,
 }
 
@@ -182,6 +203,7 @@ impl ImageMeta {
             read_only,
             qos: QosLimits::default(),
             stripe,
+            parent: None,
             table,
         }
     }
@@ -209,6 +231,7 @@ impl ImageMeta {
             read_only: self.read_only,
             qos: self.qos,
             stripe: self.stripe.clone(),
+            parent: self.parent.clone(),
             extents: self.table.extents(),
         }
     }
@@ -231,6 +254,7 @@ impl ImageMeta {
             read_only: file.read_only,
             qos: file.qos,
             stripe: file.stripe,
+            parent: file.parent,
         })
     }
 

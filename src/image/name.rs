@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// `<run-dir>/<name>.sock` well inside the 108-byte `sun_path` for ordinary run dirs.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// A validated image name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot.
+/// A validated image name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot. A
+/// snapshot's name is its image's name, `@` and the snapshot's own name (`vm1@monday`), so a
+/// snapshot can never take a name an ordinary image could have.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ImageName(String);
@@ -24,12 +26,51 @@ pub enum NameError {
     LeadingDot,
     #[error("image name may only contain A-Z, a-z, 0-9, '.', '_' and '-' (found {0:?})")]
     BadChar(char),
+    #[error("a snapshot name is IMAGE@SNAPSHOT, with one '@' between two names")]
+    BadSnapshot,
 }
 
 impl ImageName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name of snapshot `snap` of this image; refused for a snapshot's name (a snapshot
+    /// of a snapshot is a clone's snapshot: clone it first) or a name too long.
+    pub fn snapshot(&self, snap: &ImageName) -> Result<ImageName, NameError> {
+        if self.is_snapshot() || snap.is_snapshot() {
+            return Err(NameError::BadSnapshot);
+        }
+        format!("{self}@{snap}").parse()
+    }
+
+    /// Whether this names a snapshot (`image@snap`).
+    pub fn is_snapshot(&self) -> bool {
+        self.0.contains('@')
+    }
+
+    /// The image a snapshot was taken of; `None` for an image's own name.
+    pub fn snapshot_of(&self) -> Option<ImageName> {
+        let (image, _) = self.0.split_once('@')?;
+        Some(ImageName(image.to_string()))
+    }
+}
+
+/// Checks one `[A-Za-z0-9._-]` part of a name.
+fn check_part(part: &str) -> Result<(), NameError> {
+    if part.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if part.starts_with('.') {
+        return Err(NameError::LeadingDot);
+    }
+    if let Some(bad) = part
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(NameError::BadChar(bad));
+    }
+    Ok(())
 }
 
 impl FromStr for ImageName {
@@ -42,14 +83,12 @@ impl FromStr for ImageName {
         if name.len() > MAX_NAME_LEN {
             return Err(NameError::TooLong);
         }
-        if name.starts_with('.') {
-            return Err(NameError::LeadingDot);
-        }
-        if let Some(bad) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(NameError::BadChar(bad));
+        match name.split_once('@') {
+            None => check_part(name)?,
+            Some((image, snap)) => {
+                check_part(image).map_err(|_| NameError::BadSnapshot)?;
+                check_part(snap).map_err(|_| NameError::BadSnapshot)?;
+            }
         }
         Ok(ImageName(name.to_string()))
     }
@@ -94,6 +133,24 @@ mod tests {
         assert_eq!("a/b".parse::<ImageName>(), Err(NameError::BadChar('/')));
         assert_eq!("a b".parse::<ImageName>(), Err(NameError::BadChar(' ')));
         assert_eq!("é".parse::<ImageName>(), Err(NameError::BadChar('é')));
+    }
+
+    #[test]
+    fn snapshot_names_have_one_at_between_two_names() {
+        let vm: ImageName = "vm1".parse().unwrap();
+        let snap = vm.snapshot(&"monday".parse().unwrap()).unwrap();
+        assert_eq!(snap.as_str(), "vm1@monday");
+        assert!(snap.is_snapshot() && !vm.is_snapshot());
+        assert_eq!(snap.snapshot_of(), Some(vm.clone()));
+        assert_eq!(snap.as_str().parse::<ImageName>(), Ok(snap.clone()));
+        assert!(snap.snapshot(&vm).is_err());
+        for bad in ["@a", "a@", "a@b@c", "a@.b", "a@b/c"] {
+            assert_eq!(
+                bad.parse::<ImageName>(),
+                Err(NameError::BadSnapshot),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -320,6 +320,8 @@ pub fn meta_of(
         read_only: record.read_only,
         qos,
         stripe: None,
+        // Clones are not yet in clusters (daemon::chain refuses them there).
+        parent: None,
         extents,
     };
     ImageMeta::from_file(file)

@@ -10,8 +10,10 @@
 //! which survives a daemon crash and nothing can make more durable.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 
@@ -26,6 +28,17 @@ pub struct Blocks {
     dirty: DirtyFiles,
     block_size: u64,
     size: u64,
+    /// A clone's: a block without a file of its own reads its parent's data.
+    cloned: AtomicBool,
+    /// Where that data is on this node; set once the parent is open. Until then a clone's
+    /// unwritten blocks fail to read rather than read as zeros.
+    backing: RwLock<Option<Arc<dyn Backing>>>,
+}
+
+/// A clone's parent chain on this node: the file holding a block's data, resolved down the
+/// chain (`None`: no image of the chain has data there; it reads as zeros).
+pub trait Backing: Send + Sync {
+    fn file_for_read(&self, block: u64) -> io::Result<Option<Arc<File>>>;
 }
 
 /// What a flush must sync: the files, and the ticket to hand to [`Blocks::flushed`] once
@@ -51,6 +64,72 @@ impl Blocks {
             dirty: DirtyFiles::default(),
             block_size,
             size,
+            cloned: AtomicBool::new(false),
+            backing: RwLock::new(None),
+        }
+    }
+
+    /// The blocks of a clone: those without a file of their own read from `set_backing`'s
+    /// chain, and are copied up before their first write.
+    pub fn open_clone(
+        dirs: &TierDirs,
+        name: &ImageName,
+        id: ImageId,
+        block_size: u64,
+        size: u64,
+    ) -> Self {
+        Blocks {
+            cloned: AtomicBool::new(true),
+            ..Blocks::open(dirs, name, id, block_size, size)
+        }
+    }
+
+    /// Connects a clone to its parent's blocks on this node.
+    pub fn set_backing(&self, backing: Arc<dyn Backing>) {
+        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = Some(backing);
+    }
+
+    /// Cuts a clone loose from its parent: call only once every block has data of its own
+    /// or reads as zeros in the whole chain (`image flatten`).
+    pub fn clear_backing(&self) {
+        self.cloned.store(false, Ordering::Release);
+        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn is_clone(&self) -> bool {
+        self.cloned.load(Ordering::Acquire)
+    }
+
+    /// Whether `block` has data of its own on `tier` (a file, possibly empty), rather than
+    /// reading through to a parent or as zeros.
+    pub fn has_own(&self, tier: Tier, block: u64) -> Result<bool, BlockError> {
+        let own = self.files(tier).for_read(block);
+        Ok(own.map_err(io_at(tier, block, "open"))?.is_some())
+    }
+
+    /// Gives `block` data of its own on `tier` (copied from its parent) if it reads through:
+    /// a step of `image flatten`. Guest writes copy up the same way, under the same lock.
+    pub fn copy_up(&self, tier: Tier, block: u64) -> Result<(), BlockError> {
+        self.file_for_write(tier, block).map(drop)
+    }
+
+    fn backing_now(&self) -> Option<Arc<dyn Backing>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Where `block` reads from when it has no file of its own.
+    fn base(&self, block: u64) -> io::Result<Option<Arc<File>>> {
+        if !self.is_clone() {
+            return Ok(None);
+        }
+        match self.backing_now() {
+            Some(backing) => backing.file_for_read(block),
+            None => Err(io::Error::other(
+                "the clone's parent is not open on this node",
+            )),
         }
     }
 
@@ -131,13 +210,13 @@ impl Blocks {
         if len == 0 {
             return Ok(());
         }
-        let files = self.files(tier);
-        files
-            .punch(block, offset, len)
-            .map_err(io_at(tier, block, "punch a hole in"))?;
-        if let Some(file) = self.file_for_read(tier, block)? {
-            self.written(tier, block, &file);
+        if self.file_for_read(tier, block)?.is_none() {
+            return Ok(()); // zeros already
         }
+        // A clone's block read through, or a file a snapshot shares, is copied first.
+        let file = self.file_for_write(tier, block)?;
+        BlockFiles::punch(&file, offset, len).map_err(io_at(tier, block, "punch a hole in"))?;
+        self.written(tier, block, &file);
         Ok(())
     }
 
@@ -145,7 +224,7 @@ impl Blocks {
     /// as zeros again. A block without a file is already free.
     pub fn free_block(&self, tier: Tier, block: u64) -> Result<(), BlockError> {
         self.files(tier)
-            .drop_block(block)
+            .drop_block(block, self.is_clone())
             .map_err(io_at(tier, block, "remove"))?;
         if tier == Tier::Volume {
             self.dirty.forget(block);
@@ -216,17 +295,25 @@ impl Blocks {
 
     /// The file of `block` for an asynchronous read, or `None` when the block was never
     /// written (it reads as zeros without any I/O).
+    /// A clone's block without a file of its own gives its parent chain's file.
     pub fn file_for_read(&self, tier: Tier, block: u64) -> Result<Option<Arc<File>>, BlockError> {
-        self.files(tier)
+        let own = self
+            .files(tier)
             .for_read(block)
-            .map_err(io_at(tier, block, "open"))
+            .map_err(io_at(tier, block, "open"))?;
+        match own {
+            Some(file) => Ok(Some(file)),
+            None => self
+                .base(block)
+                .map_err(io_at(tier, block, "read the parent's data of")),
+        }
     }
 
     /// The file of `block` for an asynchronous write, created on first use. Call
     /// [`Blocks::written`] once the write completed.
     pub fn file_for_write(&self, tier: Tier, block: u64) -> Result<Arc<File>, BlockError> {
         self.files(tier)
-            .for_write(block)
+            .for_write(block, || self.base(block))
             .map_err(io_at(tier, block, "open for writing"))
     }
 
@@ -424,5 +511,149 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
         assert!(err.to_string().contains("block 1"), "{err}");
         assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+    }
+}
+
+/// Clones and snapshots at the file level: read-through, copy-up, links.
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const BLOCK: u64 = 64 << 10;
+    const SIZE: u64 = 4 * BLOCK;
+
+    struct Parent(Arc<Blocks>, Tier);
+
+    impl Backing for Parent {
+        fn file_for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
+            self.0
+                .file_for_read(self.1, block)
+                .map_err(io::Error::other)
+        }
+    }
+
+    fn dirs(root: &tempfile::TempDir) -> TierDirs {
+        TierDirs {
+            ram: root.path().join("ram"),
+            volume: root.path().join("vol"),
+        }
+    }
+
+    /// A parent with data in blocks 0 and 1 (block 1 sparse), and its clone.
+    fn family() -> (tempfile::TempDir, Arc<Blocks>, Blocks) {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = dirs(&root);
+        let parent = Arc::new(Blocks::open(
+            &dirs,
+            &"gold".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        ));
+        parent.write(Tier::Ram, 0, 0, &[1; BLOCK as usize]).unwrap();
+        parent.write(Tier::Ram, 1, 4096, &[2; 4096]).unwrap();
+        let clone = Blocks::open_clone(
+            &dirs,
+            &"vm".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        clone.set_backing(Arc::new(Parent(parent.clone(), Tier::Ram)));
+        (root, parent, clone)
+    }
+
+    fn read(blocks: &Blocks, tier: Tier, block: u64) -> Vec<u8> {
+        let mut buf = vec![9u8; BLOCK as usize];
+        blocks.read(tier, block, 0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_clone_reads_its_parent_until_written() {
+        let (_root, parent, clone) = family();
+        assert_eq!(read(&clone, Tier::Volume, 0), read(&parent, Tier::Ram, 0));
+        assert_eq!(read(&clone, Tier::Volume, 3), vec![0; BLOCK as usize]);
+        assert!(!clone.has_own(Tier::Volume, 0).unwrap());
+    }
+
+    #[test]
+    fn a_write_copies_the_block_up_and_leaves_the_parent_alone() {
+        let (_root, parent, clone) = family();
+        clone.write(Tier::Volume, 1, 0, &[7; 100]).unwrap();
+        let mut want = vec![0u8; BLOCK as usize];
+        want[..100].fill(7);
+        want[4096..8192].fill(2);
+        assert_eq!(read(&clone, Tier::Volume, 1), want);
+        let mut before = vec![0u8; BLOCK as usize];
+        before[4096..8192].fill(2);
+        assert_eq!(read(&parent, Tier::Ram, 1), before);
+        assert!(clone.has_own(Tier::Volume, 1).unwrap());
+        // Holes stay holes: one 4 KiB page of data and the written page.
+        let used = clone.files(Tier::Volume).used_bytes().unwrap();
+        assert!(used <= 3 * 4096, "copy-up filled holes: {used} bytes");
+    }
+
+    #[test]
+    fn a_discarded_clone_block_reads_zeros_not_its_parent() {
+        let (_root, _parent, clone) = family();
+        clone.free(Tier::Volume, 0, 0, BLOCK).unwrap();
+        assert_eq!(read(&clone, Tier::Volume, 0), vec![0; BLOCK as usize]);
+        clone.free(Tier::Volume, 1, 4096, 2048).unwrap();
+        let mut want = vec![0u8; BLOCK as usize];
+        want[6144..8192].fill(2);
+        assert_eq!(read(&clone, Tier::Volume, 1), want);
+    }
+
+    #[test]
+    fn a_clone_without_its_parent_fails_rather_than_reading_zeros() {
+        let root = tempfile::tempdir().unwrap();
+        let clone = Blocks::open_clone(
+            &dirs(&root),
+            &"vm".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        let mut buf = vec![0u8; 512];
+        assert!(clone.read(Tier::Ram, 0, 0, &mut buf).is_err());
+        assert!(clone.write(Tier::Ram, 0, 0, &buf).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_bytes_when_the_image_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = dirs(&root);
+        let image = Blocks::open(
+            &dirs,
+            &"vm".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        image.write(Tier::Ram, 0, 0, &[1; 4096]).unwrap();
+        image.write(Tier::Ram, 2, 0, &[3; 4096]).unwrap();
+        let snap = Blocks::open(
+            &dirs,
+            &"vm@s".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        let linked = image
+            .files(Tier::Ram)
+            .link_into(snap.files(Tier::Ram))
+            .unwrap();
+        assert_eq!(linked, 2);
+        let frozen = read(&snap, Tier::Ram, 0);
+        image.write(Tier::Ram, 0, 0, &[5; 4096]).unwrap();
+        image.free(Tier::Ram, 2, 0, 4096).unwrap();
+        image.free(Tier::Ram, 2, 0, BLOCK).unwrap();
+        assert_eq!(read(&snap, Tier::Ram, 0), frozen);
+        assert_eq!(&read(&snap, Tier::Ram, 2)[..4096], &[3; 4096]);
+        assert_eq!(&read(&image, Tier::Ram, 0)[..4096], &[5; 4096]);
+        let snap_file = snap.files(Tier::Ram).dir().join("00000000");
+        assert_eq!(std::fs::metadata(snap_file).unwrap().nlink(), 1);
     }
 }

@@ -18,11 +18,13 @@ use crate::image::{ImageId, ImageName, Tier};
 /// RLIMIT_NOFILE at start, and 1024 open blocks of 4 MiB cover a 4 GiB working set.
 pub const MAX_OPEN_BLOCKS: usize = 1024;
 
-/// What the cache knows of a block: no file yet, or an open file.
+/// What the cache knows of a block: no file yet, an open file, or an open file that is also
+/// a snapshot's (hard-linked): it is read as it is but copied before the first write.
 #[derive(Clone)]
 enum Entry {
     Absent,
     Open(Arc<File>),
+    Shared(Arc<File>),
 }
 
 /// The block files of one image on one tier of this node.
@@ -110,13 +112,17 @@ impl BlockFiles {
     pub(super) fn for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
         let mut cache = self.lock();
         match cache.get(&block) {
-            Some(Entry::Open(file)) => return Ok(Some(file.clone())),
+            Some(Entry::Open(file) | Entry::Shared(file)) => return Ok(Some(file.clone())),
             Some(Entry::Absent) => return Ok(None),
             None => {}
         }
-        match self.open_file(block, false) {
-            Ok(file) => {
-                Self::remember(&mut cache, block, Entry::Open(file.clone()));
+        match self.open_existing(block) {
+            Ok(entry) => {
+                let file = match &entry {
+                    Entry::Open(f) | Entry::Shared(f) => f.clone(),
+                    Entry::Absent => return Ok(None),
+                };
+                Self::remember(&mut cache, block, entry);
                 Ok(Some(file))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -127,19 +133,38 @@ impl BlockFiles {
         }
     }
 
-    /// The file of `block` for writing, created on first use.
-    pub(super) fn for_write(&self, block: u64) -> io::Result<Arc<File>> {
+    /// The file of `block` for writing, created on first use. A block without a file whose
+    /// data is elsewhere (`base`: a clone's parent) is first copied up from there; a file
+    /// shared with a snapshot is first copied, so the snapshot keeps its bytes. Copies are
+    /// made in a temporary file and renamed into place, so a crash leaves the block either as
+    /// it was or whole.
+    pub(super) fn for_write(
+        &self,
+        block: u64,
+        base: impl FnOnce() -> io::Result<Option<Arc<File>>>,
+    ) -> io::Result<Arc<File>> {
         let mut cache = self.lock();
-        if let Some(Entry::Open(file)) = cache.get(&block) {
-            return Ok(file.clone());
-        }
-        let file = self.open_file(block, true)?;
+        let known = match cache.get(&block) {
+            Some(Entry::Open(file)) => return Ok(file.clone()),
+            Some(entry) => Ok(entry.clone()),
+            None => match self.open_existing(block) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Entry::Absent),
+                other => other,
+            },
+        };
+        let file = match known? {
+            Entry::Open(file) => file,
+            Entry::Shared(file) => self.copy_up(block, Some(&file))?,
+            Entry::Absent => match base()? {
+                Some(parent) => self.copy_up(block, Some(&parent))?,
+                None => self.create_file(block)?,
+            },
+        };
         Self::remember(&mut cache, block, Entry::Open(file.clone()));
         Ok(file)
     }
 
-    fn open_file(&self, block: u64, create: bool) -> io::Result<Arc<File>> {
-        let path = self.path(block);
+    fn options() -> OpenOptions {
         let mut options = OpenOptions::new();
         // O_NOFOLLOW: a symlink planted in a block directory is refused (ELOOP), never
         // followed to a file outside the store.
@@ -147,24 +172,67 @@ impl BlockFiles {
             .read(true)
             .write(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
-        let creating = create && !path.exists();
-        if creating {
-            options.create(true).mode(0o600);
-            if !self.dir.exists() {
-                fs::create_dir_all(&self.dir)?;
-            }
+        options
+    }
+
+    /// Opens `block`'s file if it has one: `Shared` when a snapshot links it too.
+    fn open_existing(&self, block: u64) -> io::Result<Entry> {
+        let file = Arc::new(Self::options().open(self.path(block))?);
+        if file.metadata()?.nlink() > 1 {
+            return Ok(Entry::Shared(file));
         }
-        let file = Arc::new(options.open(&path)?);
-        if creating {
-            // Only now is there a directory entry for a flush to make durable.
-            self.dir_dirty.store(true, Ordering::Release);
+        Ok(Entry::Open(file))
+    }
+
+    fn create_file(&self, block: u64) -> io::Result<Arc<File>> {
+        if !self.dir.exists() {
+            fs::create_dir_all(&self.dir)?;
         }
+        let file = Arc::new(
+            Self::options()
+                .create(true)
+                .mode(0o600)
+                .open(self.path(block))?,
+        );
+        // Only now is there a directory entry for a flush to make durable.
+        self.dir_dirty.store(true, Ordering::Release);
         Ok(file)
     }
 
-    /// Frees a whole block: its file goes, and it reads as zeros again.
-    pub(super) fn drop_block(&self, block: u64) -> io::Result<()> {
+    /// Puts a new file in place of `block`'s: a copy of `from`'s data (holes stay holes), or
+    /// empty. Written under a temporary name, synced on the volume tier, then renamed: the
+    /// block is never seen half copied, and the bytes are durable before the name is.
+    fn copy_up(&self, block: u64, from: Option<&File>) -> io::Result<Arc<File>> {
+        if !self.dir.exists() {
+            fs::create_dir_all(&self.dir)?;
+        }
+        let temp = self.dir.join(format!(".{block:08}.new"));
+        match fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = Self::options().create_new(true).mode(0o600).open(&temp)?;
+        if let Some(from) = from {
+            copy_data(from, &file)?;
+        }
+        if self.tier == Tier::Volume {
+            file.sync_data()?;
+        }
+        fs::rename(&temp, self.path(block))?;
+        self.dir_dirty.store(true, Ordering::Release);
+        Ok(Arc::new(file))
+    }
+
+    /// Frees a whole block: its file goes, and it reads as zeros again. `keep_empty` (a
+    /// clone's block, which would otherwise read its parent's data again) leaves an empty
+    /// file in its place instead, put there in one rename.
+    pub(super) fn drop_block(&self, block: u64, keep_empty: bool) -> io::Result<()> {
         let mut cache = self.lock();
+        if keep_empty {
+            let empty = self.copy_up(block, None)?;
+            Self::remember(&mut cache, block, Entry::Open(empty));
+            return Ok(());
+        }
         Self::remember(&mut cache, block, Entry::Absent);
         match fs::remove_file(self.path(block)) {
             Ok(()) => {
@@ -176,11 +244,35 @@ impl BlockFiles {
         }
     }
 
-    /// Frees `len` bytes at `offset` inside `block`; they read as zeros afterwards.
-    pub(super) fn punch(&self, block: u64, offset: u64, len: u64) -> io::Result<()> {
-        let Some(file) = self.for_read(block)? else {
-            return Ok(());
+    /// Hard-links every block file into `snapshot`'s directory (made here), then forgets
+    /// every open file, so the next write to any of them finds it shared and copies it first.
+    /// Call only while no write to the image is in flight. Returns the files linked.
+    pub fn link_into(&self, snapshot: &BlockFiles) -> io::Result<u64> {
+        let mut cache = self.lock();
+        let entries = match fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            other => other?,
         };
+        snapshot.create_dir()?;
+        let mut linked = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let is_block = name
+                .to_str()
+                .is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
+            if is_block && entry.file_type()?.is_file() {
+                fs::hard_link(entry.path(), snapshot.dir.join(&name))?;
+                linked += 1;
+            }
+        }
+        File::open(&snapshot.dir)?.sync_all()?;
+        cache.clear();
+        Ok(linked)
+    }
+
+    /// Frees `len` bytes at `offset` of a block's `file`; they read as zeros afterwards.
+    pub(super) fn punch(file: &File, offset: u64, len: u64) -> io::Result<()> {
         let (offset, len) = (to_off(offset)?, to_off(len)?);
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
@@ -239,6 +331,58 @@ pub(super) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
     Ok(n)
 }
 
+/// Copies `from`'s data into the empty `to`, the same length, leaving its holes as holes
+/// (a copy-up of a sparse RAM-tier block must not fill tmpfs with zeros).
+fn copy_data(from: &File, to: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut at = 0;
+    while at < len {
+        let Some((data, hole)) = next_data(from, at)? else {
+            break;
+        };
+        let mut pos = data;
+        while pos < hole {
+            let want = (hole - pos).min(COPY_CHUNK as u64) as usize;
+            let n = from.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                break;
+            }
+            to.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
+/// Bytes a copy-up moves per read and write.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// The next run of data at or after `at`: `(start, end)`, or `None` when only holes follow.
+fn next_data(file: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
+    let seek = |offset: u64, whence| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it moves only that descriptor's offset,
+        // which nothing else here uses (all I/O is positioned).
+        let rc = unsafe { libc::lseek(file.as_raw_fd(), to_off(offset)?, whence) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(rc as u64))
+    };
+    let Some(data) = seek(at, libc::SEEK_DATA)? else {
+        return Ok(None);
+    };
+    let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(data);
+    Ok(Some((data, hole)))
+}
+
 fn to_off(value: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -275,7 +419,7 @@ mod tests {
     fn write_creates_a_file_named_by_index() {
         let (_root, files) = setup();
         files
-            .for_write(7)
+            .for_write(7, || Ok(None))
             .unwrap()
             .write_all_at(b"hello", 0)
             .unwrap();
@@ -295,7 +439,7 @@ mod tests {
         for block in [4, 5] {
             let read = files.for_read(block).map(|f| f.is_some());
             assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::ELOOP));
-            let write = files.for_write(block).map(|_| ());
+            let write = files.for_write(block, || Ok(None)).map(|_| ());
             assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::ELOOP));
         }
         assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
@@ -306,35 +450,34 @@ mod tests {
     fn dropped_block_reads_absent_and_frees_space() {
         let (_root, files) = setup();
         files
-            .for_write(3)
+            .for_write(3, || Ok(None))
             .unwrap()
             .write_all_at(&[1; 8192], 0)
             .unwrap();
-        files.drop_block(3).unwrap();
+        files.drop_block(3, false).unwrap();
         assert!(files.for_read(3).unwrap().is_none());
         assert_eq!(files.used_bytes().unwrap(), 0);
-        files.drop_block(3).unwrap();
+        files.drop_block(3, false).unwrap();
     }
 
     #[test]
     fn punch_zeroes_a_range() {
         let (_root, files) = setup();
-        let f = files.for_write(0).unwrap();
+        let f = files.for_write(0, || Ok(None)).unwrap();
         f.write_all_at(&[7; 16384], 0).unwrap();
-        files.punch(0, 4096, 8192).unwrap();
+        BlockFiles::punch(&f, 4096, 8192).unwrap();
         let mut buf = [1u8; 16384];
         f.read_exact_at(&mut buf, 0).unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 7));
         assert!(buf[4096..12288].iter().all(|&b| b == 0));
         assert!(buf[12288..].iter().all(|&b| b == 7));
-        files.punch(99, 0, 4096).unwrap();
     }
 
     #[test]
     fn cache_is_bounded() {
         let (_root, files) = setup();
         for b in 0..(MAX_OPEN_BLOCKS as u64 + 10) {
-            files.for_write(b).unwrap();
+            files.for_write(b, || Ok(None)).unwrap();
         }
         assert!(files.cache.lock().unwrap().len() <= MAX_OPEN_BLOCKS);
         assert!(files.for_read(0).unwrap().is_some());

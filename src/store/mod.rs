@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::image::{ImageId, ImageName, Tier};
 
-pub use blocks::{Blocks, FlushPlan};
+pub use blocks::{Backing, Blocks, FlushPlan};
 pub use dirty::{DirtyFiles, FlushTicket};
 pub use error::BlockError;
 use files::read_full_at;
