@@ -231,6 +231,31 @@ pub enum ImageCommand {
         #[command(flatten)]
         layout: Layout,
     },
+    /// Take a read-only, point-in-time snapshot IMAGE@SNAP while the guest runs: `snapshot
+    /// NAME SNAP`, or `snapshot --group NAME... SNAP` for several images at one instant.
+    Snapshot {
+        /// Snapshot several images at one instant (every image's writes held at one barrier).
+        #[arg(long)]
+        group: bool,
+        /// The image (or, with --group, the images), then the snapshot's name.
+        #[arg(required = true, num_args = 2.., value_name = "NAME... SNAP")]
+        names: Vec<ImageName>,
+    },
+    /// Create a writable clone of a snapshot (IMAGE@SNAP) or a read-only image, in constant
+    /// time: its blocks read through to the source until first written.
+    Clone {
+        source: ImageName,
+        name: ImageName,
+        /// Tier the clone's own blocks go on (default: the source's).
+        #[arg(long)]
+        tier: Option<Tier>,
+        /// Where the clone's copies go, as NODE:TIER (repeatable; default this node, --tier).
+        #[arg(long = "at")]
+        at: Vec<Placement>,
+    },
+    /// Copy into a clone every block it still reads from its parent, then cut the link; the
+    /// guest runs on meanwhile.
+    Flatten { name: ImageName },
     /// Write an image to a file: raw, or another format through `qemu-img convert`.
     Export {
         name: ImageName,

@@ -134,6 +134,34 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             }
         }
         ImageCommand::Rm { name } => call_quiet(&socket, Request::ImageRm { name })?,
+        ImageCommand::Snapshot { group, mut names } => {
+            let Some(snapshot) = names.pop() else {
+                return Err(CommandError::Usage("image snapshot NAME SNAP".into()));
+            };
+            if !group && names.len() != 1 {
+                return Err(CommandError::Usage(
+                    "image snapshot NAME SNAP takes one image; use --group NAME... SNAP for several at one instant".into(),
+                ));
+            }
+            call_quiet(&socket, Request::ImageSnapshot { names, snapshot })?
+        }
+        ImageCommand::Clone {
+            source,
+            name,
+            tier,
+            at,
+        } => call_quiet(
+            &socket,
+            Request::ImageClone {
+                source,
+                name,
+                tier,
+                at,
+            },
+        )?,
+        ImageCommand::Flatten { name } => {
+            call_with_progress(&socket, Request::ImageFlatten { name }, "flatten")?
+        }
         ImageCommand::Import { name, file, layout } => {
             let raw = RawSource::prepare(&file)?;
             let request = Request::ImageImport {

@@ -112,8 +112,21 @@ impl WriteCounters {
 /// copy can finish, so it stays rare and short (one block's copy).
 #[derive(Default)]
 pub struct Frozen {
-    blocks: Mutex<HashSet<u64>>,
+    blocks: Mutex<FrozenSet>,
     thawed: Condvar,
+}
+
+/// The frozen blocks, or every block (a snapshot's barrier).
+#[derive(Default)]
+struct FrozenSet {
+    blocks: HashSet<u64>,
+    all: bool,
+}
+
+impl FrozenSet {
+    fn contains(&self, block: &u64) -> bool {
+        self.all || self.blocks.contains(block)
+    }
 }
 
 impl Frozen {
@@ -123,6 +136,7 @@ impl Frozen {
         self.blocks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .blocks
             .insert(block);
     }
 
@@ -130,7 +144,13 @@ impl Frozen {
         self.blocks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .blocks
             .remove(&block);
+        self.thawed.notify_all();
+    }
+
+    fn set_all(&self, all: bool) {
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner()).all = all;
         self.thawed.notify_all();
     }
 
@@ -152,6 +172,15 @@ impl Frozen {
     }
 }
 
+/// Every block of a disk frozen against guest writes, none in flight; thawed on drop.
+pub struct FreezeAll<'a>(&'a Disk);
+
+impl Drop for FreezeAll<'_> {
+    fn drop(&mut self) {
+        self.0.frozen.set_all(false);
+    }
+}
+
 /// Held while a frontend is connected; dropping it lets the next one in.
 pub struct Claim(Arc<Disk>);
 
@@ -170,7 +199,10 @@ impl Disk {
         store: Arc<dyn MetaStore>,
     ) -> Arc<Disk> {
         let name = meta.name.clone();
-        let blocks = Blocks::open(dirs, &name, meta.id, meta.block_size, meta.size);
+        let blocks = match meta.parent {
+            Some(_) => Blocks::open_clone(dirs, &name, meta.id, meta.block_size, meta.size),
+            None => Blocks::open(dirs, &name, meta.id, meta.block_size, meta.size),
+        };
         let cache = ImageCache::new(meta.id.dir_name(&name), meta.block_size, meta.qos.cache);
         let meta_epoch = meta.generation;
         let disk = Disk {
@@ -648,6 +680,26 @@ impl Disk {
     pub fn freeze(&self, block: u64) {
         let _exclusive = self.meta.write().unwrap_or_else(|p| p.into_inner());
         self.frozen.freeze(block);
+    }
+
+    /// A snapshot's barrier: no guest write or discard starts (they wait in their queues,
+    /// reads go on), and this returns once every one already started has finished — or
+    /// `None` after `timeout`, thawed again. Dropping the guard thaws.
+    pub fn freeze_all(&self, timeout: std::time::Duration) -> Option<FreezeAll<'_>> {
+        {
+            let _exclusive = self.meta.write().unwrap_or_else(|p| p.into_inner());
+            self.frozen.set_all(true);
+        }
+        let guard = FreezeAll(self);
+        let deadline = std::time::Instant::now() + timeout;
+        let blocks = self.meta().blocks();
+        while (0..blocks).any(|b| self.writes.idle(b).is_none()) {
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Some(guard)
     }
 
     /// Changes the metadata durably: `change` edits a copy, which is saved (atomically) and

@@ -14,6 +14,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
+pub mod chain;
 pub mod cli;
 pub mod commands;
 pub mod config;

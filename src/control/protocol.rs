@@ -108,6 +108,27 @@ pub enum Request {
         name: ImageName,
         path: String,
     },
+    /// Takes snapshot `snapshot` of every image in `names` at one instant (their writes held
+    /// at one barrier): read-only images named `NAME@SNAPSHOT`. Allowed while guests run.
+    ImageSnapshot {
+        names: Vec<ImageName>,
+        snapshot: ImageName,
+    },
+    /// Creates `name`, a writable clone of `source` (a snapshot or a read-only image): its
+    /// blocks read through to `source` until written. `tier` defaults to the source's.
+    ImageClone {
+        source: ImageName,
+        name: ImageName,
+        #[serde(default)]
+        tier: Option<Tier>,
+        #[serde(default)]
+        at: Vec<Placement>,
+    },
+    /// Copies into a clone every block it reads through to its parent, then cuts the link.
+    /// Allowed while a guest runs.
+    ImageFlatten {
+        name: ImageName,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -104,6 +104,8 @@ pub enum DaemonError {
     Placement(#[from] PlacementError),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error(transparent)]
+    Family(#[from] super::family::FamilyError),
     /// From layers whose errors are still text (disk.rs, daemon/cluster.rs): their message.
     #[error("{0}")]
     Text(String),

@@ -3,6 +3,7 @@
 
 mod error;
 mod etcd;
+mod family;
 mod relocate;
 mod transfer;
 
@@ -14,10 +15,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use crate::chain::ParentBlocks;
 pub use crate::config::Config;
 use crate::control::protocol::Request;
 use crate::disk::Disk;
-use crate::image::meta::{self, SECTOR_SIZE};
+use crate::image::meta::{self, Parent, SECTOR_SIZE};
 use crate::image::{ImageMeta, ImageName, Location, Placement, Tier};
 use crate::meta::cluster::ClusterMeta;
 use crate::meta::store::{LocalStore, MetaStore};
@@ -66,6 +68,8 @@ struct Shape {
     qos: QosLimits,
     /// Stripe the blocks over these members instead of placing every block alike.
     stripe: Option<StripeSpec>,
+    /// A clone's parent: its unwritten blocks read from there.
+    parent: Option<Arc<Disk>>,
 }
 
 /// One image's `stats`: its counters, and its limits with what they held back.
@@ -203,16 +207,14 @@ impl Daemon {
             return Ok(daemon);
         }
         let names = meta::list(&meta_dir).map_err(io::Error::other)?;
+        let mut metas = Vec::new();
         for name in names {
             match ImageMeta::load(&meta_dir, &name) {
-                Ok(meta) => {
-                    if let Err(e) = daemon.open_and_export(meta) {
-                        log::error!("image {name}: cannot serve: {e}");
-                    }
-                }
+                Ok(meta) => metas.push(meta),
                 Err(e) => log::error!("image {name}: skipped: {e}"),
             }
         }
+        daemon.open_in_order(metas);
         Ok(daemon)
     }
 
@@ -229,6 +231,7 @@ impl Daemon {
             self.store.clone(),
         );
         disk.cache().attach(self.caches.clone());
+        self.attach_parent(&disk).map_err(io::Error::other)?;
         self.check_lost_tiers(&disk).map_err(io::Error::other)?;
         // Only the owner exports an image; other nodes hold copies of its blocks for it.
         let export = if disk.meta().owner == self.config.node {
@@ -284,6 +287,7 @@ impl Daemon {
                     read_only,
                     qos,
                     stripe,
+                    parent: None,
                 };
                 let disk = self.create(name, shape, &at)?;
                 self.publish(&disk)?;
@@ -324,6 +328,14 @@ impl Daemon {
                 Some(_) => self.adopt_shared(&name, from.as_ref()),
                 None => Err(DaemonError::AdoptNeedsCluster),
             },
+            Request::ImageSnapshot { names, snapshot } => self.snapshot(&names, &snapshot),
+            Request::ImageClone {
+                source,
+                name,
+                tier,
+                at,
+            } => self.clone_image(&source, name, tier, &at),
+            Request::ImageFlatten { name } => self.flatten(&name, progress),
             Request::ImageExport { name, path } => {
                 let disk = self.owned_disk(&name)?;
                 if let Err(source) = transfer::export_raw(&disk, Path::new(&path), progress) {
@@ -466,7 +478,11 @@ impl Daemon {
             read_only,
             qos,
             stripe,
+            parent,
         } = shape;
+        if name.is_snapshot() {
+            return Err(family::FamilyError::SnapshotName(name).into());
+        }
         let mut images = self.lock();
         if images.contains_key(&name) {
             return Err(DaemonError::Exists(name));
@@ -485,6 +501,13 @@ impl Daemon {
         };
         let tier = meta.tier;
         meta.qos = qos;
+        meta.parent = parent.as_ref().map(|p| {
+            let parent = p.meta();
+            Parent {
+                name: parent.name.clone(),
+                id: parent.id,
+            }
+        });
         let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
@@ -504,6 +527,9 @@ impl Daemon {
                 self.store.clone(),
             );
             disk.cache().attach(self.caches.clone());
+            if let Some(parent) = parent {
+                disk.blocks().set_backing(ParentBlocks::new(parent));
+            }
             disk
         };
         images.insert(
@@ -585,6 +611,7 @@ impl Daemon {
             "read_only": meta.read_only,
             "qos": meta.qos.json(),
             "stripe": meta.stripe.as_ref().map(Stripe::json),
+            "parent": meta.parent.as_ref().map(|p| &p.name),
             "in_use": disk.in_use(),
             "socket": socket_path(&self.config.run_dir, &meta.name),
         })
@@ -673,6 +700,11 @@ impl Daemon {
             .collect();
         value["used_size"] = json!(used);
         value["blocks"] = Value::Array(blocks);
+        drop(meta);
+        value["children"] = json!(self.children(name));
+        if disk.blocks().is_clone() {
+            value["own_blocks"] = json!(self.own_blocks(&disk)?);
+        }
         Ok(value)
     }
 
@@ -680,6 +712,7 @@ impl Daemon {
         if self.shared.is_some() {
             return self.remove_shared(name);
         }
+        self.check_no_children(name)?;
         let entry = {
             let mut images = self.lock();
             let in_use = images
@@ -733,6 +766,7 @@ impl Daemon {
             read_only: false,
             qos: QosLimits::default(),
             stripe: None,
+            parent: None,
         };
         let disk = self.create(name.clone(), shape, &[])?;
         let claim = disk
