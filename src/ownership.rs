@@ -247,7 +247,7 @@ pub fn localize(disk: Arc<Disk>, peers: Arc<Peers>) {
         match placement::remove(&disk, all, &other) {
             Ok(_) if other.node == *disk.me() => {
                 for block in all.iter() {
-                    if let Err(e) = disk.blocks().free_block(other.tier, block) {
+                    if let Err(e) = disk.blocks().drop_copy(other.tier, block) {
                         log::warn!("image {name}: cannot free the moved copy: {e}");
                     }
                 }

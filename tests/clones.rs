@@ -172,7 +172,13 @@ fn clones_survive_a_restart_and_export_their_whole_content() {
     daemon.cli(&["image", "snapshot", "mid", "s1"]);
     // A chain: gold@base <- mid <- mid@s1 <- top.
     daemon.cli(&["image", "clone", "mid@s1", "top"]);
+    // A snapshot whose metadata was never saved (the daemon died after the barrier).
+    let orphan = dir.join("ram").join("mid@s2@00000000000abcde");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("00000001"), b"linked").unwrap();
     daemon.restart();
+    assert!(!orphan.exists(), "the unfinished snapshot's files stay");
+    assert!(dir.join("ram").read_dir().unwrap().count() >= 4);
     let mut top = client(&daemon, "top");
     assert_eq!(read(&mut top, SECTORS_PER_MIB, 4096), vec![0x11; 4096]);
     assert_eq!(read(&mut top, SECTORS_PER_MIB + 8, 4096), vec![2; 4096]);

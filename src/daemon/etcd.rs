@@ -499,7 +499,7 @@ impl Daemon {
                     .locations(block)
                     .is_some_and(|ls| ls.iter().any(|l| &l.node == me && l.tier == tier));
                 if had && !has {
-                    if let Err(e) = disk.blocks().free_block(tier, block) {
+                    if let Err(e) = disk.blocks().drop_copy(tier, block) {
                         log::warn!("image {}: block {block}: cannot free it: {e}", disk.name());
                     }
                 }

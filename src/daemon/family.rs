@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::{Daemon, DaemonError, Entry, Progress, Shape};
 use crate::chain::ParentBlocks;
 use crate::disk::{Disk, FreezeAll};
+use crate::image::id::parse_dir_name;
 use crate::image::meta::Parent;
 use crate::image::{ImageId, ImageMeta, ImageName, Placement, Tier};
 use crate::qos::QosLimits;
@@ -328,6 +329,32 @@ impl Daemon {
                 "image {}: cannot serve: its parent {parent} is missing",
                 meta.name
             );
+        }
+        self.remove_orphan_snapshots();
+    }
+
+    /// Removes the linked files of snapshots whose metadata was never saved (the daemon
+    /// stopped between the barrier and the save). Only snapshot directories: no other image
+    /// can have an `@` in its name, so nothing else is ever taken for one.
+    fn remove_orphan_snapshots(&self) {
+        for tier in [Tier::Ram, Tier::Volume] {
+            let Ok(entries) = std::fs::read_dir(self.config.dirs.root(tier)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let file_name = entry.file_name();
+                let Some((name, id)) = file_name.to_str().and_then(parse_dir_name) else {
+                    continue;
+                };
+                let known = self.find(&name).is_some_and(|d| d.meta().id == id);
+                if name.is_snapshot() && !known {
+                    let path = entry.path();
+                    log::warn!("removing {}: a snapshot never finished", path.display());
+                    if let Err(e) = std::fs::remove_dir_all(&path) {
+                        log::error!("cannot remove {}: {e}", path.display());
+                    }
+                }
+            }
         }
     }
 }

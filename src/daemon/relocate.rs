@@ -130,7 +130,7 @@ impl Daemon {
         };
         if at.node == self.config.node {
             for &block in &removed {
-                if let Err(e) = disk.blocks().free_block(at.tier, block) {
+                if let Err(e) = disk.blocks().drop_copy(at.tier, block) {
                     log::warn!("image {name}: block {block}: cannot free the removed copy: {e}");
                 }
             }

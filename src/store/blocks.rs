@@ -221,10 +221,23 @@ impl Blocks {
     }
 
     /// Frees a whole block: its file goes (the next flush syncs the directory), and it reads
-    /// as zeros again. A block without a file is already free.
+    /// as zeros again. A block without a file is already free. A clone's block keeps an empty
+    /// file instead, or it would read its parent's data again.
     pub fn free_block(&self, tier: Tier, block: u64) -> Result<(), BlockError> {
         self.files(tier)
             .drop_block(block, self.is_clone())
+            .map_err(io_at(tier, block, "remove"))?;
+        if tier == Tier::Volume {
+            self.dirty.forget(block);
+        }
+        Ok(())
+    }
+
+    /// Removes this node's copy of `block` on `tier` (the copy moved or was removed): its
+    /// file goes, also a clone's, whose parent is then no business of this copy's.
+    pub fn drop_copy(&self, tier: Tier, block: u64) -> Result<(), BlockError> {
+        self.files(tier)
+            .drop_block(block, false)
             .map_err(io_at(tier, block, "remove"))?;
         if tier == Tier::Volume {
             self.dirty.forget(block);
