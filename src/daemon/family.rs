@@ -124,11 +124,14 @@ impl Daemon {
             }
             return Err(e);
         }
-        // The snapshots exist from here: their metadata is saved after the barrier (a crash
-        // before leaves only linked files nobody names, and the image copies a block it
-        // shares with them before writing it).
+        // The snapshots exist from here: their files are synced and their metadata saved
+        // after the barrier (a crash before leaves only linked files nobody names, removed at
+        // the next start, and the image copies a block it shares with them before writing it).
         let mut made = Vec::new();
         for (snapshot, meta) in prepared {
+            for tier in [Tier::Ram, Tier::Volume] {
+                snapshot.blocks().files(tier).sync_tree()?;
+            }
             meta.save(&self.config.meta_dir())?;
             self.attach_parent(&snapshot)?;
             snapshot.cache().attach(self.caches.clone());

@@ -246,14 +246,16 @@ impl BlockFiles {
 
     /// Hard-links every block file into `snapshot`'s directory (made here), then forgets
     /// every open file, so the next write to any of them finds it shared and copies it first.
-    /// Call only while no write to the image is in flight. Returns the files linked.
+    /// Call only while no write to the image is in flight. Returns the files linked. Nothing
+    /// is synced (this runs while guest writes wait): call [`BlockFiles::sync_tree`] on
+    /// `snapshot` before anything names it.
     pub fn link_into(&self, snapshot: &BlockFiles) -> io::Result<u64> {
         let mut cache = self.lock();
         let entries = match fs::read_dir(&self.dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             other => other?,
         };
-        snapshot.create_dir()?;
+        fs::create_dir_all(&snapshot.dir)?;
         let mut linked = 0;
         for entry in entries {
             let entry = entry?;
@@ -266,9 +268,18 @@ impl BlockFiles {
                 linked += 1;
             }
         }
-        File::open(&snapshot.dir)?.sync_all()?;
         cache.clear();
         Ok(linked)
+    }
+
+    /// Makes the directory and its entries durable (the directory itself, and its entry in
+    /// the tier's root), when it exists.
+    pub fn sync_tree(&self) -> io::Result<()> {
+        if !self.dir_exists() {
+            return Ok(());
+        }
+        File::open(&self.dir)?.sync_all()?;
+        self.create_dir()
     }
 
     /// Frees `len` bytes at `offset` of a block's `file`; they read as zeros afterwards.
