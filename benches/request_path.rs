@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the request path pieces that cost CPU per request: parsing a descriptor
 //! chain, splitting a request at block boundaries, and finding a block's locations in a large,
-//! fragmented block table.
+//! fragmented block table; and what a clone's first write to a block costs (the copy-up of the
+//! whole block) against a write to a block it already has.
 //!
 //!     cargo bench --bench request_path
 //!
@@ -146,5 +147,69 @@ fn lookup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, split, lookup);
+/// The parent's blocks for a clone in these benches.
+struct Parent(Arc<cormorant::store::Blocks>);
+
+impl cormorant::store::Backing for Parent {
+    fn file_for_read(&self, block: u64) -> std::io::Result<Option<Arc<std::fs::File>>> {
+        self.0
+            .file_for_read(Tier::Ram, block)
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// A 4 KiB write to a clone: to a block it has (one pwrite) and to a block it reads through
+/// (the first write: a copy of the whole 4 MiB block, then the pwrite), on the RAM tier
+/// (/dev/shm when there is one, as in production).
+fn copy_up(c: &mut Criterion) {
+    use cormorant::image::ImageId;
+    use cormorant::store::{Blocks, TierDirs};
+    let base = ["/dev/shm", "/tmp"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).is_dir())
+        .unwrap_or("/tmp");
+    let root = tempfile::tempdir_in(base).expect("temp dir");
+    let dirs = TierDirs {
+        ram: root.path().join("ram"),
+        volume: root.path().join("vol"),
+    };
+    const BLOCKS: u64 = 64;
+    let size = BLOCKS * BLOCK;
+    let name = |n: &str| n.parse().expect("name");
+    let parent = Arc::new(Blocks::open(&dirs, &name("gold"), ImageId::random(), BLOCK, size));
+    let data = vec![7u8; BLOCK as usize];
+    for block in 0..BLOCKS {
+        parent.write(Tier::Ram, block, 0, &data).expect("fill");
+    }
+    let page = [1u8; 4096];
+    let mut group = c.benchmark_group("clone_write_4k");
+    group.bench_function("own_block", |b| {
+        let clone = Blocks::open_clone(&dirs, &name("own"), ImageId::random(), BLOCK, size);
+        clone.set_backing(Arc::new(Parent(parent.clone())));
+        clone.write(Tier::Ram, 0, 0, &page).expect("copy up once");
+        b.iter(|| clone.write(Tier::Ram, 0, 4096, black_box(&page)).expect("write"));
+    });
+    group.bench_function("first_write_copy_up", |b| {
+        b.iter_batched(
+            || {
+                let clone =
+                    Blocks::open_clone(&dirs, &name("fresh"), ImageId::random(), BLOCK, size);
+                clone.set_backing(Arc::new(Parent(parent.clone())));
+                clone
+            },
+            |clone| {
+                for block in 0..BLOCKS {
+                    clone.write(Tier::Ram, block, 0, black_box(&page)).expect("write");
+                }
+                for tier in [Tier::Ram, Tier::Volume] {
+                    clone.files(tier).remove_all().expect("clean up");
+                }
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse, split, lookup, copy_up);
 criterion_main!(benches);
