@@ -176,7 +176,13 @@ fn copy_up(c: &mut Criterion) {
     const BLOCKS: u64 = 64;
     let size = BLOCKS * BLOCK;
     let name = |n: &str| n.parse().expect("name");
-    let parent = Arc::new(Blocks::open(&dirs, &name("gold"), ImageId::random(), BLOCK, size));
+    let parent = Arc::new(Blocks::open(
+        &dirs,
+        &name("gold"),
+        ImageId::random(),
+        BLOCK,
+        size,
+    ));
     let data = vec![7u8; BLOCK as usize];
     for block in 0..BLOCKS {
         parent.write(Tier::Ram, block, 0, &data).expect("fill");
@@ -187,7 +193,11 @@ fn copy_up(c: &mut Criterion) {
         let clone = Blocks::open_clone(&dirs, &name("own"), ImageId::random(), BLOCK, size);
         clone.set_backing(Arc::new(Parent(parent.clone())));
         clone.write(Tier::Ram, 0, 0, &page).expect("copy up once");
-        b.iter(|| clone.write(Tier::Ram, 0, 4096, black_box(&page)).expect("write"));
+        b.iter(|| {
+            clone
+                .write(Tier::Ram, 0, 4096, black_box(&page))
+                .expect("write")
+        });
     });
     group.bench_function("first_write_copy_up", |b| {
         b.iter_batched(
@@ -199,7 +209,9 @@ fn copy_up(c: &mut Criterion) {
             },
             |clone| {
                 for block in 0..BLOCKS {
-                    clone.write(Tier::Ram, block, 0, black_box(&page)).expect("write");
+                    clone
+                        .write(Tier::Ram, block, 0, black_box(&page))
+                        .expect("write");
                 }
                 for tier in [Tier::Ram, Tier::Volume] {
                     clone.files(tier).remove_all().expect("clean up");

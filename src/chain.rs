@@ -30,27 +30,34 @@ impl Backing for ParentBlocks {
     /// The parent's block from an in-sync copy on this node (RAM first): a copy that is out
     /// of sync, or lost with a wiped tier, must not be read as the clone's data.
     fn file_for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
-        let tier = {
-            let meta = self.parent.meta();
-            if block >= meta.blocks() {
-                return Ok(None); // the clone grew past its parent: zeros
-            }
-            let here = meta
-                .table
-                .locations(block)
-                .unwrap_or(&[])
-                .iter()
-                .filter(|l| {
-                    &l.node == self.parent.me() && l.synced && !self.parent.is_lost(l.tier, block)
-                });
-            let tier = here.map(|l| l.tier).min_by_key(|&t| t != Tier::Ram);
-            tier.ok_or_else(|| {
-                io::Error::other(format!(
-                    "parent image {}: no in-sync copy of block {block} on this node",
-                    meta.name
-                ))
-            })?
-        };
+        // The metadata stays read-locked until the file is open: a copy removed from this
+        // node (`location rm`) loses its file only after the metadata says so, so the file
+        // is never found missing here and taken for zeros.
+        let meta = self.parent.meta();
+        if self.parent.is_removed() {
+            return Err(io::Error::other(format!(
+                "parent image {} was removed",
+                meta.name
+            )));
+        }
+        if block >= meta.blocks() {
+            return Ok(None); // the clone grew past its parent: zeros
+        }
+        let here = meta
+            .table
+            .locations(block)
+            .unwrap_or(&[])
+            .iter()
+            .filter(|l| {
+                &l.node == self.parent.me() && l.synced && !self.parent.is_lost(l.tier, block)
+            });
+        let tier = here.map(|l| l.tier).min_by_key(|&t| t != Tier::Ram);
+        let tier = tier.ok_or_else(|| {
+            io::Error::other(format!(
+                "parent image {}: no in-sync copy of block {block} on this node",
+                meta.name
+            ))
+        })?;
         self.parent
             .blocks()
             .file_for_read(tier, block)

@@ -116,16 +116,16 @@ pub struct Frozen {
     thawed: Condvar,
 }
 
-/// The frozen blocks, or every block (a snapshot's barrier).
+/// The frozen blocks, or every block (snapshots' barriers: a count, as two may overlap).
 #[derive(Default)]
 struct FrozenSet {
     blocks: HashSet<u64>,
-    all: bool,
+    all: u32,
 }
 
 impl FrozenSet {
     fn contains(&self, block: &u64) -> bool {
-        self.all || self.blocks.contains(block)
+        self.all > 0 || self.blocks.contains(block)
     }
 }
 
@@ -149,8 +149,13 @@ impl Frozen {
         self.thawed.notify_all();
     }
 
-    fn set_all(&self, all: bool) {
-        self.blocks.lock().unwrap_or_else(|p| p.into_inner()).all = all;
+    fn freeze_all(&self) {
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner()).all += 1;
+    }
+
+    fn thaw_all(&self) {
+        let mut set = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        set.all = set.all.saturating_sub(1);
         self.thawed.notify_all();
     }
 
@@ -177,7 +182,7 @@ pub struct FreezeAll<'a>(&'a Disk);
 
 impl Drop for FreezeAll<'_> {
     fn drop(&mut self) {
-        self.0.frozen.set_all(false);
+        self.0.frozen.thaw_all();
     }
 }
 
@@ -688,7 +693,7 @@ impl Disk {
     pub fn freeze_all(&self, timeout: std::time::Duration) -> Option<FreezeAll<'_>> {
         {
             let _exclusive = self.meta.write().unwrap_or_else(|p| p.into_inner());
-            self.frozen.set_all(true);
+            self.frozen.freeze_all();
         }
         let guard = FreezeAll(self);
         let deadline = std::time::Instant::now() + timeout;

@@ -254,3 +254,34 @@ fn a_snapshot_under_writes_holds_a_prefix_of_them() {
         assert_eq!(n, want, "region {region}");
     }
 }
+
+/// A snapshot whose metadata cannot be read at a start is not served, and neither are its
+/// clones; but nothing of theirs is removed, `rm` of its image is still refused, and once the
+/// metadata is back everything reads as before.
+#[test]
+fn an_unreadable_snapshot_is_kept_not_swept() {
+    let dir = TestDir::new();
+    let mut daemon = Daemon::start(dir.path());
+    golden(&daemon);
+    daemon.cli(&["image", "clone", "gold@base", "vm1"]);
+    let meta = dir.join("vol").join(".meta").join("gold@base.json");
+    let good = std::fs::read(&meta).expect("the snapshot's metadata file");
+    std::fs::write(&meta, b"{ not json").unwrap();
+    daemon.restart();
+    let images = daemon.cli(&["image", "list"]);
+    let names: Vec<&str> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["gold"], "only the image itself is served");
+    let out = daemon.cli_raw(&["image", "rm", "gold"]);
+    assert!(!out.status.success(), "gold was removed under its snapshot");
+    std::fs::write(&meta, good).unwrap();
+    daemon.restart();
+    let mut vm1 = client(&daemon, "vm1");
+    assert_eq!(read(&mut vm1, 2 * SECTORS_PER_MIB, 4096), vec![3; 4096]);
+    let mut snap = client(&daemon, "gold@base");
+    assert_eq!(read(&mut snap, 7 * SECTORS_PER_MIB, 4096), vec![8; 4096]);
+}

@@ -15,7 +15,7 @@ use super::{Daemon, DaemonError, Entry, Progress, Shape};
 use crate::chain::ParentBlocks;
 use crate::disk::{Disk, FreezeAll};
 use crate::image::id::parse_dir_name;
-use crate::image::meta::Parent;
+use crate::image::meta::{self, Parent};
 use crate::image::{ImageId, ImageMeta, ImageName, Placement, Tier};
 use crate::qos::QosLimits;
 
@@ -44,6 +44,10 @@ pub enum FamilyError {
     Barrier(ImageName),
     #[error("image '{0}' is not a clone: it has nothing to flatten")]
     NotAClone(ImageName),
+    #[error(
+        "image '{0}' is read-only (a snapshot keeps its parent): clone it, and flatten the clone"
+    )]
+    ReadOnly(ImageName),
     #[error("image '{name}' has {children}: remove them first (or `image flatten` the clones)", children = list(.children))]
     HasChildren {
         name: ImageName,
@@ -64,6 +68,10 @@ fn list(children: &[ImageName]) -> String {
 }
 
 impl Daemon {
+    pub(super) fn family_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.family.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn local_only(&self) -> Result<(), FamilyError> {
         match self.shared {
             Some(_) => Err(FamilyError::Cluster),
@@ -80,6 +88,7 @@ impl Daemon {
         snap: &ImageName,
     ) -> Result<Value, DaemonError> {
         self.local_only()?;
+        let _family = self.family_lock();
         let mut sources = Vec::new();
         for (i, name) in names.iter().enumerate() {
             if names[..i].contains(name) {
@@ -107,18 +116,27 @@ impl Daemon {
             }
         }
         let drained = started.elapsed();
-        let prepared: Vec<(Arc<Disk>, ImageMeta)> = sources
-            .iter()
-            .map(|(disk, snap_name)| self.prepare_snapshot(disk, snap_name))
-            .collect();
-        let linked: Result<(), DaemonError> = sources
-            .iter()
-            .zip(&prepared)
-            .try_for_each(|((disk, _), (snapshot, _))| link(disk, snapshot));
+        let mut prepared: Vec<(Arc<Disk>, ImageMeta, Vec<Arc<std::fs::File>>)> = Vec::new();
+        let mut linked = Ok(());
+        for (disk, snap_name) in &sources {
+            // The metadata read and the files linked under one read lock: a location change
+            // cannot drop a copy's files between the two.
+            let meta = disk.meta();
+            let (snapshot, snap_meta) = self.prepare_snapshot(&meta, snap_name);
+            linked = link(disk, &snapshot);
+            // Written since the last flush: they now hold the snapshot's bytes too, and the
+            // image's next flush syncs the image's copies of them, not these.
+            let dirty = disk.blocks().dirty_files();
+            drop(meta);
+            prepared.push((snapshot, snap_meta, dirty));
+            if linked.is_err() {
+                break;
+            }
+        }
         drop(barrier);
         let held = started.elapsed();
         if let Err(e) = linked {
-            for (snapshot, _) in &prepared {
+            for (snapshot, _, _) in &prepared {
                 let _ = snapshot.blocks().files(Tier::Ram).remove_all();
                 let _ = snapshot.blocks().files(Tier::Volume).remove_all();
             }
@@ -128,7 +146,10 @@ impl Daemon {
         // after the barrier (a crash before leaves only linked files nobody names, removed at
         // the next start, and the image copies a block it shares with them before writing it).
         let mut made = Vec::new();
-        for (snapshot, meta) in prepared {
+        for (snapshot, meta, dirty) in prepared {
+            for file in dirty {
+                file.sync_data()?;
+            }
             for tier in [Tier::Ram, Tier::Volume] {
                 snapshot.blocks().files(tier).sync_tree()?;
             }
@@ -155,9 +176,9 @@ impl Daemon {
         }))
     }
 
-    /// A snapshot of `disk` as it is now, opened (its files not yet linked).
-    fn prepare_snapshot(&self, disk: &Disk, snap_name: &ImageName) -> (Arc<Disk>, ImageMeta) {
-        let mut meta = disk.meta().clone();
+    /// A snapshot of an image whose metadata is `meta`, opened (its files not yet linked).
+    fn prepare_snapshot(&self, meta: &ImageMeta, snap_name: &ImageName) -> (Arc<Disk>, ImageMeta) {
+        let mut meta = meta.clone();
         meta.name = snap_name.clone();
         meta.id = ImageId::random();
         meta.generation = 0;
@@ -182,6 +203,7 @@ impl Daemon {
         at: &[Placement],
     ) -> Result<Value, DaemonError> {
         self.local_only()?;
+        let _family = self.family_lock();
         let parent = self.disk(source)?;
         let (size, block_size, parent_tier, read_only) = {
             let meta = parent.meta();
@@ -236,6 +258,9 @@ impl Daemon {
         if disk.meta().parent.is_none() {
             return Err(FamilyError::NotAClone(name.clone()).into());
         }
+        if disk.meta().read_only {
+            return Err(FamilyError::ReadOnly(name.clone()).into());
+        }
         let blocks = disk.meta().blocks();
         let mut copied = 0u64;
         for block in 0..blocks {
@@ -251,6 +276,7 @@ impl Daemon {
             }
         }
         disk.blocks().flush()?;
+        let _family = self.family_lock();
         let parent = disk
             .update_meta(|meta| Ok(meta.parent.take()))
             .map_err(DaemonError::Text)?;
@@ -263,7 +289,8 @@ impl Daemon {
     /// through to its parent).
     pub(super) fn own_blocks(&self, disk: &Disk) -> Result<u64, DaemonError> {
         let mut own = 0;
-        for block in 0..disk.meta().blocks() {
+        let blocks = disk.meta().blocks();
+        for block in 0..blocks {
             for tier in tiers_here(disk, block) {
                 if disk.blocks().has_own(tier, block)? {
                     own += 1;
@@ -274,20 +301,28 @@ impl Daemon {
         Ok(own)
     }
 
-    /// The images that need `name` to stay: its snapshots, and the clones made from it.
+    /// The images that need `name` to stay: its snapshots, and the clones made from it. Read
+    /// from the metadata files, so an image that could not be opened counts too.
     pub(super) fn children(&self, name: &ImageName) -> Vec<ImageName> {
-        let images = self.lock();
-        let Some(id) = images.get(name).map(|e| e.disk.meta().id) else {
+        let Some(id) = self.find(name).map(|d| d.meta().id) else {
             return Vec::new();
         };
-        images
-            .values()
-            .filter(|e| {
-                let meta = e.disk.meta();
-                meta.name.snapshot_of().as_ref() == Some(name)
-                    || meta.parent.as_ref().is_some_and(|p| p.id == id)
+        let dir = self.config.meta_dir();
+        let names = meta::list(&dir).unwrap_or_else(|e| {
+            log::error!("cannot list the images' metadata: {e}");
+            Vec::new()
+        });
+        names
+            .into_iter()
+            .filter(|other| {
+                if other.snapshot_of().as_ref() == Some(name) {
+                    return true;
+                }
+                match ImageMeta::load(&dir, other) {
+                    Ok(meta) => meta.parent.is_some_and(|p| p.id == id),
+                    Err(_) => false,
+                }
             })
-            .map(|e| e.disk.name().clone())
             .collect()
     }
 
@@ -336,6 +371,16 @@ impl Daemon {
         self.remove_orphan_snapshots();
     }
 
+    /// Whether image `name`'s metadata file may name `id`: it does, or it cannot be read
+    /// (then nothing of that name is taken for leftovers).
+    fn names_on_disk(&self, name: &ImageName, id: ImageId) -> bool {
+        let dir = self.config.meta_dir();
+        if !meta::meta_path(&dir, name).exists() {
+            return false;
+        }
+        ImageMeta::load(&dir, name).map_or(true, |meta| meta.id == id)
+    }
+
     /// Removes the linked files of snapshots whose metadata was never saved (the daemon
     /// stopped between the barrier and the save). Only snapshot directories: no other image
     /// can have an `@` in its name, so nothing else is ever taken for one.
@@ -349,8 +394,7 @@ impl Daemon {
                 let Some((name, id)) = file_name.to_str().and_then(parse_dir_name) else {
                     continue;
                 };
-                let known = self.find(&name).is_some_and(|d| d.meta().id == id);
-                if name.is_snapshot() && !known {
+                if name.is_snapshot() && !self.names_on_disk(&name, id) {
                     let path = entry.path();
                     log::warn!("removing {}: a snapshot never finished", path.display());
                     if let Err(e) = std::fs::remove_dir_all(&path) {

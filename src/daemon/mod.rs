@@ -57,6 +57,9 @@ pub struct Daemon {
     /// Tiers whose copies may be stale at this start (the host went down while the daemon
     /// ran: writes not yet flushed may be gone). Emptied once the start is done.
     suspect: Mutex<Vec<Tier>>,
+    /// Held by snapshot, clone, rm and the end of flatten: a parent is never removed while a
+    /// child is being made of it, nor two snapshots of one name made at once.
+    family: Mutex<()>,
 }
 
 /// What a new image is: its shape, and its limits from the start.
@@ -178,6 +181,7 @@ impl Daemon {
             watch_from: Mutex::new(0),
             wiped: Mutex::new(Vec::new()),
             suspect: Mutex::new(Vec::new()),
+            family: Mutex::new(()),
         };
         if daemon.shared.is_some() {
             daemon.peers.start_heartbeat()?;
@@ -712,6 +716,7 @@ impl Daemon {
         if self.shared.is_some() {
             return self.remove_shared(name);
         }
+        let _family = self.family_lock();
         self.check_no_children(name)?;
         let entry = {
             let mut images = self.lock();

@@ -358,6 +358,12 @@ impl Blocks {
         Ok(self.ram.used_bytes()? + self.volume.used_bytes()?)
     }
 
+    /// The volume-tier files written since they were last synced (a snapshot syncs those it
+    /// shares).
+    pub fn dirty_files(&self) -> Vec<Arc<File>> {
+        self.dirty.snapshot().0
+    }
+
     /// Whether the next flush syncs `block`'s volume-tier file.
     pub fn is_dirty(&self, block: u64) -> bool {
         self.dirty.contains(block)
@@ -632,6 +638,39 @@ mod chain_tests {
         let mut buf = vec![0u8; 512];
         assert!(clone.read(Tier::Ram, 0, 0, &mut buf).is_err());
         assert!(clone.write(Tier::Ram, 0, 0, &buf).is_err());
+    }
+
+    #[test]
+    fn writers_racing_the_copy_up_of_one_block_all_land() {
+        let (_root, parent, clone) = family();
+        let clone = Arc::new(clone);
+        for block in [0u64, 1] {
+            let threads: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let clone = clone.clone();
+                    std::thread::spawn(move || {
+                        let page = [0x80 | i; 4096];
+                        clone
+                            .write(Tier::Ram, block, u64::from(i) * 8192, &page)
+                            .unwrap();
+                        // A read while others copy reads either state, never a torn one.
+                        let mut buf = vec![0u8; 4096];
+                        clone
+                            .read(Tier::Ram, block, u64::from(i) * 8192, &mut buf)
+                            .unwrap();
+                        assert_eq!(buf, page);
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let mut want = read(&parent, Tier::Ram, block);
+            for i in 0..8usize {
+                want[i * 8192..i * 8192 + 4096].fill(0x80 | i as u8);
+            }
+            assert_eq!(read(&clone, Tier::Ram, block), want, "block {block}");
+        }
     }
 
     #[test]

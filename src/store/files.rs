@@ -2,14 +2,14 @@
 //! dropped or punched when freed. Callers do block I/O through [`super::Blocks`], which keeps
 //! the rule of what a flush must sync; this type only knows paths and descriptors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::TierDirs;
 use crate::image::{ImageId, ImageName, Tier};
@@ -27,11 +27,21 @@ enum Entry {
     Shared(Arc<File>),
 }
 
+/// The open files, and the blocks whose copy-up runs (outside the lock).
+#[derive(Default)]
+struct Cache {
+    files: HashMap<u64, Entry>,
+    copying: HashSet<u64>,
+}
+
 /// The block files of one image on one tier of this node.
 pub struct BlockFiles {
     dir: PathBuf,
     tier: Tier,
-    cache: Mutex<HashMap<u64, Entry>>,
+    cache: Mutex<Cache>,
+    /// Signalled when a copy-up ends: a writer of that block, a discard of it, or a snapshot
+    /// waits for it; reads go on meanwhile (the block's old state is still right).
+    copied: Condvar,
     /// Set when a file was created or removed since the directory was last synced: the next
     /// flush must sync the directory too, or the new file may vanish in a power cut.
     dir_dirty: AtomicBool,
@@ -49,7 +59,8 @@ impl BlockFiles {
         BlockFiles {
             dir,
             tier,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
+            copied: Condvar::new(),
             dir_dirty: AtomicBool::new(false),
             dir_sync: Mutex::new(()),
         }
@@ -89,8 +100,20 @@ impl BlockFiles {
         self.dir.join(format!("{block:08}"))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock, once no copy-up of `block` (of any block, for `None`) runs.
+    fn lock_quiet(&self, block: Option<u64>) -> MutexGuard<'_, Cache> {
+        let cache = self.lock();
+        let busy = |c: &mut Cache| match block {
+            Some(block) => c.copying.contains(&block),
+            None => !c.copying.is_empty(),
+        };
+        self.copied
+            .wait_while(cache, busy)
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn remember(cache: &mut HashMap<u64, Entry>, block: u64, entry: Entry) {
@@ -111,7 +134,7 @@ impl BlockFiles {
     /// a discard just unlinked. Opens are rare (the result is cached), so the lock is cheap.
     pub(super) fn for_read(&self, block: u64) -> io::Result<Option<Arc<File>>> {
         let mut cache = self.lock();
-        match cache.get(&block) {
+        match cache.files.get(&block) {
             Some(Entry::Open(file) | Entry::Shared(file)) => return Ok(Some(file.clone())),
             Some(Entry::Absent) => return Ok(None),
             None => {}
@@ -122,11 +145,11 @@ impl BlockFiles {
                     Entry::Open(f) | Entry::Shared(f) => f.clone(),
                     Entry::Absent => return Ok(None),
                 };
-                Self::remember(&mut cache, block, entry);
+                Self::remember(&mut cache.files, block, entry);
                 Ok(Some(file))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Self::remember(&mut cache, block, Entry::Absent);
+                Self::remember(&mut cache.files, block, Entry::Absent);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -137,30 +160,45 @@ impl BlockFiles {
     /// data is elsewhere (`base`: a clone's parent) is first copied up from there; a file
     /// shared with a snapshot is first copied, so the snapshot keeps its bytes. Copies are
     /// made in a temporary file and renamed into place, so a crash leaves the block either as
-    /// it was or whole.
+    /// it was or whole; they run outside the lock, so other blocks' I/O goes on, and the
+    /// block's readers read its old state (still right: this write has not landed yet).
     pub(super) fn for_write(
         &self,
         block: u64,
         base: impl FnOnce() -> io::Result<Option<Arc<File>>>,
     ) -> io::Result<Arc<File>> {
-        let mut cache = self.lock();
-        let known = match cache.get(&block) {
+        let mut cache = self.lock_quiet(Some(block));
+        let known = match cache.files.get(&block) {
             Some(Entry::Open(file)) => return Ok(file.clone()),
-            Some(entry) => Ok(entry.clone()),
+            Some(entry) => entry.clone(),
             None => match self.open_existing(block) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Entry::Absent),
-                other => other,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Entry::Absent,
+                other => other?,
             },
         };
-        let file = match known? {
-            Entry::Open(file) => file,
-            Entry::Shared(file) => self.copy_up(block, Some(&file))?,
-            Entry::Absent => match base()? {
-                Some(parent) => self.copy_up(block, Some(&parent))?,
-                None => self.create_file(block)?,
+        let shared = match known {
+            Entry::Open(file) => {
+                Self::remember(&mut cache.files, block, Entry::Open(file.clone()));
+                return Ok(file);
+            }
+            Entry::Shared(file) => Some(file),
+            Entry::Absent => None,
+        };
+        cache.copying.insert(block);
+        drop(cache);
+        let made = match shared {
+            Some(file) => self.copy_up(block, Some(&file)),
+            None => match base() {
+                Ok(Some(parent)) => self.copy_up(block, Some(&parent)),
+                Ok(None) => self.create_file(block),
+                Err(e) => Err(e),
             },
         };
-        Self::remember(&mut cache, block, Entry::Open(file.clone()));
+        let mut cache = self.lock();
+        cache.copying.remove(&block);
+        self.copied.notify_all();
+        let file = made?;
+        Self::remember(&mut cache.files, block, Entry::Open(file.clone()));
         Ok(file)
     }
 
@@ -212,13 +250,16 @@ impl BlockFiles {
             _ => {}
         }
         let file = Self::options().create_new(true).mode(0o600).open(&temp)?;
-        if let Some(from) = from {
-            copy_data(from, &file)?;
+        let copied = from.map_or(Ok(()), |from| copy_data(from, &file));
+        let synced = copied.and_then(|()| match self.tier {
+            Tier::Volume => file.sync_data(),
+            Tier::Ram => Ok(()),
+        });
+        if let Err(e) = synced.and_then(|()| fs::rename(&temp, self.path(block))) {
+            // A half copy must not hold RAM (tmpfs) or disk until the next try.
+            let _ = fs::remove_file(&temp);
+            return Err(e);
         }
-        if self.tier == Tier::Volume {
-            file.sync_data()?;
-        }
-        fs::rename(&temp, self.path(block))?;
         self.dir_dirty.store(true, Ordering::Release);
         Ok(Arc::new(file))
     }
@@ -227,13 +268,13 @@ impl BlockFiles {
     /// clone's block, which would otherwise read its parent's data again) leaves an empty
     /// file in its place instead, put there in one rename.
     pub(super) fn drop_block(&self, block: u64, keep_empty: bool) -> io::Result<()> {
-        let mut cache = self.lock();
+        let mut cache = self.lock_quiet(Some(block));
         if keep_empty {
             let empty = self.copy_up(block, None)?;
-            Self::remember(&mut cache, block, Entry::Open(empty));
+            Self::remember(&mut cache.files, block, Entry::Open(empty));
             return Ok(());
         }
-        Self::remember(&mut cache, block, Entry::Absent);
+        Self::remember(&mut cache.files, block, Entry::Absent);
         match fs::remove_file(self.path(block)) {
             Ok(()) => {
                 self.dir_dirty.store(true, Ordering::Release);
@@ -250,12 +291,14 @@ impl BlockFiles {
     /// is synced (this runs while guest writes wait): call [`BlockFiles::sync_tree`] on
     /// `snapshot` before anything names it.
     pub fn link_into(&self, snapshot: &BlockFiles) -> io::Result<u64> {
-        let mut cache = self.lock();
+        // A copy-up in progress (a flatten's) renames a new file in place and caches it as
+        // unshared: it must not be linked between the two.
+        let mut cache = self.lock_quiet(None);
+        fs::create_dir_all(&snapshot.dir)?;
         let entries = match fs::read_dir(&self.dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             other => other?,
         };
-        fs::create_dir_all(&snapshot.dir)?;
         let mut linked = 0;
         for entry in entries {
             let entry = entry?;
@@ -268,7 +311,7 @@ impl BlockFiles {
                 linked += 1;
             }
         }
-        cache.clear();
+        cache.files.clear();
         Ok(linked)
     }
 
@@ -324,7 +367,7 @@ impl BlockFiles {
 
     /// Closes every cached file, so a removed image's space is freed at once.
     pub fn forget_all(&self) {
-        self.lock().clear();
+        self.lock().files.clear();
     }
 }
 
@@ -390,7 +433,10 @@ fn next_data(file: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
     let Some(data) = seek(at, libc::SEEK_DATA)? else {
         return Ok(None);
     };
-    let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(data);
+    // Past the data there is always a hole (at least the end of the file); none means the
+    // file shrank under the copy.
+    let hole = seek(data, libc::SEEK_HOLE)?.filter(|&hole| hole > data);
+    let hole = hole.ok_or_else(|| io::Error::other("the block file shrank while copied"))?;
     Ok(Some((data, hole)))
 }
 
@@ -490,7 +536,7 @@ mod tests {
         for b in 0..(MAX_OPEN_BLOCKS as u64 + 10) {
             files.for_write(b, || Ok(None)).unwrap();
         }
-        assert!(files.cache.lock().unwrap().len() <= MAX_OPEN_BLOCKS);
+        assert!(files.cache.lock().unwrap().files.len() <= MAX_OPEN_BLOCKS);
         assert!(files.for_read(0).unwrap().is_some());
     }
 }
