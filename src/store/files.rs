@@ -388,31 +388,67 @@ pub(super) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
 /// Copies `from`'s data into the empty `to`, the same length, leaving its holes as holes
 /// (a copy-up of a sparse RAM-tier block must not fill tmpfs with zeros).
 fn copy_data(from: &File, to: &File) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
     let len = from.metadata()?.len();
     to.set_len(len)?;
-    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut buf: Vec<u8> = Vec::new();
     let mut at = 0;
     while at < len {
         let Some((data, hole)) = next_data(from, at)? else {
             break;
         };
-        let mut pos = data;
-        while pos < hole {
-            let want = (hole - pos).min(COPY_CHUNK as u64) as usize;
-            let n = from.read_at(&mut buf[..want], pos)?;
-            if n == 0 {
-                break;
-            }
-            to.write_all_at(&buf[..n], pos)?;
-            pos += n as u64;
-        }
+        copy_range(from, to, data, hole, &mut buf)?;
         at = hole;
     }
     Ok(())
 }
 
-/// Bytes a copy-up moves per read and write.
+/// Copies bytes `start..end` at the same offsets: in the kernel (`copy_file_range`, one copy
+/// instead of two through a buffer), or through `buf` where the kernel cannot (across file
+/// systems on older kernels).
+fn copy_range(from: &File, to: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut pos = start;
+    while pos < end {
+        let want = (end - pos).min(COPY_CHUNK as u64) as usize;
+        let (mut off_in, mut off_out) = (to_off(pos)?, to_off(pos)?);
+        // SAFETY: both descriptors are ours and open; the offsets are passed by pointer to
+        // locals and the call moves at most `want` bytes between the two files.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        let n = match n {
+            0 => return Ok(()), // the source ended early: the rest reads as zeros anyway
+            n if n > 0 => n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) {
+                    return Err(e);
+                }
+                buf.resize(want, 0);
+                let n = from.read_at(&mut buf[..want], pos)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                to.write_all_at(&buf[..n], pos)?;
+                n
+            }
+        };
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes a copy-up moves per call.
 const COPY_CHUNK: usize = 1 << 20;
 
 /// The next run of data at or after `at`: `(start, end)`, or `None` when only holes follow.
@@ -528,6 +564,49 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 7));
         assert!(buf[4096..12288].iter().all(|&b| b == 0));
         assert!(buf[12288..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn copies_keep_holes_within_and_across_file_systems() {
+        use std::os::unix::fs::FileExt;
+        let shm = std::path::Path::new("/dev/shm");
+        let roots = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let other = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        for to_dir in [roots[1].path(), other.path()] {
+            let from = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(roots[0].path().join("from"))
+                .unwrap();
+            from.set_len(8 << 20).unwrap();
+            from.write_all_at(&[3; 4096], 1 << 20).unwrap();
+            from.write_all_at(&[4; 8192], (6 << 20) + 512).unwrap();
+            let to = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(to_dir.join("to"))
+                .unwrap();
+            copy_data(&from, &to).unwrap();
+            assert_eq!(to.metadata().unwrap().len(), 8 << 20);
+            let mut got = vec![0u8; 8 << 20];
+            to.read_exact_at(&mut got, 0).unwrap();
+            let mut want = vec![0u8; 8 << 20];
+            want[1 << 20..(1 << 20) + 4096].fill(3);
+            want[(6 << 20) + 512..(6 << 20) + 512 + 8192].fill(4);
+            assert!(got == want, "copy into {}", to_dir.display());
+            assert!(
+                to.metadata().unwrap().blocks() * 512 <= 64 << 10,
+                "holes were filled"
+            );
+        }
     }
 
     #[test]
