@@ -4,6 +4,7 @@
 mod error;
 mod etcd;
 mod relocate;
+mod resize;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -324,6 +325,11 @@ impl Daemon {
                 Some(_) => self.adopt_shared(&name, from.as_ref()),
                 None => Err(DaemonError::AdoptNeedsCluster),
             },
+            Request::ImageResize {
+                name,
+                size,
+                allow_shrink,
+            } => self.resize(&name, size, allow_shrink),
             Request::ImageExport { name, path } => {
                 let disk = self.owned_disk(&name)?;
                 if let Err(source) = transfer::export_raw(&disk, Path::new(&path), progress) {
