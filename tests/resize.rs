@@ -155,3 +155,95 @@ echo "RESULT new_md5=$c"
         out.expect_value("new_md5")
     );
 }
+
+/// Bytes of a 64 KiB write that tell blocks and rounds apart.
+fn pattern(block: u64, round: u8) -> Vec<u8> {
+    (0..64 << 10)
+        .map(|i: u32| (i as u8) ^ (block as u8).wrapping_mul(7) ^ round)
+        .collect()
+}
+
+/// With etcd: an image owned by a with copies on a and b grows while a client is connected
+/// to a. b learns the new size from etcd and takes its copy of the new blocks (the writes
+/// leave every copy in sync); once a's copy is gone, b serves them, and the old data.
+#[test]
+fn a_holder_on_another_node_serves_the_new_blocks() {
+    use cormorant_frontend::{BlkClient, ClientOptions};
+    if !tools_available(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let (_etcd, cluster) = common::etcd_cluster(dir.path(), 2);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // 3.5 blocks of 1 MiB: the last one is short.
+    a.create_image("r", "3584K", "1M", &["a:ram", "b:ram"]);
+    let mut client = BlkClient::connect(a.socket("r"), &ClientOptions::default()).unwrap();
+    for block in 0..3u64 {
+        assert_eq!(
+            client.write(0, block * 2048, &pattern(block, 1)).unwrap(),
+            0
+        );
+    }
+    // Past the end: refused before the resize.
+    assert_ne!(client.write(0, 7 * 2048, &pattern(7, 1)).unwrap(), 0);
+    let grown = a.cli(&["image", "resize", "r", "8M"]);
+    assert_eq!(grown["blocks"], 8);
+    // The connected client's requests are checked against the new size at once; the old
+    // short block's new half and the new blocks take writes on both copies.
+    let spots: Vec<u64> = vec![3 * 2048 + 1024, 4 * 2048, 6 * 2048, 7 * 2048 + 1920];
+    for (i, &sector) in spots.iter().enumerate() {
+        let status = client.write(0, sector, &pattern(sector, 2)).unwrap();
+        assert_eq!(status, 0, "write {i} at sector {sector}");
+    }
+    assert_eq!(client.flush(0).unwrap(), 0);
+    let info = a.cli(&["image", "info", "r"]);
+    assert_eq!(info["size"], 8u64 << 20);
+    for block in info["blocks"].as_array().unwrap() {
+        for location in block["locations"].as_array().unwrap() {
+            assert_eq!(location["synced"], true, "{block}");
+        }
+    }
+    assert!(
+        b.block_file("ram", "r", 6).exists(),
+        "b holds its copy of a new block"
+    );
+    a.cli(&["location", "rm", "r", "--at", "a:ram"]);
+    for block in 0..3u64 {
+        let (status, data) = client.read(0, block * 2048, 64 << 10).unwrap();
+        assert_eq!(status, 0);
+        assert!(data == pattern(block, 1), "old block {block} from b");
+    }
+    for &sector in &spots {
+        let (status, data) = client.read(0, sector, 64 << 10).unwrap();
+        assert_eq!(status, 0);
+        assert!(
+            data == pattern(sector, 2),
+            "new data at sector {sector} from b"
+        );
+    }
+    let (status, data) = client.read(0, 5 * 2048, 64 << 10).unwrap();
+    assert_eq!(status, 0);
+    assert!(
+        data.iter().all(|&x| x == 0),
+        "unwritten new space reads zeros"
+    );
+    assert_eq!(b.cli(&["image", "info", "r"])["size"], 8u64 << 20);
+
+    // Across extents records (2048 blocks each): a shrink drops the records past the end,
+    // so etcd's view stays whole for every node; growing again adds them back.
+    a.create_image("s", "3G", "1M", &["a:ram", "b:ram"]);
+    a.cli(&["image", "resize", "s", "1G", "--allow-shrink"]);
+    let on_b = |size: u64| {
+        common::wait_until(Duration::from_secs(10), || {
+            b.cli(&["image", "info", "s"])["size"] == size
+        })
+    };
+    assert!(on_b(1 << 30));
+    a.cli(&["image", "resize", "s", "5G"]);
+    assert!(on_b(5 << 30));
+    let blocks = b.cli(&["image", "info", "s"])["blocks"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(blocks, 5120);
+}
