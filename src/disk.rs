@@ -88,9 +88,9 @@ const STAMP_COUNTER_BITS: u32 = 40;
 /// first reaches them and never freed or moved, so an online resize adds groups while the
 /// queues count without any lock: a count is one bounds check, one load of the group's
 /// pointer and the atomic add, as with one flat array. Room for groups up to the table's
-/// limit costs 8 KiB per image.
+/// limit (4096 pointers) costs 64 KiB per image, and each group 8 KiB.
 pub struct WriteCounters {
-    groups: Box<[OnceLock<CounterGroup>]>,
+    groups: Box<[OnceLock<Box<CounterGroup>>]>,
     /// Blocks the image has: counters past it answer as absent.
     blocks: AtomicU64,
 }
@@ -136,7 +136,7 @@ impl WriteCounters {
             .iter()
             .take(blocks.div_ceil(COUNTER_GROUP) as usize)
         {
-            group.get_or_init(CounterGroup::new);
+            group.get_or_init(|| Box::new(CounterGroup::new()));
         }
         self.blocks.store(blocks, Ordering::Release);
     }
