@@ -90,9 +90,10 @@ fn resize_through_the_cli() {
 }
 
 /// The guest writes near the end of its 10 MiB disk, the host grows the image to 20 MiB
-/// under it: `/sys/block/vda/size` changes without a reboot, the new space reads zeros and
-/// takes writes that read back, and what was written before is unchanged. A shrink while the
-/// guest runs is refused.
+/// under it while the guest keeps writing and verifying 1 MiB in a loop: `/sys/block/vda/size`
+/// changes without a reboot, the loop never sees an error or a mismatch, the new space reads
+/// zeros and takes writes that read back, and what was written before is unchanged. A shrink
+/// while the guest runs is refused.
 #[test]
 fn a_running_guest_sees_its_disk_grow() {
     if !tools_available(&["qemu-system-x86_64"]) {
@@ -106,14 +107,25 @@ dd if=/dev/urandom of=/tmp/old bs=1M count=1 2>/dev/null
 dd if=/tmp/old of=/dev/vda bs=64k seek=144 oflag=direct conv=fsync 2>/dev/null || echo "RESULT old_write=failed"
 before=$(cat /sys/block/vda/size)
 echo "RESULT size_before=$before"
+a=$(md5sum < /tmp/old | cut -d' ' -f1)
+# I/O goes on while the disk grows: 1 MiB at 1 MiB written and verified in a loop.
+( i=0; while [ ! -f /tmp/stop ]; do
+    dd if=/tmp/old of=/dev/vda bs=64k seek=16 oflag=direct 2>/dev/null || echo bad >> /tmp/errors
+    r=$(dd if=/dev/vda bs=64k skip=16 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$r" = "$a" ] || echo bad >> /tmp/errors
+    i=$((i+1)); echo $i > /tmp/rounds
+  done; touch /tmp/stopped ) &
 echo READY_TO_RESIZE
 n=0
 while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $n -lt 600 ]; do usleep 100000; n=$((n+1)); done
 echo "RESULT size_after=$(cat /sys/block/vda/size)"
+touch /tmp/stop
+while [ ! -f /tmp/stopped ]; do usleep 100000; done
+echo "RESULT busy_rounds=$(cat /tmp/rounds)"
+echo "RESULT busy_errors=$(cat /tmp/errors 2>/dev/null | wc -l)"
 z=$(dd if=/dev/zero bs=1M count=10 2>/dev/null | md5sum | cut -d' ' -f1)
 n=$(dd if=/dev/vda bs=1M skip=10 count=10 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 [ "$z" = "$n" ] && echo "RESULT new_zeros=yes" || echo "RESULT new_zeros=no"
-a=$(md5sum < /tmp/old | cut -d' ' -f1)
 b=$(dd if=/dev/vda bs=64k skip=144 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 [ "$a" = "$b" ] && echo "RESULT old_kept=yes" || echo "RESULT old_kept=no"
 dd if=/dev/urandom of=/tmp/new bs=1M count=2 2>/dev/null
@@ -145,6 +157,9 @@ echo "RESULT new_md5=$c"
     assert_eq!(out.value("old_kept"), Some("yes"), "{}", out.console);
     assert_eq!(out.value("new_back"), Some("yes"), "{}", out.console);
     assert_eq!(out.value("new_write"), None, "{}", out.console);
+    assert_eq!(out.value("busy_errors"), Some("0"), "{}", out.console);
+    let rounds: u32 = out.expect_value("busy_rounds").parse().unwrap();
+    assert!(rounds >= 1, "the I/O loop ran across the resize");
     // On the host too: the guest's write to the new space is in the image.
     let bytes = exported(&daemon, &dir, "disk");
     assert_eq!(bytes.len(), 20 * MIB);
