@@ -223,5 +223,54 @@ fn copy_up(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, split, lookup, copy_up);
+/// A disk of 5120 blocks of 4 MiB (20 GiB) in a temporary directory, on the local store.
+fn disk(dir: &std::path::Path) -> Arc<cormorant::disk::Disk> {
+    let here = Location {
+        node: NodeId::local(),
+        tier: Tier::Ram,
+        synced: true,
+    };
+    let name = "bench".parse().expect("name");
+    let meta =
+        cormorant::image::ImageMeta::new(name, NodeId::local(), 20 << 30, BLOCK, false, vec![here])
+            .expect("meta");
+    let dirs = cormorant::store::TierDirs {
+        ram: dir.join("ram"),
+        volume: dir.join("volume"),
+    };
+    let store = Arc::new(cormorant::meta::store::LocalStore::new(dir.join("meta")));
+    cormorant::disk::Disk::open(meta, &dirs, NodeId::local(), store)
+}
+
+/// What every guest write does to its block's write counters (start at issue, finish at
+/// completion; resync and the cache read them): these grow with an online resize, so they
+/// must cost no more than a flat array did.
+fn counters(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("cormorant-bench-{}", std::process::id()));
+    let disk = disk(&dir);
+    let mut g = c.benchmark_group("write counters");
+    g.throughput(Throughput::Elements(1));
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    g.bench_function("start + finish + idle, random block of 5120", |b| {
+        b.iter_batched(
+            || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % 5120
+            },
+            |block| {
+                let writes = disk.writes();
+                writes.start(block);
+                writes.finish(block);
+                writes.idle(block)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, parse, split, lookup, counters, copy_up);
 criterion_main!(benches);

@@ -264,6 +264,17 @@ pub enum ImageCommand {
         #[arg(long, default_value = "raw")]
         format: String,
     },
+    /// Change an image's size, live: a running guest sees the new capacity at once (the new
+    /// space reads as zeros). Run it on the image's owner. Shrinking is refused while a
+    /// frontend uses the image and needs --allow-shrink (it frees the blocks past the end).
+    Resize {
+        name: ImageName,
+        /// The new size in bytes, with an optional K, M, G or T suffix; a multiple of 512.
+        size: Size,
+        /// Allow a size below the current one (the data past it is dropped).
+        #[arg(long)]
+        allow_shrink: bool,
+    },
 }
 
 /// Per-image limits (QoS), shared by all the image's queues.

@@ -172,6 +172,18 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
             };
             call_with_progress(&socket, request, "import")?
         }
+        ImageCommand::Resize {
+            name,
+            size,
+            allow_shrink,
+        } => call_quiet(
+            &socket,
+            Request::ImageResize {
+                name,
+                size: size.0,
+                allow_shrink,
+            },
+        )?,
         ImageCommand::Export { name, file, format } => {
             let raw_path = if format == "raw" {
                 file.clone()

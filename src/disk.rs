@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
 
 use crate::cache::ImageCache;
 use crate::image::{BlockRange, BlockTable, ImageMeta, ImageName, Location, NodeId, Tier};
@@ -65,6 +65,16 @@ pub struct Disk {
     /// unreachable): per block, the marks still to record. Until they are, those copies and
     /// the ones that took the write differ while all are "in sync" in etcd.
     unrecorded: Mutex<HashMap<u64, Vec<Location>>>,
+    /// Told of every change of the image's size (the devices serving it: see
+    /// [`Disk::watch_size`]); gone watchers are dropped.
+    size_watchers: Mutex<Vec<Weak<dyn SizeWatcher>>>,
+}
+
+/// Something that follows an image's size: a device tells its guest the new capacity.
+pub trait SizeWatcher: Send + Sync {
+    /// The image is now `size` bytes. Called with no lock of the disk held, after the change
+    /// is durable and live.
+    fn size_changed(&self, size: u64);
 }
 
 /// Bits of a write stamp below the incarnation: 2^40 writes per image per run of the daemon.
@@ -73,36 +83,91 @@ const STAMP_COUNTER_BITS: u32 = 40;
 /// Per block, how many guest writes were started and finished. A resync copies a block only
 /// while no write is in flight on it, and commits the copy only if no write started since:
 /// so it never puts an old value over a guest's write.
+///
+/// The counters live in fixed groups of [`COUNTER_GROUP`] blocks, allocated when the image
+/// first reaches them and never freed or moved, so an online resize adds groups while the
+/// queues count without any lock: a count is one bounds check, one load of the group's
+/// pointer and the atomic add, as with one flat array. Room for groups up to the table's
+/// limit (4096 pointers) costs 64 KiB per image, and each group 8 KiB.
 pub struct WriteCounters {
-    started: Vec<AtomicU32>,
-    finished: Vec<AtomicU32>,
+    groups: Box<[OnceLock<Box<CounterGroup>>]>,
+    /// Blocks the image has: counters past it answer as absent.
+    blocks: AtomicU64,
 }
 
-impl WriteCounters {
-    fn new(blocks: u64) -> Self {
-        let zeros = || (0..blocks).map(|_| AtomicU32::new(0)).collect();
-        WriteCounters {
+/// Blocks per group of write counters: 8 KiB of counters, so a 4 MiB-block image of up to
+/// 4 GiB has one group and a grown one adds them 4 GiB at a time.
+const COUNTER_GROUP: u64 = 1024;
+
+/// The write counters of [`COUNTER_GROUP`] consecutive blocks.
+struct CounterGroup {
+    started: Box<[AtomicU32]>,
+    finished: Box<[AtomicU32]>,
+}
+
+impl CounterGroup {
+    fn new() -> Self {
+        let zeros = || (0..COUNTER_GROUP).map(|_| AtomicU32::new(0)).collect();
+        CounterGroup {
             started: zeros(),
             finished: zeros(),
         }
     }
+}
+
+impl WriteCounters {
+    fn new(blocks: u64) -> Self {
+        let groups = crate::image::table::MAX_BLOCKS.div_ceil(COUNTER_GROUP);
+        let counters = WriteCounters {
+            groups: (0..groups).map(|_| OnceLock::new()).collect(),
+            blocks: AtomicU64::new(0),
+        };
+        counters.resize(blocks);
+        counters
+    }
+
+    /// The image now has `blocks` blocks. Growing allocates their groups before the new
+    /// blocks count as present; shrinking keeps the counters (a block that comes back
+    /// goes on counting from where it was, so no resync mistakes it for untouched).
+    fn resize(&self, blocks: u64) {
+        let blocks = blocks.min(crate::image::table::MAX_BLOCKS);
+        for group in self
+            .groups
+            .iter()
+            .take(blocks.div_ceil(COUNTER_GROUP) as usize)
+        {
+            group.get_or_init(|| Box::new(CounterGroup::new()));
+        }
+        self.blocks.store(blocks, Ordering::Release);
+    }
+
+    /// The counters of `block`: (started, finished); `None` past the image's end.
+    fn of(&self, block: u64) -> Option<(&AtomicU32, &AtomicU32)> {
+        if block >= self.blocks.load(Ordering::Acquire) {
+            return None;
+        }
+        let group = self.groups.get((block / COUNTER_GROUP) as usize)?.get()?;
+        let at = (block % COUNTER_GROUP) as usize;
+        Some((group.started.get(at)?, group.finished.get(at)?))
+    }
 
     pub fn start(&self, block: u64) {
-        if let Some(c) = self.started.get(block as usize) {
-            c.fetch_add(1, Ordering::AcqRel);
+        if let Some((started, _)) = self.of(block) {
+            started.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     pub fn finish(&self, block: u64) {
-        if let Some(c) = self.finished.get(block as usize) {
-            c.fetch_add(1, Ordering::AcqRel);
+        if let Some((_, finished)) = self.of(block) {
+            finished.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// The number of writes started on `block`, when none is in flight.
     pub fn idle(&self, block: u64) -> Option<u32> {
-        let started = self.started.get(block as usize)?.load(Ordering::Acquire);
-        let finished = self.finished.get(block as usize)?.load(Ordering::Acquire);
+        let (started, finished) = self.of(block)?;
+        let started = started.load(Ordering::Acquire);
+        let finished = finished.load(Ordering::Acquire);
         (started == finished).then_some(started)
     }
 }
@@ -235,6 +300,7 @@ impl Disk {
             stamps: AtomicU64::new(0),
             applied: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashMap::new()),
+            size_watchers: Mutex::new(Vec::new()),
         };
         Arc::new(disk)
     }
@@ -437,7 +503,7 @@ impl Disk {
     /// are no longer lost: the owner knows.
     pub fn set_meta(&self, meta: ImageMeta) {
         // A newer epoch waits for block I/O admitted under older ones (see `epoch_gate`).
-        let _exclusive = (meta.generation > self.newest_epoch.load(Ordering::Acquire))
+        let exclusive = (meta.generation > self.newest_epoch.load(Ordering::Acquire))
             .then(|| self.epoch_gate.write().unwrap_or_else(|p| p.into_inner()));
         let mut live = self.meta.write().unwrap_or_else(|p| p.into_inner());
         self.newest_epoch
@@ -456,7 +522,14 @@ impl Disk {
             // The image is someone else's now (moved away): its writes no longer pass here.
             self.cache.fence(meta.generation);
         }
+        let resized = self.follow_size(&live, &meta);
         *live = meta;
+        drop(live);
+        drop(lost);
+        drop(exclusive);
+        if let Some(size) = resized {
+            self.size_changed(size);
+        }
     }
 
     /// Drops the cache copies of blocks whose locations or in-sync flags differ between
@@ -720,14 +793,67 @@ impl Disk {
         }
         let mut next = live.clone();
         let result = change(&mut next)?;
+        let mut resized = None;
         if next != *live {
             self.store.commit(&live, &next).map_err(|e| e.to_string())?;
             self.qos.set(&next.qos);
             self.cache.set_policy(next.qos.cache);
             self.drop_moved_from_cache(&live.table, &next.table);
+            resized = self.follow_size(&live, &next);
             *live = next;
         }
+        drop(live);
+        if let Some(size) = resized {
+            self.size_changed(size);
+        }
         Ok(result)
+    }
+
+    /// Brings the per-block state sized by the image's length in line with `next` when its
+    /// size differs from `live`'s (under the metadata's write lock, before `next` is live):
+    /// the write counters, the block files (see `Blocks::resize`), the cache copy of the old
+    /// last block (its pages may stop short of the new end). Returns the new size if it
+    /// changed.
+    fn follow_size(&self, live: &ImageMeta, next: &ImageMeta) -> Option<u64> {
+        if live.size == next.size {
+            return None;
+        }
+        self.writes.resize(next.blocks());
+        if let Err(e) = self.blocks.resize(next.size) {
+            // The size is changed all the same; what could not be cleared past the old end
+            // is cleared by the next resize that crosses it.
+            log::error!("image {}: resize: {e}", self.name);
+        }
+        self.cache.invalidate(live.blocks().saturating_sub(1));
+        log::info!(
+            "image {}: size {} -> {} bytes ({} blocks)",
+            self.name,
+            live.size,
+            next.size,
+            next.blocks()
+        );
+        Some(next.size)
+    }
+
+    /// Registers `watcher` to be told of every change of the image's size, until it is
+    /// dropped.
+    pub fn watch_size(&self, watcher: Weak<dyn SizeWatcher>) {
+        let mut watchers = self.size_watchers.lock().unwrap_or_else(|p| p.into_inner());
+        watchers.retain(|w| w.strong_count() > 0);
+        watchers.push(watcher);
+    }
+
+    fn size_changed(&self, size: u64) {
+        let watchers: Vec<Arc<dyn SizeWatcher>> = self
+            .size_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for watcher in watchers {
+            watcher.size_changed(size);
+        }
     }
 
     /// Peers in `failed` could not make their copies durable: their copies go out of sync
@@ -997,6 +1123,82 @@ mod tests {
         assert!(!disk.admit_change(Tier::Ram, 2, 7, 5, 0..1));
         let (a, b) = (disk.next_stamp(), disk.next_stamp());
         assert!(b > a);
+    }
+
+    /// Records the sizes it is told of.
+    #[derive(Default)]
+    struct Sizes(Mutex<Vec<u64>>);
+
+    impl SizeWatcher for Sizes {
+        fn size_changed(&self, size: u64) {
+            self.0.lock().unwrap().push(size);
+        }
+    }
+
+    /// A resize through `update_meta` is saved, grows the write counters and the block files'
+    /// bounds with it, and tells the watchers once it is live; a shrink clears what lay past
+    /// the end.
+    #[test]
+    fn a_resize_reaches_every_per_block_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = TierDirs {
+            ram: dir.path().join("ram"),
+            volume: dir.path().join("vol"),
+        };
+        let here = Location {
+            node: "a".parse().unwrap(),
+            tier: Tier::Ram,
+            synced: true,
+        };
+        let meta = ImageMeta::new(
+            "img".parse().unwrap(),
+            "a".parse().unwrap(),
+            6 << 20,
+            4 << 20,
+            false,
+            vec![here],
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("meta")).unwrap();
+        let store = Arc::new(crate::meta::store::LocalStore::new(dir.path().join("meta")));
+        let disk = Disk::open(meta, &dirs, "a".parse().unwrap(), store);
+        let sizes = Arc::new(Sizes::default());
+        let weak: Weak<dyn SizeWatcher> = Arc::downgrade(&(sizes.clone() as Arc<dyn SizeWatcher>));
+        disk.watch_size(weak);
+        assert_eq!(disk.writes().idle(2), None, "past the end");
+        disk.blocks().write(Tier::Ram, 1, 0, &[5; 2 << 20]).unwrap();
+        let grown = (8u64 << 30) + 512;
+        disk.update_meta(|m| m.resize(grown).map_err(|e| e.to_string()))
+            .unwrap();
+        assert_eq!(*sizes.0.lock().unwrap(), [grown]);
+        let last = grown / (4 << 20);
+        assert_eq!(disk.meta().blocks(), last + 1);
+        assert_eq!(disk.writes().idle(last), Some(0));
+        disk.writes().start(last);
+        assert_eq!(disk.writes().idle(last), None, "in flight");
+        disk.writes().finish(last);
+        assert_eq!(disk.writes().idle(last), Some(1));
+        assert_eq!(disk.blocks().block_len(last), 512);
+        disk.blocks().write(Tier::Ram, last, 0, &[7; 512]).unwrap();
+        let saved = ImageMeta::load(&dir.path().join("meta"), disk.name()).unwrap();
+        assert_eq!(saved.size, grown, "durable before it is live");
+        disk.update_meta(|m| m.resize(5 << 20).map_err(|e| e.to_string()))
+            .unwrap();
+        assert_eq!(*sizes.0.lock().unwrap(), [grown, 5 << 20]);
+        assert_eq!(disk.writes().idle(last), None);
+        let one = disk.blocks().read_block(Tier::Ram, 1).unwrap().unwrap();
+        assert_eq!(one.len(), 1 << 20, "cut at the new end");
+        disk.update_meta(|m| m.resize(grown).map_err(|e| e.to_string()))
+            .unwrap();
+        assert!(disk.blocks().read_block(Tier::Ram, last).unwrap().is_none());
+        assert_eq!(
+            disk.writes().idle(last),
+            Some(1),
+            "counts go on where they were"
+        );
+        drop(sizes);
+        disk.update_meta(|m| m.resize(grown + 512).map_err(|e| e.to_string()))
+            .unwrap();
     }
 
     #[test]

@@ -167,8 +167,8 @@ impl<H: Holdings> HolderService<H> {
     }
 
     /// The disk, after checking this node holds `block` on `tier` and the span fits in it.
-    /// With etcd, a block this node's view does not place here is looked up there first (the
-    /// owner may have just placed it).
+    /// With etcd, a block this node's view does not place here, or that lies past its view's
+    /// end, is looked up there first (the owner may have just placed it, or grown the image).
     fn held(
         &self,
         image: &ImageRef,
@@ -179,7 +179,7 @@ impl<H: Holdings> HolderService<H> {
     ) -> Result<Arc<Disk>, Response> {
         match self.held_in_view(image, tier, block, offset, len) {
             Err(Response::Error { code: c, .. })
-                if c == code::NOT_HELD && self.daemon.is_shared() =>
+                if (c == code::NOT_HELD || c == code::INVALID) && self.daemon.is_shared() =>
             {
                 self.daemon.refresh(&image.name);
                 self.held_in_view(image, tier, block, offset, len)

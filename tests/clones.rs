@@ -285,3 +285,35 @@ fn an_unreadable_snapshot_is_kept_not_swept() {
     let mut snap = client(&daemon, "gold@base");
     assert_eq!(read(&mut snap, 7 * SECTORS_PER_MIB, 4096), vec![8; 4096]);
 }
+
+/// A clone grows past its parent (the new space reads zeros, the old still reads through),
+/// a snapshot of the grown clone takes the new blocks too, and a shrink waits for a flatten.
+#[test]
+fn a_clone_grows_past_its_parent_and_is_snapshotted_whole() {
+    let dir = TestDir::new();
+    let daemon = Daemon::start(dir.path());
+    golden(&daemon);
+    daemon.cli(&["image", "clone", "gold@base", "vm1"]);
+    daemon.cli(&["image", "resize", "vm1", "12M"]);
+    let mut vm1 = client(&daemon, "vm1");
+    assert_eq!(read(&mut vm1, 7 * SECTORS_PER_MIB, 4096), vec![8; 4096]);
+    assert_eq!(read(&mut vm1, 10 * SECTORS_PER_MIB, 4096), vec![0; 4096]);
+    write(&mut vm1, 11 * SECTORS_PER_MIB, &[0x5a; 4096]);
+    drop(vm1);
+    daemon.cli(&["image", "snapshot", "vm1", "big"]);
+    let mut snap = client(&daemon, "vm1@big");
+    assert_eq!(
+        read(&mut snap, 11 * SECTORS_PER_MIB, 4096),
+        vec![0x5a; 4096]
+    );
+    assert_eq!(read(&mut snap, 2 * SECTORS_PER_MIB, 4096), vec![3; 4096]);
+    drop(snap);
+    let out = daemon.cli_raw(&["image", "resize", "vm1", "4M", "--allow-shrink"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("flatten"),
+        "{stderr}"
+    );
+    let out = daemon.cli_raw(&["image", "resize", "gold@base", "16M"]);
+    assert!(!out.status.success(), "a snapshot was resized");
+}

@@ -73,6 +73,7 @@ fn key(bytes: &[u8], with_prefix: bool) {
         Key::Lost(id, node) => keys.lost(*id, node),
         Key::Qos(id) => keys.qos(*id),
         Key::Stripe(id) => keys.stripe(*id),
+        Key::Size(id) => keys.size(*id),
     };
     assert_eq!(again, key, "{parsed:?} re-encodes differently");
     assert_eq!(keys.encode(&parsed), key);

@@ -129,6 +129,15 @@ pub enum Request {
     ImageFlatten {
         name: ImageName,
     },
+    /// Changes an image's size to `size` bytes (a multiple of 512), on its owner; a running
+    /// guest is told the new capacity at once. Growing is allowed at any time; shrinking
+    /// needs `allow_shrink` and no frontend using the image. Refused for read-only images.
+    ImageResize {
+        name: ImageName,
+        size: u64,
+        #[serde(default)]
+        allow_shrink: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -106,6 +106,18 @@ pub enum DaemonError {
     Sync(#[from] SyncError),
     #[error(transparent)]
     Family(#[from] super::family::FamilyError),
+    #[error("image '{0}' is read-only: its size stays the one it was made with")]
+    ResizeReadOnly(ImageName),
+    #[error("image '{name}' is {old} bytes: shrinking it to {size} drops its end; add --allow-shrink to do so")]
+    ShrinkNeedsFlag {
+        name: ImageName,
+        size: u64,
+        old: u64,
+    },
+    #[error("image '{0}' is in use by a frontend: it is not shrunk under a running guest (stop the VM first; growing is allowed)")]
+    ShrinkInUse(ImageName),
+    #[error("image '{0}' is a clone: flatten it (image flatten {0}) before shrinking it")]
+    ShrinkClone(ImageName),
     /// From layers whose errors are still text (disk.rs, daemon/cluster.rs): their message.
     #[error("{0}")]
     Text(String),

@@ -290,8 +290,9 @@ impl Daemon {
                         }
                     }
                 }
-                // An image's limits or stripe changed: the nodes holding it read it again.
-                (Key::Qos(id) | Key::Stripe(id), _) => {
+                // An image's limits, stripe or size changed: the nodes holding it read it
+                // again.
+                (Key::Qos(id) | Key::Stripe(id) | Key::Size(id), _) => {
                     if let Some(name) = self.name_of(id) {
                         touched.insert(name);
                     }

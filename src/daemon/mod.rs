@@ -5,6 +5,7 @@ mod error;
 mod etcd;
 mod family;
 mod relocate;
+mod resize;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -340,6 +341,11 @@ impl Daemon {
                 at,
             } => self.clone_image(&source, name, tier, &at),
             Request::ImageFlatten { name } => self.flatten(&name, progress),
+            Request::ImageResize {
+                name,
+                size,
+                allow_shrink,
+            } => self.resize(&name, size, allow_shrink),
             Request::ImageExport { name, path } => {
                 let disk = self.owned_disk(&name)?;
                 if let Err(source) = transfer::export_raw(&disk, Path::new(&path), progress) {

@@ -258,6 +258,38 @@ impl ImageMeta {
         })
     }
 
+    /// Changes the image's size to `size` bytes (see `image resize`). Blocks past the new end
+    /// leave the table; each new block gets the copies of the image's last block (a striped
+    /// image: the ones its stripe places it on), all in sync: a block never written reads as
+    /// zeros on every copy. The same nodes and tiers keep the image's copy count and its
+    /// spread over nodes, where the owner's tier alone would leave the new blocks with one
+    /// copy. Refused, with nothing changed, for a size that is not a positive multiple of
+    /// [`SECTOR_SIZE`] or needs more than [`MAX_BLOCKS`] blocks.
+    pub fn resize(&mut self, size: u64) -> Result<(), MetaError> {
+        let blocks = check_shape(size, self.block_size)?;
+        let last = self
+            .table
+            .locations(self.blocks().saturating_sub(1))
+            .map(<[Location]>::to_vec)
+            .unwrap_or_default();
+        let stripe = self.stripe.clone();
+        self.table.resize(blocks, |block| match &stripe {
+            Some(stripe) => stripe.locations(block),
+            None => last
+                .iter()
+                .map(|l| Location {
+                    synced: true,
+                    ..l.clone()
+                })
+                .collect(),
+        })?;
+        if let Some(stripe) = self.stripe.as_mut() {
+            stripe.reconcile(&self.table);
+        }
+        self.size = size;
+        Ok(())
+    }
+
     /// Reads and validates `<dir>/<name>.json`.
     pub fn load(dir: &Path, name: &ImageName) -> Result<Self, MetaError> {
         let path = meta_path(dir, name);
@@ -348,6 +380,7 @@ fn check_shape(size: u64, block_size: u64) -> Result<u64, MetaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::BlockRange;
 
     fn sample() -> ImageMeta {
         let location = Location {
@@ -461,6 +494,64 @@ mod tests {
         )
         .is_err());
         assert!(ImageMeta::new(n, NodeId::local(), 1 << 40, 4 << 20, false, vec![l]).is_ok());
+    }
+
+    /// A resize keeps the old blocks' copies, gives new blocks the last block's copies in
+    /// sync, and refuses sizes that are not whole sectors or too many blocks.
+    #[test]
+    fn resize_follows_the_last_block_and_checks_the_size() {
+        let mut m = sample();
+        let b = Location {
+            node: "b".parse().unwrap(),
+            tier: Tier::Volume,
+            synced: false,
+        };
+        let last = BlockRange::new(2, 3).unwrap();
+        m.table.update(last, |ls| ls.push(b.clone())).unwrap();
+        m.resize(20 << 20).unwrap();
+        assert_eq!((m.size, m.blocks()), (20 << 20, 5));
+        assert_eq!(m.block_len(2), 4 << 20, "the old short block is whole now");
+        let new = m.table.locations(4).unwrap();
+        assert_eq!(new.len(), 2);
+        assert!(
+            new.iter().all(|l| l.synced),
+            "nothing to be out of sync with"
+        );
+        assert!(
+            !m.table.locations(2).unwrap()[1].synced,
+            "old blocks keep theirs"
+        );
+        assert_eq!(m.table.locations(0).unwrap().len(), 1);
+        let before = m.clone();
+        assert!(matches!(m.resize(1000), Err(MetaError::BadSize(1000))));
+        assert!(matches!(m.resize(0), Err(MetaError::BadSize(0))));
+        assert!(matches!(
+            m.resize(1 << 50),
+            Err(MetaError::TooManyBlocks { .. })
+        ));
+        assert_eq!(m, before);
+        m.resize(5 << 20).unwrap();
+        assert_eq!((m.blocks(), m.block_len(1)), (2, 1 << 20));
+    }
+
+    /// A striped image's new blocks go where its stripe places them.
+    #[test]
+    fn a_striped_image_grows_along_its_stripe() {
+        let at = |n: &str| format!("{n}:volume").parse().unwrap();
+        let spec = crate::stripe::StripeSpec {
+            members: vec![at("a"), at("b"), at("c")],
+            width: Some(1),
+            copies: Some(1),
+        };
+        let stripe = Stripe::new(&spec).unwrap();
+        let name: ImageName = "s".parse().unwrap();
+        let mut m =
+            ImageMeta::striped(name, NodeId::local(), 8 << 20, 4 << 20, false, stripe).unwrap();
+        m.resize(24 << 20).unwrap();
+        let nodes: Vec<String> = (0..6)
+            .map(|b| m.table.locations(b).unwrap()[0].node.to_string())
+            .collect();
+        assert_eq!(nodes, ["a", "b", "c", "a", "b", "c"]);
     }
 
     #[test]

@@ -192,6 +192,35 @@ impl BlockTable {
         Ok(())
     }
 
+    /// Changes the table to `blocks` blocks: blocks past the new end go; each new block gets
+    /// the copies `new_block` gives it. Refused (nothing changes) past [`MAX_BLOCKS`], at 0
+    /// blocks, or when a new block would have no copy.
+    pub fn resize(
+        &mut self,
+        blocks: u64,
+        mut new_block: impl FnMut(u64) -> Vec<Location>,
+    ) -> Result<(), TableError> {
+        if blocks > MAX_BLOCKS {
+            return Err(TableError::TooManyBlocks(blocks));
+        }
+        if blocks == 0 {
+            return Err(TableError::NoLocation(0));
+        }
+        let mut next = self.clone();
+        next.per_block.truncate(blocks as usize);
+        for block in next.blocks()..blocks {
+            let locations = new_block(block);
+            if locations.is_empty() {
+                return Err(TableError::NoLocation(block));
+            }
+            let id = next.intern(&locations);
+            next.per_block.push(id);
+        }
+        next.compact();
+        *self = next;
+        Ok(())
+    }
+
     /// Drops placements no block uses. INVARIANT: a table's own extents cover it exactly, so
     /// rebuilding from them succeeds; were it refused, the table as it is stays (still right,
     /// only carrying unused placements).
@@ -278,6 +307,37 @@ mod tests {
             Err(TableError::PastEnd(10))
         );
         assert_eq!(t, before);
+    }
+
+    /// Growing appends blocks with the copies asked for (runs of one list stay one
+    /// placement); shrinking drops the tail and the placements only it used.
+    #[test]
+    fn resize_grows_and_shrinks_the_table() {
+        let a = vec![loc("a", Tier::Ram, true)];
+        let mut t = BlockTable::uniform(3, a.clone()).unwrap();
+        t.resize(10, |_| a.clone()).unwrap();
+        assert_eq!(t.blocks(), 10);
+        assert_eq!(t.extents().len(), 1, "same copies: still one extent");
+        let b = vec![loc("b", Tier::Volume, true)];
+        t.resize(12, |_| b.clone()).unwrap();
+        assert_eq!(t.locations(11).unwrap(), &b[..]);
+        assert_eq!(t.extents().len(), 2);
+        t.resize(4, |_| unreachable!()).unwrap();
+        assert_eq!(t.blocks(), 4);
+        assert!(t.locations(4).is_none());
+        assert_eq!(
+            t.placements.len(),
+            1,
+            "b's list is used by no block any more"
+        );
+        let before = t.clone();
+        assert_eq!(
+            t.resize(MAX_BLOCKS + 1, |_| a.clone()),
+            Err(TableError::TooManyBlocks(MAX_BLOCKS + 1))
+        );
+        assert_eq!(t.resize(6, |_| Vec::new()), Err(TableError::NoLocation(4)));
+        assert_eq!(t.resize(0, |_| a.clone()), Err(TableError::NoLocation(0)));
+        assert_eq!(t, before, "a refused resize changes nothing");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::etcd::{Cmp, Compare, Etcd, EtcdError, Kv, Op, Txn};
 use super::lease::NodeLease;
 use super::records::{
-    self, ActiveRecord, ChunkRecord, ImageRecord, Key, Keys, NodeRecord, TierRecord,
+    self, ActiveRecord, ChunkRecord, ImageRecord, Key, Keys, NodeRecord, SizeRecord, TierRecord,
 };
 use super::store::{MetaStore, StoreError};
 use crate::image::{ImageMeta, ImageName, NodeId};
@@ -159,6 +159,7 @@ impl ClusterMeta {
             Default::default();
         let mut stripes: std::collections::HashMap<crate::image::ImageId, Stripe> =
             Default::default();
+        let mut sizes: std::collections::HashMap<crate::image::ImageId, u64> = Default::default();
         for kv in &kvs {
             match self.keys.parse(&kv.key) {
                 Some(Key::Image(name)) => {
@@ -175,11 +176,15 @@ impl ClusterMeta {
                         stripes.insert(id, stripe);
                     }
                 }
+                Some(Key::Size(id)) => {
+                    sizes.insert(id, decode::<SizeRecord>(kv)?.size);
+                }
                 _ => {}
             }
         }
         let mut images = Vec::new();
-        for (name, epoch, record) in headers {
+        for (name, epoch, mut record) in headers {
+            record.size = sizes.remove(&record.id).unwrap_or(record.size);
             let mut parts = chunks.remove(&record.id).unwrap_or_default();
             parts.sort_by_key(|(c, _)| *c);
             let parts: Vec<ChunkRecord> = parts.into_iter().map(|(_, r)| r).collect();
@@ -202,7 +207,7 @@ impl ClusterMeta {
             let Some(head) = self.etcd.get(&self.keys.image(name))? else {
                 return Ok(None);
             };
-            let record: ImageRecord = decode(&head)?;
+            let mut record: ImageRecord = decode(&head)?;
             let txn = Txn {
                 compare: vec![Compare::ModRevision(
                     head.key.clone(),
@@ -213,6 +218,7 @@ impl ClusterMeta {
                     Op::GetPrefix(self.keys.chunks(record.id)),
                     Op::Get(self.keys.qos(record.id)),
                     Op::Get(self.keys.stripe(record.id)),
+                    Op::Get(self.keys.size(record.id)),
                 ],
                 failure: vec![],
             };
@@ -233,6 +239,9 @@ impl ClusterMeta {
                 Some(kv) => stripe_of(kv),
                 None => None,
             };
+            if let Some(kv) = result.responses.get(3).and_then(|kvs| kvs.first()) {
+                record.size = decode::<SizeRecord>(kv)?.size;
+            }
             let mut meta = records::meta_of(name.clone(), epoch, record, &parts, qos)?;
             meta.stripe = stripe;
             return Ok(Some(meta));
@@ -276,6 +285,22 @@ impl ClusterMeta {
                 lease: 0,
             },
         }
+    }
+
+    /// The writes that store a resize from `current` to `next`: the `size` key, and the
+    /// deletion of the extents records past the new end (a shrink).
+    fn size_writes(&self, current: &ImageMeta, next: &ImageMeta) -> Vec<Op> {
+        let mut ops = vec![Op::Put {
+            key: self.keys.size(next.id),
+            value: encode(&SizeRecord { size: next.size }),
+            lease: 0,
+        }];
+        let (kept, had) = (
+            records::chunk_count(next.blocks()),
+            records::chunk_count(current.blocks()),
+        );
+        ops.extend((kept..had).map(|c| Op::Delete(self.keys.chunk(next.id, c))));
+        ops
     }
 
     /// Creates `meta` (owned by this node) unless an image of that name exists; sets its
@@ -389,6 +414,7 @@ impl ClusterMeta {
                 Op::DeletePrefix(self.keys.chunks(meta.id)),
                 Op::Delete(self.keys.qos(meta.id)),
                 Op::Delete(self.keys.stripe(meta.id)),
+                Op::Delete(self.keys.size(meta.id)),
             ],
             failure: self.refusal_reads(meta),
         };
@@ -593,6 +619,9 @@ impl MetaStore for ClusterMeta {
         }
         if next.stripe != current.stripe {
             success.push(self.stripe_write(next));
+        }
+        if next.size != current.size {
+            success.extend(self.size_writes(current, next));
         }
         if success.is_empty() {
             return Ok(());

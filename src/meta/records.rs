@@ -13,12 +13,15 @@
 //! | `lost/<id>/<node>`          | [`LostRecord`]               | none      | a holder, at start|
 //! | `qos/<id>`                  | [`QosLimits`]                | none      | the image's owner |
 //! | `stripe/<id>`               | [`Stripe`](crate::stripe::Stripe) | none      | the image's owner |
+//! | `size/<id>`                 | [`SizeRecord`]               | none      | the image's owner |
 //!
 //! An image's limits live in their own key, not its header: writing the header moves the
 //! epoch, which must change only with the owner. An image without the key is unlimited (so
 //! records from before limits existed read as they did). A striped image's layout lives in
 //! its own key for the same reason (a location change may rename a member); an image
-//! without one is not striped.
+//! without one is not striped. An image's size, once `image resize` changed it, lives in its
+//! own key too (the header keeps the size it was created with): an image without one has its
+//! header's size.
 //!
 //! An image's **epoch** is the etcd revision at which its `image/<name>` key was last written:
 //! only creation and ownership changes write it, so the epoch goes up exactly when the owner
@@ -55,6 +58,7 @@ pub enum Key {
     Lost(ImageId, NodeId),
     Qos(ImageId),
     Stripe(ImageId),
+    Size(ImageId),
 }
 
 impl Keys {
@@ -117,6 +121,10 @@ impl Keys {
         self.key(format!("stripe/{id}"))
     }
 
+    pub fn size(&self, id: ImageId) -> Vec<u8> {
+        self.key(format!("size/{id}"))
+    }
+
     /// The key named by `key`.
     pub fn encode(&self, key: &Key) -> Vec<u8> {
         match key {
@@ -128,6 +136,7 @@ impl Keys {
             Key::Lost(id, node) => self.lost(*id, node),
             Key::Qos(id) => self.qos(*id),
             Key::Stripe(id) => self.stripe(*id),
+            Key::Size(id) => self.size(*id),
         }
     }
 
@@ -149,6 +158,7 @@ impl Keys {
             "active" => rest.parse().ok().map(Key::Active),
             "qos" => rest.parse().ok().map(Key::Qos),
             "stripe" => rest.parse().ok().map(Key::Stripe),
+            "size" => rest.parse().ok().map(Key::Size),
             "lost" => {
                 let (id, node) = rest.split_once('/')?;
                 Some(Key::Lost(id.parse().ok()?, node.parse().ok()?))
@@ -208,6 +218,13 @@ pub struct ImageRecord {
 #[serde(deny_unknown_fields)]
 pub struct ChunkRecord {
     pub extents: Vec<Extent>,
+}
+
+/// An image's size after a resize (see the layout above): it overrides the header's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeRecord {
+    pub size: u64,
 }
 
 /// A frontend runs the image's device on `node`: nobody else may take the image over until
@@ -370,6 +387,7 @@ mod tests {
         assert_eq!(keys.parse(&keys.lost(id, &n)), Some(Key::Lost(id, n)));
         assert_eq!(keys.parse(&keys.qos(id)), Some(Key::Qos(id)));
         assert_eq!(keys.parse(&keys.stripe(id)), Some(Key::Stripe(id)));
+        assert_eq!(keys.parse(&keys.size(id)), Some(Key::Size(id)));
         assert_eq!(keys.parse(b"/cormorant/c2/image/disk"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/image/../x"), None);
         assert_eq!(keys.parse(b"/cormorant/c1/extents/zz/00000001"), None);

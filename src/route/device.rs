@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Queue;
-use crate::disk::Disk;
+use crate::disk::{Disk, SizeWatcher};
 use crate::peers::Transport;
 
 /// What the device looks like to the guest.
@@ -21,6 +21,9 @@ pub struct Geometry {
     pub block_size: u64,
     pub read_only: bool,
 }
+
+/// What tells a guest its disk's capacity changed, given the new size in bytes.
+pub type OnResize = Box<dyn Fn(u64) + Send + Sync>;
 
 pub struct Device {
     disk: Arc<Disk>,
@@ -32,23 +35,50 @@ pub struct Device {
     preparing: Mutex<Option<Vec<EventFd>>>,
     /// Take-over attempts finished so far: a queue that asked for one knows it is over.
     attempts: AtomicU64,
+    /// The image's size in bytes as the guest may address it: follows the metadata (an
+    /// online resize, see [`Device::size_changed`]); one load per request to check against.
+    capacity: AtomicU64,
+    /// Who tells the guest the capacity changed (the vhost-user connection), once set.
+    on_resize: Mutex<Option<OnResize>>,
 }
 
 impl Device {
+    /// A device of `disk`, following its size from now on.
     pub fn new(disk: Arc<Disk>, peers: Arc<dyn Transport>, use_uring: bool) -> Arc<Self> {
-        Arc::new(Device {
+        let capacity = AtomicU64::new(disk.meta().size);
+        let device = Arc::new(Device {
             disk,
             peers,
             use_uring,
             preparing: Mutex::new(None),
             attempts: AtomicU64::new(0),
-        })
+            capacity,
+            on_resize: Mutex::new(None),
+        });
+        let watcher: Arc<dyn SizeWatcher> = device.clone();
+        device.disk.watch_size(Arc::downgrade(&watcher));
+        // A resize between reading the size above and watching it is caught here.
+        device
+            .capacity
+            .store(device.disk.meta().size, Ordering::Release);
+        device
+    }
+
+    /// The image's size in bytes, as requests are checked against it now.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Sets what tells the guest its disk's capacity changed (called with the new size,
+    /// after requests are already checked against it).
+    pub fn on_resize(&self, notify: OnResize) {
+        *self.on_resize.lock().unwrap_or_else(|p| p.into_inner()) = Some(notify);
     }
 
     pub fn geometry(&self) -> Geometry {
         let meta = self.disk.meta();
         Geometry {
-            capacity: meta.size,
+            capacity: self.capacity(),
             block_size: meta.block_size,
             read_only: meta.read_only,
         }
@@ -131,5 +161,18 @@ impl Device {
     /// etcd says so; the frontend does not wait for it).
     pub fn stopped(&self) {
         crate::ownership::device_stopped_soon(&self.disk);
+    }
+}
+
+impl SizeWatcher for Device {
+    /// The image was resized: requests are checked against the new size from now on, then
+    /// the guest is told. A shrink is only allowed with no frontend, so a guest never has
+    /// requests in flight past a new, smaller end.
+    fn size_changed(&self, size: u64) {
+        self.capacity.store(size, Ordering::Release);
+        let notify = self.on_resize.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(notify) = notify.as_ref() {
+            notify(size);
+        }
     }
 }

@@ -14,7 +14,7 @@ mod queue;
 mod settle;
 pub mod split;
 
-pub use device::{Device, Geometry};
+pub use device::{Device, Geometry, OnResize};
 pub use error::IoError;
 pub use queue::{BlockRequest, Completion, Queue};
 pub use split::{local_copy, spans, split, BlockSpan, Piece};

@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
@@ -27,7 +27,8 @@ pub struct Blocks {
     volume: BlockFiles,
     dirty: DirtyFiles,
     block_size: u64,
-    size: u64,
+    /// The image's size: follows its metadata through [`Blocks::resize`].
+    size: AtomicU64,
     /// A clone's: a block without a file of its own reads its parent's data.
     cloned: AtomicBool,
     /// Where that data is on this node; set once the parent is open. Until then a clone's
@@ -63,7 +64,7 @@ impl Blocks {
             volume: BlockFiles::open(dirs, Tier::Volume, name, id),
             dirty: DirtyFiles::default(),
             block_size,
-            size,
+            size: AtomicU64::new(size),
             cloned: AtomicBool::new(false),
             backing: RwLock::new(None),
         }
@@ -145,7 +146,8 @@ impl Blocks {
     /// Bytes of `block` inside the image (the last block may be short; 0 past the end).
     pub fn block_len(&self, block: u64) -> u64 {
         let start = block.saturating_mul(self.block_size);
-        self.block_size.min(self.size.saturating_sub(start))
+        let size = self.size.load(Ordering::Acquire);
+        self.block_size.min(size.saturating_sub(start))
     }
 
     /// Refuses a span that does not lie inside its block.
@@ -364,6 +366,66 @@ impl Blocks {
         self.dirty.snapshot().0
     }
 
+    /// The image's size in bytes, as spans are checked against it.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The image's size becomes `size` (see `image resize`). First, on both tiers, whatever
+    /// this node holds past the smaller of the two ends goes: files of blocks wholly past it
+    /// and the bytes of the block it cuts, so space a shrink gave up, or that a copy kept by
+    /// mistake, reads as zeros when the image grows again. Call with no I/O in flight past
+    /// that end (the metadata's write lock held, the image not in use for a shrink).
+    pub fn resize(&self, size: u64) -> Result<(), BlockError> {
+        let cleared = self.clear_past(size.min(self.size()));
+        self.size.store(size, Ordering::Release);
+        cleared
+    }
+
+    /// Frees what this node holds of the image past byte `end` (see [`Blocks::resize`]).
+    fn clear_past(&self, end: u64) -> Result<(), BlockError> {
+        let first = end.div_ceil(self.block_size);
+        for tier in [Tier::Ram, Tier::Volume] {
+            let files = self.files(tier);
+            let past =
+                files
+                    .blocks_from(first)
+                    .map_err(io_at(tier, first, "list the files from"))?;
+            for block in past {
+                self.drop_copy(tier, block)?;
+            }
+            let cut = end % self.block_size;
+            if cut != 0 {
+                self.cut_tail(tier, end / self.block_size, cut)?;
+            }
+            self.sync_dir(tier)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the bytes of `block` from `len` on (the end of the image falls inside it),
+    /// durably on the volume tier.
+    fn cut_tail(&self, tier: Tier, block: u64, len: u64) -> Result<(), BlockError> {
+        // Only a file of this image's own: never its parent's (a clone reads through it),
+        // and one a snapshot shares is copied first.
+        if !self.has_own(tier, block)? {
+            return Ok(());
+        }
+        let file = self.file_for_write(tier, block)?;
+        let apparent = file
+            .metadata()
+            .map_err(io_at(tier, block, "measure"))?
+            .len();
+        if apparent <= len {
+            return Ok(());
+        }
+        file.set_len(len).map_err(io_at(tier, block, "truncate"))?;
+        if tier == Tier::Volume {
+            file.sync_data().map_err(io_at(tier, block, "sync"))?;
+        }
+        Ok(())
+    }
+
     /// Whether the next flush syncs `block`'s volume-tier file.
     pub fn is_dirty(&self, block: u64) -> bool {
         self.dirty.contains(block)
@@ -517,6 +579,49 @@ mod tests {
         assert_eq!(blocks.digest(Tier::Volume, 0).unwrap(), ram);
         blocks.replace_block(Tier::Volume, 0, None).unwrap();
         assert!(blocks.read_block(Tier::Volume, 0).unwrap().is_none());
+    }
+
+    /// A shrink drops the files past the new end and the tail of the block it cuts; growing
+    /// again, that space reads as zeros and takes writes, while data before the end stays.
+    #[test]
+    fn a_resize_clears_what_lies_past_the_end() {
+        let (_root, blocks) = setup();
+        for tier in [Tier::Ram, Tier::Volume] {
+            blocks.write(tier, 0, 0, &[1; BLOCK as usize]).unwrap();
+            blocks.write(tier, 1, 0, &[2; BLOCK as usize]).unwrap();
+            blocks.write(tier, 2, 0, &[3; 8192]).unwrap();
+        }
+        blocks.resize(BLOCK + 4096).unwrap();
+        assert_eq!(blocks.size(), BLOCK + 4096);
+        assert_eq!(blocks.block_len(1), 4096);
+        assert_eq!(blocks.block_len(2), 0);
+        let mut buf = [0u8; 1];
+        assert!(blocks.read(Tier::Ram, 1, 4096, &mut buf).is_err());
+        blocks.resize(4 * BLOCK).unwrap();
+        for tier in [Tier::Ram, Tier::Volume] {
+            let one = blocks.read_block(tier, 1).unwrap().unwrap();
+            assert_eq!(one.len(), 4096, "{tier}: the cut tail is gone");
+            assert!(one.iter().all(|&b| b == 2));
+            assert!(blocks.read_block(tier, 2).unwrap().is_none(), "{tier}");
+            assert_eq!(
+                blocks.read_block(tier, 0).unwrap().unwrap(),
+                [1; BLOCK as usize]
+            );
+            let mut tail = vec![9u8; BLOCK as usize - 4096];
+            blocks.read(tier, 1, 4096, &mut tail).unwrap();
+            assert!(
+                tail.iter().all(|&b| b == 0),
+                "{tier}: new space reads zeros"
+            );
+            blocks.write(tier, 3, BLOCK - 4, b"last").unwrap();
+            let mut last = [0u8; 4];
+            blocks.read(tier, 3, BLOCK - 4, &mut last).unwrap();
+            assert_eq!(&last, b"last");
+        }
+        assert!(
+            blocks.write(Tier::Ram, 4, 0, b"x").is_err(),
+            "still bounded"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::BlkConfig;
+use super::config_change::{ConfigChannel, Notified};
 use super::inflight;
 use super::memory::DirtyLog;
 use super::request::Limits;
@@ -56,6 +57,8 @@ pub struct BlkBackend {
     device: Arc<Device>,
     /// Set while the frontend has VHOST_F_LOG_ALL acked: the workers mark what they fill.
     log: DirtyLog,
+    /// Where a change of capacity is announced to QEMU (see `config_change`).
+    channel: Arc<ConfigChannel>,
 }
 
 impl BlkBackend {
@@ -86,6 +89,8 @@ impl BlkBackend {
         let workers = (0..MAX_QUEUES)
             .map(|_| Worker::new(&device, limits, mem.clone(), log.clone()).map(Mutex::new))
             .collect::<io::Result<_>>()?;
+        let channel = Arc::new(ConfigChannel::default());
+        device.on_resize(announce_resize(device.name().to_string(), channel.clone()));
         Ok(BlkBackend {
             admitted: AtomicBool::new(false),
             config,
@@ -93,7 +98,13 @@ impl BlkBackend {
             workers,
             device,
             log,
+            channel,
         })
+    }
+
+    /// The backend request channel QEMU handed over (SET_BACKEND_REQ_FD, kept by `relay`).
+    pub fn config_channel(&self) -> &ConfigChannel {
+        &self.channel
     }
 
     fn worker(&self, index: usize) -> std::sync::MutexGuard<'_, Worker> {
@@ -188,6 +199,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -195,7 +207,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config.window(offset, size)
+        // The capacity follows the image (an online resize); the rest is fixed.
+        let config = BlkConfig {
+            capacity_bytes: self.device.capacity(),
+            ..self.config
+        };
+        config.window(offset, size)
     }
 
     fn update_memory(&self, _mem: AtomicMem) -> io::Result<()> {
@@ -255,4 +272,22 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
+
+/// What a device does when its image was resized: tells QEMU, which re-reads the config
+/// space and interrupts the guest. Runs on the thread that made the change (the control
+/// request, or the etcd watch), never on a queue's.
+fn announce_resize(image: String, channel: Arc<ConfigChannel>) -> crate::route::OnResize {
+    Box::new(move |size| match channel.notify() {
+        Ok(Notified::Yes) => {
+            log::info!("image {image}: frontend told of the new size ({size} bytes)")
+        }
+        Ok(Notified::NoChannel) => log::warn!(
+            "image {image}: resized to {size} bytes, but the frontend gave no backend channel: \
+             the guest sees the new size only when it reconnects"
+        ),
+        Err(e) => {
+            log::warn!("image {image}: resized to {size} bytes; cannot tell the frontend: {e}")
+        }
+    })
 }

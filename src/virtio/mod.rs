@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod chain;
 pub mod config;
+pub mod config_change;
 pub mod inflight;
 pub mod memory;
 pub mod relay;

@@ -1,6 +1,7 @@
 //! Carries one vhost-user connection between QEMU and vhost-user-backend's request handler,
 //! answering on the way the two messages that handler lacks: GET_INFLIGHT_FD and
-//! SET_INFLIGHT_FD (see `inflight`). The handler is private to its crate, so it cannot be
+//! SET_INFLIGHT_FD (see `inflight`), and keeping the backend request channel QEMU hands over
+//! with SET_BACKEND_REQ_FD (see `config_change`). The handler is private to its crate, so it cannot be
 //! extended; it serves a socket of its own instead, and every other message passes through
 //! unchanged, file descriptors included. Only the control channel runs through here: guest
 //! memory, kicks and calls are shared directly, so the data path pays nothing.
@@ -251,6 +252,29 @@ fn relay_requests(
             if header.needs_reply() {
                 answer(&header, VhostUserU64::new(status).as_slice(), &[])?;
             }
+        } else if header.is(FrontendReq::SET_BACKEND_REQ_FD) {
+            // Kept here: the library's handle on this channel cannot send a config change
+            // (see `config_change`). The library never needs it otherwise.
+            let status = match message.files.into_iter().next() {
+                Some(fd) => {
+                    backend.config_channel().set(UnixStream::from(fd));
+                    0
+                }
+                None => {
+                    log::warn!("image {image}: SET_BACKEND_REQ_FD without a descriptor");
+                    1
+                }
+            };
+            if header.needs_reply() {
+                answer(&header, VhostUserU64::new(status).as_slice(), &[])?;
+            }
+        } else if header.is(FrontendReq::SET_PROTOCOL_FEATURES) {
+            // Noted on the way (whether the channel's messages get answers), then handled
+            // by the library as usual.
+            if let Ok(acked) = body::<VhostUserU64>(&message) {
+                backend.config_channel().set_protocol_features(acked.value);
+            }
+            forward(library, &message)?;
         } else if header.is(FrontendReq::SET_VRING_KICK) {
             let kick = message.files.first().map(|f| f.try_clone()).transpose()?;
             forward(library, &message)?;

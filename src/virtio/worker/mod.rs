@@ -423,6 +423,8 @@ impl Worker {
 
     /// Parses a request and starts it, or answers it at once when the guest got it wrong.
     fn take(&mut self, vring: &Vring, head: u16, chain: chain::Chain, host: &HostMemory<Mem>) {
+        // The image may have been resized since the last request (see `image resize`).
+        self.limits.capacity = self.device.capacity();
         match request::parse(host, chain, &self.limits) {
             // QoS: executes now or holds it for the image's tokens (see `throttle.rs`).
             Ok(request) => self.execute_within_limits(vring, head, request, host.snapshot()),
