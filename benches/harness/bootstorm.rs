@@ -161,6 +161,7 @@ pub fn run(
         };
         report_loads(ctx, spec, &loads, out, figures, notes);
     }
+    control(&mut c, &mut clients, &specs, span / CLONES as u64, figures)?;
 
     let written = write_each(&mut clients)?;
     let copied = copied_up(&c, &names)?;
@@ -630,5 +631,62 @@ fn guests(
         "s",
         None,
     ));
+    Ok(())
+}
+
+/// The cost of sharing, with everything else equal: the same 32 clients on their clones
+/// against 32 clients on 32 full images, every client reading the same `span` bytes (1/32 of
+/// the golden, so the full images together take one golden's RAM). The full images are
+/// removed afterwards, before the RAM is measured.
+fn control(
+    c: &mut Cormorant,
+    clones: &mut [BlkClient],
+    specs: &[LoadSpec],
+    span: u64,
+    figures: &mut Vec<Figure>,
+) -> Result<(), ProcError> {
+    let span = span.max(1 << 20) >> 20 << 20;
+    let mut fulls = Vec::new();
+    for n in 0..clones.len() {
+        let name = format!("full{n}");
+        let sock = c.create_image(&name, span, "ram")?;
+        fill(&sock, span)?;
+        let opts = load::client_options(&specs[0]);
+        fulls.push(
+            BlkClient::connect(&sock, &opts).map_err(|e| fail(format!("connect {name}"), e))?,
+        );
+    }
+    for spec in specs {
+        let spec = LoadSpec {
+            span,
+            ..spec.clone()
+        };
+        let sum = |rs: Vec<LoadResult>| rs.iter().map(|r| r.mbps).sum::<f64>();
+        let on_clones = sum(storm(clones, &spec)?);
+        let on_fulls = sum(storm(&mut fulls, &spec)?);
+        let ratio = on_clones / on_fulls.max(f64::MIN_POSITIVE);
+        figures.push(figure(
+            &format!(
+                "boot storm {}, each client over {} MiB: {CLONES} clones / {CLONES} full images",
+                spec.label(),
+                span >> 20
+            ),
+            "cormorant",
+            ratio,
+            "x",
+            None,
+        ));
+    }
+    for client in fulls {
+        let _ = client.close();
+    }
+    // The daemon sees a frontend go asynchronously: rm is refused until it has.
+    for n in 0..clones.len() {
+        let name = format!("full{n}");
+        let removed = || c.cli(&["image", "rm", &name]).is_ok();
+        if !crate::common::wait_until(Duration::from_secs(10), removed) {
+            c.cli(&["image", "rm", &name])?;
+        }
+    }
     Ok(())
 }
