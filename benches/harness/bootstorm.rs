@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use cormorant_frontend::BlkClient;
+use cormorant_frontend::{BlkClient, ClientOptions};
 
 use crate::common::guest::{Disk, Guest, GuestImage, GuestOpts, RunningGuest};
 use crate::load::{self, LoadResult, LoadSpec, Pattern};
@@ -106,60 +106,10 @@ pub fn run(
     let golden_bytes = tier_used(&tier_dir)?;
     let specs = specs(ctx, span);
 
-    let t0 = Instant::now();
-    let mut names = Vec::new();
-    for n in 0..CLONES {
-        let name = format!("vm{n}");
-        c.cli(&["image", "clone", "gold@base", &name, "--tier", "ram"])?;
-        names.push(name);
-    }
-    let cloned_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let opts = load::client_options(&specs[0]);
-    let mut clients = Vec::new();
-    for name in &names {
-        let sock = c.wait_socket(name)?;
-        clients.push(
-            BlkClient::connect(&sock, &opts).map_err(|e| fail(format!("connect {name}"), e))?,
-        );
-    }
-    let opened_ms = t0.elapsed().as_secs_f64() * 1e3;
-    figures.extend([
-        figure(
-            &format!("boot storm: {CLONES} `image clone` commands, one after another"),
-            "cormorant",
-            cloned_ms,
-            "ms",
-            None,
-        ),
-        figure(
-            &format!("boot storm: {CLONES} clones created and connected"),
-            "cormorant",
-            opened_ms,
-            "ms",
-            Some(("< 1000 ms", opened_ms < CREATE_TARGET_MS)),
-        ),
-    ]);
-
-    // The baseline is one client, whose one queue is served by one daemon thread;
-    // the same client with a queue per core shows what the machine gives one image.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cores = u16::try_from(cores)
-        .unwrap_or(u16::MAX)
-        .min(MAX_WIDE_QUEUES);
+    let (names, mut clients) =
+        clone_and_connect(&mut c, &load::client_options(&specs[0]), figures)?;
     for spec in &specs {
-        let storm = storm(&mut clients, spec)?;
-        let base = on_gold(&gold, spec)?;
-        let wide = LoadSpec {
-            queues: cores,
-            ..spec.clone()
-        };
-        let wide = (cores > 1).then(|| on_gold(&gold, &wide)).transpose()?;
-        let loads = Loads {
-            storm: &storm,
-            base: &base,
-            wide: wide.as_ref().map(|w| (cores, w)),
-        };
-        report_loads(ctx, spec, &loads, out, figures, notes);
+        read_storm(ctx, &gold, &mut clients, spec, out, figures, notes)?;
     }
     control(&mut c, &mut clients, &specs, span / CLONES as u64, figures)?;
 
@@ -182,6 +132,79 @@ pub fn run(
         guests(&mut c, ram.path(), span, figures, notes)?;
     }
     c.stop();
+    Ok(())
+}
+
+/// Creates the clones one after another through the CLI, then connects a client to each:
+/// both timed, together as the figure.
+fn clone_and_connect(
+    c: &mut Cormorant,
+    opts: &ClientOptions,
+    figures: &mut Vec<Figure>,
+) -> Result<(Vec<String>, Vec<BlkClient>), ProcError> {
+    let t0 = Instant::now();
+    let mut names = Vec::new();
+    for n in 0..CLONES {
+        let name = format!("vm{n}");
+        c.cli(&["image", "clone", "gold@base", &name, "--tier", "ram"])?;
+        names.push(name);
+    }
+    let cloned_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut clients = Vec::new();
+    for name in &names {
+        let sock = c.wait_socket(name)?;
+        clients
+            .push(BlkClient::connect(&sock, opts).map_err(|e| fail(format!("connect {name}"), e))?);
+    }
+    let opened_ms = t0.elapsed().as_secs_f64() * 1e3;
+    figures.extend([
+        figure(
+            &format!("boot storm: {CLONES} `image clone` commands, one after another"),
+            "cormorant",
+            cloned_ms,
+            "ms",
+            None,
+        ),
+        figure(
+            &format!("boot storm: {CLONES} clones created and connected"),
+            "cormorant",
+            opened_ms,
+            "ms",
+            Some(("< 1000 ms", opened_ms < CREATE_TARGET_MS)),
+        ),
+    ]);
+    Ok((names, clients))
+}
+
+/// One spec: on every clone at once, then the baselines on the golden image. The issue's
+/// baseline is one client, whose one queue is served by one daemon thread; the same client
+/// with a queue per core shows what the machine gives one image.
+fn read_storm(
+    ctx: &Ctx,
+    gold: &Path,
+    clients: &mut [BlkClient],
+    spec: &LoadSpec,
+    out: &mut Vec<Measurement>,
+    figures: &mut Vec<Figure>,
+    notes: &mut Vec<String>,
+) -> Result<(), ProcError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = u16::try_from(cores)
+        .unwrap_or(u16::MAX)
+        .min(MAX_WIDE_QUEUES);
+    let storm = storm(clients, spec)?;
+    let base = on_gold(gold, spec)?;
+    let wide = LoadSpec {
+        queues: cores,
+        ..spec.clone()
+    };
+    let wide = (cores > 1).then(|| on_gold(gold, &wide)).transpose()?;
+    let loads = Loads {
+        storm: &storm,
+        base: &base,
+        wide: wide.as_ref().map(|w| (cores, w)),
+    };
+    report_loads(ctx, spec, &loads, out, figures, notes);
     Ok(())
 }
 
@@ -651,7 +674,7 @@ fn guests(
 
 /// The cost of sharing, with everything else equal: the same 32 clients on their clones
 /// against 32 clients on 32 full images, every client reading the same `span` bytes (1/32 of
-/// the golden, so the full images together take one golden's RAM). The full images are
+/// the golden, so the full images together take one golden's RAM), each side run twice. The full images are
 /// removed afterwards, before the RAM is measured.
 fn control(
     c: &mut Cormorant,
@@ -677,8 +700,12 @@ fn control(
             ..spec.clone()
         };
         let sum = |rs: Vec<LoadResult>| rs.iter().map(|r| r.mbps).sum::<f64>();
-        let on_clones = sum(storm(clones, &spec)?);
-        let on_fulls = sum(storm(&mut fulls, &spec)?);
+        // Clones, full images, full images, clones: a machine that gets busier or quieter
+        // during the four runs (other users) weighs on both sides alike.
+        let mut on_clones = sum(storm(clones, &spec)?);
+        let mut on_fulls = sum(storm(&mut fulls, &spec)?);
+        on_fulls += sum(storm(&mut fulls, &spec)?);
+        on_clones += sum(storm(clones, &spec)?);
         let ratio = on_clones / on_fulls.max(f64::MIN_POSITIVE);
         figures.push(figure(
             &format!(
