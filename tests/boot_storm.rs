@@ -99,9 +99,25 @@ fn connect(daemon: &Daemon, image: &str) -> BlkClient {
 /// Reads the whole image in 1 MiB requests and panics at the first MiB that differs from
 /// `want` (with `own` regions of the client's own writes: (offset, data)).
 fn verify(c: &mut BlkClient, image: &str, want: &[u8], own: &[(u64, Vec<u8>)]) {
+    if let Err(e) = check(c, image, want, own) {
+        panic!("{e}");
+    }
+}
+
+/// [`verify`] as a value, for threads that must reach their barriers whatever they find.
+fn check(
+    c: &mut BlkClient,
+    image: &str,
+    want: &[u8],
+    own: &[(u64, Vec<u8>)],
+) -> Result<(), String> {
     for i in 0..GOLDEN / MIB {
-        let (status, got) = c.read(0, i * SECTORS_PER_MIB, MIB as u32).unwrap();
-        assert_eq!(status, 0, "{image}: read of MiB {i}");
+        let (status, got) = c
+            .read(0, i * SECTORS_PER_MIB, MIB as u32)
+            .map_err(|e| format!("{image}: read of MiB {i}: {e}"))?;
+        if status != 0 {
+            return Err(format!("{image}: read of MiB {i}: status {status}"));
+        }
         let mut expect = want[(i * MIB) as usize..((i + 1) * MIB) as usize].to_vec();
         for (offset, data) in own {
             if offset / MIB == i {
@@ -109,10 +125,24 @@ fn verify(c: &mut BlkClient, image: &str, want: &[u8], own: &[(u64, Vec<u8>)]) {
                 expect[at..at + data.len()].copy_from_slice(data);
             }
         }
-        assert!(
-            got == expect,
-            "{image}: MiB {i} differs from what it should hold"
-        );
+        if got != expect {
+            return Err(format!("{image}: MiB {i} differs from what it should hold"));
+        }
+    }
+    Ok(())
+}
+
+/// Clone `n`'s writes and their flush; the first failure.
+fn write_own(c: &mut BlkClient, image: &str, own: &[(u64, Vec<u8>)]) -> Result<(), String> {
+    for (offset, data) in own {
+        match c.write(0, offset / 512, data) {
+            Ok(0) => {}
+            other => return Err(format!("{image}: write at {offset}: {other:?}")),
+        }
+    }
+    match c.flush(0) {
+        Ok(0) => Ok(()),
+        other => Err(format!("{image}: flush: {other:?}")),
     }
 }
 
@@ -167,24 +197,25 @@ fn thirty_two_clones_read_the_golden_image_and_keep_their_writes_apart() {
         .enumerate()
         .map(|(n, mut c)| {
             let (content, barrier) = (content.clone(), barrier.clone());
+            // Every thread reaches every barrier, so one failure cannot hang the others.
             std::thread::spawn(move || {
                 let name = format!("vm{n}");
-                barrier.wait();
-                verify(&mut c, &name, &content, &[]);
-                barrier.wait();
                 let own = own_writes(n);
-                for (offset, data) in &own {
-                    assert_eq!(c.write(0, offset / 512, data).unwrap(), 0, "{name}: write");
-                }
-                assert_eq!(c.flush(0).unwrap(), 0, "{name}: flush");
                 barrier.wait();
-                verify(&mut c, &name, &content, &own);
+                let read = check(&mut c, &name, &content, &[]);
+                barrier.wait();
+                let wrote = write_own(&mut c, &name, &own);
+                barrier.wait();
+                let reread = check(&mut c, &name, &content, &own);
+                read.and(wrote).and(reread)
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    let failed: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().err())
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
     eprintln!(
         "{CLONES} clients read, wrote and read back in {:?}",
         started.elapsed()
