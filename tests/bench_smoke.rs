@@ -74,7 +74,12 @@ fn smoke_suite_writes_results_table_and_plots() {
         "a case completed no request:\n{stderr}"
     );
     let figures = json["figures"].as_array().expect("figures");
-    for name in ["idle guest", "idle connected client", "1 TiB thin image"] {
+    for name in [
+        "idle guest",
+        "idle connected client",
+        "1 TiB thin image",
+        "clones created and connected",
+    ] {
         assert!(
             figures
                 .iter()

@@ -7,6 +7,7 @@
 //! `target/bench/<date>/`) and prints the markdown table.
 
 mod backend;
+mod bootstorm;
 mod cluster;
 mod fio;
 mod load;
@@ -397,6 +398,12 @@ fn run(args: Args) -> Result<(), ProcError> {
         &mut report.notes,
     )?;
     stripe::run(&ctx, &mut report.figures, &mut report.notes)?;
+    bootstorm::run(
+        &ctx,
+        &mut report.measurements,
+        &mut report.figures,
+        &mut report.notes,
+    )?;
     migration::run(&ctx, &mut report.figures, &mut report.notes)?;
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;
