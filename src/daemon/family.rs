@@ -123,11 +123,12 @@ impl Daemon {
             }
             return Err(e);
         }
-        // The snapshots exist from here: their metadata is saved after the barrier (a crash
-        // before leaves only linked files nobody names, and the image copies a block it
-        // shares with them before writing it).
+        // The snapshots exist from here: their links are made durable and their metadata
+        // saved after the barrier (a crash before leaves only linked files nobody names, and
+        // the image copies a block it shares with them before writing it).
         let mut made = Vec::new();
         for (snapshot, meta) in prepared {
+            sync_links(&snapshot)?;
             meta.save(&self.config.meta_dir())?;
             self.attach_parent(&snapshot)?;
             snapshot.cache().attach(self.caches.clone());
@@ -339,6 +340,20 @@ fn link(disk: &Disk, snapshot: &Disk) -> Result<(), DaemonError> {
         if let Err(source) = disk.blocks().files(tier).link_into(into) {
             return Err(DaemonError::CreateDir {
                 path: into.dir().to_path_buf(),
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Makes a snapshot's links durable, before its metadata names them.
+fn sync_links(snapshot: &Disk) -> Result<(), DaemonError> {
+    for tier in [Tier::Ram, Tier::Volume] {
+        let files = snapshot.blocks().files(tier);
+        if let Err(source) = files.sync_links() {
+            return Err(DaemonError::CreateDir {
+                path: files.dir().to_path_buf(),
                 source,
             });
         }

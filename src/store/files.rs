@@ -246,14 +246,17 @@ impl BlockFiles {
 
     /// Hard-links every block file into `snapshot`'s directory (made here), then forgets
     /// every open file, so the next write to any of them finds it shared and copies it first.
-    /// Call only while no write to the image is in flight. Returns the files linked.
+    /// Call only while no write to the image is in flight. Returns the files linked. The links
+    /// are not durable yet: that is [`BlockFiles::sync_links`], kept out of this step because
+    /// a snapshot runs it with the guest's writes held, and a directory sync is a journal
+    /// commit (milliseconds on a disk).
     pub fn link_into(&self, snapshot: &BlockFiles) -> io::Result<u64> {
         let mut cache = self.lock();
         let entries = match fs::read_dir(&self.dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             other => other?,
         };
-        snapshot.create_dir()?;
+        fs::create_dir_all(&snapshot.dir)?;
         let mut linked = 0;
         for entry in entries {
             let entry = entry?;
@@ -266,9 +269,18 @@ impl BlockFiles {
                 linked += 1;
             }
         }
-        File::open(&snapshot.dir)?.sync_all()?;
         cache.clear();
         Ok(linked)
+    }
+
+    /// Makes what [`BlockFiles::link_into`] put in this (a snapshot's) directory durable: the
+    /// directory's entry in the tier, and the links in it. Nothing to do when it has none.
+    pub fn sync_links(&self) -> io::Result<()> {
+        if !self.dir.is_dir() {
+            return Ok(());
+        }
+        self.create_dir()?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Frees `len` bytes at `offset` of a block's `file`; they read as zeros afterwards.
