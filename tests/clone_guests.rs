@@ -156,6 +156,9 @@ fn snapshot_under(daemon: &Daemon, guest: &RunningGuest, args: &[&str]) -> (u64,
     let after = last_mark(guest, "ACK ");
     let held = taken["writes_held_us"].as_u64().unwrap();
     eprintln!("{args:?}: acknowledged {before} before, {after} after; writes held {held} us");
+    // A few milliseconds on an idle machine (links only; the syncs are outside the barrier):
+    // a quarter of a second means the guest stalls, even on a busy one.
+    assert!(held < 250_000, "writes held {held} us");
     (before, after, held)
 }
 
