@@ -1,7 +1,8 @@
 //! Issue 13: the daemon killed with -9 in the middle of a clone's copy-up and in the middle of
 //! `image flatten`, then started again: nothing acknowledged is lost, no block reads zeros
 //! where the parent had data or anything that was never written, and a second flatten finishes
-//! the job, after which the parent can go.
+//! the job, after which the parent can go. Also a snapshot of a clone taken mid-flatten (the
+//! flatten's copies are not held by the snapshot's barrier).
 //!
 //! A VM-less client writes (`cormorant_frontend::BlkClient`); the kill is aimed by watching the
 //! clone's block directory: a copy-up is built as `.NNNNNNNN.new` and renamed into place, so
@@ -425,5 +426,56 @@ fn kill_9_mid_copy_up_under_a_guest_loses_nothing() {
     assert!(
         export(&daemon, &dir, "gold@base") == parent,
         "the snapshot changed"
+    );
+}
+
+/// A snapshot of a clone taken while `image flatten` copies its blocks in (the flatten's
+/// copies are not guest writes, so the barrier does not hold them): the snapshot holds the
+/// clone's content, keeps the parent it needs, and still reads right once the flatten is
+/// done and the clone no longer needs that parent.
+#[test]
+fn a_snapshot_taken_mid_flatten_keeps_what_it_needs() {
+    let dir = TestDir::new();
+    let mut daemon = Daemon::start(dir.path());
+    let parent = golden(&daemon, &dir);
+    daemon.cli(&["image", "clone", "gold@base", "vm", "--tier", "volume"]);
+    let mut client = connect(&daemon, "vm");
+    let written = [5usize, 30];
+    for &block in &written {
+        let sector = (write_offset(block) / 512) as u64;
+        assert_eq!(client.write(0, sector, &write_data(block)).unwrap(), 0);
+    }
+    drop(client);
+    let want = with_writes(&parent, &written);
+
+    let clone_dir = daemon.image_dir("volume", "vm");
+    let mut flatten = flatten_in_background(&daemon);
+    let part_way = wait_until(Duration::from_secs(60), || {
+        own_files(&clone_dir) >= written.len() + 8
+    });
+    daemon.cli(&["image", "snapshot", "vm", "mid"]);
+    let snapped_own = own_files(&daemon.image_dir("volume", "vm@mid"));
+    assert!(flatten.wait().unwrap().success(), "flatten failed");
+    assert!(
+        part_way && snapped_own < BLOCKS,
+        "snapshot taken after the flatten: {snapped_own}"
+    );
+
+    assert!(daemon.cli(&["image", "info", "vm"])["parent"].is_null());
+    assert_eq!(
+        daemon.cli(&["image", "info", "vm@mid"])["parent"],
+        "gold@base"
+    );
+    let refused = daemon.cli_raw(&["image", "rm", "gold@base"]);
+    assert!(!refused.status.success(), "gold@base removed under vm@mid");
+    assert!(
+        export(&daemon, &dir, "vm@mid") == want,
+        "the snapshot's content"
+    );
+    assert!(export(&daemon, &dir, "vm") == want, "the clone's content");
+    daemon.restart();
+    assert!(
+        export(&daemon, &dir, "vm@mid") == want,
+        "the snapshot after a restart"
     );
 }
