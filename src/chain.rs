@@ -57,3 +57,6 @@ impl Backing for ParentBlocks {
             .map_err(io::Error::other)
     }
 }
+
+#[cfg(test)]
+mod tests;
