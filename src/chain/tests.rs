@@ -560,7 +560,7 @@ fn every_image_of_a_chain_reads_what_the_model_says() {
 #[test]
 fn copy_ups_racing_writes_readers_and_a_flatten_lose_nothing() {
     const THREADS: u64 = 4;
-    for round in 0..20u64 {
+    for round in 0..40u64 {
         let ram = round % 2 == 0;
         let mut family = Family::new(ram);
         let parent_tier = tier(ram);
@@ -602,7 +602,7 @@ fn copy_ups_racing_writes_readers_and_a_flatten_lose_nothing() {
             for _ in 0..2 {
                 let (clone, parent) = (&clone, &parent);
                 s.spawn(move || {
-                    for _ in 0..20 {
+                    for _ in 0..100 {
                         for block in 0..BLOCKS {
                             let len = clone.block_len(block) as usize;
                             let mut got = vec![0u8; len];
@@ -619,13 +619,19 @@ fn copy_ups_racing_writes_readers_and_a_flatten_lose_nothing() {
                     }
                 });
             }
+            // `image flatten`, as the daemon does it: every block that reads through
+            // copied in, then the parent cut.
             let clone = &clone;
             s.spawn(move || {
+                std::thread::yield_now();
                 for block in (0..BLOCKS).rev() {
-                    if !clone.has_own(clone_tier, block).unwrap() {
+                    if !clone.has_own(clone_tier, block).unwrap()
+                        && clone.file_for_read(clone_tier, block).unwrap().is_some()
+                    {
                         clone.copy_up(clone_tier, block).unwrap();
                     }
                 }
+                clone.clear_backing();
             });
         });
         for block in 0..BLOCKS {
