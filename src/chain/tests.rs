@@ -531,8 +531,13 @@ fn data_pages(file: &File) -> Vec<u64> {
 #[test]
 fn every_image_of_a_chain_reads_what_the_model_says() {
     let deepest = AtomicUsize::new(0);
+    // `CHAIN_CASES=n` runs more families.
+    let cases = std::env::var("CHAIN_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(48);
     let mut runner = TestRunner::new(Config {
-        cases: 48,
+        cases,
         failure_persistence: None,
         ..Config::default()
     });
