@@ -64,3 +64,6 @@ impl Backing for ParentBlocks {
             .map_err(io::Error::other)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -128,6 +128,9 @@ impl Blocks {
         }
         match self.backing_now() {
             Some(backing) => backing.file_for_read(block),
+            // Flattened since the look above (`clear_backing` cuts the flag first): the block
+            // has data of its own, or none in the whole chain.
+            None if !self.is_clone() => Ok(None),
             None => Err(io::Error::other(
                 "the clone's parent is not open on this node",
             )),
@@ -312,16 +315,27 @@ impl Blocks {
     /// written (it reads as zeros without any I/O).
     /// A clone's block without a file of its own gives its parent chain's file.
     pub fn file_for_read(&self, tier: Tier, block: u64) -> Result<Option<Arc<File>>, BlockError> {
+        let clone = self.is_clone();
         let own = self
             .files(tier)
             .for_read(block)
             .map_err(io_at(tier, block, "open"))?;
-        match own {
-            Some(file) => Ok(Some(file)),
-            None => self
-                .base(block)
-                .map_err(io_at(tier, block, "read the parent's data of")),
+        if own.is_some() {
+            return Ok(own);
         }
+        let base = self
+            .base(block)
+            .map_err(io_at(tier, block, "read the parent's data of"))?;
+        if base.is_none() && clone {
+            // A flatten may have copied the block in and cut the parent between the two
+            // looks: its copy, made before the cut, is the block's data now (without this
+            // look the block would read as zeros, and a discard of it would do nothing).
+            return self
+                .files(tier)
+                .for_read(block)
+                .map_err(io_at(tier, block, "open"));
+        }
+        Ok(base)
     }
 
     /// The file of `block` for an asynchronous write, created on first use. Call
