@@ -18,6 +18,7 @@ use crate::image::id::parse_dir_name;
 use crate::image::meta::{self, Parent};
 use crate::image::{ImageId, ImageMeta, ImageName, Placement, Tier};
 use crate::qos::QosLimits;
+use crate::store::{BlockFiles, TierDirs};
 
 /// How long a snapshot waits for the writes already started to finish before it gives up
 /// (and lets the held writes go): a guest's writes are held at most this long.
@@ -103,26 +104,40 @@ impl Daemon {
             }
             sources.push((self.owned_disk(name)?, snap_name));
         }
-        // Most dirty files are synced before the barrier, so little is left to hold it up.
-        for (disk, _) in &sources {
+        // Most dirty files are synced, and most links made, before the barrier, so little is
+        // left to hold it up.
+        let ids: Vec<ImageId> = sources.iter().map(|_| ImageId::random()).collect();
+        for ((disk, snap_name), &id) in sources.iter().zip(&ids) {
             disk.blocks().flush()?;
+            if let Err(e) = prelink(&self.config.dirs, disk, snap_name, id) {
+                for ((_, snap_name), &id) in sources.iter().zip(&ids) {
+                    remove_links(&self.config.dirs, snap_name, id);
+                }
+                return Err(e);
+            }
         }
         let started = Instant::now();
         let mut barrier: Vec<FreezeAll<'_>> = Vec::new();
         for (disk, _) in &sources {
             match disk.freeze_all(BARRIER_TIMEOUT) {
                 Some(frozen) => barrier.push(frozen),
-                None => return Err(FamilyError::Barrier(disk.name().clone()).into()),
+                None => {
+                    drop(barrier);
+                    for ((_, snap_name), &id) in sources.iter().zip(&ids) {
+                        remove_links(&self.config.dirs, snap_name, id);
+                    }
+                    return Err(FamilyError::Barrier(disk.name().clone()).into());
+                }
             }
         }
         let drained = started.elapsed();
         let mut prepared: Vec<(Arc<Disk>, ImageMeta, Vec<Arc<std::fs::File>>)> = Vec::new();
         let mut linked = Ok(());
-        for (disk, snap_name) in &sources {
+        for ((disk, snap_name), &id) in sources.iter().zip(&ids) {
             // The metadata read and the files linked under one read lock: a location change
             // cannot drop a copy's files between the two.
             let meta = disk.meta();
-            let (snapshot, snap_meta) = self.prepare_snapshot(&meta, snap_name);
+            let (snapshot, snap_meta) = self.prepare_snapshot(&meta, snap_name, id);
             linked = link(disk, &snapshot);
             // Written since the last flush: they now hold the snapshot's bytes too, and the
             // image's next flush syncs the image's copies of them, not these.
@@ -136,9 +151,8 @@ impl Daemon {
         drop(barrier);
         let held = started.elapsed();
         if let Err(e) = linked {
-            for (snapshot, _, _) in &prepared {
-                let _ = snapshot.blocks().files(Tier::Ram).remove_all();
-                let _ = snapshot.blocks().files(Tier::Volume).remove_all();
+            for ((_, snap_name), &id) in sources.iter().zip(&ids) {
+                remove_links(&self.config.dirs, snap_name, id);
             }
             return Err(e);
         }
@@ -177,10 +191,15 @@ impl Daemon {
     }
 
     /// A snapshot of an image whose metadata is `meta`, opened (its files not yet linked).
-    fn prepare_snapshot(&self, meta: &ImageMeta, snap_name: &ImageName) -> (Arc<Disk>, ImageMeta) {
+    fn prepare_snapshot(
+        &self,
+        meta: &ImageMeta,
+        snap_name: &ImageName,
+        id: ImageId,
+    ) -> (Arc<Disk>, ImageMeta) {
         let mut meta = meta.clone();
         meta.name = snap_name.clone();
-        meta.id = ImageId::random();
+        meta.id = id;
         meta.generation = 0;
         meta.read_only = true;
         meta.qos = QosLimits::default();
@@ -406,7 +425,29 @@ impl Daemon {
     }
 }
 
-/// Links `disk`'s block files into `snapshot`'s directories (inside the barrier).
+/// Links `disk`'s block files into the directories of its snapshot `name` (`id`), before the
+/// barrier.
+fn prelink(dirs: &TierDirs, disk: &Disk, name: &ImageName, id: ImageId) -> Result<(), DaemonError> {
+    for tier in [Tier::Ram, Tier::Volume] {
+        let into = BlockFiles::open(dirs, tier, name, id);
+        if let Err(source) = disk.blocks().files(tier).prelink_into(&into) {
+            return Err(DaemonError::CreateDir {
+                path: into.dir().to_path_buf(),
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a snapshot that was not taken linked.
+fn remove_links(dirs: &TierDirs, name: &ImageName, id: ImageId) {
+    for tier in [Tier::Ram, Tier::Volume] {
+        let _ = BlockFiles::open(dirs, tier, name, id).remove_all();
+    }
+}
+
+/// Makes the links of `disk`'s snapshot exact (inside the barrier).
 fn link(disk: &Disk, snapshot: &Disk) -> Result<(), DaemonError> {
     for tier in [Tier::Ram, Tier::Volume] {
         let into = snapshot.blocks().files(tier);

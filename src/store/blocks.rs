@@ -793,6 +793,48 @@ mod chain_tests {
     }
 
     #[test]
+    fn links_made_before_the_barrier_are_made_exact_inside_it() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = dirs(&root);
+        let image = Blocks::open(
+            &dirs,
+            &"vm".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        image.write(Tier::Ram, 0, 0, &[1; 4096]).unwrap();
+        image.write(Tier::Ram, 1, 0, &[2; 4096]).unwrap();
+        image.write(Tier::Ram, 2, 0, &[3; 4096]).unwrap();
+        let snap = Blocks::open(
+            &dirs,
+            &"vm@s".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        let (from, to) = (image.files(Tier::Ram), snap.files(Tier::Ram));
+        from.prelink_into(to).unwrap();
+        // Before the barrier: a write in place (open file), a new block, a removed block.
+        image.write(Tier::Ram, 0, 0, &[4; 4096]).unwrap();
+        image.write(Tier::Ram, 3, 0, &[5; 4096]).unwrap();
+        image.free(Tier::Ram, 2, 0, BLOCK).unwrap();
+        // A file opened after the first step is shared: its write copies it first.
+        from.forget_all();
+        image.write(Tier::Ram, 1, 0, &[6; 4096]).unwrap();
+        assert_eq!(from.link_into(to).unwrap(), 3);
+        image.write(Tier::Ram, 0, 0, &[7; 4096]).unwrap();
+        image.write(Tier::Ram, 3, 0, &[7; 4096]).unwrap();
+        let first = |blocks: &Blocks, block| read(blocks, Tier::Ram, block)[0];
+        assert_eq!(
+            [0, 1, 2, 3].map(|b| first(&snap, b)),
+            [4, 6, 0, 5],
+            "the snapshot holds the image as it was at the second step"
+        );
+        assert_eq!([0, 1, 2, 3].map(|b| first(&image, b)), [7, 6, 0, 7]);
+    }
+
+    #[test]
     fn a_snapshot_keeps_its_bytes_when_the_image_is_written() {
         let root = tempfile::tempdir().unwrap();
         let dirs = dirs(&root);

@@ -285,34 +285,48 @@ impl BlockFiles {
         }
     }
 
-    /// Hard-links every block file into `snapshot`'s directory (made here), then forgets
-    /// every open file, so the next write to any of them finds it shared and copies it first.
-    /// Call only while no write to the image is in flight. Returns the files linked. Nothing
-    /// is synced (this runs while guest writes wait): call [`BlockFiles::sync_tree`] on
-    /// `snapshot` before anything names it.
+    /// A snapshot's first step, before its barrier: hard-links every block file into
+    /// `snapshot`'s directory (made here). Writes go on meanwhile; [`BlockFiles::link_into`]
+    /// makes the links exact inside the barrier, where only what changed since costs time.
+    pub fn prelink_into(&self, snapshot: &BlockFiles) -> io::Result<()> {
+        fs::create_dir_all(&snapshot.dir)?;
+        for (name, _) in block_entries(&self.dir)? {
+            match fs::hard_link(self.dir.join(&name), snapshot.dir.join(&name)) {
+                // Removed since the listing: the second step leaves it out.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `snapshot`'s directory hold exactly this image's block files, as hard links:
+    /// files created or replaced since [`BlockFiles::prelink_into`] are linked (again), files
+    /// removed since are unlinked. Then forgets every open file, so the next write to any of
+    /// them finds it shared and copies it first. Call only while no write to the image is in
+    /// flight. Returns the files the snapshot holds. Nothing is synced (this runs while guest
+    /// writes wait): call [`BlockFiles::sync_tree`] on `snapshot` before anything names it.
     pub fn link_into(&self, snapshot: &BlockFiles) -> io::Result<u64> {
         // A copy-up in progress (a flatten's) renames a new file in place and caches it as
         // unshared: it must not be linked between the two.
         let mut cache = self.lock_quiet(None);
         fs::create_dir_all(&snapshot.dir)?;
-        let entries = match fs::read_dir(&self.dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            other => other?,
-        };
-        let mut linked = 0;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            let is_block = name
-                .to_str()
-                .is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
-            if is_block && entry.file_type()?.is_file() {
-                fs::hard_link(entry.path(), snapshot.dir.join(&name))?;
-                linked += 1;
+        let mine: HashMap<std::ffi::OsString, u64> = block_entries(&self.dir)?.collect();
+        let linked: HashMap<std::ffi::OsString, u64> = block_entries(&snapshot.dir)?.collect();
+        for (name, inode) in &mine {
+            if linked.get(name) != Some(inode) {
+                let to = snapshot.dir.join(name);
+                if linked.contains_key(name) {
+                    fs::remove_file(&to)?;
+                }
+                fs::hard_link(self.dir.join(name), to)?;
             }
         }
+        for name in linked.keys().filter(|n| !mine.contains_key(*n)) {
+            fs::remove_file(snapshot.dir.join(name))?;
+        }
         cache.files.clear();
-        Ok(linked)
+        Ok(mine.len() as u64)
     }
 
     /// Makes the directory and its entries durable (the directory itself, and its entry in
@@ -405,6 +419,23 @@ pub(super) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
         }
     }
     Ok(n)
+}
+
+/// The block files of `dir` (names of 8 digits) and their inode numbers, from the directory
+/// listing alone (no `stat` per file); none when it does not exist.
+fn block_entries(dir: &Path) -> io::Result<impl Iterator<Item = (std::ffi::OsString, u64)>> {
+    use std::os::unix::fs::DirEntryExt;
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        other => other?.collect::<io::Result<Vec<_>>>()?,
+    };
+    Ok(entries.into_iter().filter_map(|entry| {
+        let name = entry.file_name();
+        let is_block = name
+            .to_str()
+            .is_some_and(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()));
+        is_block.then(|| (name, entry.ino()))
+    }))
 }
 
 /// Copies `from`'s data into the empty `to`, the same length, leaving its holes as holes
