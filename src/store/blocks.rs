@@ -291,13 +291,13 @@ impl Blocks {
             return self.sync_dir(tier);
         };
         self.check_span(block, 0, data.len() as u64)?;
-        let file = self.file_for_write(tier, block)?;
-        file.write_all_at(data, 0)
-            .map_err(io_at(tier, block, "write"))?;
-        file.set_len(data.len() as u64)
-            .map_err(io_at(tier, block, "truncate"))?;
+        // A new file: a clone's block needs nothing from its parent (all of it is written),
+        // and a file a snapshot shares keeps the snapshot's bytes.
+        self.files(tier)
+            .replace_with(block, data)
+            .map_err(io_at(tier, block, "replace"))?;
         if tier == Tier::Volume {
-            file.sync_data().map_err(io_at(tier, block, "sync"))?;
+            self.dirty.forget(block); // the new file is synced; the old one is not this block's
         }
         self.sync_dir(tier)
     }
@@ -832,6 +832,40 @@ mod chain_tests {
             "the snapshot holds the image as it was at the second step"
         );
         assert_eq!([0, 1, 2, 3].map(|b| first(&image, b)), [7, 6, 0, 7]);
+    }
+
+    #[test]
+    fn a_whole_block_replace_needs_no_parent_and_spares_a_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = dirs(&root);
+        // A clone whose parent is not here (a wiped tier): resync still fills a block.
+        let clone = Blocks::open_clone(
+            &dirs,
+            &"vm".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        clone
+            .replace_block(Tier::Volume, 1, Some(&[9; BLOCK as usize]))
+            .unwrap();
+        assert_eq!(read(&clone, Tier::Volume, 1), vec![9; BLOCK as usize]);
+        let snap = Blocks::open(
+            &dirs,
+            &"vm@s".parse().unwrap(),
+            ImageId::random(),
+            BLOCK,
+            SIZE,
+        );
+        clone
+            .files(Tier::Volume)
+            .link_into(snap.files(Tier::Volume))
+            .unwrap();
+        clone.replace_block(Tier::Volume, 1, Some(&[8; 100])).unwrap();
+        assert_eq!(read(&snap, Tier::Volume, 1), vec![9; BLOCK as usize]);
+        let mut want = vec![0u8; BLOCK as usize];
+        want[..100].fill(8);
+        assert_eq!(read(&clone, Tier::Volume, 1), want);
     }
 
     #[test]

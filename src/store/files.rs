@@ -237,10 +237,43 @@ impl BlockFiles {
         Ok(file)
     }
 
+    /// Replaces `block`'s file by a new one holding exactly `data` (resync's whole-block
+    /// copy): nothing is copied up first, and a file a snapshot shares keeps its bytes. Like
+    /// a copy-up, made under a temporary name, synced on the volume tier and renamed into
+    /// place, while the block's writers wait and its readers read the old file.
+    pub(super) fn replace_with(&self, block: u64, data: &[u8]) -> io::Result<Arc<File>> {
+        use std::os::unix::fs::FileExt;
+        let mut cache = self.lock_quiet(Some(block));
+        cache.copying.insert(block);
+        drop(cache);
+        let made = self.new_file(block, |file| {
+            file.write_all_at(data, 0)?;
+            file.set_len(data.len() as u64)
+        });
+        let mut cache = self.lock();
+        cache.copying.remove(&block);
+        self.copied.notify_all();
+        let file = made?;
+        Self::remember(&mut cache.files, block, Entry::Open(file.clone()));
+        Ok(file)
+    }
+
     /// Puts a new file in place of `block`'s: a copy of `from`'s data (holes stay holes), or
-    /// empty. Written under a temporary name, synced on the volume tier, then renamed: the
-    /// block is never seen half copied, and the bytes are durable before the name is.
+    /// empty.
     fn copy_up(&self, block: u64, from: Option<&File>) -> io::Result<Arc<File>> {
+        self.new_file(block, |file| {
+            from.map_or(Ok(()), |from| copy_data(from, file))
+        })
+    }
+
+    /// Puts a new file in place of `block`'s, filled by `fill`: written under a temporary
+    /// name, synced on the volume tier, then renamed, so the block is never seen half
+    /// written, and the bytes are durable before the name is.
+    fn new_file(
+        &self,
+        block: u64,
+        fill: impl FnOnce(&File) -> io::Result<()>,
+    ) -> io::Result<Arc<File>> {
         if !self.dir.exists() {
             fs::create_dir_all(&self.dir)?;
         }
@@ -250,8 +283,7 @@ impl BlockFiles {
             _ => {}
         }
         let file = Self::options().create_new(true).mode(0o600).open(&temp)?;
-        let copied = from.map_or(Ok(()), |from| copy_data(from, &file));
-        let synced = copied.and_then(|()| match self.tier {
+        let synced = fill(&file).and_then(|()| match self.tier {
             Tier::Volume => file.sync_data(),
             Tier::Ram => Ok(()),
         });
