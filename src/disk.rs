@@ -65,6 +65,8 @@ pub struct Disk {
     /// unreachable): per block, the marks still to record. Until they are, those copies and
     /// the ones that took the write differ while all are "in sync" in etcd.
     unrecorded: Mutex<HashMap<u64, Vec<Location>>>,
+    /// Heat tiering: per-block heat and what the mover did (see `tiering`).
+    tiering: crate::tiering::ImageTiering,
 }
 
 /// Bits of a write stamp below the incarnation: 2^40 writes per image per run of the daemon.
@@ -173,6 +175,8 @@ impl Disk {
         let blocks = Blocks::open(dirs, &name, meta.id, meta.block_size, meta.size);
         let cache = ImageCache::new(meta.id.dir_name(&name), meta.block_size, meta.qos.cache);
         let meta_epoch = meta.generation;
+        let tiering =
+            crate::tiering::ImageTiering::new(meta.blocks(), crate::tiering::is_auto(&meta));
         let disk = Disk {
             name,
             me,
@@ -198,6 +202,7 @@ impl Disk {
             stamps: AtomicU64::new(0),
             applied: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashMap::new()),
+            tiering,
         };
         Arc::new(disk)
     }
@@ -589,6 +594,11 @@ impl Disk {
     }
 
     /// Cache copies of remote blocks (see `cache`).
+    /// Heat and the mover's figures for this image (see `tiering`).
+    pub fn tiering(&self) -> &crate::tiering::ImageTiering {
+        &self.tiering
+    }
+
     pub fn cache(&self) -> &ImageCache {
         &self.cache
     }
