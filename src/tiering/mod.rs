@@ -252,3 +252,6 @@ pub fn block_tier(meta: &ImageMeta, me: &NodeId, block: u64) -> Option<&'static 
         (false, false) => None,
     }
 }
+
+#[cfg(test)]
+mod tests;
