@@ -1,0 +1,229 @@
+//! Issue 13 part 3: heat tiering. One daemon with `--ram-budget`, two 1 GiB images with
+//! the same data: `hot`, on the volume tier and turned `--tier auto` when the load starts,
+//! and `ramref`, wholly on the RAM tier. 4 KiB random reads at QD32 over the first 64 MiB
+//! (the working set) of `hot`, one second at a time for [`SECONDS`] seconds on one
+//! connection, each second's IOPS compared with `ramref`'s under the same load (measured
+//! before and after the series, in the same run).
+//!
+//! The volume tier is the harness's `--volume-dir` (default `target/bench-work`, on the
+//! root file system): its page cache is dropped for `hot`'s files before the series, so the
+//! first reads come from the disk; once read they are in the page cache, so the gap between
+//! the tiers is the gap between a page-cache read through io_uring and a tmpfs read inline.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cormorant_frontend::{BlkClient, ClientOptions};
+
+use crate::load::{self, LoadSpec, Pattern};
+use crate::procs::{self, io_ctx, Cormorant, ProcError};
+use crate::report::Figure;
+use crate::resources::figure;
+use crate::{Ctx, Tier};
+
+/// The image: large enough that the working set is a small part of it.
+const IMAGE: u64 = 1 << 30;
+/// The working set the reads cover, from offset 0.
+const WORKING_SET: u64 = 64 << 20;
+/// The node's RAM budget for auto images: twice the working set, far below the image.
+const BUDGET: u64 = 128 << 20;
+/// Seconds of the series (the target: 0.9x within 30 s).
+const SECONDS: u32 = 30;
+/// Requests in flight, one queue: the backend cases' main random-read load.
+const QD: u16 = 32;
+
+fn spec(runtime: Duration, warmup: Duration) -> LoadSpec {
+    LoadSpec {
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        qd: QD,
+        queues: 1,
+        runtime,
+        warmup,
+        span: WORKING_SET,
+        client_poll: false,
+        inflight: false,
+    }
+}
+
+fn load_err(what: &str) -> impl FnOnce(load::LoadError) -> ProcError + '_ {
+    move |e| ProcError::Command {
+        cmd: what.to_string(),
+        stderr: e.to_string(),
+    }
+}
+
+/// Drops the page cache of every file under `dir`, so its next reads come from the disk.
+fn drop_dir_cache(dir: &Path) -> Result<(), ProcError> {
+    for e in std::fs::read_dir(dir).map_err(io_ctx(format!("list {}", dir.display())))? {
+        let e = e.map_err(io_ctx("list entry"))?;
+        let ft = e.file_type().map_err(io_ctx("file type"))?;
+        if ft.is_dir() {
+            drop_dir_cache(&e.path())?;
+        } else if ft.is_file() {
+            procs::drop_cache(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes allocated by the files under `dir` whose path contains `part` (the RAM tier's use).
+fn allocated(dir: &Path, part: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated(&e.path(), part),
+            Ok(m) if e.path().to_string_lossy().contains(part) => m.blocks() * 512,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// One second of the series.
+struct Sample {
+    /// Seconds since the image was turned auto, at the end of the sample.
+    at: f64,
+    iops: f64,
+    /// What the daemon counts against the budget (stats: tiering.ram_used).
+    ram_used: u64,
+    /// What the image's RAM-tier files take on tmpfs.
+    ram_files: u64,
+}
+
+fn ram_used(d: &Cormorant) -> u64 {
+    let out = d.cli(&["stats"]).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v["tiering"]["ram_used"].as_u64())
+        .unwrap_or(0)
+}
+
+pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<(), ProcError> {
+    if !ctx.selected("tiering") {
+        return Ok(());
+    }
+    eprintln!("== tiering");
+    let ram = procs::work_dir(ctx.tier_dir(Tier::Ram), "tiering")?;
+    let vol = procs::work_dir(ctx.tier_dir(Tier::Volume), "tiering")?;
+    let (ram_dir, vol_dir) = (ram.path().join("ram"), vol.path().join("vol"));
+    let budget = format!("{}M", BUDGET >> 20);
+    let extra = ["--ram-budget", &budget].map(String::from).to_vec();
+    let mut d = Cormorant::start_with(
+        &ctx.cormorant_bin,
+        vol.path(),
+        &ram_dir,
+        &vol_dir,
+        true,
+        &extra,
+    )?;
+    let hot = d.create_image("hot", IMAGE, "volume")?;
+    let reference = d.create_image("ramref", IMAGE, "ram")?;
+    crate::stripe::fill(&hot, IMAGE)?;
+    crate::stripe::fill(&reference, IMAGE)?;
+    let one = spec(Duration::from_secs(1), Duration::ZERO);
+    let baseline = spec(Duration::from_secs(3), Duration::from_millis(500));
+    let before = load::run(&reference, &baseline).map_err(load_err("ramref before"))?;
+    drop_dir_cache(&vol_dir)?;
+    let mut client =
+        BlkClient::connect(&hot, &ClientOptions::default()).map_err(|e| ProcError::Command {
+            cmd: "connect hot".into(),
+            stderr: e.to_string(),
+        })?;
+    d.cli(&["image", "set", "hot", "--tier", "auto"])?;
+    let start = Instant::now();
+    let mut series = Vec::new();
+    let mut errors = 0;
+    for _ in 0..SECONDS {
+        let r = load::run_on(&mut client, &one).map_err(load_err("hot"))?;
+        errors += r.errors;
+        series.push(Sample {
+            at: start.elapsed().as_secs_f64(),
+            iops: r.iops,
+            ram_used: ram_used(&d),
+            ram_files: allocated(&ram_dir, "hot@"),
+        });
+    }
+    let _ = client.close();
+    let after = load::run(&reference, &baseline).map_err(load_err("ramref after"))?;
+    let base = (before.iops + after.iops) / 2.0;
+    let ratio = |iops: f64| iops / base.max(f64::MIN_POSITIVE);
+    let reached = series.iter().find(|s| ratio(s.iops) >= 0.9).map(|s| s.at);
+    let last: Vec<f64> = series.iter().rev().take(5).map(|s| s.iops).collect();
+    let settled = last.iter().sum::<f64>() / last.len().max(1) as f64;
+    let first = series.first().map_or(0.0, |s| s.iops);
+    let peak_used = series.iter().map(|s| s.ram_used).max().unwrap_or(0);
+    let peak_files = series.iter().map(|s| s.ram_files).max().unwrap_or(0);
+    figures.push(figure(
+        "tiering: 4K randread QD32, RAM-tier image",
+        "cormorant",
+        base,
+        "IOPS",
+        None,
+    ));
+    figures.push(figure(
+        "tiering: auto image, first second (volume tier, page cache dropped) vs RAM tier",
+        "cormorant",
+        ratio(first),
+        "x",
+        None,
+    ));
+    figures.push(figure(
+        "tiering: auto image, last 5 s of 30 vs RAM tier",
+        "cormorant",
+        ratio(settled),
+        "x",
+        Some((">= 0.9x within 30 s", reached.is_some())),
+    ));
+    figures.push(figure(
+        "tiering: seconds until a second at >= 0.9x the RAM tier (-1: none)",
+        "cormorant",
+        reached.unwrap_or(-1.0),
+        "s",
+        Some(("<= 30 s", reached.is_some_and(|t| t <= 30.0))),
+    ));
+    figures.push(figure(
+        &format!(
+            "tiering: RAM counted against the {} MiB budget, peak",
+            BUDGET >> 20
+        ),
+        "cormorant",
+        peak_used as f64 / f64::from(1 << 20),
+        "MiB",
+        Some(("within the budget", peak_used <= BUDGET)),
+    ));
+    figures.push(figure(
+        "tiering: the auto image's RAM-tier files on tmpfs, peak",
+        "cormorant",
+        peak_files as f64 / f64::from(1 << 20),
+        "MiB",
+        Some(("within the budget", peak_files <= BUDGET)),
+    ));
+    let timeline: Vec<String> = series
+        .iter()
+        .map(|s| format!("{:.1}s {:.0} ({:.2}x)", s.at, s.iops, ratio(s.iops)))
+        .collect();
+    notes.push(format!(
+        "tiering: RAM-tier reference {:.0} IOPS before and {:.0} after the series; the auto \
+         image per second (IOPS, ratio): {}",
+        before.iops,
+        after.iops,
+        timeline.join(", ")
+    ));
+    if errors > 0 {
+        notes.push(format!(
+            "tiering: {errors} read errors; the daemon's log: {}",
+            d.log_errors(4).join(" / ")
+        ));
+    }
+    let info = d.cli(&["stats", "hot"]).unwrap_or_default();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&info) {
+        notes.push(format!("tiering: stats hot .tiering = {}", v["tiering"]));
+    }
+    d.stop();
+    drop((ram, vol));
+    Ok(())
+}
