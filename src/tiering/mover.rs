@@ -240,17 +240,17 @@ fn survey(auto: &[&Arc<Disk>]) -> (Vec<Candidate>, Vec<Double>) {
                 (ram, Some(true)) => (false, ram.map(|_| Tier::Ram)),
                 _ => continue,
             };
-            let heat = heat.get(block);
-            // A block never written reads as zeros without any I/O: RAM would not speed it.
-            if !on_ram && heat >= MIN_PROMOTE_HEAT && !has_data(disk, Tier::Volume, block) {
-                continue;
-            }
             if let Some(extra) = extra {
                 doubles.push(Double {
                     image,
                     block,
                     extra,
                 });
+            }
+            let heat = heat.get(block);
+            // A block never written reads as zeros without any I/O: RAM would not speed it.
+            if !on_ram && heat >= MIN_PROMOTE_HEAT && !has_data(disk, Tier::Volume, block) {
+                continue;
             }
             candidates.push(Candidate {
                 image,
@@ -298,17 +298,18 @@ pub fn move_block(
         let meta = disk.meta();
         here(disk, meta.table.locations(block).unwrap_or(&[]))
     };
-    if now.ram.is_none() && now.volume.is_none() {
+    let (present, source) = match to {
+        Tier::Ram => (now.ram, now.volume),
+        Tier::Volume => (now.volume, now.ram),
+    };
+    if source.is_none() {
+        // Not here any more, or already where it was to go.
         return Ok(None);
     }
     disk.blocks()
         .files(to)
         .create_dir()
         .map_err(MoveError::Dir)?;
-    let present = match to {
-        Tier::Ram => now.ram,
-        Tier::Volume => now.volume,
-    };
     if present.is_none() {
         placement::add(disk, range, &at(to))?;
     }
