@@ -138,3 +138,88 @@ fn blocks_move_between_tiers_under_a_verifying_guest() {
     assert!(!log.contains("move to"), "a move failed:\n{log}");
     eprintln!("tiering: {done}, peak RAM {peak} of {BUDGET}");
 }
+
+/// In a cluster only the owner moves an auto image's blocks, and only its own copies: the
+/// other node's copies stay on its volume tier, and every block reads back what was written.
+#[test]
+fn in_a_cluster_only_the_owner_moves_its_own_copies() {
+    if !tools_available(&["etcd"]) {
+        return;
+    }
+    use cormorant_frontend::{BlkClient, ClientOptions};
+    let dir = TestDir::new();
+    let etcd = common::start_etcd(dir.path());
+    let knobs = ["--ram-budget", "1M", "--tier-interval-ms", "100"];
+    let cluster =
+        common::daemon::Cluster::start_etcd_with(dir.path(), 2, &etcd.endpoint_arg(), &knobs);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    a.cli(&[
+        "image",
+        "create",
+        "c",
+        "--size",
+        "4M",
+        "--block-size",
+        "256K",
+        "--at",
+        "a:volume",
+        "--at",
+        "b:volume",
+        "--tier",
+        "auto",
+    ]);
+    let mut client = BlkClient::connect(a.socket("c"), &ClientOptions::default()).unwrap();
+    for block in 0..16u64 {
+        let data = vec![block as u8 + 1; 256 << 10];
+        assert_eq!(client.write(0, block * 512, &data).unwrap(), 0);
+    }
+    // Blocks 0..4 are read over and over: exactly the 1 MiB budget.
+    let hot = wait_until(Duration::from_secs(30), || {
+        for block in 0..4u64 {
+            for _ in 0..8 {
+                let (status, _) = client.read(0, block * 512, 4096).unwrap();
+                assert_eq!(status, 0);
+            }
+        }
+        a.cli(&["stats", "c"])["tiering"]["blocks"]["ram"] == 4
+    });
+    assert!(hot, "{}", a.cli(&["stats", "c"]));
+    let info = a.cli(&["image", "info", "c"]);
+    for block in info["blocks"].as_array().unwrap() {
+        let index = block["index"].as_u64().unwrap();
+        let places: Vec<String> = block["locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["synced"] == true)
+            .map(|l| {
+                format!(
+                    "{}:{}",
+                    l["node"].as_str().unwrap(),
+                    l["tier"].as_str().unwrap()
+                )
+            })
+            .collect();
+        let want = if index < 4 {
+            ["b:volume", "a:ram"]
+        } else {
+            ["a:volume", "b:volume"]
+        };
+        let mut sorted = places.clone();
+        sorted.sort();
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(sorted, want, "block {index}: {info}");
+        assert_eq!(places.len(), block["locations"].as_array().unwrap().len());
+    }
+    // Node b holds copies but owns nothing: its mover moved nothing.
+    let on_b = b.cli(&["stats"]);
+    assert_eq!(on_b["images"]["c"]["tiering"]["promotions"], 0, "{on_b}");
+    let b_ram = std::fs::read_dir(b.image_dir("ram", "c")).map_or(0, |d| d.count());
+    assert_eq!(b_ram, 0, "node b has no RAM-tier file of c");
+    for block in 0..16u64 {
+        let (status, data) = client.read(0, block * 512, 256 << 10).unwrap();
+        assert_eq!(status, 0);
+        assert!(data.iter().all(|&x| x == block as u8 + 1), "block {block}");
+    }
+}
