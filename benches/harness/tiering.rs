@@ -260,6 +260,15 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
             d.log_errors(4).join(" / ")
         ));
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    notes.push(format!(
+        "tiering: load average after the series {} (2 CPUs shared with other work: the \
+         half-second pairs make each ratio compare like with like, but not every pair)",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
     let info = d.cli(&["stats", "hot"]).unwrap_or_default();
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&info) {
         notes.push(format!("tiering: stats hot .tiering = {}", v["tiering"]));

@@ -716,7 +716,10 @@ impl Daemon {
         if let Some(export) = entry.export {
             export.stop();
         }
+        // A tiering move half-way would recreate a block directory after it went.
+        let moves = entry.disk.tiering().lock_moves();
         entry.disk.mark_removed();
+        drop(moves);
         ImageMeta::remove(&self.config.meta_dir(), name)?;
         for tier in [Tier::Ram, Tier::Volume] {
             entry
