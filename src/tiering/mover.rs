@@ -1,20 +1,22 @@
 //! The mover: one background thread per node that plans with [`policy`] and moves blocks of
 //! the auto images this node owns between its own RAM and volume tiers.
 //!
-//! A move is `location add` + `sync` + `location rm` on one block, with the same code:
-//! 1. add a copy on the target tier, out of sync (saved before it takes effect; guest writes
-//!    reach it from then on);
-//! 2. sync it (`replica::sync`: copies only if the checksums differ, and commits only if no
+//! A move is `location add` + `sync` + `location rm`, with the same code, on a batch of one
+//! image's blocks (so a round costs three metadata saves, not three per block):
+//! 1. add a copy on the target tier to each block, out of sync (saved before it takes
+//!    effect; guest writes reach it from then on);
+//! 2. sync them (`replica::sync`: copies only if the checksums differ, and commits only if no
 //!    guest write started since it looked, so an old value never lands over a guest write;
 //!    a block that writes keep racing is copied with its writes held for that one block);
-//! 3. remove the copy on the source tier (refused if it were the last in-sync copy) and free
-//!    its file.
+//! 3. remove the copy on the source tier of each block whose new copy is in sync (never the
+//!    last in-sync copy) and free its file; a new copy that could not be filled goes instead.
 //!
 //! A crash between any two steps leaves a block with two copies here, one of them possibly
 //! out of sync: every round finishes or undoes such a move ("tidy"). The RAM-tier copies of
 //! auto images, filling or in sync, never take more than the budget: demotions run first,
-//! and a promotion starts only if its block fits. Only the owner moves, and only the copies
-//! on itself; copies on other nodes stay where they are.
+//! and promotions start only for blocks that fit. A round copies at most rate x interval
+//! bytes (at full speed, then it waits: the rate holds on average). Only the owner moves,
+//! and only the copies on itself; copies on other nodes stay where they are.
 
 use std::io;
 use std::sync::Arc;
@@ -55,7 +57,8 @@ pub struct RoundReport {
     /// Bytes copied.
     pub bytes: u64,
     pub failed: u64,
-    /// Moves of the plan left for the next round because the round's time was up.
+    /// Moves of the plan left for the next round: the round's allowance (rate x interval)
+    /// was used up.
     pub deferred: u64,
     /// RAM-tier bytes of auto images on this node after the round.
     pub ram_used: u64,
@@ -111,7 +114,6 @@ impl Mover {
         let (candidates, doubles) = survey(&auto);
         let plan = policy::plan(&candidates, self.config.ram_budget);
         let mut report = RoundReport::default();
-        let deadline = started + self.config.interval;
         let planned = |image: usize, block: u64| {
             plan.promote
                 .iter()
@@ -133,72 +135,110 @@ impl Mover {
                 }
             }
         }
-        for c in &plan.demote {
-            if Instant::now() >= deadline {
-                report.deferred += 1;
-                continue;
-            }
-            if self.move_one(auto[c.image], peers, c, Tier::Volume, &mut report) {
-                report.demoted += 1;
-            }
+        // Each round copies at most a round's worth of the rate: the rest waits for the next
+        // plan, made with fresher heat.
+        let mut allowance = self
+            .config
+            .rate
+            .saturating_mul(self.config.interval.as_millis() as u64)
+            / 1000;
+        let demote = take_allowance(&plan.demote, &mut allowance, &mut report.deferred);
+        for (image, blocks) in by_image(&demote) {
+            self.move_batch(auto[image], peers, &blocks, Tier::Volume, &mut report);
         }
-        for c in &plan.promote {
-            if Instant::now() >= deadline {
-                report.deferred += 1;
-                continue;
-            }
-            // Recounted from the metadata, not trusted from the plan: a guest may have
-            // written a block since, and the budget is a promise.
-            if ram_used(&auto) + c.len > self.config.ram_budget {
-                continue;
-            }
-            if self.move_one(auto[c.image], peers, c, Tier::Ram, &mut report) {
-                report.promoted += 1;
-            }
+        // Recounted from the metadata, not trusted from the plan: the budget is a promise.
+        let mut room = self.config.ram_budget.saturating_sub(ram_used(&auto));
+        let fitting: Vec<Candidate> = plan
+            .promote
+            .iter()
+            .filter(|c| {
+                let fits = c.len <= room;
+                if fits {
+                    room -= c.len;
+                }
+                fits
+            })
+            .copied()
+            .collect();
+        let promote = take_allowance(&fitting, &mut allowance, &mut report.deferred);
+        for (image, blocks) in by_image(&promote) {
+            self.move_batch(auto[image], peers, &blocks, Tier::Ram, &mut report);
         }
         report.ram_used = ram_used(&auto);
         report
     }
 
-    /// Moves one block, paced by the rate; true when it moved.
-    fn move_one(
+    /// Moves a batch of one image's blocks, paced by the rate.
+    fn move_batch(
         &mut self,
         disk: &Disk,
         peers: &dyn Transport,
-        c: &Candidate,
+        blocks: &[u64],
         to: Tier,
         report: &mut RoundReport,
-    ) -> bool {
+    ) {
         if let Some(wait) = self.paced_until.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        match move_block(disk, peers, c.block, to) {
-            Ok(Some(bytes)) => {
+        match move_blocks(disk, peers, blocks, to) {
+            Ok(moved) => {
                 let t = disk.tiering();
-                let counter = match to {
-                    Tier::Ram => &t.promotions,
-                    Tier::Volume => &t.demotions,
+                let (counter, mine) = match to {
+                    Tier::Ram => (&t.promotions, &mut report.promoted),
+                    Tier::Volume => (&t.demotions, &mut report.demoted),
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = moved.blocks.len() as u64;
+                counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                *mine += n;
                 t.bytes_moved
-                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                report.bytes += bytes;
-                let cost = Duration::from_secs_f64(bytes as f64 / self.config.rate.max(1) as f64);
+                    .fetch_add(moved.bytes, std::sync::atomic::Ordering::Relaxed);
+                report.bytes += moved.bytes;
+                report.failed += moved.failed.len() as u64;
+                if !moved.failed.is_empty() {
+                    log::warn!(
+                        "image {}: blocks {:?}: move to {to} failed: {}",
+                        disk.name(),
+                        moved.failed,
+                        MoveError::NotSynced
+                    );
+                }
+                let cost =
+                    Duration::from_secs_f64(moved.bytes as f64 / self.config.rate.max(1) as f64);
                 self.paced_until = self.paced_until.max(Instant::now()) + cost;
-                true
             }
-            Ok(None) => false,
             Err(e) => {
-                report.failed += 1;
+                report.failed += blocks.len() as u64;
                 log::warn!(
-                    "image {}: block {}: move to {to} failed: {e}",
-                    disk.name(),
-                    c.block
+                    "image {}: blocks {blocks:?}: move to {to} failed: {e}",
+                    disk.name()
                 );
-                false
             }
         }
     }
+}
+
+/// The head of `list` whose lengths fit in `allowance` (at least one block, so a rate below
+/// a block per round still moves); the rest is counted as deferred.
+fn take_allowance(list: &[Candidate], allowance: &mut u64, deferred: &mut u64) -> Vec<Candidate> {
+    let mut taken = Vec::new();
+    for c in list {
+        if c.len <= *allowance || taken.is_empty() && *allowance > 0 {
+            *allowance = allowance.saturating_sub(c.len);
+            taken.push(*c);
+        } else {
+            *deferred += 1;
+        }
+    }
+    taken
+}
+
+/// Candidates grouped by image, each image's blocks in order.
+fn by_image(list: &[Candidate]) -> Vec<(usize, Vec<u64>)> {
+    let mut groups: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
+    for c in list {
+        groups.entry(c.image).or_default().push(c.block);
+    }
+    groups.into_iter().collect()
 }
 
 /// Whether the mover may move this image's blocks now: auto, owned here and not fenced.
@@ -275,53 +315,139 @@ fn ram_used(auto: &[&Arc<Disk>]) -> u64 {
         .sum()
 }
 
-/// Moves `block`'s copy on this node to tier `to` (see the module's doc). Returns the bytes
-/// copied, or None when there was nothing to do (the image is no longer auto or owned here,
-/// or the block changed meanwhile).
-pub fn move_block(
+/// What one batch moved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub blocks: Vec<u64>,
+    /// Bytes copied (blocks whose copies already matched cost none).
+    pub bytes: u64,
+    /// Blocks whose new copy could not be brought in sync: it was taken away again.
+    pub failed: Vec<u64>,
+}
+
+/// Moves this node's copies of `blocks` (of one image) to tier `to`, together (see the
+/// module's doc): one metadata change adds the new copies, resync fills them (one commit per
+/// 64 blocks of each run of consecutive blocks), one change removes the old copy of every
+/// block whose new copy is in sync and takes back the new copies that are not. Blocks whose
+/// copy here is no longer in sync on the other tier are left out, and so is everything when
+/// the image is no longer auto or owned here.
+pub fn move_blocks(
     disk: &Disk,
     peers: &dyn Transport,
-    block: u64,
+    blocks: &[u64],
     to: Tier,
-) -> Result<Option<u64>, MoveError> {
+) -> Result<Moved, MoveError> {
     let from = other(to);
-    let range = BlockRange::new(block, block + 1)?;
     let at = |tier| Placement {
         node: disk.me().clone(),
         tier,
     };
+    let (at_from, at_to) = (at(from), at(to));
     let _moves = disk.tiering().lock_moves();
     if !movable(disk) {
-        return Ok(None);
+        return Ok(Moved::default());
     }
-    let now = {
+    let mut todo: Vec<u64> = {
         let meta = disk.meta();
-        here(disk, meta.table.locations(block).unwrap_or(&[]))
+        blocks
+            .iter()
+            .copied()
+            .filter(|&b| {
+                let now = here(disk, meta.table.locations(b).unwrap_or(&[]));
+                let source = match to {
+                    Tier::Ram => now.volume,
+                    Tier::Volume => now.ram,
+                };
+                source == Some(true)
+            })
+            .collect()
     };
-    let (present, source) = match to {
-        Tier::Ram => (now.ram, now.volume),
-        Tier::Volume => (now.volume, now.ram),
-    };
-    if source.is_none() {
-        // Not here any more, or already where it was to go.
-        return Ok(None);
+    todo.sort_unstable();
+    todo.dedup();
+    if todo.is_empty() {
+        return Ok(Moved::default());
     }
     disk.blocks()
         .files(to)
         .create_dir()
         .map_err(MoveError::Dir)?;
-    if present.is_none() {
-        placement::add(disk, range, &at(to))?;
-    }
+    disk.update_meta(|meta| {
+        meta.table
+            .update_blocks(todo.iter().copied(), |locations| {
+                if !locations.iter().any(|l| l.at(&at_to)) {
+                    locations.push(crate::image::Location {
+                        node: at_to.node.clone(),
+                        tier: to,
+                        synced: false,
+                    });
+                }
+            })
+            .map_err(|e| e.to_string())
+    })
+    .map_err(PlacementError::Save)?;
     let copies = DiskCopies { disk, peers };
-    let report = sync::sync(disk, &copies, range, None, &mut |_, _| {})?;
-    if !synced_here(disk, block, to) {
-        // Leave nothing half-done that takes RAM or receives writes for no reason.
-        drop_copy(disk, block, to)?;
-        return Err(MoveError::NotSynced);
+    let mut bytes = 0;
+    for run in runs(&todo) {
+        bytes += sync::sync(disk, &copies, run?, None, &mut |_, _| {})?.bytes;
     }
-    drop_copy(disk, block, from)?;
-    Ok(Some(report.bytes))
+    let (moved, failed) = {
+        // A resync that copied to a copy must not commit it after it was removed.
+        let _no_resync = disk.resync_lock();
+        disk.update_meta(|meta| {
+            let synced_to = |b: u64| {
+                meta.table
+                    .locations(b)
+                    .unwrap_or(&[])
+                    .iter()
+                    .any(|l| l.at(&at_to) && l.synced)
+            };
+            let (moved, failed): (Vec<u64>, Vec<u64>) =
+                todo.iter().copied().partition(|&b| synced_to(b));
+            meta.table
+                .update_blocks(todo.iter().copied(), |locations| {
+                    if locations.iter().any(|l| l.at(&at_to) && l.synced) {
+                        // The new copy is in sync: the old one goes.
+                        locations.retain(|l| !l.at(&at_from));
+                    } else if locations.iter().any(|l| l.synced && !l.at(&at_to)) {
+                        // It could not be filled: it goes, and the block stays where it was.
+                        locations.retain(|l| !l.at(&at_to));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok((moved, failed))
+        })
+        .map_err(PlacementError::Save)?
+    };
+    for (tier, list) in [(from, &moved), (to, &failed)] {
+        for &block in list {
+            if let Err(e) = disk.blocks().free_block(tier, block) {
+                log::warn!(
+                    "image {}: block {block}: cannot free the copy on {tier}: {e}",
+                    disk.name()
+                );
+            }
+        }
+    }
+    Ok(Moved {
+        blocks: moved,
+        bytes,
+        failed,
+    })
+}
+
+/// Sorted blocks as ranges of consecutive ones.
+fn runs(sorted: &[u64]) -> impl Iterator<Item = Result<BlockRange, RangeError>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = *sorted.get(i)?;
+        let mut end = start + 1;
+        i += 1;
+        while sorted.get(i) == Some(&end) {
+            end += 1;
+            i += 1;
+        }
+        Some(BlockRange::new(start, end))
+    })
 }
 
 fn other(tier: Tier) -> Tier {
@@ -329,15 +455,6 @@ fn other(tier: Tier) -> Tier {
         Tier::Ram => Tier::Volume,
         Tier::Volume => Tier::Ram,
     }
-}
-
-fn synced_here(disk: &Disk, block: u64, tier: Tier) -> bool {
-    let meta = disk.meta();
-    meta.table
-        .locations(block)
-        .unwrap_or(&[])
-        .iter()
-        .any(|l| &l.node == disk.me() && l.tier == tier && l.synced)
 }
 
 /// Removes this node's copy of `block` on `tier` and frees its file, as `location rm` does
@@ -386,4 +503,35 @@ pub fn end_auto_for_operator(disk: &Disk) -> Result<bool, PlacementError> {
         );
     }
     Ok(was)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_consecutive_blocks() {
+        let got: Vec<(u64, u64)> = runs(&[0, 1, 2, 5, 7, 8])
+            .map(|r| r.map(|r| (r.start(), r.end())).unwrap())
+            .collect();
+        assert_eq!(got, [(0, 3), (5, 6), (7, 9)]);
+        assert_eq!(runs(&[]).count(), 0);
+    }
+
+    #[test]
+    fn the_allowance_takes_at_least_one_block() {
+        let c = |block| Candidate {
+            image: 0,
+            block,
+            heat: 9,
+            on_ram: false,
+            len: 4 << 20,
+        };
+        let (mut allowance, mut deferred) = (1 << 20, 0);
+        let taken = take_allowance(&[c(0), c(1)], &mut allowance, &mut deferred);
+        assert_eq!((taken.len(), deferred, allowance), (1, 1, 0));
+        let (mut allowance, mut deferred) = (9 << 20, 0);
+        let taken = take_allowance(&[c(0), c(1), c(2)], &mut allowance, &mut deferred);
+        assert_eq!((taken.len(), deferred), (2, 1));
+    }
 }
