@@ -2,8 +2,8 @@
 //! the same data: `hot`, on the volume tier and turned `--tier auto` when the load starts,
 //! and `ramref`, wholly on the RAM tier. 4 KiB random reads at QD32 over the first 64 MiB
 //! (the working set). Each second of the [`SECONDS`]-second series runs the load on `hot`
-//! for half a second, then on `ramref` for half a second (one connection to each, kept
-//! open): each second's ratio compares two measurements a moment apart, so the load other
+//! for half a second and on `ramref` for half a second, in turn first (one connection to
+//! each, kept open): each second's ratio compares two measurements a moment apart, so the load other
 //! work puts on a shared machine weighs on both alike. Before the series, `hot` (still all on
 //! the volume tier, its data in the page cache) against `ramref` the same way shows what the
 //! tiers differ by on this machine.
@@ -138,9 +138,20 @@ pub fn run(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Res
     };
     let mut hot_client = connect(&hot)?;
     let mut ref_client = connect(&reference)?;
+    // Which image goes first alternates, so neither always follows the other's load.
+    let mut turn = 0u32;
     let mut pair = |hot_client: &mut BlkClient| -> Result<(f64, f64, u64), ProcError> {
-        let h = load::run_on(hot_client, &half).map_err(load_err("hot"))?;
-        let r = load::run_on(&mut ref_client, &half).map_err(load_err("ramref"))?;
+        turn += 1;
+        let (h, r) = if turn % 2 == 1 {
+            let h = load::run_on(hot_client, &half).map_err(load_err("hot"))?;
+            (
+                h,
+                load::run_on(&mut ref_client, &half).map_err(load_err("ramref"))?,
+            )
+        } else {
+            let r = load::run_on(&mut ref_client, &half).map_err(load_err("ramref"))?;
+            (load::run_on(hot_client, &half).map_err(load_err("hot"))?, r)
+        };
         Ok((h.iops, r.iops, h.errors + r.errors))
     };
     // The tiers' difference here: `hot` still all on the volume tier (in the page cache).
