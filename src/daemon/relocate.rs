@@ -81,16 +81,16 @@ impl Daemon {
             return Err(RelocateError::UnknownNode(at.node.clone()));
         }
         let range = placement::range_of(&disk, blocks)?;
-        // The operator's placement wins: an auto image stops moving (see `tiering`), and no
-        // move is half-way while this change is made.
+        // The operator's placement wins: an auto image stops moving once this change is made
+        // (see `tiering`), and no move is half-way meanwhile.
         let moves = disk.tiering().lock_moves();
-        let ended_auto = end_auto_for_operator(&disk)?;
         // The new holder learns of its copy from etcd (a request for a block its view does
         // not place there yet makes it look).
         let added = match replace {
             Some(from) => placement::replace(&disk, range, from, at)?,
             None => placement::add(&disk, range, at)?,
         };
+        let ended_auto = end_auto_for_operator(&disk)?;
         drop(moves);
         match replace {
             Some(from) => log::info!(
@@ -139,13 +139,13 @@ impl Daemon {
             .map_err(|e| RelocateError::Refused(Box::new(e)))?;
         let range = placement::range_of(&disk, blocks)?;
         let moves = disk.tiering().lock_moves();
-        let ended_auto = end_auto_for_operator(&disk)?;
         // Waits for a resync in progress: one that copied to this copy must not commit it
         // after it was removed (and perhaps added again).
         let removed = {
             let _no_resync = disk.resync_lock();
             placement::remove(&disk, range, at)?
         };
+        let ended_auto = end_auto_for_operator(&disk)?;
         drop(moves);
         if at.node == self.config.node {
             for &block in &removed {
