@@ -9,6 +9,7 @@ use crate::cache::CacheMode;
 use crate::image::{BlockRange, ImageName, LocationError, NodeId, Placement, Tier};
 use crate::qos::{self, Limit, QosUpdate};
 use crate::size::Size;
+use crate::tiering::{TierChoice, TierMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,6 +144,21 @@ pub struct ServeArgs {
     /// Node-wide budget for cache copies on the volume tier (images with `--cache volume`).
     #[arg(long, default_value = "1G")]
     pub cache_budget_volume: Size,
+    /// Node-wide RAM budget for the blocks of `--tier auto` images (K/M/G/T suffixes): the
+    /// hottest blocks that fit are moved to the RAM tier, the rest to the volume tier
+    /// (0: every auto image's blocks stay on, or go back to, the volume tier).
+    #[arg(long, default_value = "0")]
+    pub ram_budget: Size,
+    /// Bytes per second the tiering mover copies, promotions and demotions together.
+    #[arg(long, default_value = "64M")]
+    pub tier_rate: Size,
+    /// Milliseconds between the tiering mover's plans (tests shorten it).
+    #[arg(long, default_value_t = 1000)]
+    pub tier_interval_ms: u64,
+    /// Milliseconds between halvings of every block's heat (tests shorten it to see blocks
+    /// go cold, and be demoted, quickly).
+    #[arg(long, default_value_t = 30_000)]
+    pub tier_decay_ms: u64,
 }
 
 /// Why a `--peer ID=ADDR` is refused.
@@ -198,6 +214,10 @@ pub enum ImageCommand {
         name: ImageName,
         #[command(flatten)]
         limits: LimitArgs,
+        /// `auto`: this node moves the image's blocks between its RAM and volume tiers by
+        /// heat, within `serve --ram-budget`; `manual`: they stay where they are.
+        #[arg(long, value_name = "auto|manual")]
+        tier: Option<TierMode>,
     },
     /// List the images.
     List,
@@ -307,6 +327,7 @@ impl LimitArgs {
             burst_ms: self.burst,
             cache: self.cache,
             cache_size: self.cache_size,
+            tiering: None,
         }
     }
 }
@@ -346,7 +367,8 @@ pub struct Layout {
     /// Block size: a power of two from 4K to 1G.
     #[arg(long, default_value = "4M")]
     pub block_size: Size,
-    /// Tier the image's blocks are placed on.
-    #[arg(long, default_value = "ram")]
-    pub tier: Tier,
+    /// Tier the image's blocks are placed on; `auto` starts them on the volume tier and lets
+    /// the node move them by heat (see `image set --tier`).
+    #[arg(long, default_value = "ram", value_name = "ram|volume|auto")]
+    pub tier: TierChoice,
 }

@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cli::{Command, ImageCommand, LocationCommand};
 use crate::control::client::{call, ClientError};
 use crate::control::protocol::Request;
+use crate::qos::QosUpdate;
+use crate::tiering::TierMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -90,20 +92,26 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
                 name,
                 size: size.0,
                 block_size: layout.block_size.0,
-                tier: layout.tier,
+                tier: layout.tier.tier(),
                 read_only,
                 at,
-                qos: limits.update(),
+                qos: QosUpdate {
+                    tiering: layout.tier.is_auto().then_some(TierMode::Auto),
+                    ..limits.update()
+                },
                 stripe: stripe.spec(),
             },
         )?,
-        ImageCommand::Set { name, limits } => {
-            let qos = limits.update();
+        ImageCommand::Set { name, limits, tier } => {
+            let qos = QosUpdate {
+                tiering: tier,
+                ..limits.update()
+            };
             if qos.is_empty() {
                 return Err(CommandError::Usage(
-                    "image set changes an image's limits and cache: give --iops-limit N|none, \
-                     --bps-limit BYTES|none, --burst TIME|default, --cache ram|volume|off \
-                     and/or --cache-size SIZE|none"
+                    "image set changes an image's limits, cache and tiering: give --iops-limit \
+                     N|none, --bps-limit BYTES|none, --burst TIME|default, --cache \
+                     ram|volume|off, --cache-size SIZE|none and/or --tier auto|manual"
                         .into(),
                 ));
             }
@@ -165,12 +173,21 @@ fn image_command(socket: &Path, command: ImageCommand) -> Result<serde_json::Val
         ImageCommand::Import { name, file, layout } => {
             let raw = RawSource::prepare(&file)?;
             let request = Request::ImageImport {
-                name,
+                name: name.clone(),
                 path: absolute(raw.path())?,
                 block_size: layout.block_size.0,
-                tier: layout.tier,
+                tier: layout.tier.tier(),
             };
-            call_with_progress(&socket, request, "import")?
+            let imported = call_with_progress(&socket, request, "import")?;
+            if layout.tier.is_auto() {
+                // Imported onto the volume tier; from now on its blocks move by heat.
+                let qos = QosUpdate {
+                    tiering: Some(TierMode::Auto),
+                    ..QosUpdate::default()
+                };
+                call_quiet(&socket, Request::ImageSet { name, qos })?;
+            }
+            imported
         }
         ImageCommand::Resize {
             name,

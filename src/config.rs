@@ -23,6 +23,8 @@ pub struct Config {
     pub socket_access: Option<SocketAccess>,
     /// Node-wide cache budgets per tier (see `cache`).
     pub cache_budgets: crate::cache::Budgets,
+    /// Heat tiering: the RAM budget of auto images and the mover's pace (see `tiering`).
+    pub tiering: crate::tiering::TieringConfig,
 }
 
 /// Who may connect to the image sockets.
@@ -75,6 +77,13 @@ pub enum ConfigError {
     NoSuchGroup(String),
     #[error("--socket-mode '{0}' is not an octal mode like 0660")]
     BadMode(String),
+    #[error(
+        "--tier-rate must be at least {} bytes per second",
+        crate::tiering::MIN_RATE
+    )]
+    TierRate,
+    #[error("--tier-interval-ms and --tier-decay-ms must be between 10 and 3600000")]
+    TierTimes,
 }
 
 impl Config {
@@ -101,6 +110,7 @@ impl Config {
         if args.peer_encrypt && cluster.is_none() {
             return Err(ConfigError::EncryptWithoutCluster);
         }
+        let tiering = tiering(&args)?;
         Ok(Config {
             run_dir,
             dirs: TierDirs {
@@ -120,6 +130,7 @@ impl Config {
                 ram: args.cache_budget_ram.0,
                 volume: args.cache_budget_volume.0,
             },
+            tiering,
         })
     }
 
@@ -128,6 +139,23 @@ impl Config {
     pub fn meta_dir(&self) -> PathBuf {
         self.dirs.volume.join(".meta")
     }
+}
+
+/// `--ram-budget`, `--tier-rate` and the mover's intervals, checked.
+fn tiering(args: &ServeArgs) -> Result<crate::tiering::TieringConfig, ConfigError> {
+    if args.tier_rate.0 < crate::tiering::MIN_RATE {
+        return Err(ConfigError::TierRate);
+    }
+    let times = 10..=3_600_000;
+    if !times.contains(&args.tier_interval_ms) || !times.contains(&args.tier_decay_ms) {
+        return Err(ConfigError::TierTimes);
+    }
+    Ok(crate::tiering::TieringConfig {
+        ram_budget: args.ram_budget.0,
+        rate: args.tier_rate.0,
+        interval: Duration::from_millis(args.tier_interval_ms),
+        decay: Duration::from_millis(args.tier_decay_ms),
+    })
 }
 
 fn etcd(args: &ServeArgs) -> Result<Option<Etcd>, ConfigError> {

@@ -68,6 +68,8 @@ pub struct Disk {
     /// Told of every change of the image's size (the devices serving it: see
     /// [`Disk::watch_size`]); gone watchers are dropped.
     size_watchers: Mutex<Vec<Weak<dyn SizeWatcher>>>,
+    /// Heat tiering: per-block heat and what the mover did (see `tiering`).
+    tiering: crate::tiering::ImageTiering,
 }
 
 /// Something that follows an image's size: a device tells its guest the new capacity.
@@ -275,6 +277,8 @@ impl Disk {
         };
         let cache = ImageCache::new(meta.id.dir_name(&name), meta.block_size, meta.qos.cache);
         let meta_epoch = meta.generation;
+        let tiering =
+            crate::tiering::ImageTiering::new(meta.blocks(), crate::tiering::is_auto(&meta));
         let disk = Disk {
             name,
             me,
@@ -301,6 +305,7 @@ impl Disk {
             applied: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashMap::new()),
             size_watchers: Mutex::new(Vec::new()),
+            tiering,
         };
         Arc::new(disk)
     }
@@ -699,6 +704,11 @@ impl Disk {
     }
 
     /// Cache copies of remote blocks (see `cache`).
+    /// Heat and the mover's figures for this image (see `tiering`).
+    pub fn tiering(&self) -> &crate::tiering::ImageTiering {
+        &self.tiering
+    }
+
     pub fn cache(&self) -> &ImageCache {
         &self.cache
     }

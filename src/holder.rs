@@ -411,6 +411,7 @@ pub(crate) mod tests {
             metrics_listen: None,
             socket_access: None,
             cache_budgets: Default::default(),
+            tiering: Default::default(),
         };
         std::fs::create_dir_all(&config.run_dir).unwrap();
         let daemon = Arc::new(Daemon::start(config, None, None).unwrap());

@@ -40,5 +40,6 @@ pub mod size;
 pub mod slots;
 pub mod store;
 pub mod stripe;
+pub mod tiering;
 pub mod vhost_listener;
 pub mod virtio;

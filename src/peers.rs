@@ -525,6 +525,7 @@ mod tests {
             metrics_listen: None,
             socket_access: None,
             cache_budgets: Default::default(),
+            tiering: Default::default(),
         };
         let peers = Arc::new(Peers::new(&config, Some(&key)));
         peers.set(&node("b"), server.local_addr());

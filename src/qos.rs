@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 
 use crate::cache::{CacheMode, CachePolicy};
 use crate::size::Size;
+use crate::tiering::TierMode;
 
 /// Burst when the operator sets none: 100 ms of the limit (QEMU's throttling uses the same
 /// tenth of a second), enough to absorb the jitter of a guest's I/O scheduler without letting
@@ -59,6 +60,11 @@ pub struct QosLimits {
     /// setting stored the same way, so it follows the image. None: no caching.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CachePolicy>,
+    /// Heat tiering (see `tiering`): `auto` lets the owner move the image's copies between
+    /// its RAM and volume tiers; None is manual. A placement policy, stored here like the
+    /// cache so it follows the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiering: Option<TierMode>,
 }
 
 /// One setting in an update: remove it (`"none"`), or set it.
@@ -86,6 +92,9 @@ pub struct QosUpdate {
     /// The image's cache cap in bytes, or none (the node's budget only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_size: Option<Limit>,
+    /// `auto` or `manual` (see `tiering`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiering: Option<TierMode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,9 +131,10 @@ impl QosLimits {
         self.iops.is_none() && self.bps.is_none()
     }
 
-    /// Nothing set at all (no limit, no cache): stored as if settings never existed.
+    /// Nothing set at all (no limit, no cache, manual tiering): stored as if settings never
+    /// existed.
     pub fn is_default(&self) -> bool {
-        self.is_unlimited() && self.cache.is_none()
+        self.is_unlimited() && self.cache.is_none() && self.tiering.is_none()
     }
 
     /// The burst in effect.
@@ -183,6 +193,11 @@ impl QosLimits {
             bps: pick(self.bps, update.bps),
             burst_ms: pick(self.burst_ms, update.burst_ms),
             cache,
+            tiering: match update.tiering {
+                None => self.tiering,
+                Some(TierMode::Manual) => None,
+                Some(TierMode::Auto) => Some(TierMode::Auto),
+            },
         };
         next.validate()?;
         if next.is_unlimited() {
@@ -206,6 +221,7 @@ impl QosLimits {
                 crate::image::Tier::Volume => "volume",
             }),
             "cache_size": self.cache.and_then(|c| c.size),
+            "tiering": self.tiering.unwrap_or(TierMode::Manual),
         })
     }
 }
@@ -217,6 +233,7 @@ impl QosUpdate {
             && self.burst_ms.is_none()
             && self.cache.is_none()
             && self.cache_size.is_none()
+            && self.tiering.is_none()
     }
 }
 
@@ -461,6 +478,7 @@ mod tests {
             bps,
             burst_ms,
             cache: None,
+            tiering: None,
         }
     }
 
@@ -582,6 +600,36 @@ mod tests {
         assert!(parse_cache_size("1").is_err());
         assert_eq!(parse_cache_size("none"), Ok(Limit::None));
         assert_eq!(parse_cache_size("8M"), Ok(Limit::Set(8 << 20)));
+    }
+
+    /// `auto` is stored and shown; `manual` is stored as nothing (the default), and other
+    /// settings leave it alone.
+    #[test]
+    fn tiering_updates_and_stores() {
+        let auto = QosUpdate {
+            tiering: Some(TierMode::Auto),
+            ..QosUpdate::default()
+        };
+        let with = QosLimits::default().updated(&auto).unwrap();
+        assert_eq!(with.tiering, Some(TierMode::Auto));
+        assert!(!with.is_default());
+        assert_eq!(with.json()["tiering"], "auto");
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(text.contains(r#""tiering":"auto""#), "{text}");
+        assert_eq!(serde_json::from_str::<QosLimits>(&text).unwrap(), with);
+        let limited = with.updated(&QosUpdate {
+            iops: Some(Limit::Set(100)),
+            ..QosUpdate::default()
+        });
+        assert_eq!(limited.unwrap().tiering, Some(TierMode::Auto));
+        let manual = QosUpdate {
+            tiering: Some(TierMode::Manual),
+            ..QosUpdate::default()
+        };
+        let back = with.updated(&manual).unwrap();
+        assert!(back.is_default());
+        assert_eq!(back.json()["tiering"], "manual");
+        assert!(!manual.is_empty());
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub fn run(mut config: Config) -> Result<(), ServeError> {
         _ => None,
     };
     daemon.follow_cluster();
+    daemon
+        .start_tiering()
+        .map_err(io_err("cannot start the tiering mover"))?;
     if let Some(addr) = config.metrics_listen {
         control::prometheus::start(daemon.clone(), addr).map_err(io_err("cannot serve metrics"))?;
     }

@@ -17,6 +17,7 @@ mod procs;
 mod report;
 mod resources;
 mod stripe;
+mod tiering;
 mod vm;
 
 /// The guest-boot code of the integration tests, included rather than copied (one copy), with
@@ -404,6 +405,7 @@ fn run(args: Args) -> Result<(), ProcError> {
         &mut report.figures,
         &mut report.notes,
     )?;
+    tiering::run(&ctx, &mut report.figures, &mut report.notes)?;
     migration::run(&ctx, &mut report.figures, &mut report.notes)?;
     vm::idle_guest_cpu(&ctx, &mut report.figures)?;
     resources::idle_client_cpu(&ctx, &mut report.figures)?;

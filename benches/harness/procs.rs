@@ -473,7 +473,7 @@ pub fn recache_dir(dir: &Path) -> Result<(), ProcError> {
     Ok(())
 }
 
-fn drop_cache(path: &Path) -> Result<(), ProcError> {
+pub fn drop_cache(path: &Path) -> Result<(), ProcError> {
     use std::os::fd::AsRawFd;
     let f = File::open(path).map_err(io_ctx(format!("open {}", path.display())))?;
     f.sync_all()

@@ -65,7 +65,7 @@ fn node(
 
 /// Writes the whole span once, so the reads measure stored blocks (an unwritten block reads
 /// as zeros without any I/O).
-fn fill(socket: &Path, span: u64) -> Result<(), ProcError> {
+pub fn fill(socket: &Path, span: u64) -> Result<(), ProcError> {
     let fail = |e: &dyn std::fmt::Display| ProcError::Command {
         cmd: format!("fill {}", socket.display()),
         stderr: e.to_string(),

@@ -64,6 +64,7 @@ pub struct ImageFigures {
     pub out_of_sync: u64,
     pub qos: QosFigures,
     pub cache: CacheFigures,
+    pub tiering: crate::tiering::TierFigures,
 }
 
 /// One peer's figures at a scrape.
@@ -216,6 +217,66 @@ impl Scrape {
     }
 }
 
+/// One figure of an image's tiering.
+type TierFigure = fn(&crate::tiering::TierFigures) -> u64;
+
+impl Scrape {
+    /// The tiering families (see `tiering`): one sample per image.
+    fn encode_tiering(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let img = |i: &ImageFigures| -> Labels { [("image", i.image.clone())] };
+        let gauges: [(&str, &str, TierFigure); 4] = [
+            (
+                "cormorant_image_auto_tiered",
+                "1 when the image's blocks move between tiers by heat",
+                |t| u64::from(t.auto),
+            ),
+            (
+                "cormorant_image_ram_blocks",
+                "Blocks with an in-sync copy on this node's RAM tier",
+                |t| t.counts.ram,
+            ),
+            (
+                "cormorant_image_volume_blocks",
+                "Blocks with an in-sync copy on this node's volume tier",
+                |t| t.counts.volume,
+            ),
+            (
+                "cormorant_image_ram_tier_bytes",
+                "Bytes of the image's blocks with a copy on this node's RAM tier",
+                |t| t.counts.ram_bytes,
+            ),
+        ];
+        for (name, help, figure) in gauges {
+            family(e, name, help, None, &self.images, |i| {
+                (img(i), Sample::Gauge(figure(&i.tiering) as i64))
+            })?;
+        }
+        let counters: [(&str, &str, TierFigure); 3] = [
+            (
+                "cormorant_image_promotions",
+                "Blocks the tiering mover moved to the RAM tier",
+                |t| t.promotions,
+            ),
+            (
+                "cormorant_image_demotions",
+                "Blocks the tiering mover moved to the volume tier",
+                |t| t.demotions,
+            ),
+            (
+                "cormorant_image_tier_moved_bytes",
+                "Bytes the tiering mover copied",
+                |t| t.bytes_moved,
+            ),
+        ];
+        for (name, help, figure) in counters {
+            family(e, name, help, None, &self.images, |i| {
+                (img(i), Sample::Counter(figure(&i.tiering)))
+            })?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let e = &mut encoder;
@@ -316,6 +377,7 @@ impl Collector for Scrape {
             |i| (img(i), Sample::Seconds(i.qos.throttled_seconds)),
         )?;
         self.encode_cache(e)?;
+        self.encode_tiering(e)?;
         let peer = |p: &PeerFigures| -> Labels { [("peer", p.peer.clone())] };
         family(
             e,
@@ -392,6 +454,16 @@ mod tests {
                 used: 4096,
                 ..CacheFigures::default()
             },
+            tiering: crate::tiering::TierFigures {
+                auto: true,
+                promotions: 3,
+                counts: crate::tiering::TierCounts {
+                    ram: 2,
+                    volume: 5,
+                    ram_bytes: 8192,
+                },
+                ..Default::default()
+            },
         }];
         let text = render(images, Vec::new());
         for line in [
@@ -410,6 +482,10 @@ mod tests {
             "cormorant_image_throttled_seconds_total{image=\"vm1\"} 1.5",
             "cormorant_image_cache_hits_total{image=\"vm1\"} 7",
             "cormorant_image_cache_used_bytes{image=\"vm1\"} 4096",
+            "cormorant_image_auto_tiered{image=\"vm1\"} 1",
+            "cormorant_image_ram_blocks{image=\"vm1\"} 2",
+            "cormorant_image_volume_blocks{image=\"vm1\"} 5",
+            "cormorant_image_promotions_total{image=\"vm1\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

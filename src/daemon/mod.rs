@@ -6,6 +6,7 @@ mod etcd;
 mod family;
 mod relocate;
 mod resize;
+mod tiering;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -81,6 +82,7 @@ fn image_stats(disk: &Disk) -> Value {
     let mut value = disk.metrics().json(disk.out_of_sync_copies());
     value["qos"] = disk.qos().json();
     value["cache"] = disk.cache().figures().json();
+    value["tiering"] = tiering::image_json(disk);
     value
 }
 
@@ -373,7 +375,10 @@ impl Daemon {
             .into_iter()
             .map(|(id, m)| (id.to_string(), m.json(failures.is_failed(&id))))
             .collect();
-        Ok(json!({"node": self.config.node, "images": images, "peers": peers}))
+        Ok(
+            json!({"node": self.config.node, "images": images, "peers": peers,
+                  "tiering": self.tiering_json()}),
+        )
     }
 
     /// What a scrape shows: every image's and every peer's figures, taken now.
@@ -387,6 +392,10 @@ impl Daemon {
                 out_of_sync: entry.disk.out_of_sync_copies(),
                 qos: entry.disk.qos().figures(),
                 cache: entry.disk.cache().figures(),
+                tiering: entry
+                    .disk
+                    .tiering()
+                    .figures(&entry.disk.meta(), entry.disk.me()),
             })
             .collect();
         let failures = self.peers.failures();
@@ -467,9 +476,13 @@ impl Daemon {
         let limits = disk
             .update_meta(|meta| {
                 meta.qos = meta.qos.updated(update).map_err(|e| e.to_string())?;
+                refuse_auto_stripe(meta).map_err(|e| e.to_string())?;
                 Ok(meta.qos)
             })
             .map_err(DaemonError::Text)?;
+        disk.tiering()
+            .heat()
+            .set_on(crate::tiering::is_auto(&disk.meta()));
         log::info!("image {name}: limits now {}", limits.json());
         Ok(json!({"name": name, "qos": limits.json()}))
     }
@@ -518,6 +531,7 @@ impl Daemon {
                 id: parent.id,
             }
         });
+        refuse_auto_stripe(&meta)?;
         let disk = {
             let files = crate::store::BlockFiles::open(&self.config.dirs, tier, &name, meta.id);
             files
@@ -703,11 +717,16 @@ impl Daemon {
         let used = disk.used_bytes()?;
         let mut value = self.summary(&disk);
         let meta = disk.meta();
+        let me = disk.me();
         let blocks: Vec<Value> = (0..meta.blocks())
             .map(|index| {
-                json!({"index": index, "locations": meta.table.locations(index).unwrap_or(&[])})
+                json!({"index": index, "locations": meta.table.locations(index).unwrap_or(&[]),
+                       "tier": crate::tiering::block_tier(&meta, me, index)})
             })
             .collect();
+        let counts = crate::tiering::TierCounts::of(&meta, me);
+        value["tiers"] = json!({"ram": counts.ram, "volume": counts.volume,
+                                "tiering": crate::tiering::mode_of(&meta)});
         value["used_size"] = json!(used);
         value["blocks"] = Value::Array(blocks);
         drop(meta);
@@ -741,7 +760,10 @@ impl Daemon {
         if let Some(export) = entry.export {
             export.stop();
         }
+        // A tiering move half-way would recreate a block directory after it went.
+        let moves = entry.disk.tiering().lock_moves();
         entry.disk.mark_removed();
+        drop(moves);
         ImageMeta::remove(&self.config.meta_dir(), name)?;
         for tier in [Tier::Ram, Tier::Volume] {
             entry
@@ -822,4 +844,15 @@ impl Daemon {
             log::error!("cannot note the clean stop: {e}");
         }
     }
+}
+
+/// Auto tiering moves copies between tiers, which would break a stripe's members (the
+/// operator's placement): refused together.
+fn refuse_auto_stripe(meta: &ImageMeta) -> Result<(), DaemonError> {
+    if meta.stripe.is_some() && meta.qos.tiering == Some(crate::tiering::TierMode::Auto) {
+        return Err(DaemonError::Text(
+            "a striped image cannot be auto-tiered: its stripe places its copies".into(),
+        ));
+    }
+    Ok(())
 }

@@ -11,6 +11,17 @@ use crate::disk::Disk;
 use crate::image::{BlockRange, ImageName, NodeId, Placement};
 use crate::placement;
 use crate::replica::sync;
+use crate::tiering::mover::end_auto_for_operator;
+
+/// Tells the operator that their location change turned the image's auto tiering off.
+fn note_ended_auto(reply: &mut Value, ended: bool) {
+    if ended {
+        reply["tiering"] = json!(
+            "manual (was auto: a location change pins the copies; \
+                                  image set --tier auto hands them back to the node)"
+        );
+    }
+}
 
 /// Why a location change was refused or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +81,17 @@ impl Daemon {
             return Err(RelocateError::UnknownNode(at.node.clone()));
         }
         let range = placement::range_of(&disk, blocks)?;
+        // The operator's placement wins: an auto image stops moving once this change is made
+        // (see `tiering`), and no move is half-way meanwhile.
+        let moves = disk.tiering().lock_moves();
         // The new holder learns of its copy from etcd (a request for a block its view does
         // not place there yet makes it look).
         let added = match replace {
             Some(from) => placement::replace(&disk, range, from, at)?,
             None => placement::add(&disk, range, at)?,
         };
+        let ended_auto = end_auto_for_operator(&disk)?;
+        drop(moves);
         match replace {
             Some(from) => log::info!(
                 "image {name}: copy at {at} added to {added} blocks of {range} in place of \
@@ -106,10 +122,10 @@ impl Daemon {
             })
             .map_err(RelocateError::Spawn)?;
         let stripe = disk.meta().stripe.as_ref().map(crate::stripe::Stripe::json);
-        Ok(
-            json!({"image": name, "at": at, "blocks": range, "added": added,
-                  "replaced": replace, "stripe": stripe}),
-        )
+        let mut reply = json!({"image": name, "at": at, "blocks": range, "added": added,
+                               "replaced": replace, "stripe": stripe});
+        note_ended_auto(&mut reply, ended_auto);
+        Ok(reply)
     }
 
     pub(super) fn location_rm(
@@ -122,12 +138,15 @@ impl Daemon {
             .owned_disk(name)
             .map_err(|e| RelocateError::Refused(Box::new(e)))?;
         let range = placement::range_of(&disk, blocks)?;
+        let moves = disk.tiering().lock_moves();
         // Waits for a resync in progress: one that copied to this copy must not commit it
         // after it was removed (and perhaps added again).
         let removed = {
             let _no_resync = disk.resync_lock();
             placement::remove(&disk, range, at)?
         };
+        let ended_auto = end_auto_for_operator(&disk)?;
+        drop(moves);
         if at.node == self.config.node {
             for &block in &removed {
                 if let Err(e) = disk.blocks().drop_copy(at.tier, block) {
@@ -142,9 +161,9 @@ impl Daemon {
             removed.len()
         );
         let stripe = disk.meta().stripe.as_ref().map(crate::stripe::Stripe::json);
-        Ok(
-            json!({"image": name, "at": at, "blocks": range, "removed": removed.len(),
-                  "stripe": stripe}),
-        )
+        let mut reply = json!({"image": name, "at": at, "blocks": range,
+                               "removed": removed.len(), "stripe": stripe});
+        note_ended_auto(&mut reply, ended_auto);
+        Ok(reply)
     }
 }

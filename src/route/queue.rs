@@ -394,6 +394,10 @@ impl Queue {
         ops.add(1);
         if let Some((bytes, pieces)) = bytes {
             bytes.add(pieces.iter().map(|p| p.len).sum());
+            let heat = self.disk.tiering().heat();
+            if heat.is_on() {
+                pieces.iter().for_each(|p| heat.touch(p.block));
+            }
         }
     }
 

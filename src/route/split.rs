@@ -83,10 +83,15 @@ pub fn spans(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Blo
 
 /// The local tier holding an in-sync copy, if this node has one. Reads go there first.
 pub fn local_copy(locations: &[Location], me: &NodeId) -> Option<Tier> {
-    locations
-        .iter()
-        .find(|l| l.synced && &l.node == me)
-        .map(|l| l.tier)
+    let mut here = locations.iter().filter(|l| l.synced && &l.node == me);
+    let first = here.next()?.tier;
+    // Two in-sync copies here (a block the tiering mover is promoting, or the operator's
+    // choice): the RAM one is the faster read.
+    Some(if here.any(|l| l.tier == Tier::Ram) {
+        Tier::Ram
+    } else {
+        first
+    })
 }
 
 #[cfg(test)]
@@ -166,6 +171,10 @@ mod tests {
         assert_eq!(local_copy(&[l(&other, Tier::Ram, true)], &me), None);
         let both = [l(&other, Tier::Ram, true), l(&me, Tier::Volume, true)];
         assert_eq!(local_copy(&both, &me), Some(Tier::Volume));
+        let two_here = [l(&me, Tier::Volume, true), l(&me, Tier::Ram, true)];
+        assert_eq!(local_copy(&two_here, &me), Some(Tier::Ram), "RAM first");
+        let filling = [l(&me, Tier::Volume, true), l(&me, Tier::Ram, false)];
+        assert_eq!(local_copy(&filling, &me), Some(Tier::Volume));
     }
 
     proptest! {

@@ -861,7 +861,9 @@ mod chain_tests {
             .files(Tier::Volume)
             .link_into(snap.files(Tier::Volume))
             .unwrap();
-        clone.replace_block(Tier::Volume, 1, Some(&[8; 100])).unwrap();
+        clone
+            .replace_block(Tier::Volume, 1, Some(&[8; 100]))
+            .unwrap();
         assert_eq!(read(&snap, Tier::Volume, 1), vec![9; BLOCK as usize]);
         let mut want = vec![0u8; BLOCK as usize];
         want[..100].fill(8);
