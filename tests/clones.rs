@@ -317,3 +317,61 @@ fn a_clone_grows_past_its_parent_and_is_snapshotted_whole() {
     let out = daemon.cli_raw(&["image", "resize", "gold@base", "16M"]);
     assert!(!out.status.success(), "a snapshot was resized");
 }
+
+/// An auto-tiered clone: its hot blocks move to the RAM tier (those it reads through become
+/// copies of its own there) and every block reads the same before and after.
+#[test]
+fn an_auto_tiered_clone_keeps_its_content_through_moves() {
+    let dir = TestDir::new();
+    let args = ["--ram-budget", "4M", "--tier-interval-ms", "200"];
+    let daemon = Daemon::start_with(dir.path(), args.iter().map(|a| a.to_string()).collect());
+    golden(&daemon);
+    daemon.cli(&["image", "clone", "gold@base", "vm1", "--tier", "volume"]);
+    let mut vm1 = client(&daemon, "vm1");
+    write(&mut vm1, 2 * SECTORS_PER_MIB + 8, &[0x77; 4096]);
+    daemon.cli(&["image", "set", "vm1", "--tier", "auto"]);
+    let expect = |c: &mut BlkClient| {
+        for i in 0..8u64 {
+            let data = read(c, i * SECTORS_PER_MIB, MIB as u32);
+            for (page, chunk) in data.chunks(4096).enumerate() {
+                let want = if i == 2 && page == 1 {
+                    0x77
+                } else {
+                    i as u8 + 1
+                };
+                assert!(chunk.iter().all(|&b| b == want), "block {i} page {page}");
+            }
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Blocks 1-3 hot: read them again and again.
+        for _ in 0..20 {
+            for i in 1..4u64 {
+                read(&mut vm1, i * SECTORS_PER_MIB, 4096);
+            }
+        }
+        let stats = daemon.cli(&["stats", "vm1"]);
+        if stats["tiering"]["promotions"].as_u64().unwrap_or(0) >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing promoted: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    expect(&mut vm1);
+    drop(vm1);
+    let info = daemon.cli(&["image", "info", "vm1"]);
+    assert!(
+        info["tiers"]["ram"].as_u64().unwrap() >= 3,
+        "{}",
+        info["tiers"]
+    );
+    let mut snap = client(&daemon, "gold@base");
+    assert_eq!(
+        read(&mut snap, 2 * SECTORS_PER_MIB + 8, 4096),
+        vec![3; 4096]
+    );
+}
