@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, BIN};
-use common::{wait_until, TestDir};
+use common::{never_zero_bytes, wait_until, TestDir};
 use cormorant_frontend::{BlkClient, ClientOptions};
 
 const MIB: usize = 1 << 20;
@@ -28,55 +28,17 @@ const SIZE: usize = BLOCK * BLOCKS;
 /// Bytes a client write puts into a block: one page.
 const PAGE: usize = 4096;
 
-/// Deterministic, never-zero bytes (xorshift64*), so a block read as zeros or as another
-/// block's data cannot pass for the parent's.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let word = x.wrapping_mul(0x2545_f491_4f6c_dd1d) | 0x0101_0101_0101_0101;
-        out.extend_from_slice(&word.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// `gold` (volume tier, 4 MiB blocks) imported from a file of [`pattern`] bytes, and its
+/// `gold` (volume tier, 4 MiB blocks) imported from a file of [`never_zero_bytes`], and its
 /// snapshot `gold@base`; returns the content.
-fn golden(daemon: &Daemon, dir: &TestDir) -> Vec<u8> {
-    let data = pattern(SIZE, 0x90_1d);
-    let file = dir.join("gold.raw");
-    std::fs::write(&file, &data).unwrap();
-    daemon.cli(&[
-        "image",
-        "import",
-        "gold",
-        file.to_str().unwrap(),
-        "--tier",
-        "volume",
-        "--block-size",
-        "4M",
-    ]);
+fn golden(daemon: &Daemon) -> Vec<u8> {
+    let data = never_zero_bytes(SIZE, 0x90_1d);
+    daemon.import("gold", &data, &["--tier", "volume", "--block-size", "4M"]);
     daemon.cli(&["image", "snapshot", "gold", "base"]);
     data
 }
 
 fn connect(daemon: &Daemon, image: &str) -> BlkClient {
     BlkClient::connect(daemon.socket(image), &ClientOptions::default()).unwrap()
-}
-
-/// The whole image as a raw file, through `image export`.
-fn export(daemon: &Daemon, dir: &TestDir, image: &str) -> Vec<u8> {
-    let path = dir.join(&format!("{image}.export"));
-    daemon.cli(&["image", "export", image, path.to_str().unwrap()]);
-    let mut raw = std::fs::read(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    // Export leaves holes past the last data: a short file reads as zeros there.
-    raw.resize(SIZE, 0);
-    raw
 }
 
 /// Where the client's write to `block` lands: one page, somewhere inside the block.
@@ -86,7 +48,7 @@ fn write_offset(block: usize) -> usize {
 
 /// What the client's write to `block` holds.
 fn write_data(block: usize) -> Vec<u8> {
-    pattern(PAGE, 0xc0ff_ee00 + block as u64)
+    never_zero_bytes(PAGE, 0xc0ff_ee00 + block as u64)
 }
 
 /// A copy-up's temporary file in `dir` (`.NNNNNNNN.new`).
@@ -173,7 +135,7 @@ fn check_blocks(got: &[u8], want: &[u8], alt: &[u8], either: &[usize], what: &st
 fn kill_9_mid_copy_up_loses_no_acknowledged_write() {
     let dir = TestDir::new();
     let mut daemon = Daemon::start(dir.path());
-    let parent = golden(&daemon, &dir);
+    let parent = golden(&daemon);
     daemon.cli(&["image", "clone", "gold@base", "vm", "--tier", "volume"]);
 
     let mut acked: Vec<usize> = Vec::new();
@@ -241,19 +203,19 @@ fn kill_9_mid_copy_up_loses_no_acknowledged_write() {
     drop(client);
     check_blocks(&got, &alt, &want, &ambiguous, "clone after kills");
     check_blocks(
-        &export(&daemon, &dir, "vm"),
+        &daemon.exported("vm", SIZE),
         &alt,
         &want,
         &ambiguous,
         "clone export",
     );
     assert_eq!(
-        export(&daemon, &dir, "gold@base"),
+        daemon.exported("gold@base", SIZE),
         parent,
         "the snapshot changed"
     );
     assert_eq!(
-        export(&daemon, &dir, "gold"),
+        daemon.exported("gold", SIZE),
         parent,
         "the original changed"
     );
@@ -284,7 +246,7 @@ fn flatten_in_background(daemon: &Daemon) -> std::process::Child {
 fn kill_9_mid_flatten_then_flatten_again_and_drop_the_parent() {
     let dir = TestDir::new();
     let mut daemon = Daemon::start(dir.path());
-    let parent = golden(&daemon, &dir);
+    let parent = golden(&daemon);
     daemon.cli(&["image", "clone", "gold@base", "vm", "--tier", "volume"]);
     // The clone's own writes in a few blocks, flushed.
     let mut client = connect(&daemon, "vm");
@@ -314,7 +276,7 @@ fn kill_9_mid_flatten_then_flatten_again_and_drop_the_parent() {
         own > written.len() && own < BLOCKS,
         "killed part-way: {own} of {BLOCKS} blocks own: {info}"
     );
-    assert_eq!(export(&daemon, &dir, "vm"), want, "after the kill");
+    assert_eq!(daemon.exported("vm", SIZE), want, "after the kill");
 
     // The second flatten copies only what the first did not.
     let flat = daemon.cli(&["image", "flatten", "vm"]);
@@ -322,9 +284,9 @@ fn kill_9_mid_flatten_then_flatten_again_and_drop_the_parent() {
     assert!(daemon.cli(&["image", "info", "vm"])["parent"].is_null());
     daemon.cli(&["image", "rm", "gold@base"]);
     daemon.cli(&["image", "rm", "gold"]);
-    assert_eq!(export(&daemon, &dir, "vm"), want, "after flatten");
+    assert_eq!(daemon.exported("vm", SIZE), want, "after flatten");
     daemon.restart();
-    assert_eq!(export(&daemon, &dir, "vm"), want, "after a restart");
+    assert_eq!(daemon.exported("vm", SIZE), want, "after a restart");
     let mut client = connect(&daemon, "vm");
     let (status, page) = client
         .read(0, (write_offset(17) / 512) as u64, PAGE as u32)
@@ -372,7 +334,7 @@ fn kill_9_mid_copy_up_under_a_guest_loses_nothing() {
     use common::guest::{Disk, Guest, GuestOpts};
     let dir = TestDir::new();
     let mut daemon = Daemon::start(dir.path());
-    let parent = golden(&daemon, &dir);
+    let parent = golden(&daemon);
     daemon.cli(&["image", "clone", "gold@base", "vm", "--tier", "volume"]);
     let mut guest = Guest::spawn(
         &GuestOpts::new(dir.join("guest"), GUEST_SCRIPT)
@@ -422,9 +384,9 @@ fn kill_9_mid_copy_up_under_a_guest_loses_nothing() {
         let record = format!("{:04096}", i + 1);
         want[at..at + PAGE].copy_from_slice(record.as_bytes());
     }
-    assert!(export(&daemon, &dir, "vm") == want, "the clone's content");
+    assert!(daemon.exported("vm", SIZE) == want, "the clone's content");
     assert!(
-        export(&daemon, &dir, "gold@base") == parent,
+        daemon.exported("gold@base", SIZE) == parent,
         "the snapshot changed"
     );
 }
@@ -437,7 +399,7 @@ fn kill_9_mid_copy_up_under_a_guest_loses_nothing() {
 fn a_snapshot_taken_mid_flatten_keeps_what_it_needs() {
     let dir = TestDir::new();
     let mut daemon = Daemon::start(dir.path());
-    let parent = golden(&daemon, &dir);
+    let parent = golden(&daemon);
     daemon.cli(&["image", "clone", "gold@base", "vm", "--tier", "volume"]);
     let mut client = connect(&daemon, "vm");
     let written = [5usize, 30];
@@ -469,13 +431,13 @@ fn a_snapshot_taken_mid_flatten_keeps_what_it_needs() {
     let refused = daemon.cli_raw(&["image", "rm", "gold@base"]);
     assert!(!refused.status.success(), "gold@base removed under vm@mid");
     assert!(
-        export(&daemon, &dir, "vm@mid") == want,
+        daemon.exported("vm@mid", SIZE) == want,
         "the snapshot's content"
     );
-    assert!(export(&daemon, &dir, "vm") == want, "the clone's content");
+    assert!(daemon.exported("vm", SIZE) == want, "the clone's content");
     daemon.restart();
     assert!(
-        export(&daemon, &dir, "vm@mid") == want,
+        daemon.exported("vm@mid", SIZE) == want,
         "the snapshot after a restart"
     );
 }

@@ -10,35 +10,10 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::guest::{Disk, Guest, GuestOpts, RunningGuest};
-use common::{md5_prefix, tools_available, wait_until, TestDir};
+use common::{md5_prefix, never_zero_bytes, tools_available, wait_until, TestDir};
 
 const TOOLS: &[&str] = &["qemu-system-x86_64"];
 const MIB: usize = 1 << 20;
-
-/// Deterministic, never-zero bytes (xorshift64*), for golden images.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let word = x.wrapping_mul(0x2545_f491_4f6c_dd1d) | 0x0101_0101_0101_0101;
-        out.extend_from_slice(&word.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// The whole image through `image export`, `size` bytes (holes past the data read as zeros).
-fn export(daemon: &Daemon, dir: &TestDir, image: &str, size: usize) -> Vec<u8> {
-    let path = dir.join(&format!("{image}.export"));
-    daemon.cli(&["image", "export", image, path.to_str().unwrap()]);
-    let mut raw = std::fs::read(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    raw.resize(size, 0);
-    raw
-}
 
 fn md5(dir: &TestDir, data: &[u8]) -> String {
     let path = dir.join("md5.tmp");
@@ -205,15 +180,15 @@ fn snapshots_under_guest_writes_hold_a_prefix_of_them() {
 
     let size = 8 * MIB;
     // A write may start before its predecessor's `ACK` reaches the console: two of slack.
-    let a1 = slots_of(&export(&daemon, &dir, "a@s1", size), "a@s1");
+    let a1 = slots_of(&daemon.exported("a@s1", size), "a@s1");
     let n1 = prefix_in(&[(0, a1)], single.0..=single.1 + 2);
-    let a2 = slots_of(&export(&daemon, &dir, "a@s2", size), "a@s2");
-    let b2 = slots_of(&export(&daemon, &dir, "b@s2", size), "b@s2");
+    let a2 = slots_of(&daemon.exported("a@s2", size), "a@s2");
+    let b2 = slots_of(&daemon.exported("b@s2", size), "b@s2");
     let n2 = prefix_in(&[(0, a2), (1, b2)], group.0..=group.1 + 2);
     eprintln!("a@s1 holds writes 1..={n1}; a@s2 and b@s2 hold 1..={n2}; {end} written in all");
     assert!(n2 > n1 + 2 && end > n2 + 2);
     // The live images hold more than the snapshots.
-    let a_now = slots_of(&export(&daemon, &dir, "a", size), "a");
+    let a_now = slots_of(&daemon.exported("a", size), "a");
     assert!(prefix_in(&[(0, a_now)], end..=end + 20) > n2);
 }
 
@@ -261,17 +236,8 @@ fn four_clones_in_parallel_guests_leave_their_parent_unchanged() {
     }
     let dir = TestDir::new();
     let daemon = Daemon::start(dir.path());
-    let gold = pattern(GOLD_SIZE, 0x60_1d);
-    let file = dir.join("gold.raw");
-    std::fs::write(&file, &gold).unwrap();
-    daemon.cli(&[
-        "image",
-        "import",
-        "gold",
-        file.to_str().unwrap(),
-        "--block-size",
-        "1M",
-    ]);
+    let gold = never_zero_bytes(GOLD_SIZE, 0x60_1d);
+    daemon.import("gold", &gold, &["--block-size", "1M"]);
     daemon.cli(&["image", "snapshot", "gold", "base"]);
     let tiers = ["ram", "ram", "volume", "volume"];
     for (id, tier) in tiers.iter().enumerate() {
@@ -302,7 +268,7 @@ fn four_clones_in_parallel_guests_leave_their_parent_unchanged() {
         assert_eq!(out.expect_value("after"), md5(&dir, &want), "vm{id} after");
         let name = format!("vm{id}");
         assert!(
-            export(&daemon, &dir, &name, GOLD_SIZE) == want,
+            daemon.exported(&name, GOLD_SIZE) == want,
             "{name} exports what the guest wrote over the golden image"
         );
         let info = daemon.cli(&["image", "info", &name]);
@@ -312,11 +278,11 @@ fn four_clones_in_parallel_guests_leave_their_parent_unchanged() {
         );
     }
     assert!(
-        export(&daemon, &dir, "gold@base", GOLD_SIZE) == gold,
+        daemon.exported("gold@base", GOLD_SIZE) == gold,
         "the snapshot changed"
     );
     assert!(
-        export(&daemon, &dir, "gold", GOLD_SIZE) == gold,
+        daemon.exported("gold", GOLD_SIZE) == gold,
         "the image changed"
     );
     let info = daemon.cli(&["image", "info", "gold@base"]);
@@ -393,20 +359,8 @@ fn flatten_under_guest_io_then_the_parent_goes() {
     }
     let dir = TestDir::new();
     let mut daemon = Daemon::start(dir.path());
-    let gold = pattern(FLAT_SIZE, 0xf1a7);
-    let file = dir.join("gold.raw");
-    std::fs::write(&file, &gold).unwrap();
-    daemon.cli(&[
-        "image",
-        "import",
-        "gold",
-        file.to_str().unwrap(),
-        "--tier",
-        "volume",
-        "--block-size",
-        "4M",
-    ]);
-    std::fs::remove_file(&file).unwrap();
+    let gold = never_zero_bytes(FLAT_SIZE, 0xf1a7);
+    daemon.import("gold", &gold, &["--tier", "volume", "--block-size", "4M"]);
     daemon.cli(&["image", "snapshot", "gold", "base"]);
     daemon.cli(&["image", "clone", "gold@base", "vm"]);
     daemon.create_image("ctl", "1M", "1M", &[]);
@@ -457,16 +411,10 @@ fn flatten_under_guest_io_then_the_parent_goes() {
     let writes: u64 = out.expect_value("writes").parse().unwrap();
 
     let want = flat_expected(&gold, writes);
-    assert!(
-        export(&daemon, &dir, "vm", FLAT_SIZE) == want,
-        "after flatten"
-    );
+    assert!(daemon.exported("vm", FLAT_SIZE) == want, "after flatten");
     daemon.restart();
     assert!(daemon.cli(&["image", "info", "vm"])["parent"].is_null());
-    assert!(
-        export(&daemon, &dir, "vm", FLAT_SIZE) == want,
-        "after a restart"
-    );
+    assert!(daemon.exported("vm", FLAT_SIZE) == want, "after a restart");
 }
 
 /// Blocks the guest has written after `rounds` rounds (one slot per even block).

@@ -28,6 +28,9 @@
 //! `CLONE_SIM_SEED=s` runs that one. Threads make the interleaving vary between runs of a
 //! seed; the seed fixes each thread's choices and the peers' failures.
 
+mod common;
+
+use common::sim::{Rng, SimClock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,7 +43,7 @@ use cormorant::image::meta::Parent;
 use cormorant::image::{BlockRange, ImageMeta, Location, NodeId, Tier};
 use cormorant::peer::{PeerError, Request, Response};
 use cormorant::peers::{Callback, Transport};
-use cormorant::replica::failure::{Clock, FailureList};
+use cormorant::replica::failure::FailureList;
 use cormorant::replica::sync::sync;
 use cormorant::route::{BlockRequest, Device, IoVecs, Queue};
 use cormorant::store::TierDirs;
@@ -58,35 +61,6 @@ const HALF: u64 = 4;
 
 /// A parent sector's value: the top bit set, so it is told apart from any guest's.
 const PARENT: u64 = 1 << 63;
-
-/// splitmix64, as in replica_sim.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// The simulated time of the failure list, moved on by the resync thread.
-#[derive(Clone)]
-struct SimClock(Arc<Mutex<Instant>>);
-
-impl Clock for SimClock {
-    fn now(&self) -> Instant {
-        *self.0.lock().unwrap()
-    }
-}
 
 /// What the parent holds in global sector `g` (0: nothing).
 fn parent_value(g: u64) -> u64 {

@@ -59,6 +59,9 @@
 //! it landed (the epoch gate, `Disk::enter_epoch`; calls left on the way across take-overs
 //! exercise it).
 
+mod common;
+
+use common::sim::Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::PathBuf;
@@ -92,25 +95,6 @@ const STEPS: usize = 120;
 const TTL: u64 = 3000;
 const MARGIN: u64 = 1000;
 const RENEW_EVERY: u64 = TTL / 3;
-
-/// splitmix64, as in replica_sim.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The metadata store: one linearizable state, one `MetaStore` handle per node.

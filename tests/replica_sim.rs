@@ -15,6 +15,9 @@
 //!
 //! `SIM_SEEDS=n` runs more seeds; a failure prints its seed, and `SIM_SEED=s` replays it.
 
+mod common;
+
+use common::sim::{Rng, SimClock};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ use cormorant::disk::Disk;
 use cormorant::image::{BlockRange, ImageMeta, Location, NodeId, Tier};
 use cormorant::peer::{PeerError, Request, Response};
 use cormorant::peers::{Callback, Transport};
-use cormorant::replica::failure::{Clock, FailureList};
+use cormorant::replica::failure::FailureList;
 use cormorant::replica::sync::sync;
 use cormorant::route::{BlockRequest, Device, IoVecs, Queue};
 use cormorant::store::TierDirs;
@@ -33,35 +36,6 @@ use cormorant::store::TierDirs;
 const BLOCKS: u64 = 6;
 const BLOCK_SIZE: u64 = 4096;
 const STEPS: usize = 300;
-
-/// splitmix64: small, seedable, good enough to pick events.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// The simulated time, shared by the failure list and the simulation.
-#[derive(Clone)]
-struct SimClock(Arc<Mutex<Instant>>);
-
-impl Clock for SimClock {
-    fn now(&self) -> Instant {
-        *self.0.lock().unwrap()
-    }
-}
 
 /// What a guest write writes (its value, then zeros).
 const SECTOR: usize = 512;

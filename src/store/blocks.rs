@@ -678,26 +678,24 @@ mod chain_tests {
         }
     }
 
+    /// A new image `name` (a clone when `clone`), under `dirs`.
+    fn new_image(dirs: &TierDirs, name: &str, clone: bool) -> Blocks {
+        let open = if clone {
+            Blocks::open_clone
+        } else {
+            Blocks::open
+        };
+        open(dirs, &name.parse().unwrap(), ImageId::random(), BLOCK, SIZE)
+    }
+
     /// A parent with data in blocks 0 and 1 (block 1 sparse), and its clone.
     fn family() -> (tempfile::TempDir, Arc<Blocks>, Blocks) {
         let root = tempfile::tempdir().unwrap();
         let dirs = dirs(&root);
-        let parent = Arc::new(Blocks::open(
-            &dirs,
-            &"gold".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        ));
+        let parent = Arc::new(new_image(&dirs, "gold", false));
         parent.write(Tier::Ram, 0, 0, &[1; BLOCK as usize]).unwrap();
         parent.write(Tier::Ram, 1, 4096, &[2; 4096]).unwrap();
-        let clone = Blocks::open_clone(
-            &dirs,
-            &"vm".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let clone = new_image(&dirs, "vm", true);
         clone.set_backing(Arc::new(Parent(parent.clone(), Tier::Ram)));
         (root, parent, clone)
     }
@@ -747,13 +745,7 @@ mod chain_tests {
     #[test]
     fn a_clone_without_its_parent_fails_rather_than_reading_zeros() {
         let root = tempfile::tempdir().unwrap();
-        let clone = Blocks::open_clone(
-            &dirs(&root),
-            &"vm".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let clone = new_image(&dirs(&root), "vm", true);
         let mut buf = vec![0u8; 512];
         assert!(clone.read(Tier::Ram, 0, 0, &mut buf).is_err());
         assert!(clone.write(Tier::Ram, 0, 0, &buf).is_err());
@@ -796,23 +788,11 @@ mod chain_tests {
     fn links_made_before_the_barrier_are_made_exact_inside_it() {
         let root = tempfile::tempdir().unwrap();
         let dirs = dirs(&root);
-        let image = Blocks::open(
-            &dirs,
-            &"vm".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let image = new_image(&dirs, "vm", false);
         image.write(Tier::Ram, 0, 0, &[1; 4096]).unwrap();
         image.write(Tier::Ram, 1, 0, &[2; 4096]).unwrap();
         image.write(Tier::Ram, 2, 0, &[3; 4096]).unwrap();
-        let snap = Blocks::open(
-            &dirs,
-            &"vm@s".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let snap = new_image(&dirs, "vm@s", false);
         let (from, to) = (image.files(Tier::Ram), snap.files(Tier::Ram));
         from.prelink_into(to).unwrap();
         // Before the barrier: a write in place (open file), a new block, a removed block.
@@ -839,24 +819,12 @@ mod chain_tests {
         let root = tempfile::tempdir().unwrap();
         let dirs = dirs(&root);
         // A clone whose parent is not here (a wiped tier): resync still fills a block.
-        let clone = Blocks::open_clone(
-            &dirs,
-            &"vm".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let clone = new_image(&dirs, "vm", true);
         clone
             .replace_block(Tier::Volume, 1, Some(&[9; BLOCK as usize]))
             .unwrap();
         assert_eq!(read(&clone, Tier::Volume, 1), vec![9; BLOCK as usize]);
-        let snap = Blocks::open(
-            &dirs,
-            &"vm@s".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let snap = new_image(&dirs, "vm@s", false);
         clone
             .files(Tier::Volume)
             .link_into(snap.files(Tier::Volume))
@@ -874,22 +842,10 @@ mod chain_tests {
     fn a_snapshot_keeps_its_bytes_when_the_image_is_written() {
         let root = tempfile::tempdir().unwrap();
         let dirs = dirs(&root);
-        let image = Blocks::open(
-            &dirs,
-            &"vm".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let image = new_image(&dirs, "vm", false);
         image.write(Tier::Ram, 0, 0, &[1; 4096]).unwrap();
         image.write(Tier::Ram, 2, 0, &[3; 4096]).unwrap();
-        let snap = Blocks::open(
-            &dirs,
-            &"vm@s".parse().unwrap(),
-            ImageId::random(),
-            BLOCK,
-            SIZE,
-        );
+        let snap = new_image(&dirs, "vm@s", false);
         let linked = image
             .files(Tier::Ram)
             .link_into(snap.files(Tier::Ram))

@@ -414,21 +414,10 @@ impl BlockFiles {
     /// The blocks from `first` on that have a file on this tier (a resize clears them: they
     /// lie past the image's end). Names that are not block files are skipped.
     pub fn blocks_from(&self, first: u64) -> io::Result<Vec<u64>> {
-        let entries = match fs::read_dir(&self.dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            other => other?,
-        };
-        let mut blocks = Vec::new();
-        for entry in entries {
-            let name = entry?.file_name();
-            let block = name
-                .to_str()
-                .filter(|n| n.len() == 8 && n.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|n| n.parse::<u64>().ok());
-            if let Some(block) = block.filter(|&b| b >= first) {
-                blocks.push(block);
-            }
-        }
+        let mut blocks: Vec<u64> = block_entries(&self.dir)?
+            .filter_map(|(name, _)| name.to_str()?.parse::<u64>().ok())
+            .filter(|&block| block >= first)
+            .collect();
         blocks.sort_unstable();
         Ok(blocks)
     }

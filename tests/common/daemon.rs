@@ -116,6 +116,28 @@ impl Daemon {
         self.cli(&args)
     }
 
+    /// `image import IMAGE FILE ARGS...` of a file holding `data` (removed afterwards).
+    pub fn import(&self, image: &str, data: &[u8], args: &[&str]) -> serde_json::Value {
+        let path = self.run_dir.join(format!("{image}.import"));
+        std::fs::write(&path, data).unwrap();
+        let mut cli = vec!["image", "import", image, path.to_str().unwrap()];
+        cli.extend_from_slice(args);
+        let made = self.cli(&cli);
+        let _ = std::fs::remove_file(&path);
+        made
+    }
+
+    /// The whole image, `size` bytes, through `image export` (export leaves holes past the
+    /// last data: a short file reads as zeros there).
+    pub fn exported(&self, image: &str, size: usize) -> Vec<u8> {
+        let path = self.run_dir.join(format!("{image}.export"));
+        self.cli(&["image", "export", image, path.to_str().unwrap()]);
+        let mut raw = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        raw.resize(size, 0);
+        raw
+    }
+
     /// Runs the CLI and returns its whole output, success or not.
     pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)

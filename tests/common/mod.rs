@@ -20,6 +20,7 @@ pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod qsd;
+pub mod sim;
 
 pub use process::{kill_child, read_lossy, spawn_logged, wait_until, which};
 
@@ -140,4 +141,20 @@ pub fn start_etcd(dir: &Path) -> etcd::EtcdCluster {
     let etcd_dir = dir.join("etcd");
     std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
     etcd::EtcdCluster::start(&etcd_dir, 3)
+}
+
+/// Deterministic, never-zero bytes (xorshift64*), so a block read as zeros or as another
+/// block's data cannot pass for the one written.
+pub fn never_zero_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let word = x.wrapping_mul(0x2545_f491_4f6c_dd1d) | 0x0101_0101_0101_0101;
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
