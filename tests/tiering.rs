@@ -223,3 +223,74 @@ fn in_a_cluster_only_the_owner_moves_its_own_copies() {
         assert!(data.iter().all(|&x| x == block as u8 + 1), "block {block}");
     }
 }
+
+/// kill -9 of the daemon while the mover promotes and demotes an auto image's blocks (a slow
+/// rate keeps a move in progress most of the time), five times: after every restart every
+/// block reads what was last written and flushed, and the mover goes on.
+#[test]
+fn kill_9_mid_move_loses_nothing() {
+    use cormorant_frontend::{BlkClient, ClientOptions};
+    const BLOCK: usize = 256 << 10;
+    const BLOCKS: usize = 32;
+    let dir = TestDir::new();
+    let args = [
+        "--ram-budget",
+        "2M",
+        "--tier-interval-ms",
+        "100",
+        "--tier-decay-ms",
+        "500",
+        "--tier-rate",
+        "2M",
+    ];
+    let mut daemon = Daemon::start_with(dir.path(), args.iter().map(|a| a.to_string()).collect());
+    daemon.cli(&[
+        "image",
+        "create",
+        "t",
+        "--size",
+        "8M",
+        "--block-size",
+        "256K",
+        "--tier",
+        "auto",
+    ]);
+    let connect = |daemon: &Daemon| {
+        BlkClient::connect(daemon.socket("t"), &ClientOptions::default()).unwrap()
+    };
+    let mut want: Vec<Vec<u8>> = (0..BLOCKS)
+        .map(|b| common::never_zero_bytes(BLOCK, b as u64))
+        .collect();
+    let mut moved = 0;
+    for round in 0..5u64 {
+        let mut c = connect(&daemon);
+        // This round's writes, flushed, then a hot window read over and over.
+        for b in (round as usize..BLOCKS).step_by(5) {
+            want[b] = common::never_zero_bytes(BLOCK, round << 8 | b as u64);
+        }
+        for (b, data) in want.iter().enumerate() {
+            assert_eq!(c.write(0, (b * BLOCK / 512) as u64, data).unwrap(), 0);
+        }
+        assert_eq!(c.flush(0).unwrap(), 0);
+        let hot = (round as usize * 8) % BLOCKS;
+        let until = std::time::Instant::now() + Duration::from_millis(400 + 150 * round);
+        while std::time::Instant::now() < until {
+            for b in hot..hot + 6 {
+                let (status, _) = c.read(0, (b * BLOCK / 512) as u64, 4096).unwrap();
+                assert_eq!(status, 0);
+            }
+        }
+        let t = tiering(&daemon);
+        moved += t["promotions"].as_u64().unwrap_or(0) + t["demotions"].as_u64().unwrap_or(0);
+        drop(c);
+        daemon.kill9();
+        daemon.start_again();
+        let mut c = connect(&daemon);
+        for (b, data) in want.iter().enumerate() {
+            let (status, got) = c.read(0, (b * BLOCK / 512) as u64, BLOCK as u32).unwrap();
+            assert_eq!(status, 0, "round {round}: block {b} after the restart");
+            assert!(got == *data, "round {round}: block {b} lost its data");
+        }
+    }
+    assert!(moved > 0, "the mover never moved a block before a kill");
+}
